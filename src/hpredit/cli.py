@@ -1,0 +1,229 @@
+"""The ``hpredit`` command: a thin layer over the Python API.
+
+User mistakes (:class:`HpreditError`) print one line and exit with status 2; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HpreditError
+
+app = typer.Typer(
+    help="Householder Pseudo-Rotation (HPR) activation editing for Hugging Face causal LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hub id or local directory; default: the embedded SmolLM2-135M-Instruct."),
+]
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="TruthfulQA CSV (default: $HPREDIT_TRUTHFULQA, else the Hugging Face hub)."),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, … (default: cpu).")]
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HpreditError(f"--layers must be comma-separated integers, got {text!r}") from None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise HpreditError(f"{out} already exists and is not empty: choose another --out or pass --force")
+
+
+def _accuracy_table(editor, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("layer", justify="right")
+    table.add_column("val probe acc", justify="right")
+    table.add_column("edited", justify="center")
+    for layer, acc in sorted(editor.probe_accuracy.items()):
+        table.add_row(str(layer), f"{acc:.3f}", "●" if layer in editor.layers else "")
+    return table
+
+
+def _fit_and_save(model, tok, pairs, out: Path, config_overrides: dict, batch_size: int, save_acts: bool) -> tuple:
+    from . import collect_activations
+    from .editors import HPREditor
+
+    t0 = time.perf_counter()
+    acts = collect_activations(model, tok, pairs, batch_size=batch_size)
+    t1 = time.perf_counter()
+    editor = HPREditor.fit(acts, **config_overrides)
+    t2 = time.perf_counter()
+    editor.save_pretrained(out / "editor")
+    if save_acts:
+        acts.save(out / "activations")
+    timing = {"collect_s": round(t1 - t0, 1), "fit_s": round(t2 - t1, 1)}
+    return acts, editor, timing
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+@app.command()
+def fit(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (editor/ inside).")],
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="JSONL of {prompt, positive, negative}; default TruthfulQA.")] = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option(help="TruthfulQA split(s) to fit on, e.g. train+val.")] = "train+val",
+    seed: Annotated[int, typer.Option(help="Seed of the question split.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N questions (quick runs).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Edit these layers (e.g. 10,12,14) instead of top-k.")] = None,
+    top_k: Annotated[int, typer.Option(help="Edit the k layers with the best validation probe accuracy.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
+    train_seed: Annotated[int, typer.Option(help="Seed of training.")] = 42,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass when collecting.")] = 16,
+    save_activations: Annotated[bool, typer.Option(help="Also save the activation store.")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
+) -> None:
+    """Fit an HPR editor on contrastive pairs (JSONL) or TruthfulQA and save it."""
+    from . import data as data_mod
+    from . import load_model
+
+    _check_out(out, force)
+    if pairs is not None:
+        contrastive = data_mod.ContrastivePairs.from_jsonl(pairs)
+    else:
+        contrastive = data_mod.truthfulqa_pairs(split=split, seed=seed, path=data, limit=limit)
+    m, tok = load_model(model, dtype=dtype, device=device)
+    overrides = {"layers": _layers(layers), "top_k": top_k, "epochs": epochs, "seed": train_seed}
+    _, editor, timing = _fit_and_save(m, tok, contrastive, out, overrides, batch_size, save_activations)
+    if contrastive.split is not None:
+        contrastive.split.save(out / "split.json")
+    console.print(_accuracy_table(editor, "HPR probes"))
+    console.print(f"editor saved to {out / 'editor'} ({timing['collect_s']} s collecting, {timing['fit_s']} s training)")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    editor: Annotated[Path, typer.Option("--editor", "-e", help="Editor directory (from fit / run).")],
+    model: ModelOpt = None,
+    strength: Annotated[float, typer.Option(help="Edit strength α.")] = 1.0,
+    scope: Annotated[str, typer.Option(help="all, last-prompt-and-generated or generated.")] = "last-prompt-and-generated",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
+    qa: Annotated[bool, typer.Option(help="Wrap each prompt in the TruthfulQA QA format (primer, Q:, A:).")] = False,
+    strict: Annotated[bool, typer.Option(help="Refuse a model whose name differs from the editor's.")] = True,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+) -> None:
+    """Generate greedily with and without the editor and show both side by side."""
+    from . import load_editor, load_model
+    from .data import qa_prompt
+
+    ed = load_editor(editor)
+    m, tok = load_model(model, dtype=dtype, device=device)
+    texts = [qa_prompt(p) if qa else p for p in prompt]
+    if max_new_tokens < 1:
+        raise HpreditError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True).to(m.device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = m.generate(**enc, **kwargs)
+    with ed.attach(m, strength=strength, scope=scope, strict=strict):
+        edited = m.generate(**enc, **kwargs)
+    n = enc["input_ids"].shape[1]
+    table = Table(title=f"{ed.method.upper()} layers {ed.layers}, strength {strength}, scope {scope}", show_lines=True)
+    table.add_column("prompt")
+    table.add_column("unedited")
+    table.add_column("edited")
+    for p, a, b in zip(prompt, plain, edited):
+        table.add_row(p, tok.decode(a[n:], skip_special_tokens=True), tok.decode(b[n:], skip_special_tokens=True))
+    console.print(table)
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("out/run"),
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the 40/10/50 question split.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N train+val questions (quick runs).")] = None,
+    top_k: Annotated[int, typer.Option(help="Layers to edit, chosen by validation probe accuracy.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass when collecting.")] = 16,
+    save_activations: Annotated[bool, typer.Option(help="Also save the activation store.")] = True,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
+) -> None:
+    """The main job: fit HPR on the TruthfulQA train split (validating on val), save, report."""
+    from . import __version__, load_model
+    from .data import truthfulqa_pairs
+
+    _check_out(out, force)
+    start = time.perf_counter()
+    pairs = truthfulqa_pairs(split="train+val", seed=seed, path=data, limit=limit)
+    m, tok = load_model(model, dtype=dtype, device=device)
+    t_load = time.perf_counter() - start
+    acts, editor, timing = _fit_and_save(
+        m, tok, pairs, out, {"top_k": top_k, "epochs": epochs}, batch_size, save_activations
+    )
+    pairs.split.save(out / "split.json")
+    total = time.perf_counter() - start
+    summary = {
+        "command": "hpredit " + " ".join(sys.argv[1:]),
+        "hpredit_version": __version__,
+        "model": editor.model_fingerprint.to_dict(),
+        "split_seed": seed,
+        "questions": {s: len({p.group for p in pairs if p.split == s}) for s in ("train", "val")},
+        "pairs": len(pairs),
+        "texts": len(acts.texts),
+        "completion_tokens": acts.n_tokens,
+        "layers_edited": editor.layers,
+        "val_probe_accuracy": editor.probe_accuracy,
+        "timing_s": {"load": round(t_load, 1), **timing, "total": round(total, 1)},
+        "activation_store_bytes": _dir_size(out / "activations") if save_activations else acts.nbytes(),
+        "editor_bytes": _dir_size(out / "editor"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    console.print(_accuracy_table(editor, "HPR on TruthfulQA: validation probe accuracy per layer"))
+    console.print(
+        f"{len(pairs)} pairs from {summary['questions']['train']} train / {summary['questions']['val']} val questions; "
+        f"edited layers {editor.layers}\n"
+        f"time: {summary['timing_s']} s; activation store {summary['activation_store_bytes'] / 1e6:.1f} MB, "
+        f"editor {summary['editor_bytes'] / 1e6:.1f} MB\nsaved to {out}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user mistakes into one line and exit status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=True)
+    except HpreditError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

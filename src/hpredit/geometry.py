@@ -1,0 +1,102 @@
+"""Pure geometry of HPR: reflections and norm-preserving rotations. No model code here.
+
+Every function takes activations of any shape ``(..., d)``, does its scalar math in float32
+(or float64 when given float64) and casts the result back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "angle_between",
+    "householder_reflect",
+    "pseudo_rotate",
+    "reflection_angle",
+    "rotation_direction",
+]
+
+_TINY = 1e-12
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+def householder_reflect(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    """Reflect ``x`` (..., d) across the hyperplane through the origin with normal ``normal``.
+
+    ``H x = x − 2 (ŵ·x) ŵ``: a rank-1 update, O(d) per vector; ``‖Hx‖ = ‖x‖``.
+    """
+    ct = _compute_dtype(x)
+    w = _unit(normal.to(ct))
+    xf = x.to(ct)
+    return (xf - 2.0 * (xf * w).sum(-1, keepdim=True) * w).to(x.dtype)
+
+
+def angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angle in [0, π] between ``a`` and ``b`` (..., d), accurate near 0 and π.
+
+    Uses ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` instead of ``acos`` (which loses all precision near 0 and π).
+    A zero vector makes angle 0 with anything.
+    """
+    ct = torch.promote_types(_compute_dtype(a), _compute_dtype(b))
+    ua, ub = _unit(a.to(ct)), _unit(b.to(ct))
+    angle = 2.0 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
+    zero = (a.to(ct).norm(dim=-1) == 0) | (b.to(ct).norm(dim=-1) == 0)
+    return torch.where(zero, torch.zeros_like(angle), angle)
+
+
+def rotation_direction(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    """Unit vector ``e`` (..., d) in span{x, ŵ}, orthogonal to ``x``, pointing toward ``Hx``.
+
+    ``e ∝ −sign(ŵ·x) (ŵ − (ŵ·x̂) x̂)``. On the hyperplane (``ŵ·x = 0``) it points to the positive
+    side (+ŵ). When ``x ∥ ŵ`` the plane is undefined (``Hx = −x``); we then take the fixed
+    direction of the coordinate axis least aligned with ``x``, orthogonalised against ``x``, so the
+    result is deterministic and finite. Computed in float32 (float64 for float64 input).
+    """
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    w = _unit(normal.to(ct)).expand_as(xf)
+    xhat = _unit(xf)
+    c = (w * xhat).sum(-1, keepdim=True)
+    sign = torch.where(c > 0, 1.0, -1.0).to(ct)
+    u = -sign * (w - c * xhat)
+    un = u.norm(dim=-1, keepdim=True)
+    # Fallback for x ∥ ŵ: the axis with the smallest |x̂_i|, made orthogonal to x̂.
+    axis = torch.nn.functional.one_hot(xhat.abs().argmin(dim=-1), xf.shape[-1]).to(ct)
+    alt = axis - (axis * xhat).sum(-1, keepdim=True) * xhat
+    degenerate = un < 1e-6
+    u = torch.where(degenerate, alt, u)
+    return _unit(u)
+
+
+def pseudo_rotate(x: torch.Tensor, normal: torch.Tensor, angle: torch.Tensor | float) -> torch.Tensor:
+    """Rotate ``x`` (..., d) by ``angle`` (..., or scalar, radians) toward its reflection ``Hx``.
+
+    The stable form of HPR's edit: ``x' = cos γ · x + sin γ · ‖x‖ · e`` with ``e`` from
+    :func:`rotation_direction`. ``‖x'‖ = ‖x‖`` exactly in exact arithmetic (to float32 rounding
+    here); ``γ = ∠(x, Hx)`` lands on ``Hx``. ``x = 0`` is returned unchanged. Never builds a d×d matrix.
+    """
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    gamma = torch.as_tensor(angle, dtype=ct, device=x.device)
+    if gamma.dim() > 0:
+        gamma = gamma.unsqueeze(-1)
+    e = rotation_direction(xf, normal)
+    norm = xf.norm(dim=-1, keepdim=True)
+    out = torch.cos(gamma) * xf + torch.sin(gamma) * norm * e
+    return out.to(x.dtype)
+
+
+def reflection_angle(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    """``φ = ∠(x, Hx) = π − 2·∠(x, ŵ-plane)``, computed as ``2·asin(|ŵ·x̂|)`` (stable)."""
+    ct = _compute_dtype(x)
+    xhat = _unit(x.to(ct))
+    c = (xhat * _unit(normal.to(ct))).sum(-1).abs().clamp(max=1.0)
+    return 2.0 * torch.asin(c)
+

@@ -1,0 +1,214 @@
+"""Attaching an editor to a model: forward hooks, token scopes, padding and the KV cache.
+
+A handle owns all state for one attachment (no module-level state), so two models, or two
+batches, never share it. ``remove()`` restores the model exactly: hooks gone, ``generate``
+unpatched, weights never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import HpreditError
+from .models import backbone, decoder_layers
+
+__all__ = ["SCOPES", "EditHandle", "LayerEdit"]
+
+#: Which token positions an attached editor may edit.
+#: ``all``: every token (each still gated by the editor); ``last-prompt-and-generated``: the last
+#: real prompt token of each row and every generated token; ``generated``: generated tokens only.
+SCOPES = ("all", "last-prompt-and-generated", "generated")
+
+#: ``edit(hidden (batch, seq, d), mask (batch, seq) bool or None, strength) -> hidden``
+LayerEdit = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise HpreditError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    return scope
+
+
+def check_strength(strength: float) -> float:
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise HpreditError(f"strength must be a number, got {strength!r}") from None
+    if not math.isfinite(value):
+        raise HpreditError(f"strength must be finite, got {strength!r}")
+    return value
+
+
+def _last_real_index(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """Index of the last attended position per row ``(batch,)`` (length-1 without a mask)."""
+    if mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    mask = mask[:, :length].to(device)
+    pos = torch.arange(mask.shape[1], device=device).expand_as(mask)
+    return torch.where(mask.bool(), pos, torch.full_like(pos, -1)).amax(dim=1)
+
+
+@dataclass
+class _ScopeState:
+    """Where the prompt ends, per row, in absolute (padded) positions; set per generate() or prompt."""
+
+    scope: str
+    prompt_len: int = 0
+    last_prompt: torch.Tensor | None = None  # (batch,)
+    in_generate: bool = False
+    past_len: int = 0
+    mask: torch.Tensor | None = None  # (batch, seq) for the current forward call
+    mask_ready: bool = False
+    call_attention: torch.Tensor | None = field(default=None, repr=False)
+
+    def start_prompt(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> None:
+        self.prompt_len = length
+        self.last_prompt = _last_real_index(attention_mask, batch, length, device)
+
+    def begin_call(self, attention_mask, past_len: int) -> None:
+        self.past_len = past_len
+        self.call_attention = attention_mask
+        self.mask_ready = False
+
+    def edit_mask(self, batch: int, seq: int, device) -> torch.Tensor | None:
+        if self.scope == "all":
+            return None
+        if self.mask_ready:
+            return self.mask
+        if not self.in_generate and self.past_len == 0:
+            # A fresh forward pass outside generate(): this call is the prompt.
+            self.start_prompt(self.call_attention, batch, seq, device)
+        if self.last_prompt is None or self.last_prompt.shape[0] != batch:
+            self.start_prompt(None, batch, self.prompt_len or seq, device)
+        pos = torch.arange(self.past_len, self.past_len + seq, device=device)
+        mask = (pos >= self.prompt_len).expand(batch, seq)
+        if self.scope == "last-prompt-and-generated":
+            mask = mask | (pos[None, :] == self.last_prompt.to(device)[:, None])
+        self.mask, self.mask_ready = mask, True
+        return mask
+
+
+def _past_length(kwargs: dict, seq: int) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > seq:
+        return mask.shape[1] - seq
+    return 0
+
+
+def _input_length(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor):
+            return v.shape[1]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[1]
+    return None
+
+
+class EditHandle:
+    """An editor attached to a model. Use as a context manager or call :meth:`remove`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        edits: dict[int, LayerEdit],
+        strength: float = 1.0,
+        scope: str = "all",
+        layers_path: str | None = None,
+    ) -> None:
+        self.model = model
+        self.strength = check_strength(strength)
+        self.scope = check_scope(scope)
+        self._state = _ScopeState(self.scope)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._patched_generate = False
+        path, blocks = decoder_layers(model, layers_path)
+        try:
+            for layer, fn in edits.items():
+                self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(fn)))
+            self._hooks.append(
+                backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True)
+            )
+            if "generate" in dir(model) and callable(model.generate):
+                self._wrap_generate()
+        except BaseException:
+            self.remove()
+            raise
+
+    # -------------------------------------------------------------- hooks
+
+    def _call_hook(self, _module, args, kwargs):
+        seq = _input_length(args, kwargs)
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._state.begin_call(mask, _past_length(kwargs, seq or 0))
+
+    def _layer_hook(self, fn: LayerEdit):
+        state, strength = self._state, self.strength
+
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            mask = state.edit_mask(hidden.shape[0], hidden.shape[1], hidden.device)
+            edited = fn(hidden, mask, strength)
+            if isinstance(output, tuple):
+                return (edited, *output[1:])
+            return edited
+
+        return hook
+
+    def _wrap_generate(self) -> None:
+        original = self.model.generate
+        state = self._state
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            if isinstance(ids, torch.Tensor):
+                mask = kwargs.get("attention_mask")
+                state.start_prompt(mask, ids.shape[0], ids.shape[1], ids.device)
+            state.in_generate = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state.in_generate = False
+
+        self.model.generate = generate
+        self._patched_generate = True
+
+    # -------------------------------------------------------------- lifetime
+
+    def remove(self) -> None:
+        """Detach: remove every hook and restore ``generate``. Safe to call twice."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._patched_generate:
+            try:
+                del self.model.generate
+            except AttributeError:
+                pass
+            self._patched_generate = False
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def __enter__(self) -> EditHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
