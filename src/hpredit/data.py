@@ -308,3 +308,41 @@ def truthfulqa_pairs(
             for bad in q.incorrect_answers:
                 pairs.append(ContrastivePair(prompt, " " + good, " " + bad, group=q.index, split=which[i]))
     return ContrastivePairs(pairs, qsplit)
+
+
+def two_fold_split(n: int, seed: int = 0, val_fraction: float = 0.2, shuffle: bool = True) -> list[QuestionSplit]:
+    """ITI's 2-fold cross-validation over ``n`` questions: two :class:`QuestionSplit` objects.
+
+    The questions are cut into two halves (the first ``ceil(n/2)`` and the rest of the order);
+    fold ``k`` tests on half ``k`` and trains on the other half, of which a seeded
+    ``val_fraction`` is held out for validation (ITI: 0.2). With ``shuffle`` (default) the order is
+    a permutation seeded by ``seed``; ``shuffle=False`` keeps the file order, as ITI's code does.
+    """
+    if n < 2:
+        raise HpreditError(f"a 2-fold split needs at least 2 questions, got {n}")
+    if not 0 <= val_fraction < 1:
+        raise HpreditError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rng = random.Random(seed)
+    order = list(range(n))
+    if shuffle:
+        rng.shuffle(order)
+    half = (n + 1) // 2
+    halves = [order[:half], order[half:]]
+    folds = []
+    for k in range(2):
+        rest = list(halves[1 - k])
+        rng.shuffle(rest)
+        n_val = round(val_fraction * len(rest))
+        folds.append(
+            QuestionSplit(
+                seed,
+                ((1 - val_fraction) / 2, val_fraction / 2, 0.5),
+                sorted(rest[n_val:]),
+                sorted(rest[:n_val]),
+                sorted(halves[k]),
+            )
+        )
+    return folds
+
+
+__all__ += ["two_fold_split"]

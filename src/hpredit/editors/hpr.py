@@ -39,6 +39,7 @@ class HPRConfig:
     top_k: int = 5  #: layers kept by validation probe accuracy (ignored when ``layers`` is given)
     layers: list[int] | None = None  #: explicit layers to edit
     val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
+    angle_layers: str = "selected"  #: fit angle predictors for the ``selected`` layers or ``all``
 
     def validate(self, where: str = "HPRConfig") -> None:
         checks = [
@@ -53,6 +54,7 @@ class HPRConfig:
             (self.layers is None or (isinstance(self.layers, list) and self.layers and all(isinstance(i, int) for i in self.layers)),
              "layers must be a non-empty list of integers or null"),
             (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.angle_layers in ("selected", "all"), "angle_layers must be 'selected' or 'all'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -182,12 +184,17 @@ class HPREditor(Editor):
 
     @classmethod
     def fit(cls, acts: ActivationStore, config: HPRConfig | None = None, progress: bool = True, **overrides) -> HPREditor:
-        """Train probes and angle predictors for every collected layer at once, then pick layers.
+        """Train probes and angle predictors on collected activations, then pick the layers.
 
         Pairs marked ``val`` in ``acts`` validate; without them ``config.val_fraction`` of the
-        groups (questions) is held out, seeded. Loss per layer = BCE(probe) + MSE(angle), averaged
-        over layers; all layers train together in batched tensor ops. Each layer keeps the epoch with
-        its best validation probe accuracy; the top-k layers (or ``config.layers``) are active.
+        groups (questions) is held out, seeded. Loss = mean over layers of BCE(probe) + MSE(angle);
+        all layers train together in batched tensor ops, and each layer keeps the epoch with its
+        best validation probe accuracy. The top-k layers (or ``config.layers``) are active.
+
+        The probe and angle terms share no parameters, so training runs in two batched phases that
+        give exactly the joint result: probes for every layer (cheap), then angle predictors only
+        for the chosen layers (or all, with ``config.angle_layers="all"``), replaying the same
+        batches, learning-rate schedule and per-layer best epochs.
         """
         config = dataclasses.replace(config or HPRConfig(), **overrides)
         config.validate()
@@ -203,7 +210,8 @@ class HPREditor(Editor):
         vp, vn = acts.token_pairs(val_mask)
         if len(tp) == 0:
             raise HpreditError("no training token pairs: every completion is empty")
-        target = torch.stack([_pair_angles(X[r], tp, tn) for r in range(L)])  # (L, M)
+        if len(vp) == 0:
+            vp, vn = tp, tn  # too few groups to hold any out: select on training accuracy
 
         widths = config.mlp_widths(d)
         bound = 1 / math.sqrt(d)
@@ -213,52 +221,34 @@ class HPREditor(Editor):
             b = 1 / math.sqrt(widths[j])
             weights.append((torch.rand(L, widths[j + 1], widths[j], generator=gen) * 2 - 1) * b)
             biases.append((torch.rand(L, widths[j + 1], generator=gen) * 2 - 1) * b)
-        params = [probe, *weights, *biases]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        steps_per_epoch = math.ceil(len(tp) / config.batch_size)
-        total = steps_per_epoch * config.epochs
-        warmup = int(config.warmup_ratio * total)
+        orders = [torch.randperm(len(tp), generator=gen) for _ in range(config.epochs)]
+        steps = math.ceil(len(tp) / config.batch_size) * config.epochs
 
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
+        # Phase 1: probes of all layers. Each layer's loss is divided by L as in the joint mean.
+        ones = torch.ones(config.batch_size)
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        def probe_loss(z: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, params) -> torch.Tensor:
+            n = len(idx)
+            y = torch.cat([ones[:n], torch.zeros(n)]).expand(z.shape[0], -1)
+            logits = torch.einsum("lnd,ld->ln", z, params[0])
+            return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum() / L
+
+        acc_history: list[torch.Tensor] = []
+        best_probe = probe.clone()
         best_acc = torch.full((L,), -1.0)
-        best = [p.detach().clone() for p in params]
-        history = []
-        bar = tqdm(total=total, desc=f"training HPR ({L} layers)", unit="step", disable=not progress)
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(tp), generator=gen)
-            epoch_loss = 0.0
-            for s in range(steps_per_epoch):
-                idx = order[s * config.batch_size : (s + 1) * config.batch_size]
-                z = torch.cat([X[:, tp[idx]], X[:, tn[idx]]], dim=1).float()  # (L, 2B, d)
-                y = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))]).expand(L, -1)
-                logits = torch.einsum("lnd,ld->ln", z, probe)
-                probe_loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
-                theta = math.pi * torch.sigmoid(_mlp(z, weights, biases))
-                tgt = torch.cat([torch.zeros(L, len(idx)), target[:, idx]], dim=1)
-                angle_loss = ((theta - tgt) ** 2).mean(1)
-                loss = (probe_loss + angle_loss).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                epoch_loss += loss.item()
-                bar.update(1)
-            acc = _probe_accuracy(X, probe.detach(), vp, vn) if len(vp) else _probe_accuracy(X, probe.detach(), tp, tn)
+
+        def after_probe_epoch(epoch: int, params) -> str:
+            nonlocal best_acc
+            acc = _probe_accuracy(X, params[0].detach(), vp, vn)
+            acc_history.append(acc)
             better = acc > best_acc
-            for b, p in zip(best, params):
-                b[better] = p.detach()[better]
+            best_probe[better] = params[0].detach()[better]
             best_acc = torch.where(better, acc, best_acc)
-            history.append({"epoch": epoch + 1, "loss": epoch_loss / steps_per_epoch,
-                            "val_probe_accuracy_mean": float(acc.mean())})
-            bar.set_postfix(loss=f"{epoch_loss / steps_per_epoch:.4f}", val_acc=f"{float(acc.mean()):.3f}")
-        bar.close()
+            return f"val_acc={float(acc.mean()):.3f}"
+
+        losses_probe = _train(X, torch.arange(L), tp, tn, orders, [probe], probe_loss, config, steps,
+                              after_probe_epoch, progress, f"training probes ({L} layers)")
+        best_epoch = torch.stack(acc_history).argmax(0)  # first epoch reaching the best accuracy
 
         accuracy = {layer: float(best_acc[r]) for r, layer in enumerate(acts.layers)}
         if config.layers is not None:
@@ -266,18 +256,94 @@ class HPREditor(Editor):
         else:
             ranked = sorted(acts.layers, key=lambda i: (-accuracy[i], i))
             layers = sorted(ranked[: config.top_k])
+        fitted = list(acts.layers) if config.angle_layers == "all" else layers
+        rows = torch.tensor([acts.layers.index(i) for i in fitted])
+
+        # Phase 2: angle predictors of the fitted layers, same batches and schedule.
+        target = torch.stack([_pair_angles(X[r], tp, tn) for r in rows.tolist()])  # (k, M)
+        mlp_w = [w[rows].clone() for w in weights]
+        mlp_b = [b[rows].clone() for b in biases]
+        best_w = [w.clone() for w in mlp_w]
+        best_b = [b.clone() for b in mlp_b]
+        epoch_of = best_epoch[rows]
+
+        def angle_loss(z: torch.Tensor, idx: torch.Tensor, _rows, params) -> torch.Tensor:
+            n = len(idx)
+            depth = len(params) // 2
+            theta = math.pi * torch.sigmoid(_mlp(z, params[:depth], params[depth:]))
+            tgt = torch.cat([torch.zeros(z.shape[0], n), target[:, idx]], dim=1)
+            return ((theta - tgt) ** 2).mean(1).sum() / L
+
+        def after_angle_epoch(epoch: int, params) -> str:
+            keep = epoch_of == epoch
+            depth = len(params) // 2
+            for bw, p in zip(best_w + best_b, params[:depth] + params[depth:]):
+                bw[keep] = p.detach()[keep]
+            return ""
+
+        losses_angle = _train(X, rows, tp, tn, orders, [*mlp_w, *mlp_b], angle_loss, config, steps,
+                              after_angle_epoch, progress, f"training angle predictors ({len(fitted)} layers)")
+
         n_groups = lambda m: int(torch.unique(acts.groups[m]).numel())  # noqa: E731
         metrics = {
             "val_probe_accuracy": {str(k): v for k, v in accuracy.items()},
+            "best_epoch": {str(layer): int(best_epoch[r]) + 1 for r, layer in enumerate(acts.layers)},
             "validation": "val split" if any(s == "val" for s in acts.splits) else f"held-out {config.val_fraction:.0%} of groups",
             "train_token_pairs": len(tp),
             "val_token_pairs": len(vp),
             "train_groups": n_groups(train_mask),
             "val_groups": n_groups(val_mask),
-            "history": history,
+            "history": [
+                {"epoch": e + 1, "probe_loss": losses_probe[e], "angle_loss": losses_angle[e],
+                 "val_probe_accuracy_mean": float(acc_history[e].mean())}
+                for e in range(config.epochs)
+            ],
         }
-        n_w = len(weights)
-        return cls(config, layers, acts.fingerprint, list(acts.layers), best[0], best[1 : 1 + n_w], best[1 + n_w :], metrics)
+        return cls(config, layers, acts.fingerprint, fitted, best_probe[rows], best_w, best_b, metrics)
+
+
+def _train(X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: int, after_epoch, progress: bool,
+           desc: str) -> list[float]:
+    """One batched AdamW training loop over token pairs; returns the mean loss per epoch.
+
+    ``X[rows]`` are the layers trained; each step gathers the same token pairs for all of them.
+    Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0 (the reference).
+    """
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    warmup = int(config.warmup_ratio * total)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    Xr = X[rows] if len(rows) != X.shape[0] else X
+    losses = []
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
+    for epoch, order in enumerate(orders):
+        running = torch.zeros(())
+        n_steps = 0
+        for s in range(0, len(order), config.batch_size):
+            idx = order[s : s + config.batch_size]
+            z = torch.cat([Xr[:, tp[idx]], Xr[:, tn[idx]]], dim=1).float()  # (k, 2B, d)
+            loss = loss_fn(z, idx, rows, params)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.detach()
+            n_steps += 1
+            bar.update(1)
+        losses.append(float(running) / n_steps)
+        note = after_epoch(epoch, params)
+        bar.set_postfix_str(f"loss={losses[-1]:.4f} {note}".strip())
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    return losses
 
 
 def _train_val_masks(acts: ActivationStore, config: HPRConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,316 @@
+"""TruthfulQA scoring: multiple choice on cached prefixes, and batched greedy generation.
+
+Multiple choice, fast and exact: every candidate's score is the sum of the log-probabilities of
+its tokens after the context (``primer + "\\n\\nQ: " + question + "\\nA:"``), the answer appended as
+``" " + answer``. The prefix shared by all contexts (the primer) runs once per call, each
+question's own tokens once on top of it, and all of a question's answers in one right-padded
+batch on top of the question's KV cache. :func:`score_continuations` with ``cached=False`` scores
+each full text in a plain forward pass instead; the two agree up to float rounding.
+
+Tokenisation boundary: scores use the tokens of ``context + continuation``; a continuation's
+tokens start where they first differ from the context's tokens. When the tokenizer merges across
+the boundary (the context's tokens are not a prefix of the full text's), the merged token is scored
+as part of the continuation, conditioned on the context tokens before it, in both paths; such
+continuations are counted in ``merged``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import QA_PRIMER, Question, qa_prompt
+from ..errors import HpreditError
+from ..models import backbone, decoder_layers
+from ..prefix import PrefixCache, common_prefix_length
+from .metrics import mc_metrics
+
+__all__ = [
+    "ContinuationScores",
+    "QuestionScores",
+    "encode_continuations",
+    "generate_answers",
+    "score_continuations",
+    "score_truthfulqa_mc",
+    "truncate_answer",
+]
+
+
+# --------------------------------------------------------------------------- generic scorer
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One context and its continuations as token ids: ``full[i]`` is context + continuation i,
+    whose own tokens start at ``starts[i]``."""
+
+    context: list[int]
+    full: list[list[int]]
+    starts: list[int]
+
+
+def _input_ids(tok, texts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tok(texts)["input_ids"]]
+
+
+def encode_continuations(tok, items: Sequence[tuple[str, Sequence[str]]]) -> list[_Encoded]:
+    """Tokenise ``(context, continuations)`` items; a continuation is scored from the first token
+    where ``context + continuation`` differs from ``context`` (see the module docstring)."""
+    contexts = [c for c, _ in items]
+    fulls = [c + x for c, conts in items for x in conts]
+    ctx_ids = _input_ids(tok, contexts) if contexts else []
+    full_ids = _input_ids(tok, fulls) if fulls else []
+    out, k = [], 0
+    for (context, conts), ctx in zip(items, ctx_ids):
+        if not conts:
+            raise HpreditError(f"no continuations to score after context {context[-40:]!r}")
+        full = full_ids[k : k + len(conts)]
+        k += len(conts)
+        starts = [common_prefix_length([ctx, f]) for f in full]
+        for cont, f, s in zip(conts, full, starts):
+            if s == 0:
+                raise HpreditError(f"context {context[-40:]!r} has no tokens before continuation {cont!r}")
+            if s >= len(f):
+                raise HpreditError(f"continuation {cont!r} has no tokens of its own after {context[-40:]!r}")
+        out.append(_Encoded(ctx, full, starts))
+    return out
+
+
+@dataclass
+class ContinuationScores:
+    """Summed log-probabilities per item and continuation, and how many merged at the boundary."""
+
+    scores: list[list[float]]
+    merged: int = 0
+    tokens: int = 0  #: continuation tokens scored
+
+
+def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into ``ids`` and ``mask``, both (batch, seq)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _row_scores(logits: torch.Tensor, ids: torch.Tensor, first: list[int], lengths: list[int]) -> list[float]:
+    """Sum of log p(ids[r, t] | ids[r, :t]) for ``first[r] <= t < lengths[r]``.
+
+    ``logits`` (batch, seq, vocab) are the model's outputs for ``ids`` (batch, seq); position
+    ``t - 1`` predicts token ``t``. The log-softmax is taken in float32.
+    """
+    logits = logits[:, :-1].float()
+    targets = ids[:, 1:].to(logits.device)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    pos = torch.arange(1, ids.shape[1], device=logits.device)
+    first_t = torch.tensor(first, device=logits.device)[:, None]
+    length_t = torch.tensor(lengths, device=logits.device)[:, None]
+    keep = (pos[None, :] >= first_t) & (pos[None, :] < length_t)
+    return (picked * keep).sum(dim=1).double().tolist()
+
+
+def _pad_id(tok) -> int:
+    for value in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+@torch.no_grad()
+def score_continuations(
+    model: nn.Module,
+    tok,
+    items: Sequence[tuple[str, Sequence[str]]],
+    cached: bool = True,
+    batch_size: int = 64,
+    progress: bool = False,
+    layers_path: str | None = None,
+) -> ContinuationScores:
+    """Summed log-probability of each continuation given its context, for ``(context,
+    continuations)`` items.
+
+    ``cached=True``: the token prefix shared by all contexts runs once (on the model's backbone,
+    so no logits are computed for it), each context's remaining tokens once on top of it, and its
+    continuations in right-padded batches of up to ``batch_size`` on top of the context's cache,
+    through the full causal LM. The batch starts at the context's last token, whose logits predict
+    the first continuation token. ``cached=False``: each full text in its own forward pass (the
+    reference). An attached editor applies to every forward pass, the cached prefix included.
+    """
+    if batch_size < 1:
+        raise HpreditError(f"batch_size must be at least 1, got {batch_size}")
+    encoded = encode_continuations(tok, items)
+    if not encoded:
+        return ContinuationScores([], 0, 0)
+    merged = sum(s < len(e.context) for e in encoded for s in e.starts)
+    tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
+    device = next(model.parameters()).device
+    results: list[list[float]] = []
+    bar = tqdm(total=len(encoded), desc="scoring", unit="question", disable=not progress)
+    try:
+        if not cached:
+            for e in encoded:
+                row = []
+                for f, s in zip(e.full, e.starts):
+                    ids = torch.tensor([f], dtype=torch.long)
+                    logits = model(input_ids=ids.to(device), use_cache=False).logits
+                    row.extend(_row_scores(logits, ids, [s], [len(f)]))
+                results.append(row)
+                bar.update()
+            return ContinuationScores(results, merged, tokens)
+
+        path, _ = decoder_layers(model, layers_path)
+        body = backbone(model, path)
+        # Tokens cached per item: everything before the earliest scored token, less one, so that
+        # the batch's first position yields the logits of the first continuation token.
+        heads = [e.context[: min(e.starts) - 1] for e in encoded]
+        shared = common_prefix_length(heads)
+        root = PrefixCache(body, heads[0][:shared])
+        pad_id = _pad_id(tok)
+        for e, head in zip(encoded, heads):
+            ctx = root.extend(head[shared:])
+            runner = PrefixCache(model, (), ctx.cache, ctx.length)
+            row = []
+            for b in range(0, len(e.full), batch_size):
+                full = e.full[b : b + batch_size]
+                starts = e.starts[b : b + batch_size]
+                ids, mask = _pad_right([f[len(head) :] for f in full], pad_id)
+                logits = runner.run(ids, mask).logits
+                row.extend(
+                    _row_scores(logits, ids, [s - len(head) for s in starts], [len(f) - len(head) for f in full])
+                )
+            results.append(row)
+            bar.update()
+    finally:
+        bar.close()
+    return ContinuationScores(results, merged, tokens)
+
+
+# --------------------------------------------------------------------------- TruthfulQA MC
+
+
+@dataclass
+class QuestionScores:
+    """The summed log-probability of every candidate answer of one question."""
+
+    question: Question
+    scores: dict[str, float] = field(default_factory=dict)  #: answer text → score
+
+    @property
+    def true(self) -> list[float]:
+        return [self.scores[a] for a in self.question.correct_answers]
+
+    @property
+    def false(self) -> list[float]:
+        return [self.scores[a] for a in self.question.incorrect_answers]
+
+    @property
+    def best(self) -> float:
+        return self.scores[self.question.best_answer]
+
+    def metrics(self) -> dict[str, float]:
+        """MC1, MC2 and MC3 of this question."""
+        return mc_metrics(self.true, self.false, self.best)
+
+    def mc1_tie(self) -> bool:
+        """Whether the best answer ties the highest false answer exactly (MC1 counts it as 0)."""
+        return self.best == max(self.false)
+
+
+def _candidates(q: Question) -> list[str]:
+    """Unique answer texts of ``q`` in order: best, true, false (duplicates are scored once)."""
+    return list(dict.fromkeys((q.best_answer, *q.correct_answers, *q.incorrect_answers)))
+
+
+@dataclass
+class MCScores:
+    """Per-question answer scores of one pass, with tokenisation counts."""
+
+    questions: list[QuestionScores]
+    merged: int
+    tokens: int
+
+
+def score_truthfulqa_mc(
+    model: nn.Module,
+    tok,
+    questions: Sequence[Question],
+    primer: str = QA_PRIMER,
+    cached: bool = True,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> MCScores:
+    """Score every answer of each question (TruthfulQA MC protocol; see the module docstring)."""
+    cands = [_candidates(q) for q in questions]
+    items = [(qa_prompt(q.question, primer), [" " + a for a in c]) for q, c in zip(questions, cands)]
+    result = score_continuations(model, tok, items, cached=cached, batch_size=batch_size, progress=progress)
+    out = [QuestionScores(q, dict(zip(c, s))) for q, c, s in zip(questions, cands, result.scores)]
+    return MCScores(out, result.merged, result.tokens)
+
+
+# --------------------------------------------------------------------------- generation
+
+_STOP = re.compile(r"\n[ \t\r]*\n|Q:")
+
+
+def truncate_answer(text: str) -> str:
+    """Cut a generation at the first blank line or ``"Q:"`` and strip it."""
+    m = _STOP.search(text)
+    return (text[: m.start()] if m else text).strip()
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tok,
+    questions: Sequence[Question],
+    primer: str = QA_PRIMER,
+    max_new_tokens: int = 50,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers to ``questions`` after the QA primer, batched with left padding.
+
+    Rows stop at the first blank line or ``"Q:"`` (HF ``stop_strings``), or after
+    ``max_new_tokens``; each answer is then cut there (:func:`truncate_answer`). Prompts are
+    batched by length to keep padding small; answers come back in the order of ``questions``.
+    """
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise HpreditError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise HpreditError(f"batch_size must be at least 1, got {batch_size}")
+    prompts = [qa_prompt(q.question, primer) for q in questions]
+    lengths = [len(ids) for ids in _input_ids(tok, prompts)] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=_pad_id(tok),
+        eos_token_id=eos if eos is not None else tok.eos_token_id, stop_strings=["\n\n", "Q:"],
+    )
+    device = next(model.parameters()).device
+    answers: list[str] = [""] * len(prompts)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    bar = tqdm(total=len(prompts), desc="generating", unit="question", disable=not progress)
+    try:
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, generation_config=config, tokenizer=tok)
+            new = out[:, enc["input_ids"].shape[1] :]
+            for i, row in zip(batch, new):
+                answers[i] = truncate_answer(tok.decode(row, skip_special_tokens=True))
+            bar.update(len(batch))
+    finally:
+        tok.padding_side = side
+        bar.close()
+    return answers

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random models of many architectures, the real tokenizer, shared data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import hpredit
+from hpredit.editors.hpr import HPRConfig, HPREditor
+from hpredit.models import fingerprint
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TRUTHFULQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.csv"
+QA_PRIMER_FILE = SHARED / "data" / "truthfulqa" / "qa_primer.txt"
+
+VOCAB = 256
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+               intermediate_size=128, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+               bos_token_id=1, initializer_range=0.2)
+
+
+def _configs():
+    import transformers as t
+
+    kv = dict(num_key_value_heads=2)
+    return {
+        "llama": lambda: t.LlamaConfig(**_COMMON, **kv),
+        "mistral": lambda: t.MistralConfig(**_COMMON, **kv, sliding_window=None),
+        "qwen2": lambda: t.Qwen2Config(**_COMMON, **kv),
+        "qwen3": lambda: t.Qwen3Config(**_COMMON, **kv, head_dim=16),
+        "gemma2": lambda: t.Gemma2Config(**_COMMON, **kv, head_dim=16, sliding_window=16),
+        "gemma3": lambda: t.Gemma3TextConfig(**_COMMON, **kv, head_dim=16, sliding_window=16),
+        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                                     pad_token_id=0, eos_token_id=1, bos_token_id=1, initializer_range=0.2),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**_COMMON),
+        "phi3": lambda: t.Phi3Config(**_COMMON, **kv),
+        "olmo2": lambda: t.Olmo2Config(**_COMMON, **kv),
+    }
+
+
+ARCHS = list(_configs())
+
+
+def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, vocab: int | None = None):
+    """A randomly initialised 3-block model of ``arch`` (eval mode, eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _configs()[arch]()
+    if vocab is not None:
+        config.vocab_size = vocab
+    if arch == "gemma3":
+        from transformers import Gemma3ForCausalLM
+
+        model = Gemma3ForCausalLM(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    model.config._name_or_path = f"tiny-{arch}"
+    return model.to(dtype).eval()
+
+
+def random_hpr(model, layers=None, seed: int = 0, depth: int = 2) -> HPREditor:
+    """An HPR editor with random (untrained) parameters for ``model``: about half the tokens gated."""
+    fp = fingerprint(model)
+    layers = list(range(fp.num_layers)) if layers is None else layers
+    g = torch.Generator().manual_seed(seed)
+    config = HPRConfig(angle_depth=depth)
+    widths = config.mlp_widths(fp.hidden_size)
+    n = len(layers)
+    probe = torch.randn(n, fp.hidden_size, generator=g)
+    weights = [torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(depth)]
+    biases = [torch.randn(n, widths[j + 1], generator=g) * 0.1 for j in range(depth)]
+    return HPREditor(config, layers, fp, layers, probe, weights, biases, {})
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct converted to safetensors (converted once per cache)."""
+    return hpredit.models.embedded_default_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def smol(smol_dir):
+    """The real embedded model and tokenizer (float32)."""
+    return hpredit.load_model()
+
+
+@pytest.fixture
+def truthfulqa_csv() -> Path:
+    if not TRUTHFULQA_CSV.is_file():
+        pytest.skip(f"{TRUTHFULQA_CSV} not found")
+    return TRUTHFULQA_CSV
