@@ -97,7 +97,7 @@ def smol(smol_dir):
     return hpredit.load_model()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def truthfulqa_csv() -> Path:
     if not TRUTHFULQA_CSV.is_file():
         pytest.skip(f"{TRUTHFULQA_CSV} not found")
