@@ -244,3 +244,15 @@ def test_fingerprint_mismatch_is_refused():
     wider.config._name_or_path = "tiny-llama"
     with pytest.raises(HpreditError, match="hidden_size 32"):
         editor.attach(wider)
+
+
+def test_expanded_generate_keeps_per_row_prompt_ends():
+    model = _no_eos(tiny_model("llama"))
+    editor = random_hpr(model)
+    ids, mask = _batch(PROMPTS, "left")
+    with editor.attach(model, scope="last-prompt-and-generated"):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                             num_beams=2, num_return_sequences=2, pad_token_id=0)
+        alone = model.generate(input_ids=torch.tensor([PROMPTS[1]]), max_new_tokens=3, do_sample=False,
+                               num_beams=2, num_return_sequences=2, pad_token_id=0)
+    assert torch.equal(out[2:4, -3:], alone[:, -3:])

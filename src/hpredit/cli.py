@@ -145,6 +145,8 @@ def generate(
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True).to(m.device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    if qa:  # a QA answer ends at the first blank line, before the next "Q:"
+        kwargs.update(stop_strings=["\n\n"], tokenizer=tok)
     plain = m.generate(**enc, **kwargs)
     with ed.attach(m, strength=strength, scope=scope, strict=strict):
         edited = m.generate(**enc, **kwargs)
@@ -154,7 +156,8 @@ def generate(
     table.add_column("unedited")
     table.add_column("edited")
     for p, a, b in zip(prompt, plain, edited):
-        table.add_row(p, tok.decode(a[n:], skip_special_tokens=True), tok.decode(b[n:], skip_special_tokens=True))
+        table.add_row(p, tok.decode(a[n:], skip_special_tokens=True).strip(),
+                      tok.decode(b[n:], skip_special_tokens=True).strip())
     console.print(table)
 
 

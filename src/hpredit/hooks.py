@@ -84,8 +84,14 @@ class _ScopeState:
         if not self.in_generate and self.past_len == 0:
             # A fresh forward pass outside generate(): this call is the prompt.
             self.start_prompt(self.call_attention, batch, seq, device)
-        if self.last_prompt is None or self.last_prompt.shape[0] != batch:
+        if self.last_prompt is None:
             self.start_prompt(None, batch, self.prompt_len or seq, device)
+        elif self.last_prompt.shape[0] != batch:
+            n = self.last_prompt.shape[0]
+            if batch % n == 0:  # generate() expanded each prompt (beams, num_return_sequences)
+                self.last_prompt = self.last_prompt.repeat_interleave(batch // n)
+            else:
+                self.start_prompt(None, batch, self.prompt_len or seq, device)
         pos = torch.arange(self.past_len, self.past_len + seq, device=device)
         mask = (pos >= self.prompt_len).expand(batch, seq)
         if self.scope == "last-prompt-and-generated":

@@ -73,7 +73,9 @@ class PrefixCache:
         t = torch.tensor([list(ids)], dtype=torch.long)
         mask = torch.ones((1, self.length + len(ids)), dtype=torch.long)
         out = self._forward(t, mask, self._copy(1))
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
         return PrefixCache(self.module, (), cache, self.length + len(ids))
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor):
