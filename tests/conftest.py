@@ -76,6 +76,31 @@ def random_hpr(model, layers=None, seed: int = 0, depth: int = 2) -> HPREditor:
     return HPREditor(config, layers, fp, layers, probe, weights, biases, {})
 
 
+EDITOR_KINDS = ["hpr", "hpr-no-gate", "hpr-bias", "caa", "caa-norm"]
+
+
+def random_editor(kind: str, model, layers=None, seed: int = 0):
+    """A randomly parameterised editor of ``kind`` for ``model`` (for behaviour tests)."""
+    import dataclasses
+
+    from hpredit.editors import CAAEditor, NormRestoreEditor
+    from hpredit.editors.additive import AdditiveConfig
+
+    if kind.startswith("hpr"):
+        ed = random_hpr(model, layers, seed)
+        if kind == "hpr-no-gate":
+            ed.config = dataclasses.replace(ed.config, gate=False)
+        elif kind == "hpr-bias":
+            ed.config = dataclasses.replace(ed.config, probe_bias=True)
+            ed.probe_bias = torch.randn(len(ed.fitted_layers), generator=torch.Generator().manual_seed(seed))
+        return ed
+    fp = fingerprint(model)
+    layers = list(range(fp.num_layers)) if layers is None else layers
+    vectors = torch.randn(len(layers), fp.hidden_size, generator=torch.Generator().manual_seed(seed))
+    cls = CAAEditor if kind == "caa" else NormRestoreEditor
+    return cls(AdditiveConfig(), layers, fp, layers, vectors, {})
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct converted to safetensors (converted once per cache)."""

@@ -6,7 +6,7 @@ import torch
 from hpredit.errors import HpreditError
 from hpredit.models import decoder_layers
 
-from .conftest import ARCHS, random_hpr, tiny_model
+from .conftest import ARCHS, EDITOR_KINDS, random_editor, random_hpr, tiny_model
 
 PROMPTS = [[5, 17, 33, 9, 71, 12, 8], [44, 3, 90], [7, 7, 120, 61, 2 + 3, 99]]
 NEW = 6
@@ -95,27 +95,29 @@ def test_kv_cache_on_and_off_agree(arch):
         s2, l2 = _gen(model, ids, mask, use_cache=False)
     s0, _ = _gen(model, ids, mask)
     assert torch.equal(s1, s2)
-    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l1, l2, rtol=1e-3, atol=1e-3)
     assert not torch.equal(s0, s1) or not torch.allclose(_gen(model, ids, mask)[1], l1)
 
 
+@pytest.mark.parametrize("kind", EDITOR_KINDS)
 @pytest.mark.parametrize("scope", ["all", "last-prompt-and-generated", "generated"])
-def test_kv_cache_every_scope(scope):
+def test_kv_cache_every_scope(scope, kind):
     model = _no_eos(tiny_model("llama"))
-    editor = random_hpr(model)
+    editor = random_editor(kind, model)
     ids, mask = _batch(PROMPTS, "left")
     with editor.attach(model, scope=scope):
         s1, l1 = _gen(model, ids, mask, use_cache=True)
         s2, l2 = _gen(model, ids, mask, use_cache=False)
     assert torch.equal(s1, s2)
-    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l1, l2, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen3"])
+@pytest.mark.parametrize("arch, kind", [(a, "hpr") for a in ("llama", "gpt2", "gemma2", "qwen3")]
+                         + [("llama", k) for k in EDITOR_KINDS[1:]])
 @pytest.mark.parametrize("scope", ["all", "last-prompt-and-generated", "generated"])
-def test_left_padded_generate_equals_alone(arch, scope):
+def test_left_padded_generate_equals_alone(arch, scope, kind):
     model = _no_eos(tiny_model(arch))
-    editor = random_hpr(model)
+    editor = random_editor(kind, model)
     ids, mask = _batch(PROMPTS, "left")
     with editor.attach(model, scope=scope):
         seqs, logits = _gen(model, ids, mask)
@@ -123,20 +125,21 @@ def test_left_padded_generate_equals_alone(arch, scope):
             one = torch.tensor([p])
             s, lg = _gen(model, one, torch.ones_like(one))
             assert torch.equal(seqs[r, -NEW:], s[0, -NEW:])
-            torch.testing.assert_close(logits[r], lg[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[r], lg[0], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+@pytest.mark.parametrize("arch, kind", [(a, "hpr") for a in ("llama", "gpt2", "phi3")]
+                         + [("llama", k) for k in EDITOR_KINDS[1:]])
 @pytest.mark.parametrize("scope", ["all", "last-prompt-and-generated"])
-def test_right_padded_forward_equals_alone(arch, scope):
+def test_right_padded_forward_equals_alone(arch, scope, kind):
     model = tiny_model(arch)
-    editor = random_hpr(model)
+    editor = random_editor(kind, model)
     ids, mask = _batch(PROMPTS, "right")
     with editor.attach(model, scope=scope):
         logits = model(input_ids=ids, attention_mask=mask).logits
         for r, p in enumerate(PROMPTS):
             alone = model(input_ids=torch.tensor([p])).logits[0]
-            torch.testing.assert_close(logits[r, : len(p)], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[r, : len(p)], alone, rtol=1e-3, atol=1e-3)
 
 
 def test_left_padded_forward_with_positions_equals_alone():
@@ -148,7 +151,7 @@ def test_left_padded_forward_with_positions_equals_alone():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         for r, p in enumerate(PROMPTS):
             alone = model(input_ids=torch.tensor([p])).logits[0]
-            torch.testing.assert_close(logits[r, -len(p):], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[r, -len(p):], alone, rtol=1e-3, atol=1e-3)
 
 
 def test_scopes_touch_the_right_positions():
@@ -190,10 +193,12 @@ def test_generated_scope_edits_from_the_first_new_token():
     assert any(not torch.equal(a, b) for a, b in zip(seen[1:], plain[1:]))
 
 
+@pytest.mark.parametrize("kind", ["hpr", "hpr-no-gate", "caa-norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dtypes_no_nan_and_norms_kept(dtype):
+def test_dtypes_no_nan_and_norms_kept(dtype, kind):
+    """Norm-keeping editors (HPR and the norm-restoring addition) keep norms in every dtype."""
     model = _no_eos(tiny_model("llama", dtype=dtype))
-    editor = random_hpr(model, layers=[1])
+    editor = random_editor(kind, model, layers=[1])
     ids, mask = _batch(PROMPTS, "left")
     pre, h_pre = _capture(model, 1)  # registered first: sees the block's own output
     with editor.attach(model, scope="all"):
@@ -212,6 +217,17 @@ def test_dtypes_no_nan_and_norms_kept(dtype):
         assert torch.equal(b[~live], a[~live])
         changed += int((a != b).any(-1).sum())
     assert changed > 0
+
+
+@pytest.mark.parametrize("kind", ["hpr-bias", "caa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtypes_no_nan_for_norm_changing_editors(dtype, kind):
+    model = _no_eos(tiny_model("llama", dtype=dtype))
+    editor = random_editor(kind, model, layers=[1])
+    ids, mask = _batch(PROMPTS, "left")
+    with editor.attach(model, scope="all"):
+        _, logits = _gen(model, ids, mask)
+    assert torch.isfinite(logits).all()
 
 
 def test_bad_scope_strength_and_layers():

@@ -61,9 +61,10 @@ def test_fit_learns_the_informative_layer(fitted):
 def _joint_reference(store, config):
     """The spec written plainly: one optimizer, one loss = mean over layers of BCE + MSE, per-layer
     best-epoch checkpoints; same initialisation and batches as HPREditor.fit."""
-    from hpredit.editors.hpr import _pair_angles, _probe_accuracy, _train_val_masks
+    from hpredit.editors.base import train_val_masks
+    from hpredit.editors.hpr import _pair_angles, _probe_accuracy
 
-    train, val = _train_val_masks(store, config)
+    train, val = train_val_masks(store, config.val_fraction, config.seed)
     tp, tn = store.token_pairs(train)
     vp, vn = store.token_pairs(val)
     gen = torch.Generator().manual_seed(config.seed)

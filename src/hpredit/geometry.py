@@ -13,6 +13,7 @@ __all__ = [
     "householder_reflect",
     "pseudo_rotate",
     "reflection_angle",
+    "rotate_toward",
     "rotation_direction",
 ]
 
@@ -25,6 +26,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+def _orthogonal_fallback(u: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+    """Where ``u`` (..., d) vanishes, the coordinate axis least aligned with x̂, made orthogonal to it."""
+    axis = torch.nn.functional.one_hot(xhat.abs().argmin(dim=-1), xhat.shape[-1]).to(xhat.dtype)
+    alt = axis - (axis * xhat).sum(-1, keepdim=True) * xhat
+    return _unit(torch.where(u.norm(dim=-1, keepdim=True) < 1e-6, alt, u))
 
 
 def householder_reflect(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
@@ -65,14 +73,7 @@ def rotation_direction(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
     xhat = _unit(xf)
     c = (w * xhat).sum(-1, keepdim=True)
     sign = torch.where(c > 0, 1.0, -1.0).to(ct)
-    u = -sign * (w - c * xhat)
-    un = u.norm(dim=-1, keepdim=True)
-    # Fallback for x ∥ ŵ: the axis with the smallest |x̂_i|, made orthogonal to x̂.
-    axis = torch.nn.functional.one_hot(xhat.abs().argmin(dim=-1), xf.shape[-1]).to(ct)
-    alt = axis - (axis * xhat).sum(-1, keepdim=True) * xhat
-    degenerate = un < 1e-6
-    u = torch.where(degenerate, alt, u)
-    return _unit(u)
+    return _orthogonal_fallback(-sign * (w - c * xhat), xhat)
 
 
 def pseudo_rotate(x: torch.Tensor, normal: torch.Tensor, angle: torch.Tensor | float) -> torch.Tensor:
@@ -91,6 +92,24 @@ def pseudo_rotate(x: torch.Tensor, normal: torch.Tensor, angle: torch.Tensor | f
     norm = xf.norm(dim=-1, keepdim=True)
     out = torch.cos(gamma) * xf + torch.sin(gamma) * norm * e
     return out.to(x.dtype)
+
+
+def rotate_toward(x: torch.Tensor, target: torch.Tensor, angle: torch.Tensor | float) -> torch.Tensor:
+    """Rotate ``x`` (..., d) by ``angle`` inside span{x, target}, toward ``target``, keeping ‖x‖.
+
+    The general form behind :func:`pseudo_rotate` (there ``target = Hx``); used by the HPR ablation
+    whose probe has a bias, where the "reflection" is affine and no longer norm-preserving.
+    """
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    xhat = _unit(xf)
+    t = _unit(target.to(ct))
+    e = _orthogonal_fallback(t - (t * xhat).sum(-1, keepdim=True) * xhat, xhat)
+    e = _unit(e - (e * xhat).sum(-1, keepdim=True) * xhat)  # second pass: orthogonal to rounding
+    gamma = torch.as_tensor(angle, dtype=ct, device=x.device)
+    if gamma.dim() > 0:
+        gamma = gamma.unsqueeze(-1)
+    return (torch.cos(gamma) * xf + torch.sin(gamma) * xf.norm(dim=-1, keepdim=True) * e).to(x.dtype)
 
 
 def reflection_angle(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:

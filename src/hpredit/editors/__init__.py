@@ -1,6 +1,16 @@
-"""Editors: HPR and (later) the baselines, sharing :class:`~hpredit.editors.base.Editor`."""
+"""Editors: HPR and the baselines, sharing :class:`~hpredit.editors.base.Editor`."""
 
+from .additive import AdditiveConfig, CAAEditor, NormRestoreEditor
 from .base import Editor, load_editor, register_editor
 from .hpr import HPRConfig, HPREditor
 
-__all__ = ["Editor", "HPRConfig", "HPREditor", "load_editor", "register_editor"]
+__all__ = [
+    "AdditiveConfig",
+    "CAAEditor",
+    "Editor",
+    "HPRConfig",
+    "HPREditor",
+    "NormRestoreEditor",
+    "load_editor",
+    "register_editor",
+]

@@ -25,7 +25,7 @@ from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
 from ..models import ModelFingerprint, fingerprint
 
-__all__ = ["ARTIFACT_FORMAT_VERSION", "Editor", "load_editor", "register_editor"]
+__all__ = ["ARTIFACT_FORMAT_VERSION", "Editor", "load_editor", "register_editor", "train_val_masks"]
 
 ARTIFACT_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -147,6 +147,24 @@ class Editor(ABC):
         if cls is not Editor and not isinstance(editor, cls):
             raise HpreditError(f"{directory} holds a {editor.method!r} editor, not {cls.method!r}")
         return editor
+
+
+def train_val_masks(acts, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair masks ``(train, val)``: the ``val`` split if any pair has it, else ``val_fraction`` of
+    the groups (questions) held out with ``seed``; never cuts through a group."""
+    is_val = acts.split_mask("val")
+    if is_val.any():
+        train = acts.split_mask("train") | torch.tensor([s is None for s in acts.splits])
+        if not train.any():
+            raise HpreditError("activations have validation pairs but no training pairs")
+        return train, is_val
+    groups = torch.unique(acts.groups)
+    if len(groups) < 2:
+        return torch.ones(len(acts.groups), dtype=torch.bool), torch.zeros(len(acts.groups), dtype=torch.bool)
+    perm = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))]
+    n_val = max(1, round(val_fraction * len(groups)))
+    val = torch.isin(acts.groups, perm[:n_val])
+    return ~val, val
 
 
 def _config_from_dict(config_class: type, d: Any, where: str) -> Any:

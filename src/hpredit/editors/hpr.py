@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
 from ..errors import HpreditError
-from ..geometry import angle_between, pseudo_rotate
+from ..geometry import angle_between, pseudo_rotate, rotate_toward
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, register_editor
+from .base import Editor, register_editor, train_val_masks
 
 __all__ = ["HPRConfig", "HPREditor"]
 
@@ -40,6 +40,10 @@ class HPRConfig:
     layers: list[int] | None = None  #: explicit layers to edit
     val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
     angle_layers: str = "selected"  #: fit angle predictors for the ``selected`` layers or ``all``
+    # Ablations (all off for HPR as published):
+    gate: bool = True  #: False: rotate every token, not only those on the negative side
+    fixed_angle: float | None = None  #: a constant angle (radians) instead of the angle predictor
+    probe_bias: bool = False  #: give the probe a bias: the "reflection" becomes affine (norm not kept)
 
     def validate(self, where: str = "HPRConfig") -> None:
         checks = [
@@ -55,6 +59,10 @@ class HPRConfig:
              "layers must be a non-empty list of integers or null"),
             (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.angle_layers in ("selected", "all"), "angle_layers must be 'selected' or 'all'"),
+            (isinstance(self.gate, bool), "gate must be true or false"),
+            (self.fixed_angle is None or (isinstance(self.fixed_angle, (int, float)) and 0 <= self.fixed_angle <= math.pi),
+             "fixed_angle must be null or an angle in [0, π]"),
+            (isinstance(self.probe_bias, bool), "probe_bias must be true or false"),
         ]
         for ok, message in checks:
             if not ok:
@@ -86,12 +94,13 @@ class HPREditor(Editor):
 
     def __init__(self, config: HPRConfig, layers: list[int], model: ModelFingerprint, fitted_layers: list[int],
                  probe: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                 metrics: dict | None = None):
+                 metrics: dict | None = None, probe_bias: torch.Tensor | None = None):
         super().__init__(config, layers, model, metrics)
         self.fitted_layers = list(fitted_layers)
         self.probe = probe  # (L_fit, d)
-        self.weights = weights  # [(L_fit, out, in)]
+        self.weights = weights  # [(L_fit, out, in)], empty with a fixed angle
         self.biases = biases  # [(L_fit, out)]
+        self.probe_bias = probe_bias  # (L_fit,) only for the probe-bias ablation
 
     # ------------------------------------------------------------------ inference
 
@@ -108,6 +117,8 @@ class HPREditor(Editor):
 
     def angle(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Predicted angle θ(x) ∈ (0, π) for activations ``x`` (..., d) at ``layer``."""
+        if self.config.fixed_angle is not None:
+            return torch.full(x.shape[:-1], float(self.config.fixed_angle), device=x.device)
         r = self._row(layer)
         flat = x.float().reshape(1, -1, x.shape[-1])
         out = _mlp(flat, [w[r : r + 1].to(x.device) for w in self.weights], [b[r : r + 1].to(x.device) for b in self.biases])
@@ -122,15 +133,25 @@ class HPREditor(Editor):
         w = self.probe[r].to(device=device, dtype=torch.float32)
         weights = [m[r : r + 1].to(device=device, dtype=torch.float32) for m in self.weights]
         biases = [b[r : r + 1].to(device=device, dtype=torch.float32) for b in self.biases]
+        cfg = self.config
+        bias = None if self.probe_bias is None else float(self.probe_bias[r])
 
         def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
             x = hidden.float()
-            gate = (x @ w) < 0  # p(x) = sigmoid(w·x) < 0.5: the negative side
+            score = x @ w if bias is None else x @ w + bias
+            gate = score < 0 if cfg.gate else torch.ones_like(score, dtype=torch.bool)  # p(x) < 0.5
             if mask is not None:
                 gate = gate & mask
-            theta = math.pi * torch.sigmoid(_mlp(x.reshape(1, -1, x.shape[-1]), weights, biases)).reshape(x.shape[:-1])
-            rotated = pseudo_rotate(x, w, strength * theta).to(hidden.dtype)
-            return torch.where(gate.unsqueeze(-1), rotated, hidden)
+            if cfg.fixed_angle is not None:
+                theta = torch.full_like(score, float(cfg.fixed_angle))
+            else:
+                theta = math.pi * torch.sigmoid(_mlp(x.reshape(1, -1, x.shape[-1]), weights, biases)).reshape(x.shape[:-1])
+            if bias is None:
+                rotated = pseudo_rotate(x, w, strength * theta)
+            else:  # toward the affine mirror image x − 2 (w·x + b)/‖w‖² w
+                target = x - (2 * score / (w @ w)).unsqueeze(-1) * w
+                rotated = rotate_toward(x, target, strength * theta)
+            return torch.where(gate.unsqueeze(-1), rotated.to(hidden.dtype), hidden)
 
         return edit
 
@@ -138,6 +159,8 @@ class HPREditor(Editor):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"probe": self.probe}
+        if self.probe_bias is not None:
+            out["probe_bias"] = self.probe_bias
         for j, (w, b) in enumerate(zip(self.weights, self.biases)):
             out[f"angle.{j}.weight"] = w
             out[f"angle.{j}.bias"] = b
@@ -155,8 +178,10 @@ class HPREditor(Editor):
         if any(i not in fitted for i in layers):
             raise HpreditError(f"{where}: layers {layers} are not all among fitted_layers {fitted}")
         d, n = model.hidden_size, len(fitted)
-        widths = config.mlp_widths(d)
+        widths = config.mlp_widths(d) if config.fixed_angle is None else [d]
         expected = {"probe": (n, d)}
+        if config.probe_bias:
+            expected["probe_bias"] = (n,)
         for j in range(len(widths) - 1):
             expected[f"angle.{j}.weight"] = (n, widths[j + 1], widths[j])
             expected[f"angle.{j}.bias"] = (n, widths[j + 1])
@@ -170,7 +195,7 @@ class HPREditor(Editor):
         depth = len(widths) - 1
         return cls(config, layers, model, fitted, tensors["probe"],
                    [tensors[f"angle.{j}.weight"] for j in range(depth)],
-                   [tensors[f"angle.{j}.bias"] for j in range(depth)], metrics)
+                   [tensors[f"angle.{j}.bias"] for j in range(depth)], metrics, tensors.get("probe_bias"))
 
     def select_layers(self, layers: list[int]) -> HPREditor:
         """A copy of this editor that edits ``layers`` (any of the fitted ones)."""
@@ -178,7 +203,7 @@ class HPREditor(Editor):
         if unknown or not layers:
             raise HpreditError(f"cannot select layers {layers}: fitted layers are {self.fitted_layers}")
         return HPREditor(self.config, sorted(layers), self.model_fingerprint, self.fitted_layers,
-                         self.probe, self.weights, self.biases, dict(self.metrics))
+                         self.probe, self.weights, self.biases, dict(self.metrics), self.probe_bias)
 
     # ------------------------------------------------------------------ training
 
@@ -198,7 +223,7 @@ class HPREditor(Editor):
         """
         config = dataclasses.replace(config or HPRConfig(), **overrides)
         config.validate()
-        train_mask, val_mask = _train_val_masks(acts, config)
+        train_mask, val_mask = train_val_masks(acts, config.val_fraction, config.seed)
         if config.layers is not None:
             missing = [i for i in config.layers if i not in acts.layers]
             if missing:
@@ -216,6 +241,7 @@ class HPREditor(Editor):
         widths = config.mlp_widths(d)
         bound = 1 / math.sqrt(d)
         probe = (torch.rand(L, d, generator=gen) * 2 - 1) * bound
+        pbias = torch.zeros(L)  # trained only for the probe-bias ablation
         weights, biases = [], []
         for j in range(len(widths) - 1):
             b = 1 / math.sqrt(widths[j])
@@ -231,22 +257,28 @@ class HPREditor(Editor):
             n = len(idx)
             y = torch.cat([ones[:n], torch.zeros(n)]).expand(z.shape[0], -1)
             logits = torch.einsum("lnd,ld->ln", z, params[0])
+            if config.probe_bias:
+                logits = logits + params[1].unsqueeze(1)
             return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum() / L
 
         acc_history: list[torch.Tensor] = []
-        best_probe = probe.clone()
+        best_probe, best_pbias = probe.clone(), pbias.clone()
         best_acc = torch.full((L,), -1.0)
 
         def after_probe_epoch(epoch: int, params) -> str:
             nonlocal best_acc
-            acc = _probe_accuracy(X, params[0].detach(), vp, vn)
+            b = params[1].detach() if config.probe_bias else None
+            acc = _probe_accuracy(X, params[0].detach(), vp, vn, bias=b)
             acc_history.append(acc)
             better = acc > best_acc
             best_probe[better] = params[0].detach()[better]
+            if b is not None:
+                best_pbias[better] = b[better]
             best_acc = torch.where(better, acc, best_acc)
             return f"val_acc={float(acc.mean()):.3f}"
 
-        losses_probe = _train(X, torch.arange(L), tp, tn, orders, [probe], probe_loss, config, steps,
+        probe_params = [probe, pbias] if config.probe_bias else [probe]
+        losses_probe = _train(X, torch.arange(L), tp, tn, orders, probe_params, probe_loss, config, steps,
                               after_probe_epoch, progress, f"training probes ({L} layers)")
         best_epoch = torch.stack(acc_history).argmax(0)  # first epoch reaching the best accuracy
 
@@ -260,6 +292,8 @@ class HPREditor(Editor):
         rows = torch.tensor([acts.layers.index(i) for i in fitted])
 
         # Phase 2: angle predictors of the fitted layers, same batches and schedule.
+        if config.fixed_angle is not None:  # ablation: no angle predictor at all
+            weights, biases = [], []
         target = torch.stack([_pair_angles(X[r], tp, tn) for r in rows.tolist()])  # (k, M)
         mlp_w = [w[rows].clone() for w in weights]
         mlp_b = [b[rows].clone() for b in biases]
@@ -281,8 +315,10 @@ class HPREditor(Editor):
                 bw[keep] = p.detach()[keep]
             return ""
 
-        losses_angle = _train(X, rows, tp, tn, orders, [*mlp_w, *mlp_b], angle_loss, config, steps,
-                              after_angle_epoch, progress, f"training angle predictors ({len(fitted)} layers)")
+        losses_angle = [0.0] * config.epochs
+        if mlp_w:
+            losses_angle = _train(X, rows, tp, tn, orders, [*mlp_w, *mlp_b], angle_loss, config, steps,
+                                  after_angle_epoch, progress, f"training angle predictors ({len(fitted)} layers)")
 
         n_groups = lambda m: int(torch.unique(acts.groups[m]).numel())  # noqa: E731
         metrics = {
@@ -299,7 +335,8 @@ class HPREditor(Editor):
                 for e in range(config.epochs)
             ],
         }
-        return cls(config, layers, acts.fingerprint, fitted, best_probe[rows], best_w, best_b, metrics)
+        return cls(config, layers, acts.fingerprint, fitted, best_probe[rows], best_w, best_b, metrics,
+                   best_pbias[rows] if config.probe_bias else None)
 
 
 def _train(X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: int, after_epoch, progress: bool,
@@ -346,23 +383,6 @@ def _train(X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: i
     return losses
 
 
-def _train_val_masks(acts: ActivationStore, config: HPRConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs to train and to validate on: the ``val`` split if present, else held-out groups."""
-    is_val = acts.split_mask("val")
-    if is_val.any():
-        train = acts.split_mask("train") | torch.tensor([s is None for s in acts.splits])
-        if not train.any():
-            raise HpreditError("activations have validation pairs but no training pairs")
-        return train, is_val
-    groups = torch.unique(acts.groups)
-    if len(groups) < 2:
-        return torch.ones(len(acts.groups), dtype=torch.bool), torch.zeros(len(acts.groups), dtype=torch.bool)
-    perm = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(config.seed))]
-    n_val = max(1, round(config.val_fraction * len(groups)))
-    val = torch.isin(acts.groups, perm[:n_val])
-    return ~val, val
-
-
 def _pair_angles(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """∠(negative, positive) per token pair, the angle target of the negative tokens."""
     return torch.cat([
@@ -371,11 +391,13 @@ def _pair_angles(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: i
 
 
 @torch.no_grad()
-def _probe_accuracy(X: torch.Tensor, probe: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Per-layer accuracy of the bias-free probe: positives on ``w·x > 0``, negatives on ``< 0``."""
+def _probe_accuracy(X: torch.Tensor, probe: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: int = 8192,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-layer probe accuracy: positives on ``w·x (+ b) > 0``, negatives on ``< 0``."""
     correct = torch.zeros(X.shape[0])
+    b = torch.zeros(X.shape[0]) if bias is None else bias
     for i in range(0, len(pos), chunk):
-        p = torch.einsum("lnd,ld->ln", X[:, pos[i : i + chunk]].float(), probe)
-        n = torch.einsum("lnd,ld->ln", X[:, neg[i : i + chunk]].float(), probe)
+        p = torch.einsum("lnd,ld->ln", X[:, pos[i : i + chunk]].float(), probe) + b[:, None]
+        n = torch.einsum("lnd,ld->ln", X[:, neg[i : i + chunk]].float(), probe) + b[:, None]
         correct += (p > 0).sum(1) + (n < 0).sum(1)
     return correct / (2 * len(pos))

@@ -1,0 +1,152 @@
+"""Additive baselines on the residual stream: CAA (mean difference) and its norm-restoring variant.
+
+CAA (Rimsky et al. 2024): ``v = mean(positive) − mean(negative)`` per layer, ``x' = x + α v``.
+Norm restore: ``x' = (x + α v) · ‖x‖ / ‖x + α v‖`` — isolates "keep the norm" from "rotate in the
+probe's plane". Both fit on the same :class:`~hpredit.activations.ActivationStore` as HPR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..activations import ActivationStore
+from ..errors import HpreditError
+from ..hooks import LayerEdit
+from ..models import ModelFingerprint
+from .base import Editor, register_editor, train_val_masks
+
+__all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
+
+
+@dataclass
+class AdditiveConfig:
+    """Hyper-parameters of the additive editors."""
+
+    top_k: int = 5  #: layers kept by validation pair accuracy (ignored when ``layers`` is given)
+    layers: list[int] | None = None  #: explicit layers to edit
+    val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
+    seed: int = 42
+
+    def validate(self, where: str = "AdditiveConfig") -> None:
+        if not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise HpreditError(f"{where}: top_k must be an integer ≥ 1")
+        if self.layers is not None and not (isinstance(self.layers, list) and self.layers
+                                            and all(isinstance(i, int) for i in self.layers)):
+            raise HpreditError(f"{where}: layers must be a non-empty list of integers or null")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise HpreditError(f"{where}: val_fraction must be in (0, 1)")
+        if not isinstance(self.seed, int):
+            raise HpreditError(f"{where}: seed must be an integer")
+
+
+class _AdditiveEditor(Editor):
+    """Shared fitting, storage and selection; subclasses choose the transform."""
+
+    config_class = AdditiveConfig
+    restore_norm: ClassVar[bool] = False
+
+    def __init__(self, config: AdditiveConfig, layers: list[int], model: ModelFingerprint,
+                 fitted_layers: list[int], vectors: torch.Tensor, metrics: dict | None = None):
+        super().__init__(config, layers, model, metrics)
+        self.fitted_layers = list(fitted_layers)
+        self.vectors = vectors  # (L_fit, d)
+
+    def available_layers(self) -> list[int]:
+        return self.fitted_layers
+
+    def vector(self, layer: int) -> torch.Tensor:
+        """The steering vector ``(d,)`` of ``layer``."""
+        return self.vectors[self.fitted_layers.index(layer)]
+
+    def layer_edit(self, layer: int, device: torch.device) -> LayerEdit:
+        v = self.vector(layer).to(device=device, dtype=torch.float32)
+        restore = self.restore_norm
+
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+            x = hidden.float()
+            out = x + strength * v
+            if restore:
+                out = out * (x.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            out = out.to(hidden.dtype)
+            return out if mask is None else torch.where(mask.unsqueeze(-1), out, hidden)
+
+        return edit
+
+    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Edit activations ``x`` (..., d) of ``layer`` as attach() does."""
+        return self.layer_edit(layer, x.device)(x, mask, strength)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"vectors": self.vectors}
+
+    def extra_config(self) -> dict:
+        return {"fitted_layers": self.fitted_layers}
+
+    @classmethod
+    def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
+        fitted = extra.get("fitted_layers")
+        if not isinstance(fitted, list) or not all(isinstance(i, int) for i in fitted):
+            raise HpreditError("editor artifact: 'fitted_layers' must be a list of integers")
+        if any(i not in fitted for i in layers):
+            raise HpreditError(f"editor artifact: layers {layers} are not all among fitted_layers {fitted}")
+        expected = (len(fitted), model.hidden_size)
+        if set(tensors) != {"vectors"} or tuple(tensors["vectors"].shape) != expected:
+            raise HpreditError(f"editor artifact: expected one tensor 'vectors' of shape {expected}")
+        if not torch.isfinite(tensors["vectors"]).all():
+            raise HpreditError("editor artifact: tensor vectors contains NaN or inf")
+        return cls(config, layers, model, fitted, tensors["vectors"], metrics)
+
+    @classmethod
+    def fit(cls, acts: ActivationStore, config: AdditiveConfig | None = None, progress: bool = True,
+            **overrides) -> _AdditiveEditor:
+        """Mean difference of the positive and negative completion tokens per layer, on train pairs.
+
+        Layers are ranked by validation pair accuracy: the fraction of aligned token pairs whose
+        positive token projects further along ``v`` than its negative one.
+        """
+        config = dataclasses.replace(config or AdditiveConfig(), **overrides)
+        config.validate()
+        train, val = train_val_masks(acts, config.val_fraction, config.seed)
+        tp, tn = acts.token_pairs(train)
+        vp, vn = acts.token_pairs(val)
+        if len(tp) == 0:
+            raise HpreditError("no training token pairs: every completion is empty")
+        if len(vp) == 0:
+            vp, vn = tp, tn
+        if config.layers is not None:
+            missing = [i for i in config.layers if i not in acts.layers]
+            if missing:
+                raise HpreditError(f"layers {missing} were not collected (collected: {acts.layers})")
+        vectors = torch.stack([acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0)
+                               for r in range(len(acts.layers))])
+        accuracy = {}
+        for r, layer in enumerate(acts.layers):
+            diff = acts.acts[r, vp].float() - acts.acts[r, vn].float()
+            accuracy[layer] = float(((diff @ vectors[r]) > 0).float().mean())
+        if config.layers is not None:
+            layers = sorted(config.layers)
+        else:
+            layers = sorted(sorted(acts.layers, key=lambda i: (-accuracy[i], i))[: config.top_k])
+        metrics = {"val_pair_accuracy": {str(k): v for k, v in accuracy.items()},
+                   "train_token_pairs": len(tp), "val_token_pairs": len(vp),
+                   "vector_norm": {str(layer): float(vectors[r].norm()) for r, layer in enumerate(acts.layers)}}
+        return cls(config, layers, acts.fingerprint, list(acts.layers), vectors, metrics)
+
+
+@register_editor
+class CAAEditor(_AdditiveEditor):
+    """Contrastive Activation Addition: ``x' = x + α v`` with ``v`` the mean difference."""
+
+    method = "caa"
+
+
+@register_editor
+class NormRestoreEditor(_AdditiveEditor):
+    """Addition with the norm put back: ``x' = (x + α v)·‖x‖/‖x + α v‖``."""
+
+    method = "caa-norm"
+    restore_norm = True
