@@ -76,7 +76,7 @@ def random_hpr(model, layers=None, seed: int = 0, depth: int = 2) -> HPREditor:
     return HPREditor(config, layers, fp, layers, probe, weights, biases, {})
 
 
-EDITOR_KINDS = ["hpr", "hpr-no-gate", "hpr-bias", "caa", "caa-norm"]
+EDITOR_KINDS = ["hpr", "hpr-no-gate", "hpr-bias", "caa", "caa-norm", "iti"]
 
 
 def random_editor(kind: str, model, layers=None, seed: int = 0):
@@ -95,6 +95,18 @@ def random_editor(kind: str, model, layers=None, seed: int = 0):
             ed.probe_bias = torch.randn(len(ed.fitted_layers), generator=torch.Generator().manual_seed(seed))
         return ed
     fp = fingerprint(model)
+    if kind == "iti":
+        from hpredit.editors import ITIConfig, ITIEditor
+        from hpredit.models import attention_output, decoder_layers, num_attention_heads
+
+        H = num_attention_heads(model)
+        proj = attention_output(decoder_layers(model)[1][0])
+        width = proj.in_features if hasattr(proj, "in_features") else proj.weight.shape[0]
+        heads = [(0, 1), (fp.num_layers - 1, H - 1)]
+        g = torch.Generator().manual_seed(seed)
+        directions = torch.nn.functional.normalize(torch.randn(2, width // H, generator=g), dim=-1)
+        return ITIEditor(ITIConfig(alpha=2.0), [0, fp.num_layers - 1], fp, heads, directions,
+                         torch.rand(2, generator=g) + 0.5, H, {})
     layers = list(range(fp.num_layers)) if layers is None else layers
     vectors = torch.randn(len(layers), fp.hidden_size, generator=torch.Generator().manual_seed(seed))
     cls = CAAEditor if kind == "caa" else NormRestoreEditor

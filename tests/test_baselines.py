@@ -113,3 +113,88 @@ def test_ablation_config_validation():
     with pytest.raises(HpreditError, match="fixed_angle must be"):
         _fit(fixed_angle=4.0)
     assert math.pi > 3.14  # the bound used above
+
+
+# ------------------------------------------------------------------------------------------ ITI
+
+ITI_PAIRS = [
+    hpredit.ContrastivePair("Q: Is fire hot?\nA:", " Yes.", " No, it is cold.", group=g, split=s)
+    for g, s in ((0, "train"), (1, "train"), (2, "val"))
+] + [
+    hpredit.ContrastivePair(f"Q: Is {x} wet?\nA:", " Yes, it is.", " Never.", group=3 + i, split=("train", "val")[i % 2])
+    for i, x in enumerate(["rain", "the sea", "a lake", "dew"])
+]
+
+
+@pytest.fixture(scope="module")
+def iti_setup(tokenizer):
+    from hpredit.models import num_attention_heads
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama", vocab=len(tokenizer))
+    stores = hpredit.collect_activations(model, tokenizer, ITI_PAIRS, site=("residual", "heads"), progress=False)
+    H = num_attention_heads(model)
+    return model, stores, H
+
+
+def test_head_activations_are_the_output_projection_input(iti_setup, tokenizer):
+    model, stores, H = iti_setup
+    heads = stores["heads"]
+    assert heads.site == "heads" and stores["residual"].site == "residual"
+    assert heads.acts.shape[-1] == model.model.layers[0].self_attn.o_proj.in_features
+    assert torch.equal(heads.offsets, stores["residual"].offsets)
+    ids, start = hpredit.activations.tokenize_completion(tokenizer, *heads.texts[0])
+    seen = {}
+    h = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    model(input_ids=torch.tensor([ids]))
+    h.remove()
+    n = len(ids) - start
+    torch.testing.assert_close(heads.acts[1, :n].float(), seen["x"][0, start:], rtol=2e-3, atol=2e-3)
+
+
+def test_iti_fit_and_edits_only_selected_heads(iti_setup, tmp_path):
+    from hpredit.editors import ITIEditor
+
+    model, stores, H = iti_setup
+    ed = ITIEditor.fit(stores["heads"], num_attention_heads=H, num_heads=2, probe_steps=50)
+    assert len(ed.heads) == 2 and len(ed.metrics["val_probe_accuracy"]) == 3 * H
+    torch.testing.assert_close(ed.directions.norm(dim=-1), torch.ones(2))
+    hd = ed.head_dim
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    for layer in range(3):
+        proj = model.model.layers[layer].self_attn.o_proj
+        before = {}
+        h1 = proj.register_forward_pre_hook(lambda m, a: before.setdefault("x", a[0].clone()))
+        with ed.attach(model, strength=0.5, scope="all"):
+            after = {}
+            h2 = proj.register_forward_pre_hook(lambda m, a: after.setdefault("x", a[0].clone()))
+            model(input_ids=ids)
+        h1.remove()
+        h2.remove()
+        delta = (after["x"] - before["x"])[0]  # (seq, width)
+        for head in range(H):
+            sl = delta[:, head * hd : (head + 1) * hd]
+            if (layer, head) in ed.heads:
+                k = ed.heads.index((layer, head))
+                expected = 0.5 * ed.config.alpha * ed.sigma[k] * ed.directions[k]
+                torch.testing.assert_close(sl, expected.expand_as(sl), rtol=1e-4, atol=1e-4)
+            else:
+                assert torch.equal(sl, torch.zeros_like(sl))
+    ed.save_pretrained(tmp_path / "iti")
+    back = hpredit.load_editor(tmp_path / "iti")
+    assert back.heads == ed.heads and torch.equal(back.directions, ed.directions)
+
+
+def test_iti_bad_inputs(iti_setup):
+    from hpredit.editors import ITIEditor
+
+    _, stores, H = iti_setup
+    with pytest.raises(HpreditError, match="site='heads'"):
+        ITIEditor.fit(stores["residual"], num_attention_heads=H)
+    with pytest.raises(HpreditError, match="needs num_attention_heads"):
+        ITIEditor.fit(stores["heads"])
+    with pytest.raises(HpreditError, match="not divisible"):
+        ITIEditor.fit(stores["heads"], num_attention_heads=7)
+    with pytest.raises(HpreditError, match="unknown activation site"):
+        hpredit.collect_activations(None, None, ITI_PAIRS, site="mlp")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .artifacts import atomic_directory, read_json
 from .data import ContrastivePair, ContrastivePairs
 from .errors import HpreditError
-from .models import ModelFingerprint, backbone, decoder_layers, fingerprint
+from .models import ModelFingerprint, attention_output, backbone, decoder_layers, fingerprint
 from .prefix import PrefixCache, common_prefix_length
 
 __all__ = ["ActivationStore", "collect_activations", "tokenize_completion"]
@@ -43,6 +43,7 @@ class ActivationStore:
     splits: list[str | None]
     texts: list[tuple[str, str]]
     fingerprint: ModelFingerprint
+    site: str = "residual"  #: ``residual`` (block outputs) or ``heads`` (attention output projection input)
 
     @property
     def hidden_size(self) -> int:
@@ -102,6 +103,7 @@ class ActivationStore:
                 "splits": self.splits,
                 "texts": self.texts,
                 "model": self.fingerprint.to_dict(),
+                "site": self.site,
             }
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
 
@@ -128,6 +130,7 @@ class ActivationStore:
             splits=list(meta["splits"]),
             texts=[tuple(t) for t in meta["texts"]],
             fingerprint=ModelFingerprint.from_dict(meta["model"]),
+            site=meta.get("site", "residual"),
         )
 
 
@@ -172,15 +175,23 @@ def collect_activations(
     progress: bool = True,
     layers_path: str | None = None,
     prefix_cache: bool = True,
-) -> ActivationStore:
+    site: str | Sequence[str] = "residual",
+) -> ActivationStore | dict[str, ActivationStore]:
     """Run the frozen model once per unique text and keep the completion tokens' block outputs.
 
     All requested ``layers`` (default: every decoder block) come from one forward pass per batch.
     With ``prefix_cache`` (default) the prompt shared by a text group is computed once (and the
     prefix shared by all prompts, such as a few-shot primer, once overall) and the completions run
     on top of its KV cache, right-padded; without it, whole texts run sorted by length, right-padded.
-    ``dtype``: storage type, default float16 (bfloat16 for a bfloat16 model).
+    ``dtype``: storage type, default float16 (bfloat16 for a bfloat16 model). ``site``:
+    ``residual`` (block outputs, what HPR and CAA edit), ``heads`` (the input of each attention
+    output projection, ``(…, heads·head_dim)``, what ITI edits), or a list of both: then one pass
+    collects all of them and a dict ``{site: store}`` is returned.
     """
+    sites = [site] if isinstance(site, str) else list(site)
+    bad_sites = [s for s in sites if s not in ("residual", "heads")]
+    if bad_sites or not sites:
+        raise HpreditError(f"unknown activation site(s) {bad_sites or sites}: use residual or heads")
     pairs = list(pairs)
     if not pairs:
         raise HpreditError("no contrastive pairs to collect activations for")
@@ -214,27 +225,37 @@ def collect_activations(
         encoded.append((ids, start))
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    chunks: list[list[torch.Tensor]] = [[None] * len(texts) for _ in layers]  # type: ignore[list-item]
-    captured: dict[int, torch.Tensor] = {}
+    chunks = {s: [[None] * len(texts) for _ in layers] for s in sites}
+    captured: dict[tuple[str, int], torch.Tensor] = {}
     last = layers[-1]
 
-    def make_hook(i):
+    def output_hook(i):
         def hook(_module, _args, output):
-            captured[i] = output[0] if isinstance(output, tuple) else output
+            if "residual" in sites:
+                captured["residual", i] = output[0] if isinstance(output, tuple) else output
             if i == last and not prefix_cache:
                 raise _Stop
 
         return hook
 
+    def input_hook(i):
+        def hook(_module, args):
+            captured["heads", i] = args[0]
+
+        return hook
+
     def keep(batch: list[int], offset: int) -> None:
         """Store the completion rows of ``batch`` from the captured outputs (inputs start at ``offset``)."""
-        for r, layer in enumerate(layers):
-            h = captured[layer].float()
-            for row, i in enumerate(batch):
-                seq, start = encoded[i]
-                chunks[r][i] = h[row, start - offset : len(seq) - offset].cpu()
+        for s in sites:
+            for r, layer in enumerate(layers):
+                h = captured[s, layer].float()
+                for row, i in enumerate(batch):
+                    seq, start = encoded[i]
+                    chunks[s][r][i] = h[row, start - offset : len(seq) - offset].cpu()
 
-    handles = [blocks[i].register_forward_hook(make_hook(i)) for i in layers]
+    handles = [blocks[i].register_forward_hook(output_hook(i)) for i in layers]
+    if "heads" in sites:
+        handles += [attention_output(blocks[i]).register_forward_pre_hook(input_hook(i)) for i in layers]
     runner = backbone(model, path)
     device = next(model.parameters()).device
     bar = tqdm(total=len(texts), desc="collecting activations", unit="text", disable=not progress)
@@ -276,22 +297,26 @@ def collect_activations(
     lengths = torch.tensor([len(ids) - start for ids, start in encoded])
     offsets = torch.zeros(len(texts) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(lengths, 0)
-    acts = torch.empty((len(layers), int(offsets[-1]), chunks[0][0].shape[-1]), dtype=dtype)
-    for r in range(len(layers)):
-        full = torch.cat(chunks[r])
-        if dtype == torch.float16 and full.abs().max() > torch.finfo(torch.float16).max:
-            raise HpreditError(
-                f"layer {layers[r]} has activations beyond the float16 range: collect with dtype=torch.bfloat16"
-            )
-        acts[r] = full.to(dtype)
-        chunks[r] = []  # free as we go
-    return ActivationStore(
-        acts=acts,
-        layers=layers,
-        offsets=offsets,
-        pairs=torch.tensor(pair_rows, dtype=torch.long),
-        groups=torch.tensor([p.group for p in pairs], dtype=torch.long),
-        splits=[p.split for p in pairs],
-        texts=texts,
-        fingerprint=fingerprint(model, layers_path),
-    )
+    stores = {}
+    for s in sites:
+        acts = torch.empty((len(layers), int(offsets[-1]), chunks[s][0][0].shape[-1]), dtype=dtype)
+        for r in range(len(layers)):
+            full = torch.cat(chunks[s][r])
+            if dtype == torch.float16 and full.abs().max() > torch.finfo(torch.float16).max:
+                raise HpreditError(
+                    f"layer {layers[r]} has activations beyond the float16 range: collect with dtype=torch.bfloat16"
+                )
+            acts[r] = full.to(dtype)
+            chunks[s][r] = []  # free as we go
+        stores[s] = ActivationStore(
+            acts=acts,
+            layers=layers,
+            offsets=offsets,
+            pairs=torch.tensor(pair_rows, dtype=torch.long),
+            groups=torch.tensor([p.group for p in pairs], dtype=torch.long),
+            splits=[p.split for p in pairs],
+            texts=texts,
+            fingerprint=fingerprint(model, layers_path),
+            site=s,
+        )
+    return stores[sites[0]] if isinstance(site, str) else stores

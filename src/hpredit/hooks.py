@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import HpreditError
-from .models import backbone, decoder_layers
+from .models import attention_output, backbone, decoder_layers
 
 __all__ = ["SCOPES", "EditHandle", "LayerEdit"]
 
@@ -133,6 +133,7 @@ class EditHandle:
         strength: float = 1.0,
         scope: str = "all",
         layers_path: str | None = None,
+        site: str = "residual",
     ) -> None:
         self.model = model
         self.strength = check_strength(strength)
@@ -143,7 +144,13 @@ class EditHandle:
         path, blocks = decoder_layers(model, layers_path)
         try:
             for layer, fn in edits.items():
-                self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(fn)))
+                if site == "residual":  # the block's output
+                    self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(fn)))
+                elif site == "heads":  # the input of the attention output projection
+                    proj = attention_output(blocks[layer])
+                    self._hooks.append(proj.register_forward_pre_hook(self._input_hook(fn)))
+                else:
+                    raise HpreditError(f"unknown edit site {site!r}: use residual or heads")
             self._hooks.append(
                 backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True)
             )
@@ -171,6 +178,16 @@ class EditHandle:
             if isinstance(output, tuple):
                 return (edited, *output[1:])
             return edited
+
+        return hook
+
+    def _input_hook(self, fn: LayerEdit):
+        state, strength = self._state, self.strength
+
+        def hook(_module, args):
+            hidden = args[0]
+            mask = state.edit_mask(hidden.shape[0], hidden.shape[1], hidden.device)
+            return (fn(hidden, mask, strength), *args[1:])
 
         return hook
 

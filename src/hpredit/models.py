@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "ModelFingerprint",
     "cache_dir",
+    "attention_output",
     "decoder_layers",
     "embedded_default_path",
     "fingerprint",
@@ -187,6 +188,33 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[st
         )
     candidates.sort(key=lambda c: c[0])
     return candidates[0][1], candidates[0][2]
+
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo")
+
+
+def attention_output(block: nn.Module) -> nn.Module:
+    """The attention output projection of a decoder block (its input holds the per-head outputs).
+
+    Looked up by the usual names (``self_attn.o_proj``, ``attn.c_proj``, ``attention.dense``, …).
+    """
+    for attn_name in _ATTN_NAMES:
+        attn = getattr(block, attn_name, None)
+        if isinstance(attn, nn.Module):
+            for proj_name in _OUT_PROJ_NAMES:
+                proj = getattr(attn, proj_name, None)
+                if isinstance(proj, nn.Module):
+                    return proj
+    raise HpreditError(
+        f"could not find the attention output projection in {type(block).__name__}: looked for "
+        f"{'/'.join(_ATTN_NAMES)} . {'/'.join(_OUT_PROJ_NAMES)}"
+    )
+
+
+def num_attention_heads(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_attention_heads)
 
 
 def backbone(model: nn.Module, layers_path: str) -> nn.Module:

@@ -3,6 +3,7 @@
 from .additive import AdditiveConfig, CAAEditor, NormRestoreEditor
 from .base import Editor, load_editor, register_editor
 from .hpr import HPRConfig, HPREditor
+from .iti import ITIConfig, ITIEditor
 
 __all__ = [
     "AdditiveConfig",
@@ -10,6 +11,8 @@ __all__ = [
     "Editor",
     "HPRConfig",
     "HPREditor",
+    "ITIConfig",
+    "ITIEditor",
     "NormRestoreEditor",
     "load_editor",
     "register_editor",

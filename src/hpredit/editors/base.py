@@ -45,6 +45,8 @@ class Editor(ABC):
 
     method: ClassVar[str]
     config_class: ClassVar[type]
+    #: where the edit applies: ``residual`` (block outputs) or ``heads`` (attention output projection input)
+    site: ClassVar[str] = "residual"
 
     def __init__(self, config: Any, layers: list[int], model: ModelFingerprint, metrics: dict | None = None):
         self.config = config
@@ -110,7 +112,7 @@ class Editor(ABC):
             raise HpreditError(f"editor has no module for layer(s) {unknown}: fitted layers are {self.available_layers()}")
         device = next(model.parameters()).device
         edits = {i: self.layer_edit(i, device) for i in active}
-        return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path)
+        return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site)
 
     def available_layers(self) -> list[int]:
         return self.layers

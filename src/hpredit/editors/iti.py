@@ -1,0 +1,194 @@
+"""Inference-Time Intervention (Li et al. 2023): shift the most truth-predictive attention heads.
+
+Per attention head (the input of the attention output projection, split into heads): a logistic
+probe on the last completion token of each text; the top-K heads by validation accuracy are shifted
+by ``α · σ · v`` with ``v`` the unit mass-mean direction (mean positive − mean negative) and ``σ``
+the standard deviation of the activations along ``v``. ``strength`` multiplies the configured α.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import ActivationStore
+from ..errors import HpreditError
+from ..hooks import LayerEdit
+from ..models import ModelFingerprint
+from .base import Editor, register_editor, train_val_masks
+
+__all__ = ["ITIConfig", "ITIEditor"]
+
+
+@dataclass
+class ITIConfig:
+    """Hyper-parameters of ITI. ``num_heads`` defaults to 48 heads per 1024 (the paper's 48 of
+    LLaMA-7B's 1024), scaled to the model's head count."""
+
+    num_heads: int | None = None  #: K, the number of heads shifted
+    alpha: float = 15.0  #: α of the paper; ``attach(strength=s)`` shifts by ``s·α·σ·v``
+    probe_steps: int = 300  #: full-batch Adam steps of the per-head logistic probes
+    probe_lr: float = 0.01
+    val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
+    seed: int = 42
+
+    def validate(self, where: str = "ITIConfig") -> None:
+        checks = [
+            (self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
+             "num_heads must be null or an integer ≥ 1"),
+            (isinstance(self.alpha, (int, float)), "alpha must be a number"),
+            (isinstance(self.probe_steps, int) and self.probe_steps >= 1, "probe_steps must be an integer ≥ 1"),
+            (isinstance(self.probe_lr, (int, float)) and self.probe_lr > 0, "probe_lr must be > 0"),
+            (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (isinstance(self.seed, int), "seed must be an integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HpreditError(f"{where}: {message}")
+
+
+@register_editor
+class ITIEditor(Editor):
+    """ITI: per-head shifts at the attention output projection's input (``site = "heads"``)."""
+
+    method = "iti"
+    config_class = ITIConfig
+    site = "heads"
+
+    def __init__(self, config: ITIConfig, layers: list[int], model: ModelFingerprint, heads: list[tuple[int, int]],
+                 directions: torch.Tensor, sigma: torch.Tensor, num_attention_heads: int, metrics: dict | None = None):
+        super().__init__(config, layers, model, metrics)
+        self.num_attention_heads = int(num_attention_heads)
+        self.heads = sorted((int(a), int(b)) for a, b in heads)  # (layer, head) shifted
+        self.directions = directions  # (K, head_dim) unit mass-mean directions of the shifted heads
+        self.sigma = sigma  # (K,)
+
+    @property
+    def head_dim(self) -> int:
+        return self.directions.shape[-1]
+
+    def shift(self, layer: int, width: int) -> torch.Tensor:
+        """The shift ``(width,)`` added at ``layer`` for strength 1: α·σ·v in each selected head's slice."""
+        out = torch.zeros(width)
+        hd = self.head_dim
+        for k, (lay, head) in enumerate(self.heads):
+            if lay == layer:
+                out[head * hd : (head + 1) * hd] = self.config.alpha * self.sigma[k] * self.directions[k]
+        return out
+
+    def layer_edit(self, layer: int, device: torch.device) -> LayerEdit:
+        cached: dict[int, torch.Tensor] = {}
+
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+            width = hidden.shape[-1]
+            if width != self.num_attention_heads * self.head_dim:
+                raise HpreditError(f"ITI editor expects {self.num_attention_heads} heads of {self.head_dim} "
+                                   f"(width {self.num_attention_heads * self.head_dim}) at layer {layer}, got width {width}")
+            if width not in cached:
+                cached[width] = self.shift(layer, width).to(device=hidden.device, dtype=torch.float32)
+            out = (hidden.float() + strength * cached[width]).to(hidden.dtype)
+            return out if mask is None else torch.where(mask.unsqueeze(-1), out, hidden)
+
+        return edit
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"directions": self.directions, "sigma": self.sigma}
+
+    def extra_config(self) -> dict:
+        return {"heads": [list(h) for h in self.heads], "num_attention_heads": self.num_attention_heads}
+
+    @classmethod
+    def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
+        heads = extra.get("heads")
+        if not isinstance(heads, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(i, int) for i in h)
+                                                  for h in heads) or not heads:
+            raise HpreditError("editor artifact: 'heads' must be a non-empty list of [layer, head] pairs")
+        if sorted({h[0] for h in heads}) != sorted(layers):
+            raise HpreditError("editor artifact: 'layers' must be the layers of the shifted heads")
+        if set(tensors) != {"directions", "sigma"}:
+            raise HpreditError("editor artifact: expected tensors 'directions' and 'sigma'")
+        d, s = tensors["directions"], tensors["sigma"]
+        if d.dim() != 2 or d.shape[0] != len(heads) or tuple(s.shape) != (len(heads),):
+            raise HpreditError(f"editor artifact: directions {tuple(d.shape)} / sigma {tuple(s.shape)} do not match {len(heads)} heads")
+        n_heads = extra.get("num_attention_heads")
+        if not isinstance(n_heads, int) or any(not 0 <= h[1] < n_heads for h in heads):
+            raise HpreditError("editor artifact: 'num_attention_heads' missing or a head index out of range")
+        if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
+            raise HpreditError("editor artifact: NaN or inf in directions/sigma")
+        return cls(config, layers, model, [tuple(h) for h in heads], d, s, n_heads, metrics)
+
+    @classmethod
+    def fit(cls, acts: ActivationStore, config: ITIConfig | None = None, num_attention_heads: int | None = None,
+            progress: bool = True, **overrides) -> ITIEditor:
+        """Fit on head activations (``collect_activations(..., site="heads")``).
+
+        ``num_attention_heads`` (``hpredit.models.num_attention_heads(model)``) splits the
+        ``(…, heads·head_dim)`` activations into heads. Probes: one logistic regression per head on
+        standardised last-token activations, full-batch Adam, all heads at once.
+        """
+        config = dataclasses.replace(config or ITIConfig(), **overrides)
+        config.validate()
+        if acts.site != "heads":
+            raise HpreditError("ITI fits on head activations: collect them with site='heads'")
+        H = num_attention_heads
+        if H is None:
+            raise HpreditError("ITIEditor.fit needs num_attention_heads (hpredit.models.num_attention_heads(model))")
+        L, width = len(acts.layers), acts.acts.shape[-1]
+        if width % H:
+            raise HpreditError(f"activation width {width} is not divisible by {H} heads")
+        hd = width // H
+        train, val = train_val_masks(acts, config.val_fraction, config.seed)
+
+        def texts_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pos = torch.unique(acts.pairs[mask, 0])
+            neg = torch.unique(acts.pairs[mask, 1])
+            neg = neg[~torch.isin(neg, pos)]
+            idx = torch.cat([pos, neg])
+            return idx, torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+
+        tr_idx, tr_y = texts_of(train)
+        va_idx, va_y = texts_of(val) if val.any() else (tr_idx, tr_y)
+        last = acts.offsets[1:] - 1  # the last completion token of each text
+
+        def features(idx: torch.Tensor) -> torch.Tensor:  # (L*H, n, hd)
+            x = acts.acts[:, last[idx]].float().reshape(L, len(idx), H, hd)
+            return x.permute(0, 2, 1, 3).reshape(L * H, len(idx), hd)
+
+        xt, xv = features(tr_idx), features(va_idx)
+        mu, sd = xt.mean(1, keepdim=True), xt.std(1, keepdim=True).clamp_min(1e-6)
+        gen = torch.Generator().manual_seed(config.seed)
+        w = (torch.randn(L * H, hd, generator=gen) * 0.01).requires_grad_(True)
+        b = torch.zeros(L * H, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=config.probe_lr)
+        zt = (xt - mu) / sd
+        for _ in range(config.probe_steps):
+            logits = torch.einsum("hnd,hd->hn", zt, w) + b[:, None]
+            loss = F.binary_cross_entropy_with_logits(logits, tr_y.expand_as(logits))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = (torch.einsum("hnd,hd->hn", (xv - mu) / sd, w) + b[:, None]) > 0
+            accuracy = (pred == va_y.bool()).float().mean(1)  # (L*H,)
+        K = config.num_heads or max(1, round(48 * L * H / 1024))
+        K = min(K, L * H)
+        order = sorted(range(L * H), key=lambda i: (-float(accuracy[i]), i))[:K]
+        pos_mask = tr_y.bool()
+        directions, sigma, heads = [], [], []
+        for i in order:
+            v = xt[i, pos_mask].mean(0) - xt[i, ~pos_mask].mean(0)
+            v = v / v.norm().clamp_min(1e-12)
+            directions.append(v)
+            sigma.append((xt[i] @ v).std())
+            heads.append((acts.layers[i // H], i % H))
+        ranked = sorted(zip(heads, directions, sigma), key=lambda t: t[0])
+        metrics = {
+            "val_probe_accuracy": {f"{acts.layers[i // H]}.{i % H}": float(accuracy[i]) for i in range(L * H)},
+            "train_texts": len(tr_idx),
+            "val_texts": len(va_idx),
+        }
+        return cls(config, sorted({h[0] for h in heads}), acts.fingerprint, [t[0] for t in ranked],
+                   torch.stack([t[1] for t in ranked]), torch.stack([t[2] for t in ranked]), H, metrics)
