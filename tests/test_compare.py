@@ -1,0 +1,87 @@
+"""The comparison harness and the side-effect measures, on a tiny model and a few questions."""
+
+import json
+
+import pytest
+import torch
+
+from hpredit.compare import compare, markdown_table
+from hpredit.errors import HpreditError
+from hpredit.evaluation.side_effects import fluency_cost, neutral_text, norm_drift
+
+from .conftest import random_editor, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_tok(tokenizer):
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+def test_fluency_cost_is_zero_unedited_and_positive_edited(model_tok):
+    model, tok = model_tok
+    text = neutral_text(model, tok, max_new_tokens=6, prompts=("The river", "A good way to"))
+    base = fluency_cost(model, text)
+    assert abs(base["kl"]) < 1e-6 and base["ppl"] == pytest.approx(base["ppl_unedited"])
+    assert base["tokens"] == 12
+    editor = random_editor("caa", model)
+    with editor.attach(model, strength=1.0):
+        assert fluency_cost(model, text)["kl"] > 1e-4
+
+
+def test_norm_drift_is_one_at_hpr_layers_and_not_for_addition(model_tok):
+    model, tok = model_tok
+    text = neutral_text(model, tok, max_new_tokens=4, prompts=("The river", "Hi"))
+    hpr = random_editor("hpr", model, layers=[1])
+    drift = norm_drift(model, text, lambda: hpr.attach(model))
+    assert drift["drift"][0] == pytest.approx(1.0, abs=1e-6)  # before the edit: untouched
+    assert drift["drift"][1] == pytest.approx(1.0, abs=1e-5)  # HPR keeps norms at its own layer
+    assert drift["at_edit"][1] == pytest.approx(1.0, abs=1e-5)
+    assert abs(drift["drift"][2] - 1.0) > 1e-4  # ... and changes what comes after
+    two = random_editor("hpr", model, layers=[0, 1])
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in norm_drift(model, text, lambda: two.attach(model))["at_edit"].values())
+    caa = random_editor("caa", model, layers=[1])
+    caa_drift = norm_drift(model, text, lambda: caa.attach(model))
+    assert abs(caa_drift["drift"][1] - 1.0) > 1e-3 and abs(caa_drift["at_edit"][1] - 1.0) > 1e-3
+
+
+def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path):
+    model, tok = model_tok
+    methods = ["none", "hpr", "hpr-no-gate", "caa", "caa-norm", "iti"]
+    result = compare(model, tok, methods=methods, seeds=[0, 1], data=truthfulqa_csv, limit=2, kl_cap=50.0,
+                     strengths={m: (1.0,) for m in methods}, out=tmp_path / "cmp", progress=False, log=lambda s: None)
+    files = sorted(p.name for p in (tmp_path / "cmp").iterdir())
+    assert "results.json" in files and "table.md" in files
+    saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert saved["summary"].keys() == result["summary"].keys()
+    rows = [r for r in result["runs"] if "method" in r]
+    assert len(rows) == 12
+    none = [r for r in rows if r["method"] == "none"]
+    assert all(r["kl"] < 1e-6 for r in none)
+    for r in rows:
+        assert set(r["test"]) == {"mc1", "mc2", "mc3"} and 0 <= r["test"]["mc2"] <= 1
+        if r["method"] == "hpr":
+            assert all(abs(r["norm_drift"]["at_edit"][layer] - 1) < 1e-5 for layer in r["layers"])
+    splits = [r["split"] for r in result["runs"] if "split" in r]
+    assert [s["seed"] for s in splits] == [0, 1] and splits[0]["test"] != splits[1]["test"]
+    assert "| hpr |" in markdown_table(result)
+
+
+def test_compare_bad_inputs(model_tok, truthfulqa_csv, tmp_path):
+    model, tok = model_tok
+    with pytest.raises(HpreditError, match="unknown method"):
+        compare(model, tok, methods=["magic"], data=truthfulqa_csv)
+    with pytest.raises(HpreditError, match="must be positive"):
+        compare(model, tok, methods=["none"], limit=0, data=truthfulqa_csv)
+    with pytest.raises(HpreditError, match="unknown task"):
+        compare(model, tok, methods=["none"], task="bbq", data=truthfulqa_csv)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_neutral_text_masks_padding(model_tok):
+    model, tok = model_tok
+    text = neutral_text(model, tok, max_new_tokens=3, prompts=("One two three four five", "Hi"))
+    assert text.ids.shape[0] == 2 and text.mask[1, 0] == 0  # left padded
+    assert int(text.scored.sum()) == 6
+    assert torch.isfinite(text.logprobs).all()
