@@ -248,10 +248,14 @@ def collect_activations(
         """Store the completion rows of ``batch`` from the captured outputs (inputs start at ``offset``)."""
         for s in sites:
             for r, layer in enumerate(layers):
-                h = captured[s, layer].float()
+                h = captured[s, layer]
                 for row, i in enumerate(batch):
                     seq, start = encoded[i]
-                    chunks[s][r][i] = h[row, start - offset : len(seq) - offset].cpu()
+                    piece = h[row, start - offset : len(seq) - offset].float()
+                    if dtype == torch.float16 and piece.abs().max() > torch.finfo(torch.float16).max:
+                        raise HpreditError(f"layer {layer} has activations beyond the float16 range: "
+                                           "collect with dtype=torch.bfloat16")
+                    chunks[s][r][i] = piece.to(dtype).cpu()  # stored compactly from the start
 
     handles = [blocks[i].register_forward_hook(output_hook(i)) for i in layers]
     if "heads" in sites:
@@ -301,12 +305,7 @@ def collect_activations(
     for s in sites:
         acts = torch.empty((len(layers), int(offsets[-1]), chunks[s][0][0].shape[-1]), dtype=dtype)
         for r in range(len(layers)):
-            full = torch.cat(chunks[s][r])
-            if dtype == torch.float16 and full.abs().max() > torch.finfo(torch.float16).max:
-                raise HpreditError(
-                    f"layer {layers[r]} has activations beyond the float16 range: collect with dtype=torch.bfloat16"
-                )
-            acts[r] = full.to(dtype)
+            torch.cat(chunks[s][r], out=acts[r])
             chunks[s][r] = []  # free as we go
         stores[s] = ActivationStore(
             acts=acts,

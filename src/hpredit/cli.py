@@ -172,11 +172,14 @@ def run(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass when collecting.")] = 16,
     save_activations: Annotated[bool, typer.Option(help="Also save the activation store.")] = True,
+    evaluate: Annotated[bool, typer.Option(help="Choose the strength on val and report MC1/2/3 on test.")] = True,
+    strengths: Annotated[str, typer.Option(help="Strengths tried on the validation questions.")] = "0.25,0.5,1.0",
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
 ) -> None:
-    """The main job: fit HPR on the TruthfulQA train split (validating on val), save, report."""
+    """The main job: fit HPR on the TruthfulQA train split (layers by val probe accuracy), choose the
+    strength on val by MC2, report unedited vs edited on test; save everything to --out."""
     from . import __version__, load_model
     from .data import truthfulqa_pairs
 
@@ -189,6 +192,10 @@ def run(
         m, tok, pairs, out, {"top_k": top_k, "epochs": epochs}, batch_size, save_activations
     )
     pairs.split.save(out / "split.json")
+    evaluation = None
+    if evaluate:
+        evaluation = _run_evaluation(m, tok, editor, pairs, data, seed, limit, strengths, out)
+        timing["eval_s"] = evaluation.pop("seconds")
     total = time.perf_counter() - start
     summary = {
         "command": "hpredit " + " ".join(sys.argv[1:]),
@@ -204,6 +211,7 @@ def run(
         "timing_s": {"load": round(t_load, 1), **timing, "total": round(total, 1)},
         "activation_store_bytes": _dir_size(out / "activations") if save_activations else acts.nbytes(),
         "editor_bytes": _dir_size(out / "editor"),
+        "evaluation": evaluation,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     console.print(_accuracy_table(editor, "HPR on TruthfulQA: validation probe accuracy per layer"))
@@ -213,6 +221,107 @@ def run(
         f"time: {summary['timing_s']} s; activation store {summary['activation_store_bytes'] / 1e6:.1f} MB, "
         f"editor {summary['editor_bytes'] / 1e6:.1f} MB\nsaved to {out}"
     )
+
+
+def _run_evaluation(model, tok, editor, pairs, data, seed: int, limit: int | None, strengths: str, out: Path) -> dict:
+    """Pick the strength on the validation questions by MC2, then evaluate unedited vs edited on test."""
+    from .data import load_truthfulqa
+    from .evaluation import evaluate as run_evaluate
+    from .evaluation.truthfulqa import score_truthfulqa_mc
+
+    t0 = time.perf_counter()
+    try:
+        grid = [float(x) for x in strengths.split(",") if x.strip()]
+    except ValueError:
+        raise HpreditError(f"--strengths must be comma-separated numbers, got {strengths!r}") from None
+    if not grid:
+        raise HpreditError("--strengths needs at least one value")
+    questions = load_truthfulqa(data)
+    val = [questions[i] for i in pairs.split.val[: limit or None]]
+    sweep = {}
+    for s in grid:
+        with editor.attach(model, strength=s, scope="all"):
+            scores = score_truthfulqa_mc(model, tok, val)
+        sweep[s] = sum(q.metrics()["mc2"] for q in scores.questions) / len(val)
+        console.print(f"validation: strength {s} → MC2 {sweep[s]:.4f}")
+    best = max(grid, key=lambda s: (sweep[s], -s))
+    result = run_evaluate(model=model, tokenizer=tok, editor=editor, task="truthfulqa-mc", split="test", seed=seed,
+                          limit=limit, strength=best, scope="all", data=data, out=out / "eval", show=True,
+                          command="hpredit " + " ".join(sys.argv[1:]))
+    return {"val_mc2_by_strength": sweep, "strength": best, "test": result.metrics,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@app.command("eval")
+def eval_(
+    task: Annotated[str, typer.Option("--task", help="truthfulqa-mc (MC1/MC2/MC3) or truthfulqa-gen (BLEU/ROUGE-L acc).")] = "truthfulqa-mc",
+    model: ModelOpt = None,
+    editor: Annotated[Optional[Path], typer.Option("--editor", "-e", help="Editor directory: also evaluate edited, with the difference and its 95% CI.")] = None,
+    split: Annotated[str, typer.Option(help="test, val, train or all of the 40/10/50 split; fold0 or fold1 of ITI's 2-fold split.")] = "test",
+    seed: Annotated[int, typer.Option(help="Seed of the question split and of the bootstrap.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N questions of the split.")] = None,
+    strength: Annotated[float, typer.Option(help="Edit strength α.")] = 1.0,
+    scope: Annotated[str, typer.Option(help="Edited tokens: all (required for MC), last-prompt-and-generated or generated.")] = "all",
+    data: DataOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write summary.json, per_question.jsonl and split.json here.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation: tokens per answer at most.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Questions per batch (speed only; the numbers do not change).")] = 16,
+    truth_judge: Annotated[Optional[str], typer.Option(help="Generation: local HF model judging truthfulness (prompt ends 'True:').")] = None,
+    info_judge: Annotated[Optional[str], typer.Option(help="Generation: local HF model judging informativeness (prompt ends 'Helpful:').")] = None,
+    strict: Annotated[bool, typer.Option(help="Refuse a model whose name differs from the editor's.")] = True,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
+) -> None:
+    """Evaluate on TruthfulQA (MC or generation), unedited and, with --editor, edited."""
+    from .evaluation import evaluate
+    from .evaluation.judges import INFO_TEMPLATE, TRUTH_TEMPLATE, HFJudge
+
+    judges = {}
+    if (truth_judge or info_judge) and task != "truthfulqa-gen":
+        raise HpreditError("--truth-judge/--info-judge apply to --task truthfulqa-gen only")
+    if out is not None:
+        _check_out(out, force)
+    for name, judge_model, template in (("truth", truth_judge, TRUTH_TEMPLATE), ("info", info_judge, INFO_TEMPLATE)):
+        if judge_model:
+            judges[name] = HFJudge.from_pretrained(judge_model, template, dtype=dtype, device=device)
+    evaluate(
+        model=model, editor=editor, task=task, split=split, seed=seed, limit=limit, strength=strength,
+        scope=scope, data=data, out=out, judges=judges or None, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, strict=strict, dtype=dtype, device=device, force=force, progress=True,
+        show=True, command="hpredit " + " ".join(sys.argv[1:]),
+    )
+
+
+@app.command()
+def compare(
+    methods: Annotated[str, typer.Option(help="Comma-separated: none, hpr, hpr-no-gate, hpr-fixed-angle, hpr-bias, caa, caa-norm, iti.")] = "none,hpr,caa,caa-norm,iti",
+    model: ModelOpt = None,
+    task: Annotated[str, typer.Option(help="Benchmark (truthfulqa-mc).")] = "truthfulqa-mc",
+    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds; mean ± std over them.")] = "0,1,2",
+    kl_cap: Annotated[float, typer.Option(help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have.")] = 0.5,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N questions of each split (quick runs).")] = None,
+    data: DataOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Writes results.json, table.md and mc2_vs_kl.png here.")] = Path("out/compare"),
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
+) -> None:
+    """Fit every method on train, choose its strength on validation, compare on test (MC, KL, perplexity)."""
+    from . import load_model
+    from .compare import compare as run_compare
+    from .compare import markdown_table
+
+    _check_out(out, force)
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise HpreditError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    m, tok = load_model(model, dtype=dtype, device=device)
+    result = run_compare(m, tok, methods=[x.strip() for x in methods.split(",") if x.strip()], seeds=seed_list,
+                         task=task, data=data, kl_cap=kl_cap, limit=limit, out=out)
+    console.print(markdown_table(result))
+    console.print(f"results in {out} ({result['seconds']} s)")
 
 
 def main(argv: list[str] | None = None) -> None:
