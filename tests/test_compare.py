@@ -85,3 +85,22 @@ def test_neutral_text_masks_padding(model_tok):
     assert text.ids.shape[0] == 2 and text.mask[1, 0] == 0  # left padded
     assert int(text.scored.sum()) == 6
     assert torch.isfinite(text.logprobs).all()
+
+
+def test_merge_seeds_and_method_subsets():
+    from hpredit.compare import merge
+
+    def result(seed, mc2):
+        runs = [{"seed": seed, "method": m, "test": {"mc1": 0.1, "mc2": mc2 + i, "mc3": 0.2}, "kl": 0.0, "ppl": 2.0,
+                 "strength": 1.0} for i, m in enumerate(["none", "hpr", "caa"])]
+        runs.append({"seed": seed, "split": {}})
+        return {"methods": {"none": "", "hpr": "", "caa": ""}, "model": {"name": "m"}, "runs": runs,
+                "seeds": [seed], "seconds": 1.0}
+
+    merged = merge([result(0, 0.2), result(1, 0.4)], methods=["none", "hpr"])
+    assert list(merged["summary"]) == ["none", "hpr"] and merged["seeds"] == [0, 1]
+    assert merged["summary"]["hpr"]["mc2"]["mean"] == pytest.approx(1.3)
+    assert merged["summary"]["hpr"]["mc2"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert len([r for r in merged["runs"] if "split" in r]) == 2
+    with pytest.raises(HpreditError, match="cannot merge"):
+        merge([result(0, 0.2)], methods=["iti"])

@@ -52,6 +52,10 @@ def test_cli_run_and_generate(truthfulqa_csv, tmp_path, capsys, smol_dir):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model"]["name"] == hpredit.DEFAULT_MODEL and len(summary["layers_edited"]) == 5
     assert (tmp_path / "run" / "split.json").is_file() and (tmp_path / "run" / "activations" / "meta.json").is_file()
+    ev = summary["evaluation"]
+    assert set(ev["val_mc2_by_strength"]) == {"0.25", "0.5", "1.0"} and ev["strength"] in (0.25, 0.5, 1.0)
+    assert {"unedited", "edited", "difference"} <= set(ev["test"])
+    assert (tmp_path / "run" / "eval" / "summary.json").is_file()
     with pytest.raises(SystemExit) as exc:
         main(["generate", "Is the Earth flat?", "--qa", "--editor", str(tmp_path / "run" / "editor"),
               "--max-new-tokens", "5"])

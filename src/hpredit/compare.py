@@ -240,15 +240,17 @@ def compare(
     return result
 
 
-def merge(results: Sequence[dict]) -> dict:
-    """Combine results of the same methods run for different seeds (e.g. in parallel processes)."""
+def merge(results: Sequence[dict], methods: Sequence[str] | None = None) -> dict:
+    """Combine results run for different seeds (e.g. in parallel processes), keeping ``methods``
+    (default: those of the first result); every result must hold them all."""
     if not results:
         raise HpreditError("nothing to merge")
-    methods = list(results[0]["methods"])
-    if any(list(r["methods"]) != methods or r["model"] != results[0]["model"] for r in results):
-        raise HpreditError("cannot merge results of different methods or models")
+    methods = list(methods or results[0]["methods"])
+    if any(not set(methods) <= set(r["methods"]) or r["model"] != results[0]["model"] for r in results):
+        raise HpreditError("cannot merge: every result needs the same model and the methods " + ", ".join(methods))
     merged = dict(results[0])
-    merged["runs"] = [row for r in results for row in r["runs"]]
+    merged["methods"] = {m: METHODS[m].note for m in methods}
+    merged["runs"] = [row for r in results for row in r["runs"] if row.get("method", "split") in (*methods, "split")]
     merged["seeds"] = [s for r in results for s in r["seeds"]]
     merged["seconds"] = round(sum(r["seconds"] for r in results), 1)
     merged["summary"] = _summarise(merged["runs"], methods)
