@@ -52,7 +52,7 @@ def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path)
     result = compare(model, tok, methods=methods, seeds=[0, 1], data=truthfulqa_csv, limit=2, kl_cap=50.0,
                      strengths={m: (1.0,) for m in methods}, out=tmp_path / "cmp", progress=False, log=lambda s: None)
     files = sorted(p.name for p in (tmp_path / "cmp").iterdir())
-    assert "results.json" in files and "table.md" in files
+    assert {"results.json", "table.md", "mc2_vs_kl.png"} <= set(files)
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert saved["summary"].keys() == result["summary"].keys()
     rows = [r for r in result["runs"] if "method" in r]

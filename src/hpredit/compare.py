@@ -31,7 +31,7 @@ from .evaluation.side_effects import fluency_cost, neutral_text, norm_drift
 from .evaluation.truthfulqa import score_truthfulqa_mc
 from .models import fingerprint, num_attention_heads
 
-__all__ = ["METHODS", "Method", "compare", "markdown_table", "merge"]
+__all__ = ["METHODS", "Method", "compare", "markdown_table", "merge", "write_results"]
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def compare(
         "seconds": round(time.time() - started, 1),
     }
     if out is not None:
-        _write(result, Path(out))
+        write_results(result, Path(out))
     return result
 
 
@@ -305,7 +305,8 @@ def _figure(result: dict, path: Path) -> bool:
     return True
 
 
-def _write(result: dict, out: Path) -> None:
+def write_results(result: dict, out: Path) -> None:
+    """Write results.json, table.md and (with matplotlib) mc2_vs_kl.png to ``out`` atomically."""
     with atomic_directory(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
         (tmp / "table.md").write_text(markdown_table(result) + "\n")
