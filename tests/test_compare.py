@@ -104,3 +104,11 @@ def test_merge_seeds_and_method_subsets():
     assert len([r for r in merged["runs"] if "split" in r]) == 2
     with pytest.raises(HpreditError, match="cannot merge"):
         merge([result(0, 0.2)], methods=["iti"])
+
+
+def test_strength_grid_doubles_until_the_cap(model_tok, truthfulqa_csv):
+    model, tok = model_tok
+    result = compare(model, tok, methods=["caa"], seeds=[0], data=truthfulqa_csv, limit=1, kl_cap=1e9,
+                     progress=False, log=lambda s: None)
+    row = next(r for r in result["runs"] if r.get("method") == "caa")
+    assert [t["strength"] for t in row["validation"]] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]

@@ -132,6 +132,7 @@ def compare(
     kl_cap: float = 0.5,
     limit: int | None = None,
     strengths: dict[str, Sequence[float]] | None = None,
+    max_doublings: int = 3,
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -140,7 +141,9 @@ def compare(
 
     ``limit`` keeps the first N questions of each split (quick runs). ``kl_cap``: the largest
     fluency cost (nats/token on neutral text) a strength may have to be chosen; when none qualifies
-    the weakest setting is taken and flagged. ``strengths`` overrides the grid tried per method.
+    the weakest setting is taken and flagged. Each method's grid is doubled beyond its largest
+    value (at most ``max_doublings`` times) while that value is still under the cap, so no method
+    is stopped short of the cap. ``strengths`` overrides the grids (then tried as given).
     """
     if task != "truthfulqa-mc":
         raise HpreditError(f"unknown task {task!r}: compare supports truthfulqa-mc")
@@ -180,13 +183,20 @@ def compare(
                 candidates: list[tuple[Editor | None, float]] = [(None, 0.0)]
             else:
                 editors = m.fit(stores, model)
-                grid = (strengths or {}).get(name, m.strengths)
+                grid = list((strengths or {}).get(name, m.strengths))
                 candidates = [(ed, s) for ed in editors for s in grid]
             tried = []
-            for ed, s in candidates:
+            extra = 0
+            while candidates:
+                ed, s = candidates.pop(0)
                 if ed is None:
                     break
                 cost = _fluency(model, neutral, ed, s)
+                if (strengths is None and cost["kl"] <= kl_cap and s == grid[-1] and extra < max_doublings):
+                    # fair to every method: keep doubling the strength until the fluency cap binds
+                    candidates.insert(0, (ed, 2 * s))
+                    grid.append(2 * s)
+                    extra += 1
                 val = _score(model, tok, val_q, ed, s) if cost["kl"] <= kl_cap else None
                 tried.append({"strength": s, "k": len(getattr(ed, "heads", [])) or None, "kl": cost["kl"],
                               "val": val, "editor": ed})
@@ -250,8 +260,14 @@ def merge(results: Sequence[dict], methods: Sequence[str] | None = None) -> dict
         raise HpreditError("cannot merge: every result needs the same model and the methods " + ", ".join(methods))
     merged = dict(results[0])
     merged["methods"] = {m: METHODS[m].note for m in methods}
-    merged["runs"] = [row for r in results for row in r["runs"] if row.get("method", "split") in (*methods, "split")]
-    merged["seeds"] = [s for r in results for s in r["seeds"]]
+    latest: dict[tuple, dict] = {}  # a later result overrides an earlier one for the same seed and method
+    for r in results:
+        for row in r["runs"]:
+            key = (row["seed"], row.get("method", "split"))
+            if key[1] in (*methods, "split"):
+                latest[key] = row
+    merged["runs"] = list(latest.values())
+    merged["seeds"] = sorted({s for r in results for s in r["seeds"]})
     merged["seconds"] = round(sum(r["seconds"] for r in results), 1)
     merged["summary"] = _summarise(merged["runs"], methods)
     return merged
