@@ -2,10 +2,12 @@
 
 Multiple choice, fast and exact: every candidate's score is the sum of the log-probabilities of
 its tokens after the context (``primer + "\\n\\nQ: " + question + "\\nA:"``), the answer appended as
-``" " + answer``. The prefix shared by all contexts (the primer) runs once per call, each
-question's own tokens once on top of it, and all of a question's answers in one right-padded
-batch on top of the question's KV cache. :func:`score_continuations` with ``cached=False`` scores
-each full text in a plain forward pass instead; the two agree up to float rounding.
+``" " + answer``. The prefix shared by all contexts (the primer) runs once per call; each
+question's own tokens run once on top of its KV cache (a group of questions in one right-padded
+batch); the answers run in right-padded batches on top of their question's cache rows (with
+``group_size=1``: all of a question's answers in one batch on its own cache). No token is run
+twice and nothing is recomputed per answer. :func:`score_continuations` with ``cached=False``
+scores each full text in a plain forward pass instead; the two agree up to float rounding.
 
 Tokenisation boundary: scores use the tokens of ``context + continuation``; a continuation's
 tokens start where they first differ from the context's tokens. When the tokenizer merges across
@@ -16,6 +18,8 @@ continuations are counted in ``merged``.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from .metrics import mc_metrics
 
 __all__ = [
     "ContinuationScores",
+    "MCScores",
     "QuestionScores",
     "encode_continuations",
     "generate_answers",
@@ -101,20 +106,20 @@ def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def _row_scores(logits: torch.Tensor, ids: torch.Tensor, first: list[int], lengths: list[int]) -> list[float]:
-    """Sum of log p(ids[r, t] | ids[r, :t]) for ``first[r] <= t < lengths[r]``.
+def _row_scores(logits: torch.Tensor, targets: torch.Tensor, first: list[int], lengths: list[int]) -> list[float]:
+    """Per row, the sum of ``log p(targets[r, t])`` over input positions ``first[r] <= t < lengths[r]``.
 
-    ``logits`` (batch, seq, vocab) are the model's outputs for ``ids`` (batch, seq); position
-    ``t - 1`` predicts token ``t``. The log-softmax is taken in float32.
+    ``logits`` (batch, seq, vocab) are the model's outputs at each input position and ``targets``
+    (batch, seq) the tokens that follow them. The log-softmax is taken in float32.
     """
-    logits = logits[:, :-1].float()
-    targets = ids[:, 1:].to(logits.device)
+    logits = logits.float()
+    targets = targets.to(logits.device)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    pos = torch.arange(1, ids.shape[1], device=logits.device)
+    pos = torch.arange(targets.shape[1], device=logits.device)[None, :]
     first_t = torch.tensor(first, device=logits.device)[:, None]
     length_t = torch.tensor(lengths, device=logits.device)[:, None]
-    keep = (pos[None, :] >= first_t) & (pos[None, :] < length_t)
-    return (picked * keep).sum(dim=1).double().tolist()
+    keep = (pos >= first_t) & (pos < length_t)
+    return torch.where(keep, picked, 0.0).sum(dim=1).double().tolist()
 
 
 def _pad_id(tok) -> int:
@@ -124,13 +129,63 @@ def _pad_id(tok) -> int:
     return 0
 
 
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _gaps_are_exact(model: nn.Module, longest: int) -> bool:
+    """Whether padding *between* a cached prefix and new tokens is exact for ``model``: it must take
+    ``position_ids``, and attend globally (or through sliding windows longer than ``longest``)."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    config = _text_config(model)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if kinds - {"full_attention", "sliding_attention"}:
+        return False
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in kinds or (window is not None and getattr(config, "use_sliding_window", True))
+    return not sliding or (isinstance(window, int) and window > longest)
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    """A cache holding batch rows ``rows`` (n,) of ``cache``, which is left as it is; the selected
+    rows are new tensors, the unselected ones are not copied."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in layers]
+    else:
+        new = copy.deepcopy(cache)
+    new.batch_select_indices(rows)
+    return new
+
+
+def _token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Cut row indices, sorted longest first, into chunks whose padded size ≤ ``budget`` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 @torch.no_grad()
 def score_continuations(
     model: nn.Module,
     tok,
     items: Sequence[tuple[str, Sequence[str]]],
     cached: bool = True,
-    batch_size: int = 64,
+    group_size: int = 16,
+    batch_tokens: int = 512,
     progress: bool = False,
     layers_path: str | None = None,
 ) -> ContinuationScores:
@@ -138,56 +193,93 @@ def score_continuations(
     continuations)`` items.
 
     ``cached=True``: the token prefix shared by all contexts runs once (on the model's backbone,
-    so no logits are computed for it), each context's remaining tokens once on top of it, and its
-    continuations in right-padded batches of up to ``batch_size`` on top of the context's cache,
-    through the full causal LM. The batch starts at the context's last token, whose logits predict
-    the first continuation token. ``cached=False``: each full text in its own forward pass (the
-    reference). An attached editor applies to every forward pass, the cached prefix included.
+    so without logits); then, per group of ``group_size`` items of similar context length, their
+    remaining context tokens run once, right-padded, on top of it; then all continuations of the
+    group, sorted by length, in right-padded batches of at most ``batch_tokens`` tokens on top of
+    their own context's cache rows, through the full causal LM. Each continuation row starts at its
+    context's last token, whose logits predict the first continuation token, and stops before the
+    continuation's last token, whose logits are not needed. When contexts in a
+    group differ in length, the padding between context and continuation is masked out and
+    ``position_ids`` continue each context, so the numbers are those of unpadded texts; models for
+    which that is not exact (no ``position_ids``, short sliding windows) use groups of one item,
+    where each item's continuations share its own cache with no padding in between.
+
+    ``cached=False``: each full text in its own forward pass (the reference). An attached editor
+    applies to every forward pass, cached prefixes included.
     """
-    if batch_size < 1:
-        raise HpreditError(f"batch_size must be at least 1, got {batch_size}")
+    if group_size < 1 or batch_tokens < 1:
+        raise HpreditError(f"group_size and batch_tokens must be at least 1, got {group_size} and {batch_tokens}")
     encoded = encode_continuations(tok, items)
     if not encoded:
         return ContinuationScores([], 0, 0)
     merged = sum(s < len(e.context) for e in encoded for s in e.starts)
     tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
     device = next(model.parameters()).device
-    results: list[list[float]] = []
+    results: list[list[float]] = [[] for _ in encoded]
     bar = tqdm(total=len(encoded), desc="scoring", unit="question", disable=not progress)
     try:
         if not cached:
-            for e in encoded:
-                row = []
+            for k, e in enumerate(encoded):
                 for f, s in zip(e.full, e.starts):
                     ids = torch.tensor([f], dtype=torch.long)
-                    logits = model(input_ids=ids.to(device), use_cache=False).logits
-                    row.extend(_row_scores(logits, ids, [s], [len(f)]))
-                results.append(row)
+                    logits = model(input_ids=ids[:, :-1].to(device), use_cache=False).logits
+                    results[k].extend(_row_scores(logits[:, s - 1 :], ids[:, s:], [0], [len(f) - s]))
                 bar.update()
             return ContinuationScores(results, merged, tokens)
 
         path, _ = decoder_layers(model, layers_path)
         body = backbone(model, path)
-        # Tokens cached per item: everything before the earliest scored token, less one, so that
-        # the batch's first position yields the logits of the first continuation token.
+        # Tokens cached per item: everything before its earliest scored token, less one, so that
+        # each continuation row's first position yields the logits of its first scored token.
         heads = [e.context[: min(e.starts) - 1] for e in encoded]
         shared = common_prefix_length(heads)
         root = PrefixCache(body, heads[0][:shared])
+        longest = max(len(f) for e in encoded for f in e.full) + max(len(h) for h in heads) - shared
+        if not _gaps_are_exact(model, longest):
+            group_size = 1
+        cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         pad_id = _pad_id(tok)
-        for e, head in zip(encoded, heads):
-            ctx = root.extend(head[shared:])
-            runner = PrefixCache(model, (), ctx.cache, ctx.length)
-            row = []
-            for b in range(0, len(e.full), batch_size):
-                full = e.full[b : b + batch_size]
-                starts = e.starts[b : b + batch_size]
-                ids, mask = _pad_right([f[len(head) :] for f in full], pad_id)
-                logits = runner.run(ids, mask).logits
-                row.extend(
-                    _row_scores(logits, ids, [s - len(head) for s in starts], [len(f) - len(head) for f in full])
-                )
-            results.append(row)
-            bar.update()
+        order = sorted(range(len(encoded)), key=lambda k: len(heads[k]))
+        for g in range(0, len(order), group_size):
+            members = order[g : g + group_size]
+            qlen = torch.tensor([len(heads[k]) - shared for k in members])
+            width = int(qlen.max())
+            if width > 0:
+                ids, qmask = _pad_right([heads[k][shared:] for k in members], pad_id)
+                group_cache = _cache_of(root.run(ids, qmask))
+            else:
+                qmask = torch.zeros((len(members), 0), dtype=torch.long)
+                group_cache = copy.deepcopy(root.cache)
+                if group_cache is not None:
+                    group_cache.batch_repeat_interleave(len(members))
+            gaps = bool((qlen != width).any())
+            rows = [(m, j) for m, k in enumerate(members) for j in range(len(encoded[k].full))]
+            # a row's inputs: the context's last token and the continuation without its last token
+            row_tokens = [encoded[members[m]].full[j][len(heads[members[m]]) :] for m, j in rows]
+            scores: dict[tuple[int, int], float] = {}
+            for chunk in _token_chunks([len(t) - 1 for t in row_tokens], batch_tokens):
+                which = torch.tensor([rows[r][0] for r in chunk])
+                ids, amask = _pad_right([row_tokens[r][:-1] for r in chunk], pad_id)
+                targets, _ = _pad_right([row_tokens[r][1:] for r in chunk], pad_id)
+                mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long), qmask[which], amask], dim=1)
+                kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True}
+                if group_cache is not None:
+                    kwargs[cache_key] = _select_rows(group_cache, which.to(device))
+                if gaps:
+                    start = shared + qlen[which]
+                    kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])[None, :]).to(device)
+                first, lengths = [], []
+                for r in chunk:
+                    m, j = rows[r]
+                    k = members[m]
+                    first.append(encoded[k].starts[j] - len(heads[k]) - 1)
+                    lengths.append(len(row_tokens[r]) - 1)
+                logits = model(**kwargs).logits
+                for r, value in zip(chunk, _row_scores(logits, targets, first, lengths)):
+                    scores[rows[r]] = value
+            for m, k in enumerate(members):
+                results[k] = [scores[(m, j)] for j in range(len(encoded[k].full))]
+            bar.update(len(members))
     finally:
         bar.close()
     return ContinuationScores(results, merged, tokens)
@@ -244,13 +336,14 @@ def score_truthfulqa_mc(
     questions: Sequence[Question],
     primer: str = QA_PRIMER,
     cached: bool = True,
-    batch_size: int = 64,
+    group_size: int = 16,
+    batch_tokens: int = 512,
     progress: bool = False,
 ) -> MCScores:
     """Score every answer of each question (TruthfulQA MC protocol; see the module docstring)."""
     cands = [_candidates(q) for q in questions]
     items = [(qa_prompt(q.question, primer), [" " + a for a in c]) for q, c in zip(questions, cands)]
-    result = score_continuations(model, tok, items, cached=cached, batch_size=batch_size, progress=progress)
+    result = score_continuations(model, tok, items, cached, group_size, batch_tokens, progress)
     out = [QuestionScores(q, dict(zip(c, s))) for q, c, s in zip(questions, cands, result.scores)]
     return MCScores(out, result.merged, result.tokens)
 
