@@ -174,12 +174,13 @@ def run(
     save_activations: Annotated[bool, typer.Option(help="Also save the activation store.")] = True,
     evaluate: Annotated[bool, typer.Option(help="Choose the strength on val and report MC1/2/3 on test.")] = True,
     strengths: Annotated[str, typer.Option(help="Strengths tried on the validation questions.")] = "0.25,0.5,1.0",
+    kl_cap: Annotated[float, typer.Option(help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have.")] = 0.5,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
 ) -> None:
     """The main job: fit HPR on the TruthfulQA train split (layers by val probe accuracy), choose the
-    strength on val by MC2, report unedited vs edited on test; save everything to --out."""
+    strength on val by MC2 under a fluency-cost cap, report unedited vs edited on test; save to --out."""
     from . import __version__, load_model
     from .data import truthfulqa_pairs
 
@@ -194,7 +195,7 @@ def run(
     pairs.split.save(out / "split.json")
     evaluation = None
     if evaluate:
-        evaluation = _run_evaluation(m, tok, editor, pairs, data, seed, limit, strengths, out)
+        evaluation = _run_evaluation(m, tok, editor, pairs, data, seed, limit, strengths, kl_cap, out)
         timing["eval_s"] = evaluation.pop("seconds")
     total = time.perf_counter() - start
     summary = {
@@ -223,10 +224,13 @@ def run(
     )
 
 
-def _run_evaluation(model, tok, editor, pairs, data, seed: int, limit: int | None, strengths: str, out: Path) -> dict:
-    """Pick the strength on the validation questions by MC2, then evaluate unedited vs edited on test."""
+def _run_evaluation(model, tok, editor, pairs, data, seed: int, limit: int | None, strengths: str, kl_cap: float,
+                    out: Path) -> dict:
+    """Pick the strength on the validation questions by MC2 among those whose fluency cost (KL on
+    neutral text, as in ``compare``) is under ``kl_cap``; then evaluate unedited vs edited on test."""
     from .data import load_truthfulqa
     from .evaluation import evaluate as run_evaluate
+    from .evaluation.side_effects import fluency_cost, neutral_text
     from .evaluation.truthfulqa import score_truthfulqa_mc
 
     t0 = time.perf_counter()
@@ -236,19 +240,28 @@ def _run_evaluation(model, tok, editor, pairs, data, seed: int, limit: int | Non
         raise HpreditError(f"--strengths must be comma-separated numbers, got {strengths!r}") from None
     if not grid:
         raise HpreditError("--strengths needs at least one value")
+    if not kl_cap > 0:
+        raise HpreditError(f"--kl-cap must be positive, got {kl_cap}")
     questions = load_truthfulqa(data)
     val = [questions[i] for i in pairs.split.val[: limit or None]]
-    sweep = {}
+    neutral = neutral_text(model, tok)
+    sweep = []
     for s in grid:
         with editor.attach(model, strength=s, scope="all"):
-            scores = score_truthfulqa_mc(model, tok, val)
-        sweep[s] = sum(q.metrics()["mc2"] for q in scores.questions) / len(val)
-        console.print(f"validation: strength {s} → MC2 {sweep[s]:.4f}")
-    best = max(grid, key=lambda s: (sweep[s], -s))
+            kl = fluency_cost(model, neutral)["kl"]
+            mc2 = None
+            if kl <= kl_cap:
+                scores = score_truthfulqa_mc(model, tok, val)
+                mc2 = sum(q.metrics()["mc2"] for q in scores.questions) / len(val)
+        sweep.append({"strength": s, "kl": kl, "val_mc2": mc2})
+        console.print(f"validation: strength {s}: KL {kl:.3f} nats/token, "
+                      + (f"MC2 {mc2:.4f}" if mc2 is not None else f"over the cap {kl_cap}"))
+    ok = [t for t in sweep if t["val_mc2"] is not None]
+    best = (max(ok, key=lambda t: (t["val_mc2"], -t["strength"])) if ok else min(sweep, key=lambda t: t["kl"]))["strength"]
     result = run_evaluate(model=model, tokenizer=tok, editor=editor, task="truthfulqa-mc", split="test", seed=seed,
                           limit=limit, strength=best, scope="all", data=data, out=out / "eval", show=True,
                           command="hpredit " + " ".join(sys.argv[1:]))
-    return {"val_mc2_by_strength": sweep, "strength": best, "test": result.metrics,
+    return {"validation_sweep": sweep, "kl_cap": kl_cap, "strength": best, "over_kl_cap": not ok, "test": result.metrics,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
