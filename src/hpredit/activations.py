@@ -17,7 +17,7 @@ from .artifacts import atomic_directory, read_json
 from .data import ContrastivePair, ContrastivePairs
 from .errors import HpreditError
 from .models import ModelFingerprint, attention_output, backbone, decoder_layers, fingerprint
-from .prefix import PrefixCache, common_prefix_length
+from .prefix import PrefixCache, common_prefix_length, pad_right
 
 __all__ = ["ActivationStore", "collect_activations", "tokenize_completion"]
 
@@ -154,16 +154,6 @@ class _Stop(Exception):
     pass
 
 
-def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[r, : len(seq)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def collect_activations(
     model,
@@ -276,7 +266,7 @@ def collect_activations(
                 cache = root.extend(head[shared:])
                 for b in range(0, len(members), batch_size):
                     batch = members[b : b + batch_size]
-                    ids, mask = _pad_right([encoded[i][0][len(head):] for i in batch], pad_id)
+                    ids, mask = pad_right([encoded[i][0][len(head):] for i in batch], pad_id)
                     captured.clear()
                     cache.run(ids, mask)
                     keep(batch, len(head))
@@ -285,7 +275,7 @@ def collect_activations(
             order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
             for b in range(0, len(order), batch_size):
                 batch = order[b : b + batch_size]
-                ids, mask = _pad_right([encoded[i][0] for i in batch], pad_id)
+                ids, mask = pad_right([encoded[i][0] for i in batch], pad_id)
                 captured.clear()
                 try:
                     runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["PrefixCache", "common_prefix_length"]
+__all__ = ["PrefixCache", "common_prefix_length", "pad_right"]
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -28,6 +28,17 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
         if any(s[i] != t for s in seqs):
             return i
     return n
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a right-padded batch: ``(ids, mask)``, both ``(batch, longest)``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    return ids, mask
 
 
 def _cache_kwarg(module: nn.Module) -> str:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data import QA_PRIMER, Question, qa_prompt
 from ..errors import HpreditError
 from ..models import backbone, decoder_layers
-from ..prefix import PrefixCache, common_prefix_length
+from ..prefix import PrefixCache, common_prefix_length, pad_right
 from .metrics import mc_metrics
 
 __all__ = [
@@ -93,17 +93,6 @@ class ContinuationScores:
     scores: list[list[float]]
     merged: int = 0
     tokens: int = 0  #: continuation tokens scored
-
-
-def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows into ``ids`` and ``mask``, both (batch, seq)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def _row_scores(logits: torch.Tensor, targets: torch.Tensor, first: list[int], lengths: list[int]) -> list[float]:
@@ -245,7 +234,7 @@ def score_continuations(
             qlen = torch.tensor([len(heads[k]) - shared for k in members])
             width = int(qlen.max())
             if width > 0:
-                ids, qmask = _pad_right([heads[k][shared:] for k in members], pad_id)
+                ids, qmask = pad_right([heads[k][shared:] for k in members], pad_id)
                 group_cache = _cache_of(root.run(ids, qmask))
             else:
                 qmask = torch.zeros((len(members), 0), dtype=torch.long)
@@ -259,8 +248,8 @@ def score_continuations(
             scores: dict[tuple[int, int], float] = {}
             for chunk in _token_chunks([len(t) - 1 for t in row_tokens], batch_tokens):
                 which = torch.tensor([rows[r][0] for r in chunk])
-                ids, amask = _pad_right([row_tokens[r][:-1] for r in chunk], pad_id)
-                targets, _ = _pad_right([row_tokens[r][1:] for r in chunk], pad_id)
+                ids, amask = pad_right([row_tokens[r][:-1] for r in chunk], pad_id)
+                targets, _ = pad_right([row_tokens[r][1:] for r in chunk], pad_id)
                 mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long), qmask[which], amask], dim=1)
                 kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True}
                 if group_cache is not None:
