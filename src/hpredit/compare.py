@@ -118,10 +118,6 @@ def _fluency(model, neutral, editor: Editor | None, strength: float) -> dict[str
         return fluency_cost(model, neutral)
 
 
-def _edited_layers(editor: Editor) -> list[int]:
-    return sorted(editor.layers)
-
-
 def compare(
     model: nn.Module,
     tok,
@@ -174,8 +170,7 @@ def compare(
         stores = {}
         if sites:
             log(f"seed {seed}: collecting activations ({', '.join(sites)}) for {len(pairs)} pairs …")
-            collected = collect_activations(model, tok, pairs, site=tuple(sites), progress=progress)
-            stores = collected
+            stores = collect_activations(model, tok, pairs, site=tuple(sites), progress=progress)
         for name in methods:
             m = METHODS[name]
             t0 = time.time()
@@ -216,7 +211,7 @@ def compare(
                      if chosen_ed is not None else {})
             row = {
                 "seed": seed, "method": name, "strength": chosen_s,
-                "layers": _edited_layers(chosen_ed) if chosen_ed else [],
+                "layers": sorted(chosen_ed.layers) if chosen_ed else [],
                 "heads": [list(h) for h in getattr(chosen_ed, "heads", [])],
                 "test": test, "kl": cost["kl"], "ppl": cost["ppl"], "ppl_unedited": cost["ppl_unedited"],
                 "norm_drift": drift, "over_kl_cap": flagged,
