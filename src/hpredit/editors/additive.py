@@ -17,7 +17,7 @@ from ..activations import ActivationStore
 from ..errors import HpreditError
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, register_editor, train_val_masks
+from .base import Editor, fitted_layers_from, register_editor, train_val_masks
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
 
@@ -88,11 +88,7 @@ class _AdditiveEditor(Editor):
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
-        fitted = extra.get("fitted_layers")
-        if not isinstance(fitted, list) or not all(isinstance(i, int) for i in fitted):
-            raise HpreditError("editor artifact: 'fitted_layers' must be a list of integers")
-        if any(i not in fitted for i in layers):
-            raise HpreditError(f"editor artifact: layers {layers} are not all among fitted_layers {fitted}")
+        fitted = fitted_layers_from(extra, layers)
         expected = (len(fitted), model.hidden_size)
         if set(tensors) != {"vectors"} or tuple(tensors["vectors"].shape) != expected:
             raise HpreditError(f"editor artifact: expected one tensor 'vectors' of shape {expected}")

@@ -169,6 +169,16 @@ def train_val_masks(acts, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return ~val, val
 
 
+def fitted_layers_from(extra: dict, layers: list[int]) -> list[int]:
+    """The artifact's ``fitted_layers`` (a list of ints containing every active layer), or a clear error."""
+    fitted = extra.get("fitted_layers")
+    if not isinstance(fitted, list) or not all(isinstance(i, int) for i in fitted):
+        raise HpreditError("editor artifact: 'fitted_layers' must be a list of integers")
+    if any(i not in fitted for i in layers):
+        raise HpreditError(f"editor artifact: layers {layers} are not all among fitted_layers {fitted}")
+    return fitted
+
+
 def _config_from_dict(config_class: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise HpreditError(f"{where}: 'config' must be an object")

@@ -20,7 +20,7 @@ from ..errors import HpreditError
 from ..geometry import angle_between, pseudo_rotate, rotate_toward
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, register_editor, train_val_masks
+from .base import Editor, fitted_layers_from, register_editor, train_val_masks
 
 __all__ = ["HPRConfig", "HPREditor"]
 
@@ -172,11 +172,7 @@ class HPREditor(Editor):
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
         where = "editor artifact"
-        fitted = extra.get("fitted_layers")
-        if not isinstance(fitted, list) or not all(isinstance(i, int) for i in fitted):
-            raise HpreditError(f"{where}: 'fitted_layers' must be a list of integers")
-        if any(i not in fitted for i in layers):
-            raise HpreditError(f"{where}: layers {layers} are not all among fitted_layers {fitted}")
+        fitted = fitted_layers_from(extra, layers)
         d, n = model.hidden_size, len(fitted)
         widths = config.mlp_widths(d) if config.fixed_angle is None else [d]
         expected = {"probe": (n, d)}
