@@ -35,12 +35,13 @@ def _batch(prompts, side):
     return ids, mask
 
 
-def _capture(model, layer):
-    """Record the output of block ``layer`` on every forward call (registered after/before attach)."""
+def _capture(model, layer, first=False):
+    """Record the output of block ``layer`` on every forward call; an attached editor's hook runs
+    before it, unless ``first`` (registered after attach: the block's own output)."""
     seen = []
     _, blocks = decoder_layers(model)
     h = blocks[layer].register_forward_hook(
-        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()), prepend=first)
     return seen, h
 
 
@@ -200,9 +201,9 @@ def test_dtypes_no_nan_and_norms_kept(dtype, kind):
     model = _no_eos(tiny_model("llama", dtype=dtype))
     editor = random_editor(kind, model, layers=[1])
     ids, mask = _batch(PROMPTS, "left")
-    pre, h_pre = _capture(model, 1)  # registered first: sees the block's own output
     with editor.attach(model, scope="all"):
-        post, h_post = _capture(model, 1)  # registered after the editor: sees the edited output
+        pre, h_pre = _capture(model, 1, first=True)  # ahead of the editor: the block's own output
+        post, h_post = _capture(model, 1)  # behind it: the edited output
         seqs, logits = _gen(model, ids, mask)
     h_pre.remove()
     h_post.remove()
@@ -272,3 +273,20 @@ def test_expanded_generate_keeps_per_row_prompt_ends():
         alone = model.generate(input_ids=torch.tensor([PROMPTS[1]]), max_new_tokens=3, do_sample=False,
                                num_beams=2, num_return_sequences=2, pad_token_id=0)
     assert torch.equal(out[2:4, -3:], alone[:, -3:])
+
+
+def test_output_hidden_states_show_the_edit_whatever_the_call_order():
+    """transformers installs its hidden-state capture hooks at the first forward call; the edit
+    must come before them both when attached before and after that call."""
+    model = tiny_model("llama")
+    ed = random_hpr(model, layers=[0])
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    with ed.attach(model, strength=1.0):  # attached before transformers' hooks exist
+        first = model(ids, output_hidden_states=True).hidden_states[1]
+    with torch.no_grad():
+        plain = model(ids, output_hidden_states=True).hidden_states[1]
+    with ed.attach(model, strength=1.0):  # attached after them
+        later = model(ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(first, later)
+    torch.testing.assert_close(later, ed.edit(0, plain, 1.0))
+    assert not torch.allclose(later, plain)

@@ -165,8 +165,8 @@ def test_iti_fit_and_edits_only_selected_heads(iti_setup, tmp_path):
     for layer in range(3):
         proj = model.model.layers[layer].self_attn.o_proj
         before = {}
-        h1 = proj.register_forward_pre_hook(lambda m, a: before.setdefault("x", a[0].clone()))
         with ed.attach(model, strength=0.5, scope="all"):
+            h1 = proj.register_forward_pre_hook(lambda m, a: before.setdefault("x", a[0].clone()), prepend=True)
             after = {}
             h2 = proj.register_forward_pre_hook(lambda m, a: after.setdefault("x", a[0].clone()))
             model(input_ids=ids)

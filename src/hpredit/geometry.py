@@ -10,8 +10,10 @@ import torch
 
 __all__ = [
     "angle_between",
+    "fallback_axis",
     "householder_reflect",
     "pseudo_rotate",
+    "pseudo_rotate_coefficients",
     "reflection_angle",
     "rotate_toward",
     "rotation_direction",
@@ -110,6 +112,47 @@ def rotate_toward(x: torch.Tensor, target: torch.Tensor, angle: torch.Tensor | f
     if gamma.dim() > 0:
         gamma = gamma.unsqueeze(-1)
     return (torch.cos(gamma) * xf + torch.sin(gamma) * xf.norm(dim=-1, keepdim=True) * e).to(x.dtype)
+
+
+def fallback_axis(normal: torch.Tensor) -> torch.Tensor:
+    """The unit vector ``u`` (d,) ⟂ ŵ that :func:`rotation_direction` uses when ``x ∥ ŵ``.
+
+    The coordinate axis least aligned with ŵ, made orthogonal to it: for ``x = ±k ŵ`` that is the
+    same axis the reference picks from x̂, so the fast path lands where the reference does.
+    """
+    ct = _compute_dtype(normal)
+    w = _unit(normal.to(ct))
+    return _orthogonal_fallback(torch.zeros_like(w), w)
+
+
+#: Below this value of ``sin ∠(x, ŵ)`` the fast path treats ``x`` as parallel to ŵ. Computed from
+#: ``1 − (ŵ·x̂)²`` in float32 it is only known to ~3e-4 there, hence a threshold well above that.
+PARALLEL_SIN = 1e-3
+
+
+def pseudo_rotate_coefficients(
+    score: torch.Tensor, sq_norm: torch.Tensor, gamma: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scalars ``(a, b, c)`` (...,) with ``pseudo_rotate(x, ŵ, γ) = a·x + b·ŵ + c·u``.
+
+    From ``score = ŵ·x`` (ŵ unit) and ``sq_norm = ‖x‖²`` only, so an edit needs two reductions
+    over d and one fused ``a·x + [b c]·[ŵ; u]`` instead of d-sized temporaries. With
+    ``S = sin ∠(x, ŵ) = √(1 − (ŵ·x̂)²)``: ``a = cos γ + sin γ·|ŵ·x̂|/S``, ``b = −sign(ŵ·x)·sin γ·‖x‖/S``,
+    ``c = 0``; when ``S < PARALLEL_SIN`` (x ∥ ŵ) ``a = cos γ``, ``b = 0``, ``c = sin γ·‖x‖`` with
+    ``u`` = :func:`fallback_axis`. ``x = 0`` gives ``a·0 = 0``. Float32 in, float32 out.
+    """
+    norm = sq_norm.sqrt()
+    cos_xw = score / norm.clamp_min(_TINY)
+    sin_xw = (1.0 - cos_xw * cos_xw).clamp_min(0.0).sqrt()
+    parallel = sin_xw < PARALLEL_SIN
+    gamma = torch.as_tensor(gamma, dtype=score.dtype, device=score.device)
+    cos_g, sin_g = torch.cos(gamma), torch.sin(gamma)
+    inv = torch.where(parallel, 0.0, 1.0 / sin_xw.clamp_min(PARALLEL_SIN))
+    sign = torch.where(score > 0, 1.0, -1.0)
+    a = cos_g + sin_g * cos_xw.abs() * inv
+    b = -sign * sin_g * norm * inv
+    c = torch.where(parallel, sin_g * norm, 0.0)
+    return a, b, c
 
 
 def reflection_angle(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:

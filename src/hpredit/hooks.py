@@ -144,11 +144,12 @@ class EditHandle:
         path, blocks = decoder_layers(model, layers_path)
         try:
             for layer, fn in edits.items():
-                if site == "residual":  # the block's output
-                    self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(fn)))
+                if site == "residual":  # the block's output; first in line, so that hooks others
+                    # installed earlier (transformers' output_hidden_states capture) see the edit
+                    self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(fn), prepend=True))
                 elif site == "heads":  # the input of the attention output projection
                     proj = attention_output(blocks[layer])
-                    self._hooks.append(proj.register_forward_pre_hook(self._input_hook(fn)))
+                    self._hooks.append(proj.register_forward_pre_hook(self._input_hook(fn), prepend=True))
                 else:
                     raise HpreditError(f"unknown edit site {site!r}: use residual or heads")
             self._hooks.append(

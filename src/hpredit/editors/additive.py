@@ -62,7 +62,7 @@ class _AdditiveEditor(Editor):
         """The steering vector ``(d,)`` of ``layer``."""
         return self.vectors[self.fitted_layers.index(layer)]
 
-    def layer_edit(self, layer: int, device: torch.device) -> LayerEdit:
+    def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32) -> LayerEdit:
         v = self.vector(layer).to(device=device, dtype=torch.float32)
         restore = self.restore_norm
 

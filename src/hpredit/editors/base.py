@@ -67,8 +67,9 @@ class Editor(ABC):
         """Rebuild from saved tensors; raise :class:`HpreditError` if they do not fit the config."""
 
     @abstractmethod
-    def layer_edit(self, layer: int, device: torch.device) -> LayerEdit:
-        """The edit function for one model layer, with its parameters on ``device``."""
+    def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32) -> LayerEdit:
+        """The edit function for one model layer, its parameters prepared once for activations of
+        ``dtype`` on ``device``."""
 
     def extra_config(self) -> dict:
         """Method-specific entries for ``config.json`` (besides the dataclass config)."""
@@ -110,8 +111,8 @@ class Editor(ABC):
         unknown = [i for i in active if i not in self.available_layers()]
         if unknown:
             raise HpreditError(f"editor has no module for layer(s) {unknown}: fitted layers are {self.available_layers()}")
-        device = next(model.parameters()).device
-        edits = {i: self.layer_edit(i, device) for i in active}
+        param = next(model.parameters())
+        edits = {i: self.layer_edit(i, param.device, param.dtype) for i in active}
         return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site)
 
     def available_layers(self) -> list[int]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
 from ..errors import HpreditError
-from ..geometry import angle_between, pseudo_rotate, rotate_toward
+from ..geometry import angle_between, fallback_axis, pseudo_rotate, pseudo_rotate_coefficients, rotate_toward
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
 from .base import Editor, fitted_layers_from, register_editor, train_val_masks
@@ -124,11 +124,27 @@ class HPREditor(Editor):
         out = _mlp(flat, [w[r : r + 1].to(x.device) for w in self.weights], [b[r : r + 1].to(x.device) for b in self.biases])
         return math.pi * torch.sigmoid(out).reshape(x.shape[:-1])
 
-    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Edit activations ``x`` (..., d) of ``layer`` as attach() does (math in float32)."""
-        return self.layer_edit(layer, x.device)(x, mask, strength)
+    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None,
+             fast: bool = True) -> torch.Tensor:
+        """Edit activations ``x`` (..., d) of ``layer`` as attach() does (``fast=False``: the reference path)."""
+        return self.layer_edit(layer, x.device, x.dtype, fast=fast)(x, mask, strength)
 
-    def layer_edit(self, layer: int, device: torch.device) -> LayerEdit:
+    def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                   fast: bool = True) -> LayerEdit:
+        """The edit of one layer for activations of ``dtype`` on ``device``.
+
+        ``fast`` (default): every constant prepared here once, the angle MLP in the activations'
+        dtype, the rotation as ``a·x + b·ŵ + c·u`` from two float32 reductions (see
+        :func:`~hpredit.geometry.pseudo_rotate_coefficients`), no host sync and no data-dependent
+        Python branch. ``fast=False``: the reference — everything in float32 through
+        :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of ``dtype`` (tested).
+        The probe-bias ablation always takes the reference path.
+        """
+        if fast and self.probe_bias is None:
+            return self._fast_edit(layer, device, dtype)
+        return self._reference_edit(layer, device)
+
+    def _reference_edit(self, layer: int, device: torch.device) -> LayerEdit:
         r = self._row(layer)
         w = self.probe[r].to(device=device, dtype=torch.float32)
         weights = [m[r : r + 1].to(device=device, dtype=torch.float32) for m in self.weights]
@@ -152,6 +168,45 @@ class HPREditor(Editor):
                 target = x - (2 * score / (w @ w)).unsqueeze(-1) * w
                 rotated = rotate_toward(x, target, strength * theta)
             return torch.where(gate.unsqueeze(-1), rotated.to(hidden.dtype), hidden)
+
+        return edit
+
+    def _fast_edit(self, layer: int, device: torch.device, dtype: torch.dtype) -> LayerEdit:
+        r = self._row(layer)
+        w = self.probe[r].to(device=device, dtype=torch.float32)
+        w_hat = w / w.norm().clamp_min(1e-12)
+        basis = torch.stack([w_hat, fallback_axis(w_hat)])  # (2, d) float32
+        mlp_dtype = dtype if dtype.is_floating_point else torch.float32
+        layers = [(m[r].to(device=device, dtype=mlp_dtype).t().contiguous(), b[r].to(device=device, dtype=mlp_dtype))
+                  for m, b in zip(self.weights, self.biases)]
+        gated, fixed = self.config.gate, self.config.fixed_angle
+        one = torch.ones((), device=device)
+        zero = torch.zeros((), device=device)
+
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+            d = hidden.shape[-1]
+            h = hidden.reshape(-1, d)
+            x = h.float()  # (n, d)
+            score = x @ w_hat  # (n,)
+            sq_norm = torch.linalg.vecdot(x, x)
+            if fixed is None:
+                z = h.to(mlp_dtype)
+                for j, (wt, b) in enumerate(layers):
+                    z = torch.addmm(b, z, wt)
+                    if j < len(layers) - 1:
+                        z = F.gelu(z)
+                gamma = (strength * math.pi) * torch.sigmoid(z.reshape(-1).float())
+            else:
+                gamma = strength * float(fixed)
+            a, b, c = pseudo_rotate_coefficients(score, sq_norm, gamma)
+            gate = score < 0 if gated else None
+            if mask is not None:
+                m = mask.reshape(-1)
+                gate = m if gate is None else gate & m
+            if gate is not None:  # untouched rows: a = 1, b = c = 0, so they come back bit for bit
+                a, b, c = torch.where(gate, a, one), torch.where(gate, b, zero), torch.where(gate, c, zero)
+            out = torch.addmm(x * a.unsqueeze(-1), torch.stack([b, c], dim=-1), basis)
+            return out.to(hidden.dtype).reshape(hidden.shape)
 
         return edit
 

@@ -79,7 +79,7 @@ class ITIEditor(Editor):
                 out[head * hd : (head + 1) * hd] = self.config.alpha * self.sigma[k] * self.directions[k]
         return out
 
-    def layer_edit(self, layer: int, device: torch.device) -> LayerEdit:
+    def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32) -> LayerEdit:
         cached: dict[int, torch.Tensor] = {}
 
         def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:

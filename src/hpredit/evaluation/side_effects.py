@@ -109,9 +109,9 @@ def norm_drift(model: nn.Module, text: NeutralText, attach) -> dict[str, dict[in
     pos = (text.mask.cumsum(1) - 1).clamp_min(0)
     live = text.mask.bool()
 
-    def record(into: list) -> list:
+    def record(into: list, first: bool = False) -> list:
         return [b.register_forward_hook(lambda m, a, o, i=i: into.__setitem__(
-            i, (o[0] if isinstance(o, tuple) else o).float().norm(dim=-1))) for i, b in enumerate(blocks)]
+            i, (o[0] if isinstance(o, tuple) else o).float().norm(dim=-1)), prepend=first) for i, b in enumerate(blocks)]
 
     def run(hooks: list) -> None:
         try:
@@ -124,9 +124,8 @@ def norm_drift(model: nn.Module, text: NeutralText, attach) -> dict[str, dict[in
     run(record(base))
     before = [None] * len(blocks)
     after = [None] * len(blocks)
-    pre = record(before)  # registered before the editor's hooks: sees the block's own output
-    with attach():
-        run(pre + record(after))  # registered after them: sees the edited output
+    with attach():  # the editor's hooks go first in line; one put before them sees the block's own output
+        run(record(before, first=True) + record(after))
     ratio = lambda a, b: float((a[live] / b[live].clamp_min(1e-12)).mean())  # noqa: E731
     return {"drift": {i: ratio(after[i], base[i]) for i in range(len(blocks))},
             "at_edit": {i: ratio(after[i], before[i]) for i in range(len(blocks))}}

@@ -1,0 +1,232 @@
+"""What an attached editor costs at 8B scale: unedited vs additive hook vs HPR, alternating, one process.
+
+    python benchmarks/gpu_overhead.py --out benchmarks/results/gpu_overhead-H100.json   # on the GPU
+    python benchmarks/gpu_overhead.py --tiny --rounds 2                               # debug on CPU
+
+Builds a Llama-3-8B-shaped model from its config with random weights (no download), bfloat16,
+and random editors on 5 decoder layers: an additive hook (CAA, x + αv), HPR's fast path (what
+``attach`` uses) and HPR's float32 reference path, with the reference angle predictor
+(d → d/2 → d/4 → d/8 → 1). First it checks exactness of the fast path against the reference on
+random activations (relative error per token, norm ratio) and on greedy generation (same tokens).
+Then, ``--rounds`` times in the order none, add, hpr, hpr-reference, it times:
+
+- decode at batch 1 and 16: ``generate()`` with KV cache, ``--new`` tokens after a 128-token prompt;
+- prefill: one forward pass over 4 × 512 tokens (logits of the last position only, as generate does).
+
+Reported per scenario: tokens/s of each variant (median) and the median over rounds of the ratio
+variant / unedited of the same round (decode at batch 1 is host-bound and noisy: read the spread).
+On CUDA also the GPU time of the edit itself (CUDA events around 200 calls of the 5 layers' edits on
+tensors of the scenario's shape) against the model's GPU time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a small config, for debugging on CPU")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--new", type=int, default=64, help="tokens generated per decode run")
+    parser.add_argument("--layers", default="10,12,14,16,18", help="edited decoder layers")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hpredit.editors import CAAEditor, HPRConfig, HPREditor
+    from hpredit.editors.additive import AdditiveConfig
+    from hpredit.models import fingerprint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    if args.tiny:
+        config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=20, num_attention_heads=8,
+                             num_key_value_heads=2, vocab_size=2048, max_position_embeddings=2048)
+        shapes = {"decode batch 1": (1, 32), "decode batch 16": (16, 32), "prefill 4x512": (4, 512)}
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                             rope_theta=500000.0, tie_word_embeddings=False)
+        shapes = {"decode batch 1": (1, 128), "decode batch 16": (16, 128), "prefill 4x512": (4, 512)}
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    fp = fingerprint(model)
+    layers = [int(i) for i in args.layers.split(",")]
+    d, n = config.hidden_size, len(layers)
+
+    # Random editors. The probe and angle MLP get weights that gate about half the tokens and give
+    # varied angles; the steering vector has a tenth of a typical activation's norm.
+    g = torch.Generator().manual_seed(1)
+    hcfg = HPRConfig(layers=layers)
+    widths = hcfg.mlp_widths(d)
+    weights = [torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(len(widths) - 1)]
+    biases = [torch.randn(n, widths[j + 1], generator=g) * 0.1 for j in range(len(widths) - 1)]
+    hpr = HPREditor(hcfg, layers, fp, layers, torch.randn(n, d, generator=g), weights, biases, {})
+    add = CAAEditor(AdditiveConfig(layers=layers), layers, fp, layers, torch.randn(n, d, generator=g) * 0.1, {})
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ---- exactness: fast path vs reference
+    x = torch.randn(4, 512, d, device=device, generator=torch.Generator(device).manual_seed(2)).to(dtype) * 4
+    exact = {}
+    for layer in layers[:2]:
+        fast = hpr.edit(layer, x, 1.0, fast=True).float()
+        ref = hpr.edit(layer, x, 1.0, fast=False).float()
+        rel = (fast - ref).norm(dim=-1) / x.float().norm(dim=-1)
+        norm_ratio = fast.norm(dim=-1) / x.float().norm(dim=-1)
+        exact[layer] = {"max_rel_diff_vs_reference": float(rel.max()),
+                        "max_norm_error_fast": float((norm_ratio - 1).abs().max()),
+                        "edited_fraction": float((ref != x.float()).any(-1).float().mean()),
+                        "bf16_eps": torch.finfo(dtype).eps}
+    ids = torch.randint(10, config.vocab_size, (2, 16), device=device, generator=torch.Generator(device).manual_seed(3))
+    seqs = {}
+    for fast in (True, False):
+        hpr.layer_edit = lambda layer, dev, dt, fast=fast: HPREditor.layer_edit(hpr, layer, dev, dt, fast=fast)
+        with torch.no_grad(), hpr.attach(model, strength=1.0):
+            seqs[fast] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    del hpr.layer_edit
+    exact["generation_same_tokens"] = bool(torch.equal(seqs[True], seqs[False]))
+    exact["generation_token_agreement"] = float((seqs[True] == seqs[False]).float().mean())
+    print("exactness:", json.dumps(exact, indent=1), flush=True)
+
+    # ---- timing
+    def reference_attach(model, strength):
+        hpr.layer_edit = lambda layer, dev, dt: HPREditor.layer_edit(hpr, layer, dev, dt, fast=False)
+        try:
+            return hpr.attach(model, strength=strength)
+        finally:
+            del hpr.layer_edit
+
+    variants = {
+        "none": None,
+        "add": lambda: add.attach(model, strength=1.0),
+        "hpr": lambda: hpr.attach(model, strength=1.0),
+        "hpr-reference": lambda: reference_attach(model, 1.0),
+    }
+
+    @torch.no_grad()
+    def run(scenario: str) -> tuple[float, int]:
+        batch, length = shapes[scenario]
+        ids = torch.randint(10, config.vocab_size, (batch, length), device=device)
+        sync()
+        start = time.perf_counter()
+        if scenario.startswith("prefill"):
+            model(input_ids=ids, logits_to_keep=1)
+            tokens = batch * length
+        else:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                           min_new_tokens=args.new, do_sample=False)
+            tokens = batch * args.new
+        sync()
+        return time.perf_counter() - start, tokens
+
+    results = {}
+    for scenario in shapes:
+        for name, make in variants.items():  # warm-up: compile, allocate, autotune
+            handle = make() if make else None
+            try:
+                run(scenario)
+            finally:
+                if handle:
+                    handle.remove()
+        rates: dict[str, list[float]] = {k: [] for k in variants}
+        failed: dict[str, str] = {}
+        for _ in range(args.rounds):
+            for name, make in variants.items():
+                if name in failed:
+                    continue
+                handle = make() if make else None
+                try:
+                    seconds, tokens = run(scenario)
+                    rates[name].append(tokens / seconds)
+                except torch.OutOfMemoryError as e:  # the reference path at prefill may not fit
+                    failed[name] = f"out of memory: {str(e).splitlines()[0]}"
+                    torch.cuda.empty_cache()
+                finally:
+                    if handle:
+                        handle.remove()
+        row = {"tokens_per_second": {k: statistics.median(v) for k, v in rates.items() if v}, "failed": failed}
+        ratios = {}
+        for name in variants:
+            if name == "none" or not rates[name]:
+                continue
+            per_round = [rates["none"][i] / rates[name][i] for i in range(len(rates[name]))]  # time ratio
+            ratios[name] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+        row["time_ratio_vs_unedited"] = ratios
+        if device.type == "cuda":
+            row["edit_gpu_ms_per_step"] = _edit_gpu_ms(hpr, add, layers, shapes[scenario], scenario, d, dtype, device)
+            row["model_ms_per_step"] = (1000 * shapes[scenario][0] / row["tokens_per_second"]["none"]
+                                        if not scenario.startswith("prefill") else
+                                        1000 * shapes[scenario][0] * shapes[scenario][1] / row["tokens_per_second"]["none"])
+        results[scenario] = row
+        print(scenario, json.dumps(row, indent=1), flush=True)
+
+    lines = ["| scenario | unedited tok/s | add | HPR (fast) | HPR (reference) |", "|---|---|---|---|---|"]
+    for scenario, row in results.items():
+        cells = []
+        for name in ("add", "hpr", "hpr-reference"):
+            r = row["time_ratio_vs_unedited"].get(name)
+            cells.append(f"{(r['median'] - 1) * 100:+.1f}% [{(r['min'] - 1) * 100:+.1f}, {(r['max'] - 1) * 100:+.1f}]"
+                         if r else row["failed"].get(name, "-"))
+        lines.append(f"| {scenario} | {row['tokens_per_second']['none']:.1f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    record = {
+        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "config": "tiny" if args.tiny else "Llama-3-8B shape, random weights, bfloat16",
+        "edited_layers": layers, "rounds": args.rounds, "new_tokens": args.new, "exactness": exact,
+        "results": results, "table": table,
+    }
+    out = args.out or (Path(os.environ["OUT"]) / "gpu_overhead.json" if os.environ.get("OUT") else None)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _edit_gpu_ms(hpr, add, layers, shape, scenario, d, dtype, device) -> dict[str, float]:
+    """GPU milliseconds of one model step's worth of edits (all edited layers), by CUDA events."""
+    import torch
+
+    batch, length = shape
+    seq = 1 if scenario.startswith("decode") else length
+    h = torch.randn(batch, seq, d, device=device, dtype=dtype)
+    out = {}
+    for name, ed, kw in (("add", add, {}), ("hpr", hpr, {"fast": True}), ("hpr-reference", hpr, {"fast": False})):
+        fns = [ed.layer_edit(i, device, dtype, **kw) for i in layers]
+        for fn in fns:
+            fn(h, None, 1.0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            for fn in fns:
+                fn(h, None, 1.0)
+        end.record()
+        torch.cuda.synchronize()
+        out[name] = start.elapsed_time(end) / 200
+    return out
+
+
+if __name__ == "__main__":
+    main()
