@@ -337,6 +337,26 @@ def compare(
     console.print(f"results in {out} ({result['seconds']} s)")
 
 
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                          "help_option_names": []})
+def lm_eval_(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own command line, with the model type `hpredit` registered.
+
+    Every argument goes to lm-eval, for example: hpredit lm-eval run --model hpredit --model_args
+    pretrained=HuggingFaceTB/SmolLM2-135M-Instruct,editor=out/run/editor,strength=0.5 --tasks
+    truthfulqa_mc2. Needs the lm-eval extra: pip install "hpredit[lm-eval]".
+    """
+    from .evaluation import lm_eval_backend  # noqa: F401  (registers the model type)
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = sys.argv
+    sys.argv = ["lm-eval", *ctx.args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user mistakes into one line and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
