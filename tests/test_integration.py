@@ -54,7 +54,7 @@ def test_cli_run_and_generate(truthfulqa_csv, tmp_path, capsys, smol_dir):
     assert (tmp_path / "run" / "split.json").is_file() and (tmp_path / "run" / "activations" / "meta.json").is_file()
     ev = summary["evaluation"]
     assert [t["strength"] for t in ev["validation_sweep"]] == [0.25, 0.5, 1.0] and ev["strength"] in (0.25, 0.5, 1.0)
-    assert all(t["kl"] >= 0 and (t["val_mc2"] is None) == (t["kl"] > ev["kl_cap"]) for t in ev["validation_sweep"])
+    assert all(t["kl"] >= 0 and (t["val"] is None) == (t["kl"] > ev["kl_cap"]) for t in ev["validation_sweep"])
     assert {"unedited", "edited", "difference"} <= set(ev["test"])
     assert (tmp_path / "run" / "eval" / "summary.json").is_file()
     with pytest.raises(SystemExit) as exc:

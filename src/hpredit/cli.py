@@ -228,10 +228,10 @@ def _run_evaluation(model, tok, editor, pairs, data, seed: int, limit: int | Non
                     out: Path) -> dict:
     """Pick the strength on the validation questions by MC2 among those whose fluency cost (KL on
     neutral text, as in ``compare``) is under ``kl_cap``; then evaluate unedited vs edited on test."""
+    from .compare import choose_strength
     from .data import load_truthfulqa
     from .evaluation import evaluate as run_evaluate
-    from .evaluation.side_effects import fluency_cost, neutral_text
-    from .evaluation.truthfulqa import score_truthfulqa_mc
+    from .evaluation.side_effects import neutral_text
 
     t0 = time.perf_counter()
     try:
@@ -244,24 +244,14 @@ def _run_evaluation(model, tok, editor, pairs, data, seed: int, limit: int | Non
         raise HpreditError(f"--kl-cap must be positive, got {kl_cap}")
     questions = load_truthfulqa(data)
     val = [questions[i] for i in pairs.split.val[: limit or None]]
-    neutral = neutral_text(model, tok)
-    sweep = []
-    for s in grid:
-        with editor.attach(model, strength=s, scope="all"):
-            kl = fluency_cost(model, neutral)["kl"]
-            mc2 = None
-            if kl <= kl_cap:
-                scores = score_truthfulqa_mc(model, tok, val)
-                mc2 = sum(q.metrics()["mc2"] for q in scores.questions) / len(val)
-        sweep.append({"strength": s, "kl": kl, "val_mc2": mc2})
-        console.print(f"validation: strength {s}: KL {kl:.3f} nats/token, "
-                      + (f"MC2 {mc2:.4f}" if mc2 is not None else f"over the cap {kl_cap}"))
-    ok = [t for t in sweep if t["val_mc2"] is not None]
-    best = (max(ok, key=lambda t: (t["val_mc2"], -t["strength"])) if ok else min(sweep, key=lambda t: t["kl"]))["strength"]
+    pick = choose_strength(model, tok, [editor], grid, val, neutral_text(model, tok), kl_cap,
+                           log=lambda text: console.print(f"validation: {text}"))
+    best = pick["strength"]
     result = run_evaluate(model=model, tokenizer=tok, editor=editor, task="truthfulqa-mc", split="test", seed=seed,
                           limit=limit, strength=best, scope="all", data=data, out=out / "eval", show=True,
                           command="hpredit " + " ".join(sys.argv[1:]))
-    return {"validation_sweep": sweep, "kl_cap": kl_cap, "strength": best, "over_kl_cap": not ok, "test": result.metrics,
+    return {"validation_sweep": pick["tried"], "kl_cap": kl_cap, "strength": best, "over_kl_cap": pick["over_kl_cap"],
+            "test": result.metrics,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -31,7 +31,7 @@ from .evaluation.side_effects import fluency_cost, neutral_text, norm_drift
 from .evaluation.truthfulqa import score_truthfulqa_mc
 from .models import fingerprint, num_attention_heads
 
-__all__ = ["METHODS", "Method", "compare", "markdown_table", "merge", "write_results"]
+__all__ = ["METHODS", "Method", "choose_strength", "compare", "markdown_table", "merge", "write_results"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,49 @@ def _fluency(model, neutral, editor: Editor | None, strength: float) -> dict[str
         return fluency_cost(model, neutral)
 
 
+def choose_strength(
+    model: nn.Module,
+    tok,
+    editors: Sequence[Editor],
+    grid: Sequence[float],
+    val_questions: list,
+    neutral,
+    kl_cap: float,
+    max_doublings: int = 0,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Choose an editor (e.g. one of ITI's head counts) and strength on the validation questions.
+
+    Each setting's fluency cost (KL on ``neutral`` text) is measured first; among those under
+    ``kl_cap`` the best validation MC2 wins (ties: the weaker strength). While the grid's largest
+    strength is still under the cap it is doubled, at most ``max_doublings`` times, so that no
+    method stops short of the cap. When no setting qualifies, the lowest-KL one is taken and
+    flagged. Returns ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
+    """
+    grid = list(grid)
+    candidates = [(ed, s) for ed in editors for s in grid]
+    tried, chosen, extra = [], [], 0
+    while candidates:
+        ed, s = candidates.pop(0)
+        cost = _fluency(model, neutral, ed, s)
+        if cost["kl"] <= kl_cap and s == grid[-1] and extra < max_doublings:
+            candidates.insert(0, (ed, 2 * s))
+            grid.append(2 * s)
+            extra += 1
+        val = _score(model, tok, val_questions, ed, s) if cost["kl"] <= kl_cap else None
+        k = len(getattr(ed, "heads", [])) or None
+        tried.append({"strength": s, "k": k, "kl": cost["kl"], "val": val})
+        chosen.append(ed)
+        log(f"strength {s}{f' K={k}' if k else ''} KL {cost['kl']:.4f} "
+            + (f"val MC2 {val['mc2']:.4f}" if val else f"over the cap {kl_cap}"))
+    ok = [i for i, t in enumerate(tried) if t["val"] is not None]
+    if ok:
+        best = max(ok, key=lambda i: (tried[i]["val"]["mc2"], -tried[i]["strength"]))
+    else:
+        best = min(range(len(tried)), key=lambda i: tried[i]["kl"])
+    return {"editor": chosen[best], "strength": tried[best]["strength"], "over_kl_cap": not ok, "tried": tried}
+
+
 def compare(
     model: nn.Module,
     tok,
@@ -175,36 +218,12 @@ def compare(
             m = METHODS[name]
             t0 = time.time()
             if m.fit is None:
-                candidates: list[tuple[Editor | None, float]] = [(None, 0.0)]
+                chosen_ed, chosen_s, flagged, tried = None, 0.0, False, []
             else:
-                editors = m.fit(stores, model)
-                grid = list((strengths or {}).get(name, m.strengths))
-                candidates = [(ed, s) for ed in editors for s in grid]
-            tried = []
-            extra = 0
-            while candidates:
-                ed, s = candidates.pop(0)
-                if ed is None:
-                    break
-                cost = _fluency(model, neutral, ed, s)
-                if (strengths is None and cost["kl"] <= kl_cap and s == grid[-1] and extra < max_doublings):
-                    # fair to every method: keep doubling the strength until the fluency cap binds
-                    candidates.insert(0, (ed, 2 * s))
-                    grid.append(2 * s)
-                    extra += 1
-                val = _score(model, tok, val_q, ed, s) if cost["kl"] <= kl_cap else None
-                tried.append({"strength": s, "k": len(getattr(ed, "heads", [])) or None, "kl": cost["kl"],
-                              "val": val, "editor": ed})
-                log(f"seed {seed} {name}: strength {s}{' K=' + str(tried[-1]['k']) if tried[-1]['k'] else ''} "
-                    f"KL {cost['kl']:.4f} val MC2 {val['mc2']:.4f}" if val else
-                    f"seed {seed} {name}: strength {s} KL {cost['kl']:.4f} over the cap")
-            if m.fit is None:
-                chosen_ed, chosen_s, flagged = None, 0.0, False
-            else:
-                ok = [t for t in tried if t["val"] is not None]
-                flagged = not ok
-                pick = max(ok, key=lambda t: t["val"]["mc2"]) if ok else min(tried, key=lambda t: t["kl"])
-                chosen_ed, chosen_s = pick["editor"], pick["strength"]
+                pick = choose_strength(model, tok, m.fit(stores, model), (strengths or {}).get(name, m.strengths), val_q,
+                                       neutral, kl_cap, 0 if strengths else max_doublings,
+                                       log=lambda text, name=name: log(f"seed {seed} {name}: {text}"))
+                chosen_ed, chosen_s, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
             test = _score(model, tok, test_q, chosen_ed, chosen_s)
             cost = _fluency(model, neutral, chosen_ed, chosen_s)
             drift = (norm_drift(model, neutral, lambda: chosen_ed.attach(model, strength=chosen_s, scope="all"))
@@ -215,7 +234,7 @@ def compare(
                 "heads": [list(h) for h in getattr(chosen_ed, "heads", [])],
                 "test": test, "kl": cost["kl"], "ppl": cost["ppl"], "ppl_unedited": cost["ppl_unedited"],
                 "norm_drift": drift, "over_kl_cap": flagged,
-                "validation": [{k: v for k, v in t.items() if k != "editor"} for t in tried],
+                "validation": tried,
                 "config": dataclasses.asdict(chosen_ed.config) if chosen_ed else None,
                 "seconds": round(time.time() - t0, 1),
             }
