@@ -300,22 +300,24 @@ def eval_(
 def compare(
     methods: Annotated[str, typer.Option(help="Comma-separated: none, hpr, hpr-no-gate, hpr-fixed-angle, hpr-bias, caa, caa-norm, iti.")] = "none,hpr,caa,caa-norm,iti",
     model: ModelOpt = None,
-    task: Annotated[str, typer.Option(help="Benchmark (truthfulqa-mc).")] = "truthfulqa-mc",
+    task: Annotated[str, typer.Option(help="truthfulqa-mc, bbq, toxigen, refusal or ab:NAME (CAA's sets: ab:sycophancy, ab:refusal, ab:survival-instinct, …).")] = "truthfulqa-mc",
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds; mean ± std over them.")] = "0,1,2",
     kl_cap: Annotated[float, typer.Option(help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have.")] = 0.5,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N questions of each split (quick runs).")] = None,
-    data: DataOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Writes results.json, table.md and mc2_vs_kl.png here.")] = Path("out/compare"),
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N items (questions, pairs) of each split (quick runs).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Local data file of the task (default: see docs/tasks.md).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Writes results.json, table.md and a figure (task metric against KL) here.")] = Path("out/compare"),
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
 ) -> None:
-    """Fit every method on train, choose its strength on validation, compare on test (MC, KL, perplexity)."""
+    """Fit every method on train, choose its strength on validation, compare on test (task metrics, KL, perplexity)."""
     from . import load_model
     from .compare import compare as run_compare
     from .compare import markdown_table
+    from .evaluation.tasks import get_task
 
     _check_out(out, force)
+    get_task(task)
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:

@@ -24,11 +24,11 @@ from torch import nn
 from . import __version__
 from .activations import collect_activations
 from .artifacts import atomic_directory
-from .data import load_truthfulqa, split_questions, truthfulqa_pairs
+from .data import split_questions
 from .editors import CAAEditor, Editor, HPREditor, ITIEditor, NormRestoreEditor
 from .errors import HpreditError
 from .evaluation.side_effects import fluency_cost, neutral_text, norm_drift
-from .evaluation.truthfulqa import score_truthfulqa_mc
+from .evaluation.tasks import Task, get_task, mean_metrics
 from .models import fingerprint, num_attention_heads
 
 __all__ = ["METHODS", "Method", "choose_strength", "compare", "markdown_table", "merge", "write_results"]
@@ -99,16 +99,11 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _mean_metrics(scores) -> dict[str, float]:
-    rows = [q.metrics() for q in scores.questions]
-    return {k: float(np.mean([r[k] for r in rows])) for k in ("mc1", "mc2", "mc3")}
-
-
-def _score(model, tok, questions, editor: Editor | None, strength: float) -> dict[str, float]:
+def _score(model, tok, task: Task, items: list, editor: Editor | None, strength: float) -> dict:
     if editor is None:
-        return _mean_metrics(score_truthfulqa_mc(model, tok, questions))
+        return task.score(model, tok, items)
     with editor.attach(model, strength=strength, scope="all"):
-        return _mean_metrics(score_truthfulqa_mc(model, tok, questions))
+        return task.score(model, tok, items)
 
 
 def _fluency(model, neutral, editor: Editor | None, strength: float) -> dict[str, float]:
@@ -123,39 +118,50 @@ def choose_strength(
     tok,
     editors: Sequence[Editor],
     grid: Sequence[float],
-    val_questions: list,
+    val_items: list,
     neutral,
     kl_cap: float,
     max_doublings: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    task: Task | str = "truthfulqa-mc",
 ) -> dict:
-    """Choose an editor (e.g. one of ITI's head counts) and strength on the validation questions.
+    """Choose an editor (e.g. one of ITI's head counts) and strength on the validation items.
 
     Each setting's fluency cost (KL on ``neutral`` text) is measured first; among those under
-    ``kl_cap`` the best validation MC2 wins (ties: the weaker strength). While the grid's largest
-    strength is still under the cap it is doubled, at most ``max_doublings`` times, so that no
-    method stops short of the cap. When no setting qualifies, the lowest-KL one is taken and
-    flagged. Returns ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
+    ``kl_cap`` the best validation score of the task's primary metric (MC2 for TruthfulQA) wins
+    (ties: the weaker strength). While the grid's largest strength is still under the cap it is
+    doubled, and while every strength is over it the smallest is halved, at most
+    ``max_doublings`` times each way, so that no method stops short of the cap or is judged only
+    above it. When no setting qualifies, the lowest-KL one is taken and flagged. Returns ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
     """
+    task = get_task(task) if isinstance(task, str) else task
+    key = task.primary
     grid = list(grid)
-    candidates = [(ed, s) for ed in editors for s in grid]
-    tried, chosen, extra = [], [], 0
-    while candidates:
-        ed, s = candidates.pop(0)
+    tried, chosen = [], []
+
+    def attempt(ed: Editor, s: float) -> bool:
         cost = _fluency(model, neutral, ed, s)
-        if cost["kl"] <= kl_cap and s == grid[-1] and extra < max_doublings:
-            candidates.insert(0, (ed, 2 * s))
-            grid.append(2 * s)
-            extra += 1
-        val = _score(model, tok, val_questions, ed, s) if cost["kl"] <= kl_cap else None
+        val = _score(model, tok, task, val_items, ed, s) if cost["kl"] <= kl_cap else None
         k = len(getattr(ed, "heads", [])) or None
         tried.append({"strength": s, "k": k, "kl": cost["kl"], "val": val})
         chosen.append(ed)
         log(f"strength {s}{f' K={k}' if k else ''} KL {cost['kl']:.4f} "
-            + (f"val MC2 {val['mc2']:.4f}" if val else f"over the cap {kl_cap}"))
+            + (f"val {key} {val[key]:.4f}" if val else f"over the cap {kl_cap}"))
+        return val is not None
+
+    for ed in editors:
+        under = [attempt(ed, s) for s in grid]
+        s, n = grid[-1], 0
+        while under[-1] and n < max_doublings:  # still under the cap: go stronger
+            s, n = 2 * s, n + 1
+            under.append(attempt(ed, s))
+        s, n = grid[0], 0
+        while not any(under) and n < max_doublings:  # all over the cap: go weaker
+            s, n = s / 2, n + 1
+            under.append(attempt(ed, s))
     ok = [i for i, t in enumerate(tried) if t["val"] is not None]
     if ok:
-        best = max(ok, key=lambda i: (tried[i]["val"]["mc2"], -tried[i]["strength"]))
+        best = max(ok, key=lambda i: (tried[i]["val"][key], -tried[i]["strength"]))
     else:
         best = min(range(len(tried)), key=lambda i: tried[i]["kl"])
     return {"editor": chosen[best], "strength": tried[best]["strength"], "over_kl_cap": not ok, "tried": tried}
@@ -178,14 +184,16 @@ def compare(
 ) -> dict:
     """Run the comparison; returns (and with ``out`` writes) the results.
 
-    ``limit`` keeps the first N questions of each split (quick runs). ``kl_cap``: the largest
+    ``task``: ``truthfulqa-mc``, ``bbq``, ``toxigen``, ``refusal`` or ``ab:NAME`` (see
+    :mod:`hpredit.evaluation.tasks`); ``data`` a local file for it. The task's items are split by
+    group (40/10/50, seeded); methods choose on val by the task's primary metric. ``limit`` keeps
+    the first N groups of each split (quick runs). ``kl_cap``: the largest
     fluency cost (nats/token on neutral text) a strength may have to be chosen; when none qualifies
     the weakest setting is taken and flagged. Each method's grid is doubled beyond its largest
     value (at most ``max_doublings`` times) while that value is still under the cap, so no method
     is stopped short of the cap. ``strengths`` overrides the grids (then tried as given).
     """
-    if task != "truthfulqa-mc":
-        raise HpreditError(f"unknown task {task!r}: compare supports truthfulqa-mc")
+    the_task = get_task(task)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise HpreditError(f"unknown method(s) {unknown or list(methods)}: choose from {', '.join(METHODS)}")
@@ -195,20 +203,23 @@ def compare(
         raise HpreditError("give at least one split seed")
     if not (kl_cap > 0):
         raise HpreditError(f"--kl-cap must be positive, got {kl_cap}")
-    questions = load_truthfulqa(data)
+    items = the_task.load(data)
+    groups = sorted({the_task.group(it) for it in items})
     fp = fingerprint(model)
     started = time.time()
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
     runs = []
     for seed in seeds:
-        split = split_questions(len(questions), seed)
+        split = split_questions(len(groups), seed)
         keep = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
-        val_q = [questions[i] for i in keep(split.val)]
-        test_q = [questions[i] for i in keep(split.test)]
-        allowed = set(keep(split.train)) | {q.index for q in val_q}
-        pairs = truthfulqa_pairs(split="train+val", seed=seed, questions=questions)
-        pairs.pairs = [p for p in pairs.pairs if p.group in allowed]
+        split_of = {groups[i]: name for name in ("train", "val", "test") for i in keep(getattr(split, name))}
+        val_q = [it for it in items if split_of.get(the_task.group(it)) == "val"]
+        test_q = [it for it in items if split_of.get(the_task.group(it)) == "test"]
+        pairs = the_task.pairs(items, {g: s for g, s in split_of.items() if s != "test"}, tok)
+        if not len(pairs) or not val_q or not test_q:
+            raise HpreditError(f"task {task}: seed {seed} leaves no training pairs, validation or test items "
+                               f"({len(pairs)} pairs, {len(val_q)} val, {len(test_q)} test): use more data or no --limit")
         sites = sorted({METHODS[m].site for m in methods if METHODS[m].site})
         stores = {}
         if sites:
@@ -222,9 +233,9 @@ def compare(
             else:
                 pick = choose_strength(model, tok, m.fit(stores, model), (strengths or {}).get(name, m.strengths), val_q,
                                        neutral, kl_cap, 0 if strengths else max_doublings,
-                                       log=lambda text, name=name: log(f"seed {seed} {name}: {text}"))
+                                       log=lambda text, name=name: log(f"seed {seed} {name}: {text}"), task=the_task)
                 chosen_ed, chosen_s, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
-            test = _score(model, tok, test_q, chosen_ed, chosen_s)
+            test = _score(model, tok, the_task, test_q, chosen_ed, chosen_s)
             cost = _fluency(model, neutral, chosen_ed, chosen_s)
             drift = (norm_drift(model, neutral, lambda: chosen_ed.attach(model, strength=chosen_s, scope="all"))
                      if chosen_ed is not None else {})
@@ -239,9 +250,10 @@ def compare(
                 "seconds": round(time.time() - t0, 1),
             }
             runs.append(row)
-            log(f"seed {seed} {name}: test MC1 {test['mc1']:.4f} MC2 {test['mc2']:.4f} MC3 {test['mc3']:.4f} "
-                f"KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} (strength {chosen_s}, layers {row['layers']})")
-        split_record = {"seed": seed, "train": split.train, "val": split.val, "test": split.test}
+            shown = " ".join(f"{k} {test[k]:.4f}" for k in the_task.metrics if test.get(k) is not None)
+            log(f"seed {seed} {name}: test {shown} KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} "
+                f"(strength {chosen_s}, layers {row['layers']})")
+        split_record = {"seed": seed, "groups": {n: [groups[i] for i in getattr(split, n)] for n in ("train", "val", "test")}}
         runs.append({"seed": seed, "split": split_record, "val_questions": len(val_q), "test_questions": len(test_q)})
     result = {
         "command": "hpredit " + " ".join(sys.argv[1:]) if sys.argv and "hpredit" in sys.argv[0] else None,
@@ -249,6 +261,10 @@ def compare(
         "torch_version": torch.__version__,
         "model": fp.to_dict(),
         "task": task,
+        "task_note": the_task.note,
+        "data": str(data) if data else the_task.data_note,
+        "metrics": list(the_task.metrics),
+        "primary": the_task.primary,
         "methods": {m: METHODS[m].note for m in methods},
         "seeds": list(seeds),
         "kl_cap": kl_cap,
@@ -256,7 +272,7 @@ def compare(
         "neutral_text": "the model's own greedy continuations of hpredit.evaluation.side_effects.NEUTRAL_PROMPTS "
                         f"({int(neutral.scored.sum())} tokens)",
         "runs": runs,
-        "summary": _summarise(runs, methods),
+        "summary": _summarise(runs, methods, the_task.metrics),
         "seconds": round(time.time() - started, 1),
     }
     if out is not None:
@@ -265,50 +281,63 @@ def compare(
 
 
 def merge(results: Sequence[dict], methods: Sequence[str] | None = None) -> dict:
-    """Combine results run for different seeds (e.g. in parallel processes), keeping ``methods``
-    (default: those of the first result); every result must hold them all."""
+    """Combine results run in several processes (other seeds, other methods) of one model and task.
+
+    ``methods`` (default: every method found, in order of appearance) must each have a run for
+    every seed found; a later result overrides an earlier one for the same seed and method.
+    """
     if not results:
         raise HpreditError("nothing to merge")
-    methods = list(methods or results[0]["methods"])
-    if any(not set(methods) <= set(r["methods"]) or r["model"] != results[0]["model"] for r in results):
-        raise HpreditError("cannot merge: every result needs the same model and the methods " + ", ".join(methods))
-    merged = dict(results[0])
-    merged["methods"] = {m: METHODS[m].note for m in methods}
-    latest: dict[tuple, dict] = {}  # a later result overrides an earlier one for the same seed and method
+    first = results[0]
+    if any(r["model"] != first["model"] or r.get("task", "truthfulqa-mc") != first.get("task", "truthfulqa-mc")
+           for r in results):
+        raise HpreditError("cannot merge: the results are of different models or tasks")
+    found = list(dict.fromkeys(m for r in results for m in r["methods"]))
+    methods = list(methods or found)
+    latest: dict[tuple, dict] = {}
     for r in results:
         for row in r["runs"]:
-            key = (row["seed"], row.get("method", "split"))
-            if key[1] in (*methods, "split"):
-                latest[key] = row
-    merged["runs"] = list(latest.values())
-    merged["seeds"] = sorted({s for r in results for s in r["seeds"]})
+            latest[(row["seed"], row.get("method", "split"))] = row
+    seeds = sorted({s for r in results for s in r["seeds"]})
+    missing = [f"{m} seed {s}" for m in methods for s in seeds if (s, m) not in latest]
+    if missing:
+        raise HpreditError("cannot merge: no run for " + ", ".join(missing))
+    merged = dict(first)
+    merged["methods"] = {m: METHODS[m].note for m in methods}
+    merged["runs"] = [row for (s, m), row in latest.items() if m in (*methods, "split")]
+    merged["seeds"] = seeds
     merged["seconds"] = round(sum(r["seconds"] for r in results), 1)
-    merged["summary"] = _summarise(merged["runs"], methods)
+    merged["summary"] = _summarise(merged["runs"], methods, _metrics_of(first))
     return merged
 
 
-def _summarise(runs: list[dict], methods: Sequence[str]) -> dict:
+def _metrics_of(result: dict) -> list[str]:
+    return list(result.get("metrics", ["mc1", "mc2", "mc3"]))
+
+
+def _summarise(runs: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
     summary = {}
     for name in methods:
         rows = [r for r in runs if r.get("method") == name]
-        entry = {}
-        for key, get in (("mc1", lambda r: r["test"]["mc1"]), ("mc2", lambda r: r["test"]["mc2"]),
-                         ("mc3", lambda r: r["test"]["mc3"]), ("kl", lambda r: r["kl"]), ("ppl", lambda r: r["ppl"])):
-            vals = np.array([get(r) for r in rows], dtype=float)
-            entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        entry = mean_metrics([{**{k: r["test"].get(k) for k in metrics}, "kl": r["kl"], "ppl": r["ppl"]} for r in rows])
         entry["strengths"] = [r["strength"] for r in rows]
         summary[name] = entry
     return summary
 
 
 def markdown_table(result: dict) -> str:
-    """The summary as a markdown table (mean ± std over seeds)."""
-    lines = ["| method | MC1 | MC2 | MC3 | KL (nats/token) | perplexity | strengths |",
-             "|---|---|---|---|---|---|---|"]
+    """The summary as a markdown table (mean ± std over seeds; – where a metric is undefined)."""
+    metrics = _metrics_of(result)
+    lines = ["| method | " + " | ".join(m.upper() if m.startswith("mc") else m for m in metrics)
+             + " | KL (nats/token) | perplexity | strengths |", "|---" * (len(metrics) + 4) + "|"]
+
+    def cell(e: dict, k: str, f: str = ".4f") -> str:
+        v = e.get(k) or {}
+        return "–" if v.get("mean") is None else f"{v['mean']:{f}} ± {v['std']:{f}}"
+
     for name, e in result["summary"].items():
-        cell = lambda k, f=".4f": f"{e[k]['mean']:{f}} ± {e[k]['std']:{f}}"  # noqa: E731
-        lines.append(f"| {name} | {cell('mc1')} | {cell('mc2')} | {cell('mc3')} | {cell('kl')} | {cell('ppl', '.2f')} | "
-                     f"{', '.join(str(s) for s in e['strengths'])} |")
+        lines.append(f"| {name} | " + " | ".join(cell(e, m) for m in metrics)
+                     + f" | {cell(e, 'kl')} | {cell(e, 'ppl', '.2f')} | {', '.join(str(s) for s in e['strengths'])} |")
     return "\n".join(lines)
 
 
@@ -320,12 +349,13 @@ def _figure(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    key = result.get("primary", "mc2")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, e in result["summary"].items():
-        ax.errorbar(e["kl"]["mean"], e["mc2"]["mean"], xerr=e["kl"]["std"], yerr=e["mc2"]["std"], fmt="o", capsize=3,
+        ax.errorbar(e["kl"]["mean"], e[key]["mean"], xerr=e["kl"]["std"], yerr=e[key]["std"], fmt="o", capsize=3,
                     label=name)
     ax.set_xlabel("fluency cost: KL(unedited ‖ edited) on neutral text, nats/token")
-    ax.set_ylabel("TruthfulQA MC2 (test)")
+    ax.set_ylabel(f"{result.get('task', 'truthfulqa-mc')} {key} (test)")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_title(f"{result['model']['name']}, seeds {result['seeds']}")
     ax.legend(fontsize=8)
@@ -336,11 +366,11 @@ def _figure(result: dict, path: Path) -> bool:
 
 
 def write_results(result: dict, out: Path) -> None:
-    """Write results.json, table.md and (with matplotlib) mc2_vs_kl.png to ``out`` atomically."""
+    """Write results.json, table.md and (with matplotlib) ``<primary metric>_vs_kl.png`` to ``out`` atomically."""
     with atomic_directory(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
         (tmp / "table.md").write_text(markdown_table(result) + "\n")
-        _figure(result, tmp / "mc2_vs_kl.png")
+        _figure(result, tmp / f"{result.get('primary', 'mc2')}_vs_kl.png")
 
 
 def _jsonable(x):

@@ -40,6 +40,7 @@ __all__ = [
     "QuestionScores",
     "encode_continuations",
     "generate_answers",
+    "generate_texts",
     "score_continuations",
     "score_truthfulqa_mc",
     "truncate_answer",
@@ -348,7 +349,6 @@ def truncate_answer(text: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
-@torch.no_grad()
 def generate_answers(
     model: nn.Module,
     tok,
@@ -361,8 +361,27 @@ def generate_answers(
     """Greedy answers to ``questions`` after the QA primer, batched with left padding.
 
     Rows stop at the first blank line or ``"Q:"`` (HF ``stop_strings``), or after
-    ``max_new_tokens``; each answer is then cut there (:func:`truncate_answer`). Prompts are
-    batched by length to keep padding small; answers come back in the order of ``questions``.
+    ``max_new_tokens``; each answer is then cut there (:func:`truncate_answer`).
+    """
+    prompts = [qa_prompt(q.question, primer) for q in questions]
+    texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, ["\n\n", "Q:"], progress)
+    return [truncate_answer(t) for t in texts]
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int = 50,
+    batch_size: int = 16,
+    stop_strings: Sequence[str] | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (decoded, special tokens dropped), in their order.
+
+    Batched with left padding, prompts grouped by length to keep padding small; a row stops at
+    end-of-sequence, at one of ``stop_strings`` or after ``max_new_tokens``.
     """
     from transformers import GenerationConfig
 
@@ -370,29 +389,28 @@ def generate_answers(
         raise HpreditError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise HpreditError(f"batch_size must be at least 1, got {batch_size}")
-    prompts = [qa_prompt(q.question, primer) for q in questions]
-    lengths = [len(ids) for ids in _input_ids(tok, prompts)] if prompts else []
+    lengths = [len(ids) for ids in _input_ids(tok, list(prompts))] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     eos = getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=_pad_id(tok),
-        eos_token_id=eos if eos is not None else tok.eos_token_id, stop_strings=["\n\n", "Q:"],
+        eos_token_id=eos if eos is not None else tok.eos_token_id, stop_strings=list(stop_strings) if stop_strings else None,
     )
     device = next(model.parameters()).device
-    answers: list[str] = [""] * len(prompts)
+    texts: list[str] = [""] * len(prompts)
     side = tok.padding_side
     tok.padding_side = "left"
-    bar = tqdm(total=len(prompts), desc="generating", unit="question", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
     try:
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
             enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, generation_config=config, tokenizer=tok)
+            out = model.generate(**enc, generation_config=config, tokenizer=tok if stop_strings else None)
             new = out[:, enc["input_ids"].shape[1] :]
             for i, row in zip(batch, new):
-                answers[i] = truncate_answer(tok.decode(row, skip_special_tokens=True))
+                texts[i] = tok.decode(row, skip_special_tokens=True)
             bar.update(len(batch))
     finally:
         tok.padding_side = side
         bar.close()
-    return answers
+    return texts

