@@ -64,7 +64,7 @@ def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path)
         if r["method"] == "hpr":
             assert all(abs(r["norm_drift"]["at_edit"][layer] - 1) < 1e-5 for layer in r["layers"])
     splits = [r["split"] for r in result["runs"] if "split" in r]
-    assert [s["seed"] for s in splits] == [0, 1] and splits[0]["test"] != splits[1]["test"]
+    assert [s["seed"] for s in splits] == [0, 1] and splits[0]["groups"]["test"] != splits[1]["groups"]["test"]
     assert "| hpr |" in markdown_table(result)
 
 
@@ -75,7 +75,7 @@ def test_compare_bad_inputs(model_tok, truthfulqa_csv, tmp_path):
     with pytest.raises(HpreditError, match="must be positive"):
         compare(model, tok, methods=["none"], limit=0, data=truthfulqa_csv)
     with pytest.raises(HpreditError, match="unknown task"):
-        compare(model, tok, methods=["none"], task="bbq", data=truthfulqa_csv)
+        compare(model, tok, methods=["none"], task="truthfulqa-gen", data=truthfulqa_csv)
     assert not (tmp_path / "cmp").exists()
 
 
@@ -102,8 +102,16 @@ def test_merge_seeds_and_method_subsets():
     assert merged["summary"]["hpr"]["mc2"]["mean"] == pytest.approx(1.3)
     assert merged["summary"]["hpr"]["mc2"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert len([r for r in merged["runs"] if "split" in r]) == 2
-    with pytest.raises(HpreditError, match="cannot merge"):
+    with pytest.raises(HpreditError, match="cannot merge: no run for iti seed 0"):
         merge([result(0, 0.2)], methods=["iti"])
+    # other methods from another process, for the same seeds: the union, in order of appearance
+    extra = result(0, 0.5)
+    extra["methods"] = {"iti": ""}
+    extra["runs"] = [{**extra["runs"][0], "method": "iti"}, extra["runs"][-1]]
+    both = merge([result(0, 0.2), extra])
+    assert list(both["summary"]) == ["none", "hpr", "caa", "iti"] and both["summary"]["iti"]["mc2"]["mean"] == 0.5
+    with pytest.raises(HpreditError, match="no run for iti seed 1"):
+        merge([result(0, 0.2), result(1, 0.2), extra])
 
 
 def test_strength_grid_doubles_until_the_cap(model_tok, truthfulqa_csv):
