@@ -19,18 +19,12 @@ median time per mode. Also the store's bytes per token per layer against 2·d.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CSV = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
+from _common import DEFAULT_CSV, emit, run_record
 
 
 def main() -> None:
@@ -91,27 +85,16 @@ def main() -> None:
     store = stores[True]
     d, layers = store.hidden_size, len(store.layers)
     per_token_layer = store.nbytes() / (store.n_tokens * layers)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     record = {
-        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        **run_record(load_before),
         "model": "SmolLM2-135M-Instruct float32", "questions": len(questions), "unique_texts": len(texts),
         "text_tokens": n_tokens, "completion_tokens_stored": store.n_tokens, "layers_kept": layers,
         "seconds": times, "median_seconds": median,
         "tokens_per_second": {m: n_tokens / t for m, t in median.items()},
         "throughput_ratio_vs_plain": {m: median["plain"] / t for m, t in median.items() if m != "plain"},
         "store_bytes_per_token_per_layer": per_token_layer, "two_bytes_times_d": 2 * d,
-        "versions": {"hpredit": hpredit.__version__, "torch": torch.__version__},
     }
-    text = json.dumps(record, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-
+    emit(record, args.out)
 
 if __name__ == "__main__":
     main()

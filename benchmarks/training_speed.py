@@ -20,18 +20,12 @@ Reported: seconds per epoch of each, and the ratios hpredit / data-pass and hpre
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CSV = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
+from _common import DEFAULT_CSV, emit, run_record
 
 
 def main() -> None:
@@ -70,6 +64,7 @@ def main() -> None:
         del model
 
     config = HPRConfig()
+    load_before = os.getloadavg()
     timings: dict[str, float] = {}
     for name, overrides in (("hpredit", {}), ("hpredit-angle-all-layers", {"angle_layers": "all"})):
         start = time.perf_counter()
@@ -123,13 +118,8 @@ def main() -> None:
     epochs = config.epochs
     per_epoch = {"hpredit": timings["hpredit"] / epochs,
                  "hpredit-angle-all-layers": timings["hpredit-angle-all-layers"] / epochs}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     record = {
-        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "load_average_after": os.getloadavg(),
+        **run_record(load_before),
         "layers": L, "hidden_size": d, "train_token_pairs": len(tp), "epochs": epochs, "batch_size": bs,
         "collection_seconds": collect_s,
         "fit_seconds": {k: timings[k] for k in ("hpredit", "hpredit-angle-all-layers")},
@@ -137,14 +127,8 @@ def main() -> None:
                               "plain-loop": timings["plain-loop-epoch"]},
         "ratio_vs_data_pass": {k: v / timings["data-pass-epoch"] for k, v in per_epoch.items()},
         "ratio_vs_plain_loop": {k: v / timings["plain-loop-epoch"] for k, v in per_epoch.items()},
-        "versions": {"hpredit": hpredit.__version__, "torch": torch.__version__},
     }
-    text = json.dumps(record, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-
+    emit(record, args.out)
 
 if __name__ == "__main__":
     main()

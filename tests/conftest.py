@@ -128,6 +128,14 @@ def tokenizer(smol_dir):
     return tok
 
 
+@pytest.fixture(scope="module")
+def model_tok(tokenizer):
+    """A tiny random Llama with the real tokenizer's vocabulary, generating without an end token."""
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def smol(smol_dir):
     """The real embedded model and tokenizer (float32)."""

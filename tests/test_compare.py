@@ -9,14 +9,7 @@ from hpredit.compare import compare, markdown_table
 from hpredit.errors import HpreditError
 from hpredit.evaluation.side_effects import fluency_cost, neutral_text, norm_drift
 
-from .conftest import random_editor, tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_tok(tokenizer):
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.generation_config.eos_token_id = None
-    return model, tokenizer
+from .conftest import random_editor
 
 
 def test_fluency_cost_is_zero_unedited_and_positive_edited(model_tok):

@@ -12,7 +12,7 @@ from hpredit.errors import HpreditError
 from hpredit.evaluation import tasks as T
 from hpredit.evaluation.side_effects import neutral_text
 
-from .conftest import random_editor, tiny_model
+from .conftest import random_editor
 
 
 def _write(path, rows, jsonl=True):
@@ -80,7 +80,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, loader, rows, message):
 
 def test_bad_files(tmp_path):
     (tmp_path / "empty.json").write_text("  \n")
-    with pytest.raises(HpreditError, match="empty.json: the file is empty"):
+    with pytest.raises(HpreditError, match="empty.json: no items"):
         bd.load_toxigen(tmp_path / "empty.json")
     (tmp_path / "broken.json").write_text('[\n{"text": "a", "is_toxic": true},\n{"text": \n')
     with pytest.raises(HpreditError, match=r"broken.json:3: not valid JSON"):
@@ -151,13 +151,6 @@ def test_refusal_metrics_and_phrases(monkeypatch):
     judged = T.RefusalTask("refusal", "net", ("net",), judge=lambda request, response: request in "ab")
     monkeypatch.setattr(type(judged), "responses", lambda self, m, t, its: ["", "", "", ""])
     assert judged.score(None, None, items)["net"] == 1.0
-
-
-@pytest.fixture(scope="module")
-def model_tok(tokenizer):
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.generation_config.eos_token_id = None
-    return model, tokenizer
 
 
 def test_choice_scoring_follows_the_model_and_the_editor(model_tok):

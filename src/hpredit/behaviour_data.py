@@ -12,14 +12,13 @@ behaviour we steer toward) and :class:`RequestItem` (a request to answer or refu
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import ContrastivePair, ContrastivePairs, QuestionSplit
+from .data import ContrastivePair, ContrastivePairs, QuestionSplit, read_records
 from .errors import HpreditError
 
 __all__ = [
@@ -88,37 +87,9 @@ class RequestItem:
 
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """``(where, record)`` for a JSON array or a JSON-lines file; ``where`` is ``file:line``."""
-    if not path.is_file():
-        raise HpreditError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if not stripped:
-        raise HpreditError(f"{path}: the file is empty")
-    if stripped.startswith("["):
-        decoder = json.JSONDecoder()
-        i = text.index("[") + 1
-        while True:
-            while i < len(text) and text[i] in " \t\r\n,":
-                i += 1
-            if i >= len(text):
-                raise HpreditError(f"{path}: the JSON array is not closed")
-            if text[i] == "]":
-                return
-            line = text.count("\n", 0, i) + 1
-            try:
-                obj, i = decoder.raw_decode(text, i)
-            except json.JSONDecodeError as e:
-                raise HpreditError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-            yield f"{path}:{line}", obj
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HpreditError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        yield f"{path}:{lineno}", obj
+    """``(where, record)`` with ``where`` = ``file:line``."""
+    for line, obj in read_records(path):
+        yield f"{path}:{line}", obj
 
 
 def _field(where: str, obj: object, key: str, kind: type | tuple, nonempty: bool = True):

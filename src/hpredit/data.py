@@ -88,34 +88,56 @@ class ContrastivePairs(Sequence):
         """Read pairs from JSONL: one object per line with string fields ``prompt``, ``positive``,
         ``negative`` (optional ``group`` int, ``split``). Errors name the file, line and field."""
         path = Path(path)
-        if not path.is_file():
-            raise HpreditError(f"{path}: no such file")
         pairs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise HpreditError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise HpreditError(f"{path}:{lineno}: expected a JSON object")
-                for key in ("prompt", "positive", "negative"):
-                    if key not in obj:
-                        raise HpreditError(f"{path}:{lineno}: missing field {key!r}")
-                    if not isinstance(obj[key], str) or (key != "prompt" and not obj[key]):
-                        raise HpreditError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
-                group = obj.get("group", lineno)
-                if not isinstance(group, int) or isinstance(group, bool):
-                    raise HpreditError(f"{path}:{lineno}: field 'group' must be an integer")
-                split = obj.get("split")
-                if split is not None and split not in SPLIT_NAMES:
-                    raise HpreditError(f"{path}:{lineno}: field 'split' must be one of {', '.join(SPLIT_NAMES)}")
-                pairs.append(ContrastivePair(obj["prompt"], obj["positive"], obj["negative"], group, split))
+        for lineno, obj in read_records(path):
+            if not isinstance(obj, dict):
+                raise HpreditError(f"{path}:{lineno}: expected a JSON object")
+            for key in ("prompt", "positive", "negative"):
+                if key not in obj:
+                    raise HpreditError(f"{path}:{lineno}: missing field {key!r}")
+                if not isinstance(obj[key], str) or (key != "prompt" and not obj[key]):
+                    raise HpreditError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
+            group = obj.get("group", lineno)
+            if not isinstance(group, int) or isinstance(group, bool):
+                raise HpreditError(f"{path}:{lineno}: field 'group' must be an integer")
+            split = obj.get("split")
+            if split is not None and split not in SPLIT_NAMES:
+                raise HpreditError(f"{path}:{lineno}: field 'split' must be one of {', '.join(SPLIT_NAMES)}")
+            pairs.append(ContrastivePair(obj["prompt"], obj["positive"], obj["negative"], group, split))
         if not pairs:
             raise HpreditError(f"{path}: no pairs in file")
         return cls(pairs)
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line, record)`` of a JSON array or a JSON-lines file (blank lines skipped); a missing
+    file or bad JSON is one :class:`HpreditError` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise HpreditError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        decoder = json.JSONDecoder()
+        i = text.index("[") + 1
+        while True:
+            while i < len(text) and text[i] in " \t\r\n,":
+                i += 1
+            if i >= len(text):
+                raise HpreditError(f"{path}: the JSON array is not closed")
+            if text[i] == "]":
+                return
+            line = text.count("\n", 0, i) + 1
+            try:
+                obj, i = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise HpreditError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+            yield line, obj
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HpreditError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 # --------------------------------------------------------------------------- TruthfulQA
@@ -345,4 +367,4 @@ def two_fold_split(n: int, seed: int = 0, val_fraction: float = 0.2, shuffle: bo
     return folds
 
 
-__all__ += ["two_fold_split"]
+__all__ += ["read_records", "two_fold_split"]
