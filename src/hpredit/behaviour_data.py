@@ -206,7 +206,8 @@ def _bbq_item(where: str, obj: dict, group: int) -> ChoiceItem:
         raise HpreditError(f"{where}: the correct answer index must be 0, 1 or 2, got {label}")
     if biased is not None and not 0 <= biased < 3:
         raise HpreditError(f"{where}: the biased answer index must be 0, 1 or 2, got {biased}")
-    return ChoiceItem(text, (" A", " B", " C"), label, group,
+    options = tuple(f" {'ABC'[k]}) {str(a).strip()}" for k, a in enumerate(answers))
+    return ChoiceItem(text, options, label, group,
                       {"ambiguous": ambiguous, "biased": biased, "unknown": unknown, "category": obj.get("category")})
 
 
