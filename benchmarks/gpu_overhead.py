@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_overhead.py --out benchmarks/results/gpu_overhead-H100.json   # on the GPU
     python benchmarks/gpu_overhead.py --tiny --rounds 2                               # debug on CPU
+    python benchmarks/gpu_overhead.py --model embedded --dtype float32 --layers 15,16,17,18,19 \
+        --out benchmarks/results/edit_overhead_cpu_smollm2.json                      # the same, a real model, CPU
 
 Builds a Llama-3-8B-shaped model from its config with random weights (no download), bfloat16,
 and random editors on 5 decoder layers: an additive hook (CAA, x + αv), HPR's fast path (what
@@ -36,6 +38,9 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a small config, for debugging on CPU")
+    parser.add_argument("--model", default=None, help="a real model instead ('embedded': SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new", type=int, default=64, help="tokens generated per decode run")
     parser.add_argument("--layers", default="10,12,14,16,18", help="edited decoder layers")
@@ -50,8 +55,18 @@ def main() -> None:
     from hpredit.models import fingerprint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16
-    if args.tiny:
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = None
+    if args.model:
+        import hpredit
+
+        model, _ = hpredit.load_model(None if args.model == "embedded" else args.model, dtype=args.dtype,
+                                      device=str(device))
+        config = model.config
+        shapes = {"decode batch 1": (1, 128), "decode batch 16": (16, 128), "prefill 4x512": (4, 512)}
+    elif args.tiny:
         config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=20, num_attention_heads=8,
                              num_key_value_heads=2, vocab_size=2048, max_position_embeddings=2048)
         shapes = {"decode batch 1": (1, 32), "decode batch 16": (16, 32), "prefill 4x512": (4, 512)}
@@ -61,11 +76,12 @@ def main() -> None:
                              rope_theta=500000.0, tie_word_embeddings=False)
         shapes = {"decode batch 1": (1, 128), "decode batch 16": (16, 128), "prefill 4x512": (4, 512)}
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(previous)
+    if not args.model:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+        torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     fp = fingerprint(model)
@@ -97,7 +113,7 @@ def main() -> None:
         exact[layer] = {"max_rel_diff_vs_reference": float(rel.max()),
                         "max_norm_error_fast": float((norm_ratio - 1).abs().max()),
                         "edited_fraction": float((ref != x.float()).any(-1).float().mean()),
-                        "bf16_eps": torch.finfo(dtype).eps}
+                        "dtype_eps": torch.finfo(dtype).eps}
     ids = torch.randint(10, config.vocab_size, (2, 16), device=device, generator=torch.Generator(device).manual_seed(3))
     seqs = {}
     for fast in (True, False):
@@ -195,7 +211,8 @@ def main() -> None:
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "config": "tiny" if args.tiny else "Llama-3-8B shape, random weights, bfloat16",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "config": args.model or ("tiny" if args.tiny else "Llama-3-8B shape, random weights"), "dtype": args.dtype,
         "edited_layers": layers, "rounds": args.rounds, "new_tokens": args.new, "exactness": exact,
         "results": results, "table": table,
     }
