@@ -23,14 +23,16 @@ parser.add_argument("--methods", default="none,hpr,caa,caa-norm,iti")
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--limit", type=int, default=None, help="first N groups of each split")
 parser.add_argument("--kl-cap", type=float, default=0.5)
+parser.add_argument("--refine", type=int, default=0, help="bisection steps toward the KL cap")
 parser.add_argument("--data", default=None)
 parser.add_argument("--out-dir", required=True, type=Path)
 args = parser.parse_args()
 
 model, tok = hpredit.load_model()
 for task in args.tasks.split(","):
-    out = args.out_dir / task.replace(":", "-")
+    out = args.out_dir / (task.replace(":", "-") + (f"-refine{args.refine}" if args.refine else ""))
     result = compare(model, tok, methods=args.methods.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-                     task=task, data=args.data, kl_cap=args.kl_cap, limit=args.limit, out=out, progress=False)
+                     task=task, data=args.data, kl_cap=args.kl_cap, limit=args.limit, refine=args.refine,
+                     out=out, progress=False)
     print(f"## {task}\n{markdown_table(result)}")
     print(json.dumps({"task": task, "seconds": result["seconds"]}), flush=True)

@@ -231,6 +231,23 @@ def test_choose_strength_halves_when_every_strength_is_over_the_cap(model_tok):
     assert pick["over_kl_cap"] and pick["strength"] == 0.5  # none under the cap: the lowest KL, flagged
 
 
+def test_refine_bisects_toward_the_cap(model_tok):
+    model, tok = model_tok
+    neutral = neutral_text(model, tok, max_new_tokens=4, prompts=("The river", "Hi"))
+    editor = random_editor("caa", model)
+    items = bd.load_toxigen()[:2]
+    kl = {s: choose_strength(model, tok, [editor], [s], items, neutral, kl_cap=1e9, task="toxigen")["tried"][0]["kl"]
+          for s in (0.25, 4.0)}
+    cap = (kl[0.25] + kl[4.0]) / 2
+    pick = choose_strength(model, tok, [editor], [0.25, 4.0], items, neutral, kl_cap=cap, refine=3, task="toxigen")
+    tried = [t["strength"] for t in pick["tried"]]
+    assert tried[:2] == [0.25, 4.0] and len(tried) == 5 and tried[2] == pytest.approx(2.125)
+    under = [t for t in pick["tried"] if t["val"] is not None]
+    over = [t for t in pick["tried"] if t["val"] is None]
+    assert max(t["strength"] for t in under) < min(t["strength"] for t in over)  # the gap narrows around the cap
+    assert all(t["kl"] <= cap for t in under) and all(t["kl"] > cap for t in over)
+
+
 def test_compare_on_toxigen_tiny(model_tok, tmp_path):
     model, tok = model_tok
     rows = [{"text": f"statement number {i}", "is_toxic": i % 2 == 0} for i in range(20)]

@@ -304,6 +304,7 @@ def compare(
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds; mean ± std over them.")] = "0,1,2",
     kl_cap: Annotated[float, typer.Option(help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have.")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N items (questions, pairs) of each split (quick runs).")] = None,
+    refine: Annotated[int, typer.Option(help="Bisection steps between the strongest strength under the KL cap and the weakest over it.")] = 0,
     data: Annotated[Optional[Path], typer.Option("--data", help="Local data file of the task (default: see docs/tasks.md).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Writes results.json, table.md and a figure (task metric against KL) here.")] = Path("out/compare"),
     dtype: DtypeOpt = "float32",
@@ -324,7 +325,7 @@ def compare(
         raise HpreditError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     m, tok = load_model(model, dtype=dtype, device=device)
     result = run_compare(m, tok, methods=[x.strip() for x in methods.split(",") if x.strip()], seeds=seed_list,
-                         task=task, data=data, kl_cap=kl_cap, limit=limit, out=out)
+                         task=task, data=data, kl_cap=kl_cap, limit=limit, refine=refine, out=out)
     console.print(markdown_table(result))
     console.print(f"results in {out} ({result['seconds']} s)")
 

@@ -124,6 +124,7 @@ def choose_strength(
     max_doublings: int = 0,
     log: Callable[[str], None] = lambda s: None,
     task: Task | str = "truthfulqa-mc",
+    refine: int = 0,
 ) -> dict:
     """Choose an editor (e.g. one of ITI's head counts) and strength on the validation items.
 
@@ -132,7 +133,10 @@ def choose_strength(
     (ties: the weaker strength). While the grid's largest strength is still under the cap it is
     doubled, and while every strength is over it the smallest is halved, at most
     ``max_doublings`` times each way, so that no method stops short of the cap or is judged only
-    above it. When no setting qualifies, the lowest-KL one is taken and flagged. Returns ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
+    above it. ``refine`` bisection steps then narrow the gap between the strongest setting under the
+    cap and the weakest above it, so that a coarse grid does not favour a method whose grid point
+    happens to land near the cap. When no setting qualifies, the lowest-KL one is taken and
+    flagged. Returns ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
     """
     task = get_task(task) if isinstance(task, str) else task
     key = task.primary
@@ -159,6 +163,17 @@ def choose_strength(
         while not any(under) and n < max_doublings:  # all over the cap: go weaker
             s, n = s / 2, n + 1
             under.append(attempt(ed, s))
+        mine = tried[len(tried) - len(under):]
+        below = [t["strength"] for t in mine if t["val"] is not None]
+        above = [t["strength"] for t in mine if t["val"] is None and below and t["strength"] > max(below)]
+        if below and above:
+            lo, hi = max(below), min(above)
+            for _ in range(refine):  # bisect toward the cap
+                mid = (lo + hi) / 2
+                if attempt(ed, mid):
+                    lo = mid
+                else:
+                    hi = mid
     ok = [i for i, t in enumerate(tried) if t["val"] is not None]
     if ok:
         best = max(ok, key=lambda i: (tried[i]["val"][key], -tried[i]["strength"]))
@@ -178,6 +193,7 @@ def compare(
     limit: int | None = None,
     strengths: dict[str, Sequence[float]] | None = None,
     max_doublings: int = 3,
+    refine: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -191,7 +207,8 @@ def compare(
     fluency cost (nats/token on neutral text) a strength may have to be chosen; when none qualifies
     the weakest setting is taken and flagged. Each method's grid is doubled beyond its largest
     value (at most ``max_doublings`` times) while that value is still under the cap, so no method
-    is stopped short of the cap. ``strengths`` overrides the grids (then tried as given).
+    is stopped short of the cap; ``refine`` bisection steps then approach the cap (see
+    :func:`choose_strength`). ``strengths`` overrides the grids (then tried as given).
     """
     the_task = get_task(task)
     unknown = [m for m in methods if m not in METHODS]
@@ -233,7 +250,8 @@ def compare(
             else:
                 pick = choose_strength(model, tok, m.fit(stores, model), (strengths or {}).get(name, m.strengths), val_q,
                                        neutral, kl_cap, 0 if strengths else max_doublings,
-                                       log=lambda text, name=name: log(f"seed {seed} {name}: {text}"), task=the_task)
+                                       log=lambda text, name=name: log(f"seed {seed} {name}: {text}"), task=the_task,
+                                       refine=0 if strengths else refine)
                 chosen_ed, chosen_s, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
             test = _score(model, tok, the_task, test_q, chosen_ed, chosen_s)
             cost = _fluency(model, neutral, chosen_ed, chosen_s)
@@ -268,6 +286,7 @@ def compare(
         "methods": {m: METHODS[m].note for m in methods},
         "seeds": list(seeds),
         "kl_cap": kl_cap,
+        "refine": refine,
         "limit": limit,
         "neutral_text": "the model's own greedy continuations of hpredit.evaluation.side_effects.NEUTRAL_PROMPTS "
                         f"({int(neutral.scored.sum())} tokens)",
