@@ -85,6 +85,10 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.json").write_text('[\n{"text": "a", "is_toxic": true},\n{"text": \n')
     with pytest.raises(HpreditError, match=r"broken.json:3: not valid JSON"):
         bd.load_toxigen(tmp_path / "broken.json")
+    rows = [{"text": "a", "is_toxic": True}, {"text": "b", "is_toxic": False}, {"text": "c", "is_toxic": "no"}]
+    _write(tmp_path / "array.json", rows, jsonl=False)  # indent=1: each record spans 4 lines, the third starts on line 10
+    with pytest.raises(HpreditError, match=r"array.json:10: field 'is_toxic' must be true or false"):
+        bd.load_toxigen(tmp_path / "array.json")
     (tmp_path / "none.json").write_text("[]")
     with pytest.raises(HpreditError, match="none.json: no items"):
         bd.load_toxigen(tmp_path / "none.json")

@@ -119,6 +119,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     if text.lstrip().startswith("["):
         decoder = json.JSONDecoder()
         i = text.index("[") + 1
+        line, counted = 1, 0  # line number at offset ``counted``, advanced as we go (not rescanned)
         while True:
             while i < len(text) and text[i] in " \t\r\n,":
                 i += 1
@@ -126,7 +127,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
                 raise HpreditError(f"{path}: the JSON array is not closed")
             if text[i] == "]":
                 return
-            line = text.count("\n", 0, i) + 1
+            line, counted = line + text.count("\n", counted, i), i
             try:
                 obj, i = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
