@@ -188,7 +188,8 @@ def test_bbq_metrics_by_hand(monkeypatch):
                                                             {"ambiguous": amb, "biased": biased, "unknown": unknown})
     items = [mk(0, False, 2, 1), mk(2, False, 2, 1), mk(1, True, 0, 1), mk(1, True, 2, 1), mk(1, True, 0, 1)]
     pred = np.array([2, 2, 0, 1, 2])
-    monkeypatch.setattr(T, "_choice_predictions", lambda m, t, its: (pred, np.zeros(len(its))))
+    monkeypatch.setattr(T, "_choice_predictions", lambda m, t, its: (
+        pred, pred == np.array([it.target for it in its]), np.zeros(len(its))))
     out = T.get_task("bbq").score(None, None, items)
     assert out["acc"] == pytest.approx(2 / 5) and out["acc_disambig"] == 0.5 and out["acc_ambig"] == pytest.approx(1 / 3)
     assert out["bias_disambig"] == pytest.approx(2 * 2 / 2 - 1)  # both non-unknown answers are the biased one

@@ -323,14 +323,15 @@ def truthfulqa_pairs(
         selected = selected[:limit]
     if not selected:
         raise HpreditError(f"split {'+'.join(chosen)!r} has no questions")
-    pairs = []
-    for i in selected:
-        q = questions[i]
-        prompt = qa_prompt(q.question, primer)
-        for good in q.correct_answers:
-            for bad in q.incorrect_answers:
-                pairs.append(ContrastivePair(prompt, " " + good, " " + bad, group=q.index, split=which[i]))
+    pairs = [p for i in selected for p in question_pairs(questions[i], which[i], primer)]
     return ContrastivePairs(pairs, qsplit)
+
+
+def question_pairs(q: Question, split: str | None = None, primer: str = QA_PRIMER) -> list[ContrastivePair]:
+    """Every correct × incorrect answer of one TruthfulQA question, in the evaluation format."""
+    prompt = qa_prompt(q.question, primer)
+    return [ContrastivePair(prompt, " " + good, " " + bad, group=q.index, split=split)
+            for good in q.correct_answers for bad in q.incorrect_answers]
 
 
 def two_fold_split(n: int, seed: int = 0, val_fraction: float = 0.2, shuffle: bool = True) -> list[QuestionSplit]:
@@ -368,4 +369,4 @@ def two_fold_split(n: int, seed: int = 0, val_fraction: float = 0.2, shuffle: bo
     return folds
 
 
-__all__ += ["read_records", "two_fold_split"]
+__all__ += ["question_pairs", "read_records", "two_fold_split"]

@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from .. import behaviour_data as bd
-from ..data import ContrastivePair, ContrastivePairs, load_truthfulqa, qa_prompt
+from ..data import ContrastivePairs, load_truthfulqa, question_pairs
 from ..errors import HpreditError
 from .truthfulqa import generate_texts, score_continuations, score_truthfulqa_mc
 
@@ -78,17 +78,16 @@ class TruthfulQATask(Task):
 
     def pairs(self, items, split_of, tok):
         """Every correct × incorrect answer (as :func:`hpredit.data.truthfulqa_pairs`)."""
-        return ContrastivePairs([
-            ContrastivePair(qa_prompt(q.question), " " + good, " " + bad, q.index, split_of[q.index])
-            for q in items if q.index in split_of for good in q.correct_answers for bad in q.incorrect_answers])
+        return ContrastivePairs([p for q in items if q.index in split_of for p in question_pairs(q, split_of[q.index])])
 
     def score(self, model, tok, items):
         rows = [q.metrics() for q in score_truthfulqa_mc(model, tok, items).questions]
         return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
 
 
-def _choice_predictions(model, tok, items: list[bd.ChoiceItem]) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted option and the target option's probability (normalised over the options) per item."""
+def _choice_predictions(model, tok, items: list[bd.ChoiceItem]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item: the predicted option, whether it is the target, and the target option's
+    probability (normalised over the options)."""
     scores = score_continuations(model, tok, [(it.prompt, list(it.options)) for it in items]).scores
     pred, p_target = [], []
     for it, s in zip(items, scores):
@@ -96,7 +95,8 @@ def _choice_predictions(model, tok, items: list[bd.ChoiceItem]) -> tuple[np.ndar
         pred.append(int(s.argmax()))
         p = np.exp(s - s.max())
         p_target.append(float(p[it.target] / p.sum()))
-    return np.array(pred), np.array(p_target)
+    pred = np.array(pred)
+    return pred, pred == np.array([it.target for it in items]), np.array(p_target)
 
 
 class ChoiceTask(Task):
@@ -112,8 +112,8 @@ class ToxiGenTask(ChoiceTask):
         return bd.load_toxigen(data)
 
     def score(self, model, tok, items):
-        pred, _ = _choice_predictions(model, tok, items)
-        return {"acc": float(np.mean(pred == np.array([it.target for it in items])))}
+        _, right, _ = _choice_predictions(model, tok, items)
+        return {"acc": float(right.mean())}
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,7 @@ class BBQTask(ChoiceTask):
         return bd.load_bbq(data)
 
     def score(self, model, tok, items):
-        pred, _ = _choice_predictions(model, tok, items)
-        right = pred == np.array([it.target for it in items])
+        pred, right, _ = _choice_predictions(model, tok, items)
         amb = np.array([bool(it.meta["ambiguous"]) for it in items])
         out: dict[str, float | None] = {"acc": float(right.mean()),
                                         "acc_disambig": float(right[~amb].mean()) if (~amb).any() else None,
@@ -150,9 +149,8 @@ class ABTask(ChoiceTask):
         return bd.load_ab(self.behaviour, data)
 
     def score(self, model, tok, items):
-        pred, p_target = _choice_predictions(model, tok, items)
-        return {"p_behaviour": float(p_target.mean()),
-                "acc": float(np.mean(pred == np.array([it.target for it in items])))}
+        _, right, p_target = _choice_predictions(model, tok, items)
+        return {"p_behaviour": float(p_target.mean()), "acc": float(right.mean())}
 
 
 @dataclass(frozen=True)
