@@ -27,12 +27,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_name
 
 
 def main() -> None:
@@ -210,7 +211,7 @@ def main() -> None:
     record = {
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "config": args.model or ("tiny" if args.tiny else "Llama-3-8B shape, random weights"), "dtype": args.dtype,
         "edited_layers": layers, "rounds": args.rounds, "new_tokens": args.new, "exactness": exact,

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CSV = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
+from _common import DEFAULT_CSV, ROOT, cpu_name  # noqa: E402  (also sets TOKENIZERS_PARALLELISM)
 
 
 def main() -> None:
@@ -41,8 +38,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     load_before = os.getloadavg()
     start = time.perf_counter()
     result = hpredit.evaluate(task="truthfulqa-mc", split="all", limit=args.limit, data=args.data,
