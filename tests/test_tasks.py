@@ -43,6 +43,18 @@ def test_bbq_schemas(tmp_path):
     assert "Please choose" not in lt.prompt and [i.group for i in items] == [0, 1, 2]
 
 
+def test_bbq_context_families_share_a_group(tmp_path):
+    """BBQ's two questions of a context, and its disambiguated version, never straddle a split."""
+    amb = {**BBQ_ORIG, "context": "A man and a woman met."}
+    amb_nonneg = {**amb, "question": "Who is good at math?", "question_polarity": "nonneg"}
+    dis = {**amb, "context": "A man and a woman met. The man failed the test.", "context_condition": "disambig", "label": 0}
+    other = {**amb, "context": "A man and a woman met.Later"}  # begins with it, but not at a space
+    alone = {**amb, "context": "Two friends met."}
+    items = bd.load_bbq(_write(tmp_path / "b.jsonl", [alone, dis, amb, other, amb_nonneg]))
+    assert [i.group for i in items] == [0, 1, 1, 3, 1]
+    assert [i.meta["ambiguous"] for i in items] == [True, False, True, True, True]
+
+
 def test_toxigen_refusal_and_ab_local_files(tmp_path):
     tox = bd.load_toxigen(_write(tmp_path / "t.json", [{"text": "x are bad", "is_toxic": True},
                                                         {"text": "the sky is blue", "is_toxic": False}], jsonl=False))

