@@ -1,0 +1,125 @@
+"""Data parallelism with ``torch.distributed``, launched by ``torchrun`` or ``accelerate launch``.
+
+Each rank takes a deterministic share of the work units (batches of texts, groups of questions):
+unit ``i`` belongs to rank ``i % world_size``, so the units are the same ones a single process would
+run, and rank 0 gathers the pieces and writes the same files. A failure on any rank reaches every
+rank at the next synchronisation point (:func:`step`), so all ranks stop with the same one-line
+error; a collective that waits longer than the process group's timeout ends the run instead of
+hanging it. Without a launcher (``WORLD_SIZE`` unset or 1) every function is a no-op for one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import HpreditError
+
+__all__ = ["active", "gather", "init", "is_main", "launched", "mine", "owns", "rank", "step", "world_size"]
+
+T = TypeVar("T")
+
+#: Seconds a rank waits in a collective (for the others to finish a step) before the run ends.
+DEFAULT_TIMEOUT_S = float(os.environ.get("HPREDIT_DIST_TIMEOUT", "1800"))
+
+
+def launched() -> bool:
+    """True when started by a launcher with more than one process (``WORLD_SIZE`` > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def init(timeout_s: float | None = None) -> bool:
+    """Join the launcher's process group once (gloo on CPU, NCCL when each rank has a GPU).
+
+    Returns whether this process now runs as one rank of several. Safe to call repeatedly.
+    """
+    if not launched() or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > local
+        if use_cuda:
+            torch.cuda.set_device(local)
+        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return active()
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that prints and writes."""
+    return rank() == 0
+
+
+def owns(unit: int) -> bool:
+    """Whether work unit ``unit`` (an index in a sequence every rank enumerates alike) is this rank's."""
+    return unit % world_size() == rank()
+
+
+def mine(units: Sequence[T]) -> list[T]:
+    """This rank's share of ``units``: every ``world_size``-th item starting at its rank."""
+    return list(units[rank() :: world_size()])
+
+
+def gather(obj: Any) -> list[Any] | None:
+    """Collect one picklable object from every rank on rank 0 (in rank order); ``None`` elsewhere.
+
+    In a single process: ``[obj]``.
+    """
+    if not active():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _exchange(failure: str | None) -> None:
+    """Share each rank's failure (or ``None``); if any rank failed, raise the first one everywhere."""
+    statuses: list[str | None] = [None] * world_size()
+    dist.all_gather_object(statuses, failure)
+    failed = [(r, msg) for r, msg in enumerate(statuses) if msg is not None]
+    if failed:
+        r, msg = failed[0]
+        raise HpreditError(msg if world_size() == 1 else f"rank {r} of {world_size()}: {msg}")
+
+
+@contextlib.contextmanager
+def step(what: str) -> Iterator[None]:
+    """A stretch of work that every rank finishes together: an exception on one rank is raised on
+    all of them (as one :class:`HpreditError` naming the rank) when the others reach the end.
+
+    In a single process it adds nothing; ``KeyboardInterrupt`` passes through unsynchronised.
+    """
+    if not active():
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, HpreditError):
+            message = f"{what} failed: {type(e).__name__}: {message}"
+        _exchange(message)
+        raise  # unreachable: _exchange raised
+    _exchange(None)

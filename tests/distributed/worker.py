@@ -1,0 +1,35 @@
+"""Run under torchrun by tests/test_distributed.py: one scenario per invocation, results as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from hpredit import distributed as dist
+from hpredit.errors import HpreditError
+
+
+def main(scenario: str, out: str) -> None:
+    assert dist.init(timeout_s=60)
+    if scenario == "gather":
+        units = list(range(7))
+        result = dist.gather({"rank": dist.rank(), "mine": dist.mine(units), "owns": [u for u in units if dist.owns(u)]})
+        if dist.is_main():
+            with open(out, "w") as f:
+                json.dump(result, f)
+    elif scenario == "fail":
+        try:
+            with dist.step("collecting"):
+                if dist.rank() == 1:
+                    raise HpreditError("data.jsonl:3: field 'positive' must be a non-empty string")
+                time.sleep(1)  # rank 0 is still working when rank 1 fails
+        except HpreditError as e:
+            with open(f"{out}.{dist.rank()}", "w") as f:
+                f.write(str(e))
+            sys.exit(2)
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
