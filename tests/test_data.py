@@ -131,3 +131,134 @@ def test_truthfulqa_pairs_bad_split_and_limit(truthfulqa_csv):
     with pytest.raises(HpreditError, match="has no questions"):
         truthfulqa_pairs(split="val", fractions=(0.5, 0.0, 0.5), path=truthfulqa_csv)
     assert len({p.group for p in truthfulqa_pairs(limit=3, path=truthfulqa_csv)}) == 3
+
+
+# --------------------------------------------------------------------------- bad files and missing data (issue 14)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not a text"),
+    ('{"prompt": "caf\u00e9", "positive": " a"}\n'.encode("latin-1"), r"is not UTF-8 text \(byte 15\)"),
+    (b"[" * 200_000, r"p.jsonl:1: not valid JSON \(nested too deeply\)"),
+    (b'{"prompt": "x", "positive": ' + b"[" * 200_000 + b"\n", r"p.jsonl:1: not valid JSON"),
+])
+def test_jsonl_unreadable_files(tmp_path, content, message):
+    (tmp_path / "p.jsonl").write_bytes(content)
+    with pytest.raises(HpreditError, match=message):
+        ContrastivePairs.from_jsonl(tmp_path / "p.jsonl")
+
+
+def test_jsonl_directory_is_named_as_such(tmp_path):
+    with pytest.raises(HpreditError, match="is a directory: give the JSON/JSONL file itself"):
+        ContrastivePairs.from_jsonl(tmp_path)
+
+
+@pytest.mark.parametrize("positive,negative", [(" Blue.", " Blue."), (" Blue.", "  Blue. "), ("Blue\tsky", "Blue sky")])
+def test_identical_pairs_are_refused_with_file_line(tmp_path, positive, negative):
+    p = _write(tmp_path / "p.jsonl", [
+        {"prompt": "Q: sky?\nA:", "positive": " blue", "negative": " green"},
+        {"prompt": "Q: sky?\nA:", "positive": positive, "negative": negative},
+    ])
+    with pytest.raises(HpreditError, match=r"p.jsonl:2: the positive and negative completions are the same"):
+        ContrastivePairs.from_jsonl(p)
+
+
+def test_check_pairs_names_the_index():
+    from hpredit.data import ContrastivePair, check_pairs
+
+    check_pairs([ContrastivePair("p", " a", " b")])
+    with pytest.raises(HpreditError, match=r"pair 1: the positive and negative completions are the same"):
+        check_pairs([ContrastivePair("p", " a", " b"), ContrastivePair("p", " a ", "a")])
+
+
+def test_truthfulqa_csv_not_utf8_or_a_directory(tmp_path, truthfulqa_csv):
+    bad = tmp_path / "tqa.csv"
+    text = truthfulqa_csv.read_text(encoding="utf-8")
+    bad.write_bytes(text.encode("utf-16"))
+    with pytest.raises(HpreditError, match="is UTF-16 text, not UTF-8: save the TruthfulQA CSV as UTF-8"):
+        load_truthfulqa(bad)
+    bad.write_bytes(text.encode("cp1252", errors="replace"))
+    with pytest.raises(HpreditError, match="is not UTF-8 text"):
+        load_truthfulqa(bad)
+    with pytest.raises(HpreditError, match="is a directory"):
+        load_truthfulqa(tmp_path)
+
+
+def test_check_truthfulqa_source(tmp_path, truthfulqa_csv, monkeypatch):
+    from hpredit import data
+
+    data.check_truthfulqa_source(truthfulqa_csv)
+    monkeypatch.setenv("HPREDIT_TRUTHFULQA", str(truthfulqa_csv))
+    data.check_truthfulqa_source()
+    with pytest.raises(HpreditError, match="does not exist"):
+        data.check_truthfulqa_source(tmp_path / "none.csv")
+    (tmp_path / "cols.csv").write_text("Question,Answer\nq,a\n")
+    with pytest.raises(HpreditError, match="missing column"):
+        data.check_truthfulqa_source(tmp_path / "cols.csv")
+    monkeypatch.delenv("HPREDIT_TRUTHFULQA")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HpreditError, match=r"no TruthfulQA data: pass the CSV with --data \(or set \$HPREDIT_TRUTH"):
+        data.check_truthfulqa_source()
+    with pytest.raises(HpreditError, match="no TruthfulQA data"):
+        load_truthfulqa()  # the loader says the same, never a datasets traceback
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(HpreditError, match="hub' extra"):
+        data.check_truthfulqa_source()
+
+
+def test_truthfulqa_hub_failure_is_one_line(monkeypatch):
+    import datasets
+
+    def down(*a, **k):
+        raise ConnectionError("Couldn't reach 'truthfulqa/truthful_qa' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HPREDIT_TRUTHFULQA", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", down)
+    with pytest.raises(HpreditError, match=r"could not load TruthfulQA from the hub \(Couldn't reach.*--data"):
+        load_truthfulqa()
+
+
+def test_hub_reachable_uses_the_endpoint(monkeypatch):
+    import socket
+
+    from hpredit import data
+
+    seen = []
+
+    def connect(address, timeout):
+        seen.append(address)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080")
+    assert data.hub_reachable() is False and seen == [("mirror.local", 8080)]
+
+
+def test_behaviour_check_source(tmp_path, monkeypatch):
+    from hpredit import behaviour_data as bd
+
+    bd.check_source("bbq")  # offline (conftest): the installed package copies
+    bd.check_source("ab:sycophancy")
+    (tmp_path / "t.json").write_text("[]")
+    bd.check_source("toxigen", tmp_path / "t.json")
+    with pytest.raises(HpreditError, match="no such file"):
+        bd.check_source("toxigen", tmp_path / "none.json")
+    with pytest.raises(HpreditError, match="is a directory"):
+        bd.check_source("refusal", tmp_path)
+    with pytest.raises(HpreditError, match="unknown behaviour task 'bbq2'"):
+        bd.check_source("bbq2")
+    with pytest.raises(HpreditError, match="unknown A/B behaviour set 'greed'"):
+        bd.check_source("ab:greed")
+    monkeypatch.setattr(bd, "_package_file", lambda package, rel: None)
+    with pytest.raises(HpreditError, match=r"no BBQ data offline: pass a local file with --data \(or \$HPREDIT_BBQ\)"):
+        bd.check_source("bbq")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(bd, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(HpreditError, match=r"no ToxiGen data: the hub is unreachable; pass a local file with --data"):
+        bd.check_source("toxigen")
+    with pytest.raises(HpreditError, match="'hallucination' is not on the hub"):
+        bd.check_source("ab:hallucination")
+    monkeypatch.setattr(bd, "hub_reachable", lambda timeout=3.0: True)
+    bd.check_source("refusal")

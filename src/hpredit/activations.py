@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_directory, read_json
-from .data import ContrastivePair, ContrastivePairs
+from .artifacts import atomic_directory, read_json, sha256_file
+from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs
 from .errors import HpreditError
-from .models import ModelFingerprint, attention_output, backbone, decoder_layers, fingerprint
+from .hooks import StopForward, record
+from .models import ModelFingerprint, backbone, decoder_layers, fingerprint, pad_token_id
 from .prefix import PrefixCache, common_prefix_length, pad_right
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["ActivationStore", "collect_activations", "tokenize_completion"]
 
 STORE_FORMAT_VERSION = 1
 _SHARD_BYTES = 1 << 30  # at most ~1 GiB per safetensors shard
+_INDEX_NAME = "index.safetensors"
+_SITES = ("residual", "heads")
+#: What ``collect_activations(dtype=...)`` accepts by name (``auto``: float16 unless it would overflow).
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -44,6 +55,7 @@ class ActivationStore:
     texts: list[tuple[str, str]]
     fingerprint: ModelFingerprint
     site: str = "residual"  #: ``residual`` (block outputs) or ``heads`` (attention output projection input)
+    dtype_choice: str = ""  #: how the storage type was chosen, e.g. ``auto: bfloat16 (float16 overflows at layer 9)``
 
     @property
     def hidden_size(self) -> int:
@@ -91,9 +103,7 @@ class ActivationStore:
                 name = f"acts-{n:05d}-of-{len(chunks):05d}.safetensors"
                 save_file({f"layer.{self.layers[r]}": self.acts[r].contiguous() for r in rows}, tmp / name)
                 shards.append(name)
-            save_file(
-                {"offsets": self.offsets, "pairs": self.pairs, "groups": self.groups}, tmp / "index.safetensors"
-            )
+            save_file({"offsets": self.offsets, "pairs": self.pairs, "groups": self.groups}, tmp / _INDEX_NAME)
             meta = {
                 "format": "hpredit-activations",
                 "format_version": STORE_FORMAT_VERSION,
@@ -104,37 +114,121 @@ class ActivationStore:
                 "texts": self.texts,
                 "model": self.fingerprint.to_dict(),
                 "site": self.site,
+                "dtype_choice": self.dtype_choice,
+                "sha256": {name: sha256_file(tmp / name) for name in [*shards, _INDEX_NAME]},
             }
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ActivationStore:
+        """Read a store written by :meth:`save`, checking every entry of ``meta.json``, the checksum
+        of every file and the shapes of every tensor; any problem is one :class:`HpreditError`."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise HpreditError(f"activation store {directory} is missing (expected a directory written by collect)")
         meta = read_json(directory / "meta.json", "activation store")
         if meta.get("format") != "hpredit-activations" or meta.get("format_version") != STORE_FORMAT_VERSION:
-            raise HpreditError(f"{directory} is not an hpredit activation store (format version {STORE_FORMAT_VERSION})")
+            raise HpreditError(
+                f"{directory} is not an hpredit activation store (format version {STORE_FORMAT_VERSION})"
+            )
+        where = f"activation store {directory}"
+        fp, layers, shards = _check_meta(meta, where)
+        _verify_checksums(directory, meta, [*shards, _INDEX_NAME], where)
         try:
             tensors: dict[str, torch.Tensor] = {}
-            for shard in meta["shards"]:
+            for shard in shards:
                 tensors.update(load_file(directory / shard))
-            index = load_file(directory / "index.safetensors")
-            acts = torch.stack([tensors[f"layer.{i}"] for i in meta["layers"]])
+            index = load_file(directory / _INDEX_NAME)
+            acts = torch.stack([tensors[f"layer.{i}"] for i in layers])
+            offsets, pairs, groups = index["offsets"], index["pairs"], index["groups"]
         except (SafetensorError, OSError, KeyError, RuntimeError) as e:
-            raise HpreditError(f"activation store {directory} is damaged: {e}") from None
+            raise HpreditError(f"{where} is damaged: {e}") from None
+        texts, splits = meta["texts"], meta["splits"]
+        _check_index(offsets, pairs, groups, acts, len(texts), len(splits), where)
         return cls(
             acts=acts,
-            layers=list(meta["layers"]),
-            offsets=index["offsets"],
-            pairs=index["pairs"],
-            groups=index["groups"],
-            splits=list(meta["splits"]),
-            texts=[tuple(t) for t in meta["texts"]],
-            fingerprint=ModelFingerprint.from_dict(meta["model"]),
+            layers=layers,
+            offsets=offsets,
+            pairs=pairs,
+            groups=groups,
+            splits=list(splits),
+            texts=[(t[0], t[1]) for t in texts],
+            fingerprint=fp,
             site=meta.get("site", "residual"),
+            dtype_choice=str(meta.get("dtype_choice", "")),
         )
 
 
-def tokenize_completion(tok, prompt: str, completion: str) -> tuple[list[int], int]:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_meta(meta: dict, where: str) -> tuple[ModelFingerprint, list[int], list[str]]:
+    """The fingerprint, layers and shard names of a store's ``meta.json``, every entry type-checked."""
+    for key in ("model", "layers", "shards", "splits", "texts"):
+        if key not in meta:
+            raise HpreditError(f"{where}: meta.json has no {key!r} entry")
+    try:
+        fp = ModelFingerprint.from_dict(meta["model"])
+    except HpreditError as e:
+        raise HpreditError(f"{where}: meta.json 'model': {e}") from None
+    layers = meta["layers"]
+    if not (isinstance(layers, list) and layers and all(_is_int(i) for i in layers)):
+        raise HpreditError(f"{where}: meta.json 'layers' must be a non-empty list of integers")
+    if len(set(layers)) != len(layers) or any(not 0 <= i < fp.num_layers for i in layers):
+        raise HpreditError(f"{where}: meta.json 'layers' {layers} must be distinct layers of a "
+                           f"{fp.num_layers}-layer model")
+    shards = meta["shards"]
+    if not (isinstance(shards, list) and shards and all(isinstance(n, str) for n in shards)):
+        raise HpreditError(f"{where}: meta.json 'shards' must be a non-empty list of file names")
+    outside = [n for n in shards if n != Path(n).name or n in ("", ".", "..") or "\\" in n]
+    if outside:
+        raise HpreditError(f"{where}: shard {outside[0]!r} is not a file inside the store (refused)")
+    splits = meta["splits"]
+    if not (isinstance(splits, list) and all(s is None or s in SPLIT_NAMES for s in splits)):
+        raise HpreditError(f"{where}: meta.json 'splits' must be a list of {', '.join(SPLIT_NAMES)} or null")
+    texts = meta["texts"]
+    if not (isinstance(texts, list) and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                            for t in texts)):
+        raise HpreditError(f"{where}: meta.json 'texts' must be a list of [prompt, completion] strings")
+    if meta.get("site", "residual") not in _SITES:
+        raise HpreditError(f"{where}: meta.json 'site' must be one of {', '.join(_SITES)}")
+    return fp, list(layers), list(shards)
+
+
+def _verify_checksums(directory: Path, meta: dict, names: list[str], where: str) -> None:
+    """Compare each file with ``meta["sha256"]`` (stores written before checksums existed have none)."""
+    sums = meta.get("sha256")
+    if sums is None:
+        return
+    if not (isinstance(sums, dict) and all(isinstance(sums.get(n), str) for n in names)):
+        raise HpreditError(f"{where}: meta.json 'sha256' must give a checksum for every file")
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            raise HpreditError(f"{where}: {name} is missing")
+        if sha256_file(path) != sums[name]:
+            raise HpreditError(f"{where}: {name} does not match its checksum in meta.json (damaged or edited after "
+                               "saving): collect the activations again")
+
+
+def _check_index(offsets: torch.Tensor, pairs: torch.Tensor, groups: torch.Tensor, acts: torch.Tensor,
+                 n_texts: int, n_splits: int, where: str) -> None:
+    """Shapes and ranges of the index tensors against ``meta.json`` and the activations."""
+    ok = (offsets.dim() == 1 and len(offsets) == n_texts + 1 and not offsets.dtype.is_floating_point
+          and int(offsets[0]) == 0 and bool((offsets[1:] >= offsets[:-1]).all())
+          and int(offsets[-1]) == acts.shape[1])
+    if not ok:
+        raise HpreditError(f"{where}: the text offsets do not match the {n_texts} texts and {acts.shape[1]} tokens")
+    if not (pairs.dim() == 2 and pairs.shape[1] == 2 and not pairs.dtype.is_floating_point
+            and bool(((pairs >= 0) & (pairs < n_texts)).all())):
+        raise HpreditError(f"{where}: the pair index must be (n_pairs, 2) text indices below {n_texts}")
+    if len(pairs) != n_splits or tuple(groups.shape) != (len(pairs),):
+        raise HpreditError(f"{where}: {len(pairs)} pairs but {n_splits} splits and {tuple(groups.shape)} groups "
+                           "(meta.json and index.safetensors disagree)")
+
+
+def tokenize_completion(tok: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
     """Token ids of ``prompt + completion`` and the index where the completion's tokens start.
 
     The prompt's tokens must be a prefix of the full text's tokens; where the tokenizer merges
@@ -150,50 +244,17 @@ def tokenize_completion(tok, prompt: str, completion: str) -> tuple[list[int], i
     return full_ids, start
 
 
-class _Stop(Exception):
-    pass
+@dataclass
+class _Texts:
+    """The unique ``(prompt, completion)`` texts of the pairs, tokenized, and each pair's two text indices."""
+
+    texts: list[tuple[str, str]]
+    encoded: list[tuple[list[int], int]]  # (token ids of prompt + completion, index of the first completion token)
+    pair_rows: list[list[int]]
 
 
-@torch.no_grad()
-def collect_activations(
-    model,
-    tok,
-    pairs: ContrastivePairs | Sequence[ContrastivePair],
-    layers: Sequence[int] | None = None,
-    batch_size: int = 16,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    layers_path: str | None = None,
-    prefix_cache: bool = True,
-    site: str | Sequence[str] = "residual",
-) -> ActivationStore | dict[str, ActivationStore]:
-    """Run the frozen model once per unique text and keep the completion tokens' block outputs.
-
-    All requested ``layers`` (default: every decoder block) come from one forward pass per batch.
-    With ``prefix_cache`` (default) the prompt shared by a text group is computed once (and the
-    prefix shared by all prompts, such as a few-shot primer, once overall) and the completions run
-    on top of its KV cache, right-padded; without it, whole texts run sorted by length, right-padded.
-    ``dtype``: storage type, default float16 (bfloat16 for a bfloat16 model). ``site``:
-    ``residual`` (block outputs, what HPR and CAA edit), ``heads`` (the input of each attention
-    output projection, ``(…, heads·head_dim)``, what ITI edits), or a list of both: then one pass
-    collects all of them and a dict ``{site: store}`` is returned.
-    """
-    sites = [site] if isinstance(site, str) else list(site)
-    bad_sites = [s for s in sites if s not in ("residual", "heads")]
-    if bad_sites or not sites:
-        raise HpreditError(f"unknown activation site(s) {bad_sites or sites}: use residual or heads")
-    pairs = list(pairs)
-    if not pairs:
-        raise HpreditError("no contrastive pairs to collect activations for")
-    path, blocks = decoder_layers(model, layers_path)
-    n_layers = len(blocks)
-    layers = list(range(n_layers)) if layers is None else sorted(set(int(i) for i in layers))
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise HpreditError(f"layers {bad or layers} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
-    if dtype is None:
-        dtype = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
-
+def _unique_texts(tok: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair]) -> _Texts:
+    """Each distinct text once (pairs share completions), tokenized with its completion's start."""
     text_index: dict[tuple[str, str], int] = {}
     texts: list[tuple[str, str]] = []
     pair_rows = []
@@ -206,106 +267,232 @@ def collect_activations(
                 texts.append(key)
             row.append(text_index[key])
         pair_rows.append(row)
-
     encoded = []
     for prompt, completion in texts:
         ids, start = tokenize_completion(tok, prompt, completion)
         if start >= len(ids):
             raise HpreditError(f"completion {completion!r} has no tokens of its own after prompt {prompt[-40:]!r}")
         encoded.append((ids, start))
+    return _Texts(texts, encoded, pair_rows)
 
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    chunks = {s: [[None] * len(texts) for _ in layers] for s in sites}
-    captured: dict[tuple[str, int], torch.Tensor] = {}
-    last = layers[-1]
 
-    def output_hook(i):
-        def hook(_module, _args, output):
-            if "residual" in sites:
-                captured["residual", i] = output[0] if isinstance(output, tuple) else output
-            if i == last and not prefix_cache:
-                raise _Stop
+def _store_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> tuple[torch.dtype, bool]:
+    """``(storage dtype to start with, auto)``: ``auto``/None starts with float16 (bfloat16 for a
+    bfloat16 model) and may switch to bfloat16 where float16 would overflow."""
+    if dtype is None or dtype == "auto":
+        model_dtype = next(model.parameters()).dtype
+        return (torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16), True
+    if isinstance(dtype, torch.dtype):
+        if dtype not in STORE_DTYPES.values():
+            raise HpreditError(f"store dtype {dtype} is not supported: use auto, float16, bfloat16 or float32")
+        return dtype, False
+    if dtype not in STORE_DTYPES:
+        raise HpreditError(f"unknown store dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+    return STORE_DTYPES[dtype], False
 
-        return hook
 
-    def input_hook(i):
-        def hook(_module, args):
-            captured["heads", i] = args[0]
+class _Buffer:
+    """Completion-token rows per site and layer, kept compactly (16-bit) from the start.
 
-        return hook
+    With ``auto``, a value beyond the float16 range switches the whole store to bfloat16 (the rows
+    kept so far are converted; float16 values are exact in float32 and round once to bfloat16).
+    """
 
-    def keep(batch: list[int], offset: int) -> None:
-        """Store the completion rows of ``batch`` from the captured outputs (inputs start at ``offset``)."""
-        for s in sites:
-            for r, layer in enumerate(layers):
-                h = captured[s, layer]
-                for row, i in enumerate(batch):
-                    seq, start = encoded[i]
-                    piece = h[row, start - offset : len(seq) - offset].float()
-                    if dtype == torch.float16 and piece.abs().max() > torch.finfo(torch.float16).max:
-                        raise HpreditError(f"layer {layer} has activations beyond the float16 range: "
-                                           "collect with dtype=torch.bfloat16")
-                    chunks[s][r][i] = piece.to(dtype).cpu()  # stored compactly from the start
+    def __init__(self, sites: list[str], layers: list[int], n_texts: int, dtype: torch.dtype, auto: bool):
+        self.layers, self.dtype, self.auto = layers, dtype, auto
+        self.rows: dict[str, list[list[torch.Tensor | None]]] = {s: [[None] * n_texts for _ in layers] for s in sites}
+        self.note = f"auto: {_name(dtype)}" if auto else f"{_name(dtype)} (requested)"
 
-    handles = [blocks[i].register_forward_hook(output_hook(i)) for i in layers]
-    if "heads" in sites:
-        handles += [attention_output(blocks[i]).register_forward_pre_hook(input_hook(i)) for i in layers]
+    def keep(self, site: str, captured: dict[int, torch.Tensor], batch: list[int], offset: int,
+             encoded: list[tuple[list[int], int]]) -> None:
+        """Store the completion rows of ``batch`` from ``captured`` (the batch's inputs start at token ``offset``)."""
+        for r, layer in enumerate(self.layers):
+            h = captured[layer]
+            for row, i in enumerate(batch):
+                seq, start = encoded[i]
+                piece = h[row, start - offset : len(seq) - offset].float()
+                self._check_range(piece, layer)
+                self.rows[site][r][i] = piece.to(self.dtype).cpu()
+
+    def _check_range(self, piece: torch.Tensor, layer: int) -> None:
+        if self.dtype == torch.float32 or piece.numel() == 0:
+            return
+        peak = piece.abs().max()
+        if not torch.isfinite(peak):
+            raise HpreditError(f"layer {layer} produced NaN or inf activations: the model overflows in its own dtype "
+                               "(load it in float32 or bfloat16)")
+        if self.dtype == torch.float16 and peak > torch.finfo(torch.float16).max:
+            if not self.auto:
+                raise HpreditError(f"layer {layer} has activations beyond the float16 range ({float(peak):.3g}): "
+                                   "use store dtype auto or bfloat16")
+            self._switch(torch.bfloat16, f"auto: bfloat16 (float16 overflows at layer {layer})")
+
+    def _switch(self, dtype: torch.dtype, note: str) -> None:
+        self.dtype, self.note = dtype, note
+        for per_layer in self.rows.values():
+            for row in per_layer:
+                for i, t in enumerate(row):
+                    if t is not None:
+                        row[i] = t.float().to(dtype)
+
+    def assemble(self, site: str, offsets: torch.Tensor) -> torch.Tensor:
+        """``(n_layers, n_tokens, d)`` of one site, freeing the rows as it goes."""
+        per_layer = self.rows[site]
+        width = per_layer[0][0].shape[-1]
+        acts = torch.empty((len(self.layers), int(offsets[-1]), width), dtype=self.dtype)
+        for r in range(len(self.layers)):
+            torch.cat(per_layer[r], out=acts[r])
+            per_layer[r] = []
+        return acts
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _run_on_prompt_caches(runner: nn.Module, data: _Texts, batch_size: int, pad_id: int, captured: dict[str, dict],
+                          buffer: _Buffer, bar) -> None:
+    """Each prompt's tokens run once (the prefix all prompts share, once overall); its completions
+    run in right-padded batches on top of its KV cache."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, (prompt, _) in enumerate(data.texts):
+        by_prompt.setdefault(prompt, []).append(i)
+    # A prompt's tokens: up to the earliest completion start of its texts (the tokenizer may merge across it).
+    prompt_ids = {p: data.encoded[m[0]][0][: min(data.encoded[i][1] for i in m)] for p, m in by_prompt.items()}
+    shared_len = common_prefix_length(list(prompt_ids.values()))
+    root = PrefixCache(runner, list(prompt_ids[data.texts[0][0]][:shared_len]))
+    for prompt, members in by_prompt.items():
+        ids_of_prompt = prompt_ids[prompt]
+        cache = root.extend(ids_of_prompt[shared_len:])
+        for b in range(0, len(members), batch_size):
+            batch = members[b : b + batch_size]
+            ids, mask = pad_right([data.encoded[i][0][len(ids_of_prompt) :] for i in batch], pad_id)
+            cache.run(ids, mask)
+            for site, got in captured.items():
+                buffer.keep(site, got, batch, len(ids_of_prompt), data.encoded)
+            bar.update(len(batch))
+
+
+def _run_whole_texts(runner: nn.Module, data: _Texts, batch_size: int, pad_id: int, captured: dict[str, dict],
+                     buffer: _Buffer, bar) -> None:
+    """Whole texts in right-padded batches sorted by length; the forward stops after the last recorded block."""
+    device = next(runner.parameters()).device
+    order = sorted(range(len(data.texts)), key=lambda i: len(data.encoded[i][0]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        ids, mask = pad_right([data.encoded[i][0] for i in batch], pad_id)
+        with contextlib.suppress(StopForward):
+            runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        for site, got in captured.items():
+            buffer.keep(site, got, batch, 0, data.encoded)
+        bar.update(len(batch))
+
+
+def _check_sites(site: str | Sequence[str]) -> list[str]:
+    sites = [site] if isinstance(site, str) else list(site)
+    bad_sites = [s for s in sites if s not in _SITES]
+    if bad_sites or not sites:
+        raise HpreditError(f"unknown activation site(s) {bad_sites or sites}: use residual or heads")
+    return sites
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    if any(not _is_int(i) for i in layers):
+        raise HpreditError(f"layers must be integers, got {list(layers)}")
+    chosen = sorted(set(layers))
+    bad = [i for i in chosen if not 0 <= i < n_layers]
+    if bad or not chosen:
+        raise HpreditError(f"layers {bad or chosen} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+    return chosen
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    pairs: ContrastivePairs | Sequence[ContrastivePair],
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    dtype: str | torch.dtype | None = "auto",
+    progress: bool = True,
+    layers_path: str | None = None,
+    prefix_cache: bool = True,
+    site: str | Sequence[str] = "residual",
+) -> ActivationStore | dict[str, ActivationStore]:
+    """Run the frozen model once per unique text and keep the completion tokens' activations.
+
+    All requested layers come from one forward pass per batch. With ``prefix_cache`` the prompt
+    shared by a text group is computed once (and the prefix shared by all prompts, such as a
+    few-shot primer, once overall) and the completions run on top of its KV cache, right-padded;
+    without it, whole texts run sorted by length, right-padded.
+
+    Args:
+        model: a causal LM (frozen; hooks are removed afterwards whatever happens).
+        tok: its tokenizer.
+        pairs: contrastive pairs (:func:`hpredit.data.check_pairs` refuses degenerate ones).
+        layers: block indices to keep (default: every decoder block).
+        batch_size: texts per forward pass.
+        dtype: storage type: ``"auto"`` (default: float16, or bfloat16 for a bfloat16 model, switching
+            to bfloat16 when float16 would overflow; the choice is kept in ``dtype_choice`` and
+            ``meta.json``), ``"float16"``, ``"bfloat16"``, ``"float32"`` or a ``torch.dtype``.
+        progress: show a progress bar.
+        layers_path: dotted path of the decoder blocks when they cannot be found automatically.
+        prefix_cache: run completions on the prompts' KV caches (default) or whole texts.
+        site: ``"residual"`` (block outputs, what HPR and CAA edit), ``"heads"`` (the input of each
+            attention output projection, ``(…, heads·head_dim)``, what ITI edits), or a list of both.
+
+    Returns:
+        An :class:`ActivationStore` (``acts``: ``(n_layers, n_tokens, d)``), or for a list of
+        sites a dict ``{site: store}`` filled by one pass.
+
+    Example:
+        >>> from hpredit.data import ContrastivePair
+        >>> pairs = [ContrastivePair("Q: Sky?\\nA:", " Blue.", " Green.")]
+        >>> store = collect_activations(model, tok, pairs, layers=[0, 1], progress=False)
+        >>> store.layers, store.acts.dtype, store.acts.shape[-1] == model.config.hidden_size
+        ([0, 1], torch.float16, True)
+    """
+    sites = _check_sites(site)
+    pairs = list(pairs)
+    if not pairs:
+        raise HpreditError("no contrastive pairs to collect activations for")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise HpreditError(f"batch size must be a positive integer, got {batch_size!r}")
+    path, blocks = decoder_layers(model, layers_path)
+    layers = _check_layers(layers, len(blocks))
+    start_dtype, auto = _store_dtype(dtype, model)
+    data = _unique_texts(tok, pairs)
+    buffer = _Buffer(sites, layers, len(data.texts), start_dtype, auto)
     runner = backbone(model, path)
-    device = next(model.parameters()).device
-    bar = tqdm(total=len(texts), desc="collecting activations", unit="text", disable=not progress)
-    try:
-        if prefix_cache:
-            by_prompt: dict[str, list[int]] = {}
-            for i, (prompt, _) in enumerate(texts):
-                by_prompt.setdefault(prompt, []).append(i)
-            heads = {g: encoded[m[0]][0][: min(encoded[i][1] for i in m)] for g, m in by_prompt.items()}
-            shared = common_prefix_length(list(heads.values()))
-            root = PrefixCache(runner, list(heads[texts[0][0]][:shared]))
-            for g, members in by_prompt.items():
-                head = heads[g]
-                cache = root.extend(head[shared:])
-                for b in range(0, len(members), batch_size):
-                    batch = members[b : b + batch_size]
-                    ids, mask = pad_right([encoded[i][0][len(head):] for i in batch], pad_id)
-                    captured.clear()
-                    cache.run(ids, mask)
-                    keep(batch, len(head))
-                    bar.update(len(batch))
-        else:
-            order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
-            for b in range(0, len(order), batch_size):
-                batch = order[b : b + batch_size]
-                ids, mask = pad_right([encoded[i][0] for i in batch], pad_id)
-                captured.clear()
-                try:
-                    runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except _Stop:
-                    pass
-                keep(batch, 0)
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
+    bar = tqdm(total=len(data.texts), desc="collecting activations", unit="text", disable=not progress)
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        captured = {
+            s: stack.enter_context(record(model, layers, s, layers_path, stop=not prefix_cache and s == sites[-1]))
+            for s in sites
+        }
+        run = _run_on_prompt_caches if prefix_cache else _run_whole_texts
+        run(runner, data, batch_size, pad_token_id(tok), captured, buffer, bar)
 
-    lengths = torch.tensor([len(ids) - start for ids, start in encoded])
-    offsets = torch.zeros(len(texts) + 1, dtype=torch.long)
+    lengths = torch.tensor([len(ids) - start for ids, start in data.encoded])
+    offsets = torch.zeros(len(data.texts) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(lengths, 0)
-    stores = {}
-    for s in sites:
-        acts = torch.empty((len(layers), int(offsets[-1]), chunks[s][0][0].shape[-1]), dtype=dtype)
-        for r in range(len(layers)):
-            torch.cat(chunks[s][r], out=acts[r])
-            chunks[s][r] = []  # free as we go
-        stores[s] = ActivationStore(
-            acts=acts,
+    fp = fingerprint(model, layers_path)
+    stores = {
+        s: ActivationStore(
+            acts=buffer.assemble(s, offsets),
             layers=layers,
             offsets=offsets,
-            pairs=torch.tensor(pair_rows, dtype=torch.long),
+            pairs=torch.tensor(data.pair_rows, dtype=torch.long),
             groups=torch.tensor([p.group for p in pairs], dtype=torch.long),
             splits=[p.split for p in pairs],
-            texts=texts,
-            fingerprint=fingerprint(model, layers_path),
+            texts=data.texts,
+            fingerprint=fp,
             site=s,
+            dtype_choice=buffer.note,
         )
+        for s in sites
+    }
     return stores[sites[0]] if isinstance(site, str) else stores

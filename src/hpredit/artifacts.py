@@ -1,4 +1,10 @@
-"""Atomic directory writes and checksums shared by editors and activation stores."""
+"""Atomic writes (files and whole directories), output-directory checks and checksums.
+
+Everything hpredit writes goes through here: a file is written to a temporary sibling, flushed
+and renamed into place; a directory is built in a temporary sibling and renamed whole. Readers
+never see half an artifact, and temporary siblings are removed on any exit (exceptions,
+KeyboardInterrupt, and SIGTERM once the CLI turns it into an exception).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,23 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import HpreditError
 
-__all__ = ["atomic_directory", "read_json", "sha256_file"]
+__all__ = [
+    "atomic_directory",
+    "check_output_dir",
+    "read_json",
+    "remove_stale_temporaries",
+    "sha256_file",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -24,37 +40,148 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem allows it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling, fsync and ``os.replace``.
+
+    The file is either the old version or the new one, never half written; its permissions are the
+    usual ones for the umask (not ``mkstemp``'s private 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """Write ``obj`` as JSON (plus a final newline) with :func:`write_text_atomic`."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings an interrupted write of ``target`` left.
+
+    Returns what was removed. Used before overwriting ``target`` (``--force``).
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for stale in target.parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            removed.append(stale)
+    return removed
+
+
+def check_output_dir(path: str | os.PathLike, force: bool = False) -> None:
+    """Refuse an output directory that cannot be written, before any work is done.
+
+    One :class:`HpreditError` each for: an existing path that is not a directory; a non-empty
+    directory without ``force``; a location where nothing can be created (probed by creating the
+    missing parents and a temporary file, both removed again).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HpreditError(f"output {path} exists and is not a directory: choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise HpreditError(f"output directory {path} is not empty: pass --force to overwrite it, or choose another")
+    # The nearest existing ancestor must let us create the directory (or a file inside it).
+    probe_dir = path if path.is_dir() else path.parent
+    created: list[Path] = []
+    try:
+        missing = []
+        p = probe_dir
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            raise HpreditError(f"cannot create output directory {path}: {p} is not a directory")
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, tmp = tempfile.mkstemp(prefix=".hpredit-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise HpreditError(f"cannot write to output directory {path}: {reason}") from None
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
 
-    A crash or exception inside the block leaves ``target`` as it was (absent or the old version)
-    and removes the temporary directory, so readers never see a half-written artifact.
+    A crash or exception inside the block (KeyboardInterrupt and SIGTERM-turned-exception included)
+    leaves ``target`` as it was (absent or the old version) and removes the temporary directory in
+    ``finally``, so readers never see a half-written artifact.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise HpreditError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise HpreditError(f"cannot write {target}: {e.strerror or type(e).__name__}") from None
+    old: Path | None = None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "d")
         os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if not target.exists() and (old / "d").exists():  # interrupted between the two renames
+                with contextlib.suppress(OSError):
+                    os.rename(old / "d", target)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -65,6 +192,8 @@ def read_json(path: Path, what: str) -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HpreditError(f"{what}: {path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise HpreditError(f"{what}: {path} is not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise HpreditError(f"{what}: {path} must hold a JSON object")
     return obj

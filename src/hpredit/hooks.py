@@ -7,10 +7,12 @@ unpatched, weights never touched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from torch import nn
 from .errors import HpreditError
 from .models import attention_output, backbone, decoder_layers
 
-__all__ = ["SCOPES", "EditHandle", "LayerEdit"]
+__all__ = ["SCOPES", "EditHandle", "LayerEdit", "StopForward", "record", "untuple"]
 
 #: Which token positions an attached editor may edit.
 #: ``all``: every token (each still gated by the editor); ``last-prompt-and-generated``: the last
@@ -27,6 +29,87 @@ SCOPES = ("all", "last-prompt-and-generated", "generated")
 
 #: ``edit(hidden (batch, seq, d), mask (batch, seq) bool or None, strength) -> hidden``
 LayerEdit = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+
+
+#: Where :func:`record` reads: block outputs, or the input of each attention output projection
+#: (the concatenated per-head outputs; ``heads`` is the same site under the editors' name).
+RECORD_SITES = ("residual", "attn_in", "heads")
+
+
+def untuple(output: Any) -> torch.Tensor:
+    """The hidden states of a module's output: ``output[0]`` for a tuple, else the output itself."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class StopForward(Exception):
+    """Raised by :func:`record` with ``stop=True`` once the last recorded block has run."""
+
+
+@contextlib.contextmanager
+def record(
+    model: nn.Module,
+    layers: Sequence[int] | None = None,
+    site: str = "residual",
+    layers_path: str | None = None,
+    transform: Callable[[torch.Tensor], Any] | None = None,
+    prepend: bool = False,
+    stop: bool = False,
+) -> Iterator[dict[int, Any]]:
+    """Record activations of ``layers`` (default: every block) during the forwards run inside the block.
+
+    Yields a dict ``{layer: tensor}`` that each forward overwrites: the block output
+    (``site="residual"``, ``(batch, seq, d)``) or the input of the attention output projection
+    (``site="attn_in"``/``"heads"``, ``(batch, seq, heads·head_dim)``), passed through ``transform``
+    when given (e.g. a norm, to keep less). ``prepend`` puts the hooks first in line (before hooks
+    installed earlier, such as an attached editor's). With ``stop`` the forward raises
+    :class:`StopForward` after the last recorded block (the caller catches it), so the blocks above
+    never run. The hooks are removed in ``finally``, whatever happens inside the block.
+
+    Example:
+        >>> with record(model, [0, 2]) as acts:  # doctest: +SKIP
+        ...     model(ids)
+        >>> acts[2].shape  # doctest: +SKIP
+        torch.Size([1, 5, 64])
+    """
+    if site not in RECORD_SITES:
+        raise HpreditError(f"unknown record site {site!r}: use residual or attn_in")
+    _, blocks = decoder_layers(model, layers_path)
+    chosen = list(range(len(blocks))) if layers is None else list(layers)
+    bad = [i for i in chosen if not 0 <= i < len(blocks)]
+    if bad:
+        raise HpreditError(f"layers {bad} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    keep = transform or (lambda t: t)
+    out: dict[int, Any] = {}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def output_hook(i: int):
+        def hook(_module, _args, output):
+            out[i] = keep(untuple(output))
+
+        return hook
+
+    def input_hook(i: int):
+        def hook(_module, args):
+            out[i] = keep(args[0])
+
+        return hook
+
+    def stop_hook(_module, _args, _output):
+        raise StopForward
+
+    try:
+        for i in chosen:
+            if site == "residual":
+                handles.append(blocks[i].register_forward_hook(output_hook(i), prepend=prepend))
+            else:
+                proj = attention_output(blocks[i])
+                handles.append(proj.register_forward_pre_hook(input_hook(i), prepend=prepend))
+        if stop and chosen:
+            handles.append(blocks[max(chosen)].register_forward_hook(stop_hook))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def check_scope(scope: str) -> str:
@@ -173,7 +256,7 @@ class EditHandle:
         state, strength = self._state, self.strength
 
         def hook(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = untuple(output)
             mask = state.edit_mask(hidden.shape[0], hidden.shape[1], hidden.device)
             edited = fn(hidden, mask, strength)
             if isinstance(output, tuple):
@@ -231,7 +314,7 @@ class EditHandle:
     def attached(self) -> bool:
         return bool(self._hooks)
 
-    def __enter__(self) -> EditHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["PrefixCache", "common_prefix_length", "pad_right"]
+__all__ = ["PrefixCache", "cache_kwarg", "common_prefix_length", "pad_right"]
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -41,7 +41,8 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _cache_kwarg(module: nn.Module) -> str:
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword ``module.forward`` takes its KV cache by: ``cache`` (newer transformers) or ``past_key_values``."""
     params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -55,7 +56,7 @@ class PrefixCache:
 
     def __init__(self, module: nn.Module, ids: Sequence[int] = (), _cache=None, _length: int = 0):
         self.module = module
-        self.key = _cache_kwarg(module)
+        self.key = cache_kwarg(module)
         self.cache = _cache
         self.length = _length
         self.device = next(module.parameters()).device

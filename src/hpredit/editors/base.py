@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._version import __version__
 from ..artifacts import atomic_directory, read_json, sha256_file
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
@@ -122,8 +123,6 @@ class Editor(ABC):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``editor.safetensors`` to ``directory`` atomically."""
-        from .. import __version__
-
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, tmp / WEIGHTS_NAME)
