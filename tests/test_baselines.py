@@ -198,3 +198,22 @@ def test_iti_bad_inputs(iti_setup):
         ITIEditor.fit(stores["heads"], num_attention_heads=7)
     with pytest.raises(HpreditError, match="unknown activation site"):
         hpredit.collect_activations(None, None, ITI_PAIRS, site="mlp")
+
+
+def test_iti_refuses_more_heads_than_collected_and_bad_metrics(iti_setup, tmp_path):
+    import json
+
+    from hpredit.editors import ITIEditor
+
+    _, stores, H = iti_setup
+    with pytest.raises(HpreditError, match=rf"num_heads 100 is more than the {3 * H} heads"):
+        ITIEditor.fit(stores["heads"], num_attention_heads=H, num_heads=100, probe_steps=5)
+    ed = ITIEditor.fit(stores["heads"], num_attention_heads=H, num_heads=2, probe_steps=5)
+    ed.save_pretrained(tmp_path / "iti")
+    cfg = json.loads((tmp_path / "iti" / "config.json").read_text())
+    assert all("." in k for k in cfg["metrics"]["val_probe_accuracy"])  # keyed by layer.head, and loads
+    assert hpredit.load_editor(tmp_path / "iti").heads == ed.heads
+    cfg["metrics"]["val_probe_accuracy"] = {"0.1": None}
+    (tmp_path / "iti" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HpreditError, match="'val_probe_accuracy' must map layers to numbers"):
+        hpredit.load_editor(tmp_path / "iti")

@@ -279,3 +279,86 @@ def test_overwrite_replaces_whole_artifact(fitted, tmp_path):
     (d / "stray.txt").write_text("x")
     fitted.select_layers([0, 2]).save_pretrained(d)
     assert hpredit.load_editor(d).layers == [0, 2] and not (d / "stray.txt").exists()
+
+
+# --------------------------------------------------------------------------- nonsense refused (issue 14)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([1, 1], r"layers \[1, 1\] name a layer twice"),
+    ([], "non-empty list of layer indices"),
+    ([0.7, 1.2], "whole non-negative numbers"),
+    (["0", "1"], "whole non-negative numbers"),
+    ([True], "whole non-negative numbers"),
+    ([-1], "whole non-negative numbers"),
+])
+def test_bad_layer_lists_are_refused_at_fit_time(layers, message):
+    from hpredit.editors import CAAEditor
+
+    store = synthetic_store(n_groups=6)
+    with pytest.raises(HpreditError, match=message):
+        HPREditor.fit(store, progress=False, layers=layers)
+    with pytest.raises(HpreditError, match=message):
+        CAAEditor.fit(store, progress=False, layers=layers)
+
+
+def test_top_k_beyond_the_collected_layers_is_refused():
+    from hpredit.editors import CAAEditor
+
+    store = synthetic_store(n_groups=6)
+    for cls, kw in ((HPREditor, {"epochs": 1}), (CAAEditor, {})):
+        with pytest.raises(HpreditError, match=r"top_k 100 is more than the 3 collected layers: choose top_k betwe"):
+            cls.fit(store, progress=False, top_k=100, **kw)
+        assert len(cls.fit(store, progress=False, **kw).layers) == 3  # the default (5) takes all 3
+        assert len(cls.fit(store, progress=False, top_k=3, **kw).layers) == 3
+
+
+def test_configs_validate_on_construction_in_one_style():
+    from hpredit.editors import AdditiveConfig, ITIConfig
+
+    for make, message in [(lambda: HPRConfig(epochs=0), "HPRConfig: epochs must be an integer ≥ 1"),
+                          (lambda: HPRConfig(epochs=2.0), "HPRConfig: epochs must be an integer"),
+                          (lambda: HPRConfig(layers=[3, 3]), "HPRConfig: layers .* name a layer twice"),
+                          (lambda: AdditiveConfig(top_k=0), "AdditiveConfig: top_k must be an integer ≥ 1"),
+                          (lambda: AdditiveConfig(val_fraction=1.5), r"AdditiveConfig: val_fraction must be in \(0"),
+                          (lambda: ITIConfig(num_heads=0), "ITIConfig: num_heads must be null or an integer ≥ 1"),
+                          (lambda: ITIConfig(probe_lr=True), "ITIConfig: probe_lr must be > 0")]:
+        with pytest.raises(HpreditError, match=message):
+            make()
+    config = HPRConfig(epochs=3)
+    with pytest.raises(HpreditError, match="HPRConfig: lr must be > 0"):
+        dataclasses.replace(config, lr=0)
+    with pytest.raises(HpreditError, match=r"HPRConfig: unknown option\(s\) \['epoch'\]"):
+        HPREditor.fit(synthetic_store(n_groups=4), progress=False, epoch=1)
+
+
+def _saved(fitted, tmp_path, change):
+    d = tmp_path / "ed"
+    fitted.save_pretrained(d)
+    _edit_config(d / "config.json", change)
+    return d
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(layers=[]), "'layers' must be a non-empty list of integers"),
+    (lambda c: c.update(layers=[1.0]), "'layers' must be a non-empty list of integers"),
+    (lambda c: c.update(layers=["1"]), "'layers' must be a non-empty list of integers"),
+    (lambda c: c.update(layers=[1, 1]), r"layers \[1, 1\] are invalid .*each layer once"),
+    (lambda c: c["config"].update(layers=[15.7, 16.2]), "whole non-negative numbers"),
+    (lambda c: c["config"].update(top_k="5"), "top_k must be an integer"),
+    (lambda c: c.update(fitted_layers=[0, 1, 1, 2]), "fitted_layers"),
+    (lambda c: c.update(metrics=[0.5]), "'metrics' must be an object"),
+    (lambda c: c["metrics"].update(val_probe_accuracy=[0.5, 0.9]), "'val_probe_accuracy' must map layers to numbers"),
+    (lambda c: c["metrics"].update(val_probe_accuracy={"1": "high"}), "must map layers to numbers"),
+    (lambda c: c["metrics"].update(val_probe_accuracy={"layer one": 0.9}), "keyed by layer numbers"),
+])
+def test_nonsense_artifacts_are_refused_at_load(fitted, tmp_path, change, message):
+    with pytest.raises(HpreditError, match=message):
+        HPREditor.from_pretrained(_saved(fitted, tmp_path, change))
+
+
+def test_loaded_metrics_always_give_probe_accuracy(fitted, tmp_path):
+    back = HPREditor.from_pretrained(_saved(fitted, tmp_path, lambda c: c.update(metrics={})))
+    assert back.probe_accuracy == {}
+    back = HPREditor.from_pretrained(_saved(fitted, tmp_path, lambda c: None))
+    assert back.probe_accuracy == pytest.approx(fitted.probe_accuracy)

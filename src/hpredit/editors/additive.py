@@ -7,7 +7,6 @@ probe's plane". Both fit on the same :class:`~hpredit.activations.ActivationStor
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,13 +16,25 @@ from ..activations import ActivationStore
 from ..errors import HpreditError
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, fitted_layers_from, register_editor, train_val_masks
+from .base import (
+    Editor,
+    EditorConfig,
+    check_layer_request,
+    choose_layers,
+    configure,
+    fitted_layers_from,
+    is_int,
+    is_number,
+    layer_list_problem,
+    register_editor,
+    train_val_masks,
+)
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
 
 
 @dataclass
-class AdditiveConfig:
+class AdditiveConfig(EditorConfig):
     """Hyper-parameters of the additive editors."""
 
     top_k: int = 5  #: layers kept by validation pair accuracy (ignored when ``layers`` is given)
@@ -31,16 +42,13 @@ class AdditiveConfig:
     val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
     seed: int = 42
 
-    def validate(self, where: str = "AdditiveConfig") -> None:
-        if not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise HpreditError(f"{where}: top_k must be an integer ≥ 1")
-        if self.layers is not None and not (isinstance(self.layers, list) and self.layers
-                                            and all(isinstance(i, int) for i in self.layers)):
-            raise HpreditError(f"{where}: layers must be a non-empty list of integers or null")
-        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
-            raise HpreditError(f"{where}: val_fraction must be in (0, 1)")
-        if not isinstance(self.seed, int):
-            raise HpreditError(f"{where}: seed must be an integer")
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (is_int(self.top_k) and self.top_k >= 1, "top_k must be an integer ≥ 1"),
+            (layer_list_problem(self.layers) is None, str(layer_list_problem(self.layers))),
+            (is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (is_int(self.seed), "seed must be an integer"),
+        ]
 
 
 class _AdditiveEditor(Editor):
@@ -76,7 +84,8 @@ class _AdditiveEditor(Editor):
 
         return edit
 
-    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         """Edit activations ``x`` (..., d) of ``layer`` as attach() does."""
         return self.layer_edit(layer, x.device)(x, mask, strength)
 
@@ -87,8 +96,8 @@ class _AdditiveEditor(Editor):
         return {"fitted_layers": self.fitted_layers}
 
     @classmethod
-    def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
-        fitted = fitted_layers_from(extra, layers)
+    def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):
+        fitted = fitted_layers_from(artifact, layers)
         expected = (len(fitted), model.hidden_size)
         if set(tensors) != {"vectors"} or tuple(tensors["vectors"].shape) != expected:
             raise HpreditError(f"editor artifact: expected one tensor 'vectors' of shape {expected}")
@@ -104,8 +113,8 @@ class _AdditiveEditor(Editor):
         Layers are ranked by validation pair accuracy: the fraction of aligned token pairs whose
         positive token projects further along ``v`` than its negative one.
         """
-        config = dataclasses.replace(config or AdditiveConfig(), **overrides)
-        config.validate()
+        config = configure(AdditiveConfig, config, overrides)
+        check_layer_request(acts.layers, config.layers, config.top_k, AdditiveConfig.top_k)
         train, val = train_val_masks(acts, config.val_fraction, config.seed)
         tp, tn = acts.token_pairs(train)
         vp, vn = acts.token_pairs(val)
@@ -113,20 +122,13 @@ class _AdditiveEditor(Editor):
             raise HpreditError("no training token pairs: every completion is empty")
         if len(vp) == 0:
             vp, vn = tp, tn
-        if config.layers is not None:
-            missing = [i for i in config.layers if i not in acts.layers]
-            if missing:
-                raise HpreditError(f"layers {missing} were not collected (collected: {acts.layers})")
         vectors = torch.stack([acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0)
                                for r in range(len(acts.layers))])
         accuracy = {}
         for r, layer in enumerate(acts.layers):
             diff = acts.acts[r, vp].float() - acts.acts[r, vn].float()
             accuracy[layer] = float(((diff @ vectors[r]) > 0).float().mean())
-        if config.layers is not None:
-            layers = sorted(config.layers)
-        else:
-            layers = sorted(sorted(acts.layers, key=lambda i: (-accuracy[i], i))[: config.top_k])
+        layers = choose_layers(accuracy, config.layers, config.top_k)
         metrics = {"val_pair_accuracy": {str(k): v for k, v in accuracy.items()},
                    "train_token_pairs": len(tp), "val_token_pairs": len(vp),
                    "vector_norm": {str(layer): float(vectors[r].norm()) for r, layer in enumerate(acts.layers)}}

@@ -12,8 +12,9 @@ import datetime as _dt
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -26,12 +27,104 @@ from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
 from ..models import ModelFingerprint, fingerprint
 
-__all__ = ["ARTIFACT_FORMAT_VERSION", "Editor", "load_editor", "register_editor", "train_val_masks"]
+__all__ = [
+    "ARTIFACT_FORMAT_VERSION",
+    "Editor",
+    "EditorConfig",
+    "choose_layers",
+    "configure",
+    "load_editor",
+    "register_editor",
+    "train_val_masks",
+]
 
 ARTIFACT_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "editor.safetensors"
 _REGISTRY: dict[str, type[Editor]] = {}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def is_int(x: Any) -> bool:
+    """An integer, not a bool (JSON ``true`` is not a layer) and not a float such as 15.7 or 15.0."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def layer_list_problem(layers: Any) -> str | None:
+    """Why ``layers`` is not ``None`` or a non-empty list of distinct non-negative integers, or None."""
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not layers:
+        return f"layers must be null or a non-empty list of layer indices, got {layers!r}"
+    if not all(is_int(i) and i >= 0 for i in layers):
+        return f"layers must be whole non-negative numbers such as [15, 16], got {layers!r}"
+    if len(set(layers)) != len(layers):
+        return f"layers {layers} name a layer twice: list each layer once"
+    return None
+
+
+class EditorConfig:
+    """Base of the editors' config dataclasses: validated on construction (``__post_init__``), so a
+    config that exists is a valid one, whoever built it (``fit`` overrides, ``from_pretrained``).
+
+    Subclasses list their rules in :meth:`checks` as ``(ok, message)`` pairs.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def checks(self) -> list[tuple[bool, str]]:
+        raise NotImplementedError
+
+    def validate(self, where: str | None = None) -> None:
+        """Raise one :class:`HpreditError` naming the first rule broken (prefixed by ``where``)."""
+        for ok, message in self.checks():
+            if not ok:
+                raise HpreditError(f"{where or type(self).__name__}: {message}")
+
+
+C = TypeVar("C", bound=EditorConfig)
+
+
+def configure(config_class: type[C], config: C | None, overrides: dict[str, Any]) -> C:
+    """``config`` (default: ``config_class()``) with ``overrides`` applied, validated; an unknown
+    option or a bad value is one :class:`HpreditError`."""
+    base = config_class() if config is None else config
+    if not isinstance(base, config_class):
+        raise HpreditError(f"expected a {config_class.__name__}, got {type(base).__name__}")
+    names = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise HpreditError(f"{config_class.__name__}: unknown option(s) {unknown} (known: {', '.join(sorted(names))})")
+    return dataclasses.replace(base, **overrides)  # type: ignore[type-var]  # __post_init__ validates
+
+
+def choose_layers(accuracy: dict[int, float], layers: Sequence[int] | None, top_k: int) -> list[int]:
+    """The layers to edit: ``layers`` when given, else the ``top_k`` best by validation ``accuracy``
+    (ties to the lower layer), sorted. The requests are checked first by :func:`check_layer_request`."""
+    if layers is not None:
+        return sorted(layers)
+    ranked = sorted(accuracy, key=lambda i: (-accuracy[i], i))
+    return sorted(ranked[:top_k])
+
+
+def check_layer_request(collected: Sequence[int], layers: Sequence[int] | None, top_k: int,
+                        default_top_k: int | None = None) -> None:
+    """Refuse, before training, explicit layers that were not collected and a ``top_k`` larger than
+    the collected layers (the default ``top_k`` takes every layer when fewer were collected)."""
+    if layers is not None:
+        missing = [i for i in layers if i not in collected]
+        if missing:
+            raise HpreditError(f"layers {missing} were not collected (collected: {list(collected)})")
+    elif top_k > len(collected) and top_k != default_top_k:
+        raise HpreditError(f"top_k {top_k} is more than the {len(collected)} collected layers: "
+                           f"choose top_k between 1 and {len(collected)}")
 
 
 def register_editor(cls: type[Editor]) -> type[Editor]:
@@ -48,6 +141,8 @@ class Editor(ABC):
     config_class: ClassVar[type]
     #: where the edit applies: ``residual`` (block outputs) or ``heads`` (attention output projection input)
     site: ClassVar[str] = "residual"
+    #: whether the metrics' accuracy tables are keyed by layer (``"15"``); ITI keys them by head (``"15.3"``)
+    metrics_by_layer: ClassVar[bool] = True
 
     def __init__(self, config: Any, layers: list[int], model: ModelFingerprint, metrics: dict | None = None):
         self.config = config
@@ -64,8 +159,11 @@ class Editor(ABC):
     @classmethod
     @abstractmethod
     def _from_tensors(cls, config: Any, layers: list[int], model: ModelFingerprint, metrics: dict,
-                      tensors: dict[str, torch.Tensor], extra: dict) -> Editor:
-        """Rebuild from saved tensors; raise :class:`HpreditError` if they do not fit the config."""
+                      tensors: dict[str, torch.Tensor], artifact: dict) -> Editor:
+        """Rebuild from saved tensors; raise :class:`HpreditError` if they do not fit the config.
+
+        ``artifact`` is the whole ``config.json`` (its method-specific entries, written by
+        :meth:`extra_config`, are read from it)."""
 
     @abstractmethod
     def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32) -> LayerEdit:
@@ -75,6 +173,21 @@ class Editor(ABC):
     def extra_config(self) -> dict:
         """Method-specific entries for ``config.json`` (besides the dataclass config)."""
         return {}
+
+    @classmethod
+    def check_metrics(cls, metrics: Any, where: str) -> dict:
+        """The saved ``metrics``, refused unless each accuracy table maps names to numbers."""
+        if not isinstance(metrics, dict):
+            raise HpreditError(f"{where}: 'metrics' must be an object")
+        for key in ("val_probe_accuracy", "val_pair_accuracy"):
+            table = metrics.get(key)
+            if table is None:
+                continue
+            if not (isinstance(table, dict) and all(is_number(v) for v in table.values())):
+                raise HpreditError(f"{where}: metrics '{key}' must map layers to numbers")
+            if cls.metrics_by_layer and not all(isinstance(k, str) and k.isdigit() for k in table):
+                raise HpreditError(f"{where}: metrics '{key}' must be keyed by layer numbers such as \"15\"")
+        return metrics
 
     # ----------------------------------------------------------------- attach
 
@@ -101,17 +214,35 @@ class Editor(ABC):
         layers: list[int] | None = None,
         layers_path: str | None = None,
     ) -> EditHandle:
-        """Attach to ``model``: returns a handle (use ``with`` or call ``.remove()``).
+        """Attach to ``model`` through forward hooks; the model's weights are never modified.
 
-        ``strength`` scales the edit (α); ``scope`` picks the token positions (see
-        :data:`hpredit.hooks.SCOPES`); ``layers`` overrides the editor's active layers. The model's
-        weights are never modified.
+        Args:
+            model: the model the editor was fitted on (checked by fingerprint: architecture, sizes,
+                a weight digest and, with ``strict``, the name).
+            strength: scales the edit (α); 0 leaves every activation as it is.
+            scope: which token positions are edited: ``all``, ``last-prompt-and-generated`` or
+                ``generated`` (see :data:`hpredit.hooks.SCOPES`).
+            strict: also require the model's name to match.
+            layers: edit these fitted layers instead of the editor's active ones.
+            layers_path: dotted path of the decoder blocks when they cannot be found automatically.
+
+        Returns:
+            An :class:`~hpredit.hooks.EditHandle`: use it in ``with`` or call ``.remove()``, which
+            restores the model exactly.
+
+        Example:
+            >>> with editor.attach(model, strength=0.5):
+            ...     edited = model(ids).logits
+            >>> torch.equal(model(ids).logits, plain)  # detached: the model is as before
+            True
         """
         self.check_model(model, strict=strict, layers_path=layers_path)
         active = self.layers if layers is None else list(layers)
         unknown = [i for i in active if i not in self.available_layers()]
         if unknown:
-            raise HpreditError(f"editor has no module for layer(s) {unknown}: fitted layers are {self.available_layers()}")
+            raise HpreditError(
+                f"editor has no module for layer(s) {unknown}: fitted layers are {self.available_layers()}"
+            )
         param = next(model.parameters())
         edits = {i: self.layer_edit(i, param.device, param.dtype) for i in active}
         return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site)
@@ -122,7 +253,20 @@ class Editor(ABC):
     # ----------------------------------------------------------------- artifact
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``editor.safetensors`` to ``directory`` atomically."""
+        """Write the editor as a directory: ``config.json`` (config, layers, model fingerprint,
+        metrics, the weights' checksum) and ``editor.safetensors``, atomically (whole or not at all).
+
+        Args:
+            directory: where to write; an existing editor there is replaced whole.
+
+        Returns:
+            The directory, as a :class:`~pathlib.Path`.
+
+        Example:
+            >>> path = editor.save_pretrained(tmp / "editor")
+            >>> sorted(p.name for p in path.iterdir())
+            ['config.json', 'editor.safetensors']
+        """
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, tmp / WEIGHTS_NAME)
@@ -144,7 +288,20 @@ class Editor(ABC):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Editor:
-        """Load and validate an artifact written by :meth:`save_pretrained` (no code is run)."""
+        """Load an artifact written by :meth:`save_pretrained`, checking everything before use
+        (format, checksum, config, layers, tensor shapes; no code is run, nothing is unpickled).
+
+        Args:
+            directory: the artifact's directory.
+
+        Returns:
+            The editor (an instance of this class; ``Editor.from_pretrained`` loads any method).
+
+        Example:
+            >>> back = HPREditor.from_pretrained(tmp / "editor")
+            >>> back.layers == editor.layers and torch.equal(back.probe, editor.probe)
+            True
+        """
         editor = load_editor(directory)
         if cls is not Editor and not isinstance(editor, cls):
             raise HpreditError(f"{directory} holds a {editor.method!r} editor, not {cls.method!r}")
@@ -169,10 +326,10 @@ def train_val_masks(acts, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return ~val, val
 
 
-def fitted_layers_from(extra: dict, layers: list[int]) -> list[int]:
+def fitted_layers_from(artifact: dict, layers: list[int]) -> list[int]:
     """The artifact's ``fitted_layers`` (a list of ints containing every active layer), or a clear error."""
-    fitted = extra.get("fitted_layers")
-    if not isinstance(fitted, list) or not all(isinstance(i, int) for i in fitted):
+    fitted = artifact.get("fitted_layers")
+    if not isinstance(fitted, list) or not all(is_int(i) for i in fitted) or len(set(fitted)) != len(fitted):
         raise HpreditError("editor artifact: 'fitted_layers' must be a list of integers")
     if any(i not in fitted for i in layers):
         raise HpreditError(f"editor artifact: layers {layers} are not all among fitted_layers {fitted}")
@@ -187,12 +344,11 @@ def _config_from_dict(config_class: type, d: Any, where: str) -> Any:
     if unknown:
         raise HpreditError(f"{where}: unknown config field(s) {unknown}")
     try:
-        config = config_class(**d)
+        return config_class(**d)  # validated on construction
+    except HpreditError as e:
+        raise HpreditError(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
         raise HpreditError(f"{where}: invalid config ({e})") from None
-    if hasattr(config, "validate"):
-        config.validate(where)
-    return config
 
 
 def load_editor(directory: str | os.PathLike) -> Editor:
@@ -206,7 +362,8 @@ def load_editor(directory: str | os.PathLike) -> Editor:
         raise HpreditError(f"{where}: config.json is not an hpredit editor config")
     if cfg.get("format_version") != ARTIFACT_FORMAT_VERSION:
         raise HpreditError(
-            f"{where}: format version {cfg.get('format_version')!r} is not supported (this hpredit reads {ARTIFACT_FORMAT_VERSION})"
+            f"{where}: format version {cfg.get('format_version')!r} is not supported "
+            f"(this hpredit reads {ARTIFACT_FORMAT_VERSION})"
         )
     method = cfg.get("method")
     if method not in _REGISTRY:
@@ -225,12 +382,15 @@ def load_editor(directory: str | os.PathLike) -> Editor:
         raise HpreditError(f"{where}: cannot read {WEIGHTS_NAME} ({e})") from None
     try:
         model = ModelFingerprint.from_dict(cfg["model"])
-        layers = [int(i) for i in cfg["layers"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise HpreditError(f"{where}: config.json has a bad or missing 'model'/'layers' entry ({e})") from None
+    except (KeyError, HpreditError) as e:
+        raise HpreditError(f"{where}: config.json has a bad or missing 'model' entry ({e})") from None
+    layers = cfg.get("layers")
+    if not (isinstance(layers, list) and layers and all(is_int(i) for i in layers)):
+        raise HpreditError(f"{where}: 'layers' must be a non-empty list of integers, got {layers!r}")
     bad = [i for i in layers if not 0 <= i < model.num_layers]
     if bad or len(set(layers)) != len(layers):
-        raise HpreditError(f"{where}: layers {layers} are invalid for a model with {model.num_layers} layers")
+        raise HpreditError(f"{where}: layers {layers} are invalid for a model with {model.num_layers} layers "
+                           "(each layer once, 0.." + f"{model.num_layers - 1})")
     config = _config_from_dict(klass.config_class, cfg.get("config"), where)
-    metrics = cfg.get("metrics") or {}
+    metrics = klass.check_metrics(cfg.get("metrics") or {}, where)
     return klass._from_tensors(config, layers, model, metrics, tensors, cfg)

@@ -7,9 +7,9 @@ toward their reflection across the hyperplane; the norm is kept exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,25 @@ from ..errors import HpreditError
 from ..geometry import angle_between, fallback_axis, pseudo_rotate, pseudo_rotate_coefficients, rotate_toward
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, fitted_layers_from, register_editor, train_val_masks
+from .base import (
+    Editor,
+    EditorConfig,
+    check_layer_request,
+    choose_layers,
+    configure,
+    fitted_layers_from,
+    is_int,
+    is_number,
+    layer_list_problem,
+    register_editor,
+    train_val_masks,
+)
 
 __all__ = ["HPRConfig", "HPREditor"]
 
 
 @dataclass
-class HPRConfig:
+class HPRConfig(EditorConfig):
     """Hyper-parameters of HPR; the defaults are the reference implementation's."""
 
     angle_depth: int = 4  #: linear layers of the angle MLP: d → d/2 → d/4 → d/8 → 1 for 4
@@ -45,28 +57,24 @@ class HPRConfig:
     fixed_angle: float | None = None  #: a constant angle (radians) instead of the angle predictor
     probe_bias: bool = False  #: give the probe a bias: the "reflection" becomes affine (norm not kept)
 
-    def validate(self, where: str = "HPRConfig") -> None:
-        checks = [
-            (isinstance(self.angle_depth, int) and self.angle_depth >= 1, "angle_depth must be an integer ≥ 1"),
-            (isinstance(self.lr, (int, float)) and self.lr > 0, "lr must be > 0"),
-            (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay must be ≥ 0"),
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
-            (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer ≥ 1"),
-            (isinstance(self.seed, int), "seed must be an integer"),
-            (isinstance(self.top_k, int) and self.top_k >= 1, "top_k must be an integer ≥ 1"),
-            (self.layers is None or (isinstance(self.layers, list) and self.layers and all(isinstance(i, int) for i in self.layers)),
-             "layers must be a non-empty list of integers or null"),
-            (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (is_int(self.angle_depth) and self.angle_depth >= 1, "angle_depth must be an integer ≥ 1"),
+            (is_number(self.lr) and self.lr > 0, "lr must be > 0"),
+            (is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be ≥ 0"),
+            (is_int(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
+            (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be an integer ≥ 1"),
+            (is_int(self.seed), "seed must be an integer"),
+            (is_int(self.top_k) and self.top_k >= 1, "top_k must be an integer ≥ 1"),
+            (layer_list_problem(self.layers) is None, str(layer_list_problem(self.layers))),
+            (is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.angle_layers in ("selected", "all"), "angle_layers must be 'selected' or 'all'"),
             (isinstance(self.gate, bool), "gate must be true or false"),
-            (self.fixed_angle is None or (isinstance(self.fixed_angle, (int, float)) and 0 <= self.fixed_angle <= math.pi),
+            (self.fixed_angle is None or (is_number(self.fixed_angle) and 0 <= self.fixed_angle <= math.pi),
              "fixed_angle must be null or an angle in [0, π]"),
             (isinstance(self.probe_bias, bool), "probe_bias must be true or false"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise HpreditError(f"{where}: {message}")
 
     def mlp_widths(self, d: int) -> list[int]:
         """Widths ``[d, d/2, …, 1]`` of the angle predictor."""
@@ -121,7 +129,8 @@ class HPREditor(Editor):
             return torch.full(x.shape[:-1], float(self.config.fixed_angle), device=x.device)
         r = self._row(layer)
         flat = x.float().reshape(1, -1, x.shape[-1])
-        out = _mlp(flat, [w[r : r + 1].to(x.device) for w in self.weights], [b[r : r + 1].to(x.device) for b in self.biases])
+        weights = [w[r : r + 1].to(x.device) for w in self.weights]
+        out = _mlp(flat, weights, [b[r : r + 1].to(x.device) for b in self.biases])
         return math.pi * torch.sigmoid(out).reshape(x.shape[:-1])
 
     def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None,
@@ -161,7 +170,8 @@ class HPREditor(Editor):
             if cfg.fixed_angle is not None:
                 theta = torch.full_like(score, float(cfg.fixed_angle))
             else:
-                theta = math.pi * torch.sigmoid(_mlp(x.reshape(1, -1, x.shape[-1]), weights, biases)).reshape(x.shape[:-1])
+                z = _mlp(x.reshape(1, -1, x.shape[-1]), weights, biases)
+                theta = math.pi * torch.sigmoid(z).reshape(x.shape[:-1])
             if bias is None:
                 rotated = pseudo_rotate(x, w, strength * theta)
             else:  # toward the affine mirror image x − 2 (w·x + b)/‖w‖² w
@@ -225,9 +235,9 @@ class HPREditor(Editor):
         return {"fitted_layers": self.fitted_layers}
 
     @classmethod
-    def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
+    def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):
         where = "editor artifact"
-        fitted = fitted_layers_from(extra, layers)
+        fitted = fitted_layers_from(artifact, layers)
         d, n = model.hidden_size, len(fitted)
         widths = config.mlp_widths(d) if config.fixed_angle is None else [d]
         expected = {"probe": (n, d)}
@@ -237,7 +247,9 @@ class HPREditor(Editor):
             expected[f"angle.{j}.weight"] = (n, widths[j + 1], widths[j])
             expected[f"angle.{j}.bias"] = (n, widths[j + 1])
         if set(tensors) != set(expected):
-            raise HpreditError(f"{where}: tensors {sorted(tensors)} do not match the config (expected {sorted(expected)})")
+            raise HpreditError(
+                f"{where}: tensors {sorted(tensors)} do not match the config (expected {sorted(expected)})"
+            )
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
                 raise HpreditError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
@@ -259,7 +271,8 @@ class HPREditor(Editor):
     # ------------------------------------------------------------------ training
 
     @classmethod
-    def fit(cls, acts: ActivationStore, config: HPRConfig | None = None, progress: bool = True, **overrides) -> HPREditor:
+    def fit(cls, acts: ActivationStore, config: HPRConfig | None = None, progress: bool = True,
+            **overrides: Any) -> HPREditor:
         """Train probes and angle predictors on collected activations, then pick the layers.
 
         Pairs marked ``val`` in ``acts`` validate; without them ``config.val_fraction`` of the
@@ -271,123 +284,195 @@ class HPREditor(Editor):
         give exactly the joint result: probes for every layer (cheap), then angle predictors only
         for the chosen layers (or all, with ``config.angle_layers="all"``), replaying the same
         batches, learning-rate schedule and per-layer best epochs.
+
+        Args:
+            acts: residual activations from :func:`~hpredit.collect_activations`.
+            config: hyper-parameters (default: the reference implementation's, :class:`HPRConfig`).
+            progress: show progress bars.
+            **overrides: fields of ``config`` to change, e.g. ``epochs=2`` or ``layers=[10, 12]``.
+
+        Returns:
+            The fitted editor; ``metrics`` holds the validation probe accuracy per layer, the best
+            epochs and the loss history.
+
+        Example:
+            >>> editor = HPREditor.fit(store, epochs=1, angle_depth=2, top_k=2, progress=False)
+            >>> len(editor.layers), sorted(editor.probe_accuracy) == store.layers
+            (2, True)
         """
-        config = dataclasses.replace(config or HPRConfig(), **overrides)
-        config.validate()
+        config = configure(HPRConfig, config, overrides)
+        check_layer_request(acts.layers, config.layers, config.top_k, HPRConfig.top_k)
+        pairs = _TokenPairs.of(acts, config)
+        start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
+        probes = _fit_probes(acts.acts, pairs, start, config, progress)
+        accuracy = {layer: float(probes.accuracy[r]) for r, layer in enumerate(acts.layers)}
+        layers = choose_layers(accuracy, config.layers, config.top_k)
+        fitted = list(acts.layers) if config.angle_layers == "all" else layers
+        rows = torch.tensor([acts.layers.index(i) for i in fitted])
+        weights, biases, angle_losses = _fit_angle_predictors(acts.acts, pairs, start, rows, probes.best_epoch,
+                                                              config, progress)
+        metrics = _fit_metrics(acts, config, pairs, accuracy, probes, angle_losses)
+        return cls(config, layers, acts.fingerprint, fitted, probes.probe[rows], weights, biases, metrics,
+                   probes.bias[rows] if config.probe_bias else None)
+
+
+# --------------------------------------------------------------------------- training stages
+
+
+@dataclass
+class _TokenPairs:
+    """The pair masks and aligned token rows ``(positive, negative)`` of training and validation."""
+
+    train_mask: torch.Tensor
+    val_mask: torch.Tensor
+    tp: torch.Tensor
+    tn: torch.Tensor
+    vp: torch.Tensor
+    vn: torch.Tensor
+
+    @classmethod
+    def of(cls, acts: ActivationStore, config: HPRConfig) -> _TokenPairs:
         train_mask, val_mask = train_val_masks(acts, config.val_fraction, config.seed)
-        if config.layers is not None:
-            missing = [i for i in config.layers if i not in acts.layers]
-            if missing:
-                raise HpreditError(f"layers {missing} were not collected (collected: {acts.layers})")
-        gen = torch.Generator().manual_seed(config.seed)
-        L, d = len(acts.layers), acts.hidden_size
-        X = acts.acts  # (L, N, d) 16-bit; rows gathered per step
         tp, tn = acts.token_pairs(train_mask)
         vp, vn = acts.token_pairs(val_mask)
         if len(tp) == 0:
             raise HpreditError("no training token pairs: every completion is empty")
         if len(vp) == 0:
             vp, vn = tp, tn  # too few groups to hold any out: select on training accuracy
+        return cls(train_mask, val_mask, tp, tn, vp, vn)
 
-        widths = config.mlp_widths(d)
-        bound = 1 / math.sqrt(d)
-        probe = (torch.rand(L, d, generator=gen) * 2 - 1) * bound
-        pbias = torch.zeros(L)  # trained only for the probe-bias ablation
-        weights, biases = [], []
-        for j in range(len(widths) - 1):
-            b = 1 / math.sqrt(widths[j])
-            weights.append((torch.rand(L, widths[j + 1], widths[j], generator=gen) * 2 - 1) * b)
-            biases.append((torch.rand(L, widths[j + 1], generator=gen) * 2 - 1) * b)
-        orders = [torch.randperm(len(tp), generator=gen) for _ in range(config.epochs)]
-        steps = math.ceil(len(tp) / config.batch_size) * config.epochs
 
-        # Phase 1: probes of all layers. Each layer's loss is divided by L as in the joint mean.
-        ones = torch.ones(config.batch_size)
+@dataclass
+class _Start:
+    """Initial parameters of every layer and the per-epoch batch orders, all from one seeded generator."""
 
-        def probe_loss(z: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, params) -> torch.Tensor:
-            n = len(idx)
-            y = torch.cat([ones[:n], torch.zeros(n)]).expand(z.shape[0], -1)
-            logits = torch.einsum("lnd,ld->ln", z, params[0])
-            if config.probe_bias:
-                logits = logits + params[1].unsqueeze(1)
-            return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum() / L
+    probe: torch.Tensor  # (L, d)
+    bias: torch.Tensor  # (L,), trained only for the probe-bias ablation
+    weights: list[torch.Tensor]  # angle MLP, [(L, out, in)]
+    biases: list[torch.Tensor]  # [(L, out)]
+    orders: list[torch.Tensor]  # one permutation of the training token pairs per epoch
+    steps: int  # optimiser steps over all epochs
 
-        acc_history: list[torch.Tensor] = []
-        best_probe, best_pbias = probe.clone(), pbias.clone()
-        best_acc = torch.full((L,), -1.0)
 
-        def after_probe_epoch(epoch: int, params) -> str:
-            nonlocal best_acc
-            b = params[1].detach() if config.probe_bias else None
-            acc = _probe_accuracy(X, params[0].detach(), vp, vn, bias=b)
-            acc_history.append(acc)
-            better = acc > best_acc
-            best_probe[better] = params[0].detach()[better]
-            if b is not None:
-                best_pbias[better] = b[better]
-            best_acc = torch.where(better, acc, best_acc)
-            return f"val_acc={float(acc.mean()):.3f}"
+def _initial_parameters(L: int, d: int, n_pairs: int, config: HPRConfig) -> _Start:
+    """PyTorch's default ``nn.Linear`` initialisation (uniform ±1/√fan_in), drawn in a fixed order."""
+    gen = torch.Generator().manual_seed(config.seed)
+    widths = config.mlp_widths(d)
+    bound = 1 / math.sqrt(d)
+    probe = (torch.rand(L, d, generator=gen) * 2 - 1) * bound
+    weights, biases = [], []
+    for j in range(len(widths) - 1):
+        b = 1 / math.sqrt(widths[j])
+        weights.append((torch.rand(L, widths[j + 1], widths[j], generator=gen) * 2 - 1) * b)
+        biases.append((torch.rand(L, widths[j + 1], generator=gen) * 2 - 1) * b)
+    orders = [torch.randperm(n_pairs, generator=gen) for _ in range(config.epochs)]
+    steps = math.ceil(n_pairs / config.batch_size) * config.epochs
+    return _Start(probe, torch.zeros(L), weights, biases, orders, steps)
 
-        probe_params = [probe, pbias] if config.probe_bias else [probe]
-        losses_probe = _train(X, torch.arange(L), tp, tn, orders, probe_params, probe_loss, config, steps,
-                              after_probe_epoch, progress, f"training probes ({L} layers)")
-        best_epoch = torch.stack(acc_history).argmax(0)  # first epoch reaching the best accuracy
 
-        accuracy = {layer: float(best_acc[r]) for r, layer in enumerate(acts.layers)}
-        if config.layers is not None:
-            layers = sorted(config.layers)
-        else:
-            ranked = sorted(acts.layers, key=lambda i: (-accuracy[i], i))
-            layers = sorted(ranked[: config.top_k])
-        fitted = list(acts.layers) if config.angle_layers == "all" else layers
-        rows = torch.tensor([acts.layers.index(i) for i in fitted])
+@dataclass
+class _Probes:
+    """Each layer's probe at its best validation epoch."""
 
-        # Phase 2: angle predictors of the fitted layers, same batches and schedule.
-        if config.fixed_angle is not None:  # ablation: no angle predictor at all
-            weights, biases = [], []
-        target = torch.stack([_pair_angles(X[r], tp, tn) for r in rows.tolist()])  # (k, M)
-        mlp_w = [w[rows].clone() for w in weights]
-        mlp_b = [b[rows].clone() for b in biases]
-        best_w = [w.clone() for w in mlp_w]
-        best_b = [b.clone() for b in mlp_b]
-        epoch_of = best_epoch[rows]
+    probe: torch.Tensor  # (L, d)
+    bias: torch.Tensor  # (L,)
+    accuracy: torch.Tensor  # (L,) best validation accuracy
+    best_epoch: torch.Tensor  # (L,) first epoch (0-based) reaching it
+    history: list[torch.Tensor]  # validation accuracy (L,) after each epoch
+    losses: list[float]  # mean loss per epoch
 
-        def angle_loss(z: torch.Tensor, idx: torch.Tensor, _rows, params) -> torch.Tensor:
-            n = len(idx)
-            depth = len(params) // 2
-            theta = math.pi * torch.sigmoid(_mlp(z, params[:depth], params[depth:]))
-            tgt = torch.cat([torch.zeros(z.shape[0], n), target[:, idx]], dim=1)
-            return ((theta - tgt) ** 2).mean(1).sum() / L
 
-        def after_angle_epoch(epoch: int, params) -> str:
-            keep = epoch_of == epoch
-            depth = len(params) // 2
-            for bw, p in zip(best_w + best_b, params[:depth] + params[depth:]):
-                bw[keep] = p.detach()[keep]
-            return ""
+def _fit_probes(X: torch.Tensor, pairs: _TokenPairs, start: _Start, config: HPRConfig, progress: bool) -> _Probes:
+    """Phase 1: the probes of every layer; each layer's loss is divided by L as in the joint mean."""
+    L = X.shape[0]
+    ones = torch.ones(config.batch_size)
 
-        losses_angle = [0.0] * config.epochs
-        if mlp_w:
-            losses_angle = _train(X, rows, tp, tn, orders, [*mlp_w, *mlp_b], angle_loss, config, steps,
-                                  after_angle_epoch, progress, f"training angle predictors ({len(fitted)} layers)")
+    def probe_loss(z: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, params) -> torch.Tensor:
+        n = len(idx)
+        y = torch.cat([ones[:n], torch.zeros(n)]).expand(z.shape[0], -1)
+        logits = torch.einsum("lnd,ld->ln", z, params[0])
+        if config.probe_bias:
+            logits = logits + params[1].unsqueeze(1)
+        return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum() / L
 
-        n_groups = lambda m: int(torch.unique(acts.groups[m]).numel())  # noqa: E731
-        metrics = {
-            "val_probe_accuracy": {str(k): v for k, v in accuracy.items()},
-            "best_epoch": {str(layer): int(best_epoch[r]) + 1 for r, layer in enumerate(acts.layers)},
-            "validation": "val split" if any(s == "val" for s in acts.splits) else f"held-out {config.val_fraction:.0%} of groups",
-            "train_token_pairs": len(tp),
-            "val_token_pairs": len(vp),
-            "train_groups": n_groups(train_mask),
-            "val_groups": n_groups(val_mask),
-            "history": [
-                {"epoch": e + 1, "probe_loss": losses_probe[e], "angle_loss": losses_angle[e],
-                 "val_probe_accuracy_mean": float(acc_history[e].mean())}
-                for e in range(config.epochs)
-            ],
-        }
-        return cls(config, layers, acts.fingerprint, fitted, best_probe[rows], best_w, best_b, metrics,
-                   best_pbias[rows] if config.probe_bias else None)
+    history: list[torch.Tensor] = []
+    best_probe, best_bias = start.probe.clone(), start.bias.clone()
+    best_acc = torch.full((L,), -1.0)
+
+    def after_epoch(epoch: int, params) -> str:
+        nonlocal best_acc
+        b = params[1].detach() if config.probe_bias else None
+        acc = _probe_accuracy(X, params[0].detach(), pairs.vp, pairs.vn, bias=b)
+        history.append(acc)
+        better = acc > best_acc
+        best_probe[better] = params[0].detach()[better]
+        if b is not None:
+            best_bias[better] = b[better]
+        best_acc = torch.where(better, acc, best_acc)
+        return f"val_acc={float(acc.mean()):.3f}"
+
+    params = [start.probe, start.bias] if config.probe_bias else [start.probe]
+    losses = _train(X, torch.arange(L), pairs.tp, pairs.tn, start.orders, params, probe_loss, config, start.steps,
+                    after_epoch, progress, f"training probes ({L} layers)")
+    best_epoch = torch.stack(history).argmax(0)  # first epoch reaching the best accuracy
+    return _Probes(best_probe, best_bias, best_acc, best_epoch, history, losses)
+
+
+def _fit_angle_predictors(X: torch.Tensor, pairs: _TokenPairs, start: _Start, rows: torch.Tensor,
+                          best_epoch: torch.Tensor, config: HPRConfig,
+                          progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Phase 2: angle predictors of the layers ``rows``, replaying phase 1's batches and schedule;
+    each layer keeps the parameters of its best probe epoch. Returns ``(weights, biases, losses)``."""
+    L = X.shape[0]
+    if config.fixed_angle is not None:  # ablation: no angle predictor at all
+        return [], [], [0.0] * config.epochs
+    target = torch.stack([_pair_angles(X[r], pairs.tp, pairs.tn) for r in rows.tolist()])  # (k, M)
+    mlp_w = [w[rows].clone() for w in start.weights]
+    mlp_b = [b[rows].clone() for b in start.biases]
+    best_w = [w.clone() for w in mlp_w]
+    best_b = [b.clone() for b in mlp_b]
+    epoch_of = best_epoch[rows]
+
+    def angle_loss(z: torch.Tensor, idx: torch.Tensor, _rows, params) -> torch.Tensor:
+        n = len(idx)
+        depth = len(params) // 2
+        theta = math.pi * torch.sigmoid(_mlp(z, params[:depth], params[depth:]))
+        tgt = torch.cat([torch.zeros(z.shape[0], n), target[:, idx]], dim=1)
+        return ((theta - tgt) ** 2).mean(1).sum() / L
+
+    def after_epoch(epoch: int, params) -> str:
+        keep = epoch_of == epoch
+        depth = len(params) // 2
+        for bw, p in zip(best_w + best_b, params[:depth] + params[depth:]):
+            bw[keep] = p.detach()[keep]
+        return ""
+
+    losses = [0.0] * config.epochs
+    if mlp_w:
+        losses = _train(X, rows, pairs.tp, pairs.tn, start.orders, [*mlp_w, *mlp_b], angle_loss, config, start.steps,
+                        after_epoch, progress, f"training angle predictors ({len(rows)} layers)")
+    return best_w, best_b, losses
+
+
+def _fit_metrics(acts: ActivationStore, config: HPRConfig, pairs: _TokenPairs, accuracy: dict[int, float],
+                 probes: _Probes, angle_losses: list[float]) -> dict:
+    """What ``fit`` reports: validation accuracy and best epoch per layer, data sizes, loss history."""
+    n_groups = lambda m: int(torch.unique(acts.groups[m]).numel())  # noqa: E731
+    held_out = f"held-out {config.val_fraction:.0%} of groups"
+    return {
+        "val_probe_accuracy": {str(k): v for k, v in accuracy.items()},
+        "best_epoch": {str(layer): int(probes.best_epoch[r]) + 1 for r, layer in enumerate(acts.layers)},
+        "validation": "val split" if any(s == "val" for s in acts.splits) else held_out,
+        "train_token_pairs": len(pairs.tp),
+        "val_token_pairs": len(pairs.vp),
+        "train_groups": n_groups(pairs.train_mask),
+        "val_groups": n_groups(pairs.val_mask),
+        "history": [
+            {"epoch": e + 1, "probe_loss": probes.losses[e], "angle_loss": angle_losses[e],
+             "val_probe_accuracy_mean": float(probes.history[e].mean())}
+            for e in range(config.epochs)
+        ],
+    }
 
 
 def _train(X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: int, after_epoch, progress: bool,

@@ -8,7 +8,6 @@ the standard deviation of the activations along ``v``. ``strength`` multiplies t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +17,13 @@ from ..activations import ActivationStore
 from ..errors import HpreditError
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, register_editor, train_val_masks
+from .base import Editor, EditorConfig, configure, is_int, is_number, register_editor, train_val_masks
 
 __all__ = ["ITIConfig", "ITIEditor"]
 
 
 @dataclass
-class ITIConfig:
+class ITIConfig(EditorConfig):
     """Hyper-parameters of ITI. ``num_heads`` defaults to 48 heads per 1024 (the paper's 48 of
     LLaMA-7B's 1024), scaled to the model's head count."""
 
@@ -35,19 +34,16 @@ class ITIConfig:
     val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
     seed: int = 42
 
-    def validate(self, where: str = "ITIConfig") -> None:
-        checks = [
-            (self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.num_heads is None or (is_int(self.num_heads) and self.num_heads >= 1),
              "num_heads must be null or an integer ≥ 1"),
-            (isinstance(self.alpha, (int, float)), "alpha must be a number"),
-            (isinstance(self.probe_steps, int) and self.probe_steps >= 1, "probe_steps must be an integer ≥ 1"),
-            (isinstance(self.probe_lr, (int, float)) and self.probe_lr > 0, "probe_lr must be > 0"),
-            (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (isinstance(self.seed, int), "seed must be an integer"),
+            (is_number(self.alpha), "alpha must be a number"),
+            (is_int(self.probe_steps) and self.probe_steps >= 1, "probe_steps must be an integer ≥ 1"),
+            (is_number(self.probe_lr) and self.probe_lr > 0, "probe_lr must be > 0"),
+            (is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (is_int(self.seed), "seed must be an integer"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise HpreditError(f"{where}: {message}")
 
 
 @register_editor
@@ -57,6 +53,7 @@ class ITIEditor(Editor):
     method = "iti"
     config_class = ITIConfig
     site = "heads"
+    metrics_by_layer = False
 
     def __init__(self, config: ITIConfig, layers: list[int], model: ModelFingerprint, heads: list[tuple[int, int]],
                  directions: torch.Tensor, sigma: torch.Tensor, num_attention_heads: int, metrics: dict | None = None):
@@ -85,8 +82,9 @@ class ITIEditor(Editor):
         def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
             width = hidden.shape[-1]
             if width != self.num_attention_heads * self.head_dim:
+                expected = self.num_attention_heads * self.head_dim
                 raise HpreditError(f"ITI editor expects {self.num_attention_heads} heads of {self.head_dim} "
-                                   f"(width {self.num_attention_heads * self.head_dim}) at layer {layer}, got width {width}")
+                                   f"(width {expected}) at layer {layer}, got width {width}")
             if width not in cached:
                 cached[width] = self.shift(layer, width).to(device=hidden.device, dtype=torch.float32)
             out = (hidden.float() + strength * cached[width]).to(hidden.dtype)
@@ -101,10 +99,10 @@ class ITIEditor(Editor):
         return {"heads": [list(h) for h in self.heads], "num_attention_heads": self.num_attention_heads}
 
     @classmethod
-    def _from_tensors(cls, config, layers, model, metrics, tensors, extra):
-        heads = extra.get("heads")
-        if not isinstance(heads, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(i, int) for i in h)
-                                                  for h in heads) or not heads:
+    def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):
+        heads = artifact.get("heads")
+        if not isinstance(heads, list) or not heads or not all(
+                isinstance(h, list) and len(h) == 2 and all(is_int(i) for i in h) for h in heads):
             raise HpreditError("editor artifact: 'heads' must be a non-empty list of [layer, head] pairs")
         if sorted({h[0] for h in heads}) != sorted(layers):
             raise HpreditError("editor artifact: 'layers' must be the layers of the shifted heads")
@@ -112,8 +110,9 @@ class ITIEditor(Editor):
             raise HpreditError("editor artifact: expected tensors 'directions' and 'sigma'")
         d, s = tensors["directions"], tensors["sigma"]
         if d.dim() != 2 or d.shape[0] != len(heads) or tuple(s.shape) != (len(heads),):
-            raise HpreditError(f"editor artifact: directions {tuple(d.shape)} / sigma {tuple(s.shape)} do not match {len(heads)} heads")
-        n_heads = extra.get("num_attention_heads")
+            raise HpreditError(f"editor artifact: directions {tuple(d.shape)} / sigma {tuple(s.shape)} "
+                               f"do not match {len(heads)} heads")
+        n_heads = artifact.get("num_attention_heads")
         if not isinstance(n_heads, int) or any(not 0 <= h[1] < n_heads for h in heads):
             raise HpreditError("editor artifact: 'num_attention_heads' missing or a head index out of range")
         if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
@@ -129,8 +128,7 @@ class ITIEditor(Editor):
         ``(…, heads·head_dim)`` activations into heads. Probes: one logistic regression per head on
         standardised last-token activations, full-batch Adam, all heads at once.
         """
-        config = dataclasses.replace(config or ITIConfig(), **overrides)
-        config.validate()
+        config = configure(ITIConfig, config, overrides)
         if acts.site != "heads":
             raise HpreditError("ITI fits on head activations: collect them with site='heads'")
         H = num_attention_heads
@@ -173,6 +171,8 @@ class ITIEditor(Editor):
         with torch.no_grad():
             pred = (torch.einsum("hnd,hd->hn", (xv - mu) / sd, w) + b[:, None]) > 0
             accuracy = (pred == va_y.bool()).float().mean(1)  # (L*H,)
+        if config.num_heads is not None and config.num_heads > L * H:
+            raise HpreditError(f"num_heads {config.num_heads} is more than the {L * H} heads of the collected layers")
         K = config.num_heads or max(1, round(48 * L * H / 1024))
         K = min(K, L * H)
         order = sorted(range(L * H), key=lambda i: (-float(accuracy[i]), i))[:K]
