@@ -66,10 +66,10 @@ def record(
     never run. The hooks are removed in ``finally``, whatever happens inside the block.
 
     Example:
-        >>> with record(model, [0, 2]) as acts:  # doctest: +SKIP
-        ...     model(ids)
-        >>> acts[2].shape  # doctest: +SKIP
-        torch.Size([1, 5, 64])
+        >>> with record(model, [0, 2]) as acts:
+        ...     _ = model(ids)
+        >>> sorted(acts), acts[2].shape == (*ids.shape, model.config.hidden_size)
+        ([0, 2], True)
     """
     if site not in RECORD_SITES:
         raise HpreditError(f"unknown record site {site!r}: use residual or attn_in")

@@ -335,10 +335,9 @@ def load_model(
         (a pad token set).
 
     Example:
-        >>> import hpredit
-        >>> model, tok = hpredit.load_model(tiny_model_dir)  # doctest: +SKIP
-        >>> model.training, tok.pad_token is not None  # doctest: +SKIP
-        (False, True)
+        >>> model, tok = load_model(tiny_model_dir, dtype="bfloat16")
+        >>> model.training, model.dtype, tok.pad_token is not None
+        (False, torch.bfloat16, True)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
