@@ -121,7 +121,8 @@ ITI_PAIRS = [
     hpredit.ContrastivePair("Q: Is fire hot?\nA:", " Yes.", " No, it is cold.", group=g, split=s)
     for g, s in ((0, "train"), (1, "train"), (2, "val"))
 ] + [
-    hpredit.ContrastivePair(f"Q: Is {x} wet?\nA:", " Yes, it is.", " Never.", group=3 + i, split=("train", "val")[i % 2])
+    hpredit.ContrastivePair(f"Q: Is {x} wet?\nA:", " Yes, it is.", " Never.", group=3 + i,
+                            split=("train", "val")[i % 2])
     for i, x in enumerate(["rain", "the sea", "a lake", "dew"])
 ]
 
@@ -166,9 +167,10 @@ def test_iti_fit_and_edits_only_selected_heads(iti_setup, tmp_path):
         proj = model.model.layers[layer].self_attn.o_proj
         before = {}
         with ed.attach(model, strength=0.5, scope="all"):
-            h1 = proj.register_forward_pre_hook(lambda m, a: before.setdefault("x", a[0].clone()), prepend=True)
+            h1 = proj.register_forward_pre_hook(lambda m, a, seen=before: seen.setdefault("x", a[0].clone()),
+                                                prepend=True)
             after = {}
-            h2 = proj.register_forward_pre_hook(lambda m, a: after.setdefault("x", a[0].clone()))
+            h2 = proj.register_forward_pre_hook(lambda m, a, seen=after: seen.setdefault("x", a[0].clone()))
             model(input_ids=ids)
         h1.remove()
         h2.remove()

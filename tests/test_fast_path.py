@@ -18,7 +18,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def test_coefficients_rebuild_pseudo_rotate_float64():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 64, generator=g, dtype=torch.float64) * torch.rand(500, 1, generator=g, dtype=torch.float64) * 5
+    x = torch.randn(500, 64, generator=g, dtype=torch.float64)
+    x = x * torch.rand(500, 1, generator=g, dtype=torch.float64) * 5
     w = torch.randn(64, generator=g, dtype=torch.float64)
     w_hat = w / w.norm()
     gamma = torch.rand(500, generator=g, dtype=torch.float64) * math.pi

@@ -60,7 +60,8 @@ def test_rotation_matches_slerp_where_slerp_is_well_conditioned(rng):
     x = torch.randn(64, dtype=torch.float64, generator=rng)
     w = torch.randn(64, dtype=torch.float64, generator=rng)
     for gamma in (0.1, 0.7, 1.5, 2.5):
-        torch.testing.assert_close(pseudo_rotate(x, w, gamma), _ref_slerp(x, w, torch.tensor(gamma, dtype=torch.float64)))
+        expected = _ref_slerp(x, w, torch.tensor(gamma, dtype=torch.float64))
+        torch.testing.assert_close(pseudo_rotate(x, w, gamma), expected)
 
 
 def test_full_angle_lands_on_reflection(rng):
@@ -79,8 +80,8 @@ def test_batched_shapes_and_per_token_angles(rng):
     assert out.shape == x.shape
     for i in range(2):
         for j in range(3):
-            torch.testing.assert_close(out[i, j].double(), _ref_rotate(x[i, j].double(), w.double(), gamma[i, j].item()),
-                                       rtol=1e-4, atol=1e-4)
+            expected = _ref_rotate(x[i, j].double(), w.double(), gamma[i, j].item())
+            torch.testing.assert_close(out[i, j].double(), expected, rtol=1e-4, atol=1e-4)
     # rotated by exactly γ, norm kept
     torch.testing.assert_close(angle_between(x, out), gamma, rtol=1e-4, atol=1e-4)
 

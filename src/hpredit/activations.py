@@ -338,10 +338,12 @@ class _Buffer:
     def assemble(self, site: str, offsets: torch.Tensor) -> torch.Tensor:
         """``(n_layers, n_tokens, d)`` of one site, freeing the rows as it goes."""
         per_layer = self.rows[site]
-        width = per_layer[0][0].shape[-1]
+        rows = [[t for t in row if t is not None] for row in per_layer]  # every row is filled by now
+        width = rows[0][0].shape[-1]
         acts = torch.empty((len(self.layers), int(offsets[-1]), width), dtype=self.dtype)
         for r in range(len(self.layers)):
-            torch.cat(per_layer[r], out=acts[r])
+            torch.cat(rows[r], out=acts[r])
+            rows[r] = []
             per_layer[r] = []
         return acts
 

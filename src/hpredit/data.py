@@ -186,10 +186,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
             except RecursionError:
                 raise HpreditError(f"{path}:{line}: not valid JSON (nested too deeply)") from None
             yield line, obj
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    for lineno, row in enumerate(text.splitlines(), 1):
+        if row.strip():
             try:
-                obj = json.loads(line)
+                obj = json.loads(row)
             except json.JSONDecodeError as e:
                 raise HpreditError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             except RecursionError:
@@ -378,7 +378,7 @@ def split_questions(
     n_val = round(fractions[1] * n)
     return QuestionSplit(
         seed,
-        tuple(fractions),
+        (fractions[0], fractions[1], fractions[2]),
         sorted(order[:n_train]),
         sorted(order[n_train : n_train + n_val]),
         sorted(order[n_train + n_val :]),

@@ -178,6 +178,7 @@ class _ScopeState:
         pos = torch.arange(self.past_len, self.past_len + seq, device=device)
         mask = (pos >= self.prompt_len).expand(batch, seq)
         if self.scope == "last-prompt-and-generated":
+            assert self.last_prompt is not None  # set above
             mask = mask | (pos[None, :] == self.last_prompt.to(device)[:, None])
         self.mask, self.mask_ready = mask, True
         return mask
@@ -276,7 +277,7 @@ class EditHandle:
         return hook
 
     def _wrap_generate(self) -> None:
-        original = self.model.generate
+        original: Callable[..., Any] = self.model.generate  # type: ignore[assignment]
         state = self._state
 
         @functools.wraps(original)
@@ -293,7 +294,7 @@ class EditHandle:
             finally:
                 state.in_generate = False
 
-        self.model.generate = generate
+        self.model.generate = generate  # type: ignore[assignment]
         self._patched_generate = True
 
     # -------------------------------------------------------------- lifetime

@@ -115,7 +115,7 @@ def _convert_embedded(target: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantised: drop the GGUF marker so the copy is a plain model.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config._name_or_path = DEFAULT_MODEL
@@ -344,12 +344,12 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     target = None if device is None else check_device(device)
     check_model_source(name_or_path)
+    source: str | Path
     if name_or_path is None:
         source, name = embedded_default_path(), DEFAULT_MODEL
     else:
-        source, name = name_or_path, str(name_or_path)
-        if _looks_local(name):
-            source = Path(name).expanduser()
+        name = str(name_or_path)
+        source = Path(name).expanduser() if _looks_local(name) else name
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or "auto", **kwargs)
@@ -360,7 +360,7 @@ def load_model(
     model.config._name_or_path = name
     model.eval()
     if target is not None:
-        model.to(target)
+        model.to(target)  # type: ignore[arg-type]
     return model, tok
 
 
@@ -551,7 +551,7 @@ def weight_signature(model: nn.Module, blocks: nn.ModuleList | None = None) -> t
     """A few fixed entries of the input embedding and the last block's first 2-D weight (see
     :class:`ModelFingerprint`); None where the weights cannot be read (meta device, no embedding)."""
     try:
-        emb = model.get_input_embeddings().weight
+        emb = model.get_input_embeddings().weight  # type: ignore[operator]
     except (AttributeError, NotImplementedError):
         return None
     if blocks is None:

@@ -199,6 +199,7 @@ class HPREditor(Editor):
             x = h.float()  # (n, d)
             score = x @ w_hat  # (n,)
             sq_norm = torch.linalg.vecdot(x, x)
+            gamma: torch.Tensor | float
             if fixed is None:
                 z = h.to(mlp_dtype)
                 for j, (wt, b) in enumerate(layers):
