@@ -121,3 +121,23 @@ def test_read_json_errors(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(HpreditError, match="not valid JSON"):
         read_json(tmp_path / "bin.json", "thing")
+
+
+def test_atomic_directory_with_subdirectories(tmp_path):
+    """A whole run directory: nested artifacts (themselves written atomically) and plain files."""
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "run") as tmp:
+            with atomic_directory(tmp / "editor") as inner:
+                (inner / "config.json").write_text("{}")
+            (tmp / "eval" / "deep").mkdir(parents=True)
+            (tmp / "eval" / "deep" / "x.json").write_text("[]")
+            write_json_atomic(tmp / "summary.json", {"ok": True})
+    finally:
+        os.umask(umask)
+    run = tmp_path / "run"
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
+        "editor", "editor/config.json", "eval", "eval/deep", "eval/deep/x.json", "summary.json"]
+    assert {_mode(p) for p in run.rglob("*") if p.is_dir()} | {_mode(run)} == {0o755}
+    assert {_mode(p) for p in run.rglob("*") if p.is_file()} == {0o644}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -262,3 +262,12 @@ def test_behaviour_check_source(tmp_path, monkeypatch):
         bd.check_source("ab:hallucination")
     monkeypatch.setattr(bd, "hub_reachable", lambda timeout=3.0: True)
     bd.check_source("refusal")
+
+
+def test_split_file_errors(tmp_path):
+    (tmp_path / "split.json").write_text('{"seed": 0, "fractions": [0.5, 0.5], "train": [], "val": [], "test": []}')
+    with pytest.raises(HpreditError, match="question split .*expected seed, fractions"):
+        QuestionSplit.load(tmp_path / "split.json")
+    (tmp_path / "split.json").write_text("{")
+    with pytest.raises(HpreditError, match="not valid JSON"):
+        QuestionSplit.load(tmp_path / "split.json")

@@ -144,6 +144,26 @@ def check_output_dir(path: str | os.PathLike, force: bool = False) -> None:
                 d.rmdir()
 
 
+def _finish_tree(root: Path) -> None:
+    """Give ``root`` and everything below it the usual permissions for the umask (``mkdtemp`` makes
+    directories private) and flush every file to disk; symlinks are left alone."""
+    umask = _umask()
+    os.chmod(root, 0o777 & ~umask)
+    for here, dirs, files in os.walk(root):
+        for name in dirs:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(here, name)
+            if os.path.islink(path):
+                continue
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(here))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
@@ -163,12 +183,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        umask = _umask()
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _finish_tree(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "d")

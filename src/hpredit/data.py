@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .artifacts import read_json, write_json_atomic, write_text_atomic
 from .errors import HpreditError
 
 __all__ = [
@@ -86,8 +87,8 @@ class ContrastivePairs(Sequence):
         return ContrastivePairs(self.pairs + other.pairs, self.split or other.split)
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in self.pairs)
+        """Write one JSON object per pair, atomically."""
+        write_text_atomic(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in self.pairs))
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> ContrastivePairs:
@@ -356,12 +357,19 @@ class QuestionSplit:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write ``split.json`` atomically."""
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuestionSplit:
-        d = json.loads(Path(path).read_text())
-        return cls(d["seed"], tuple(d["fractions"]), d["train"], d["val"], d["test"])
+        """Read a split written by :meth:`save`; a damaged file is one :class:`HpreditError`."""
+        d = read_json(Path(path), "question split")
+        fractions = d.get("fractions")
+        lists = [d.get(name) for name in SPLIT_NAMES]
+        if not (isinstance(d.get("seed"), int) and isinstance(fractions, list) and len(fractions) == 3
+                and all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists)):
+            raise HpreditError(f"question split {path}: expected seed, fractions (3 numbers) and train/val/test lists")
+        return cls(d["seed"], (fractions[0], fractions[1], fractions[2]), *lists)
 
 
 def split_questions(
