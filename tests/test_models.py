@@ -289,3 +289,18 @@ def test_fingerprint_without_digest_still_matches(tmp_path):
                          ({k: v for k, v in d.items() if k != "name"}, "missing 'name'")]:
         with pytest.raises(HpreditError, match=message):
             ModelFingerprint.from_dict(bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen3"])
+def test_fingerprint_from_config_predicts_the_loaded_one(arch, tmp_path, tokenizer):
+    """A CLI can refuse a mismatched editor before loading: the config alone gives the same fingerprint."""
+    from hpredit.models import check_model_source, fingerprint_from_config
+
+    model = tiny_model(arch, vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    predicted = fingerprint_from_config(check_model_source(tmp_path / arch), tmp_path / arch)
+    loaded = fingerprint(load_model(tmp_path / arch)[0])
+    assert predicted.weights is None and predicted.mismatches(loaded) == [] and loaded.mismatches(predicted) == []
+    assert (predicted.architecture, predicted.hidden_size, predicted.num_layers) == (
+        loaded.architecture, loaded.hidden_size, loaded.num_layers)

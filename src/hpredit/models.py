@@ -30,6 +30,7 @@ __all__ = [
     "decoder_layers",
     "embedded_default_path",
     "fingerprint",
+    "fingerprint_from_config",
     "load_model",
     "num_layers",
     "pad_token_id",
@@ -566,6 +567,22 @@ def weight_signature(model: nn.Module, blocks: nn.ModuleList | None = None) -> t
         idx = torch.tensor([(2 * k + 1) * n // (2 * _SIGNATURE_POINTS) for k in range(_SIGNATURE_POINTS)])
         out += [float(f"{v:.4g}") for v in flat[idx.to(flat.device)].double().cpu().tolist()]
     return tuple(out)
+
+
+def fingerprint_from_config(config: PretrainedConfig, name: str | os.PathLike | None = None) -> ModelFingerprint:
+    """The fingerprint :func:`load_model` ``(name)`` will have, from its config alone (no weights digest):
+    lets a CLI refuse a mismatched editor before loading anything (``name`` None: the embedded default)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type) or (archs[0] if archs else "")
+    n = num_layers(config)
+    return ModelFingerprint(
+        architecture=str(architecture),
+        hidden_size=int(text_config(config).hidden_size),
+        num_layers=-1 if n is None else n,
+        name=DEFAULT_MODEL if name is None else str(name),
+    )
 
 
 def fingerprint(model: nn.Module, layers_path: str | None = None) -> ModelFingerprint:
