@@ -304,3 +304,17 @@ def test_fingerprint_from_config_predicts_the_loaded_one(arch, tmp_path, tokeniz
     assert predicted.weights is None and predicted.mismatches(loaded) == [] and loaded.mismatches(predicted) == []
     assert (predicted.architecture, predicted.hidden_size, predicted.num_layers) == (
         loaded.architecture, loaded.hidden_size, loaded.num_layers)
+
+
+def test_fingerprint_digest_survives_4bit_quantisation():
+    """The embedded default is a Q4_1 GGUF dequantised: a 4-bit copy of a model must still match it."""
+    model, quantised = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    with torch.no_grad():
+        for p in quantised.parameters():
+            if p.dim() == 2:
+                blocks = p.reshape(-1, 32)  # Q4_1: blocks of 32 with a scale and a minimum, 16 levels
+                lo, hi = blocks.min(1, keepdim=True).values, blocks.max(1, keepdim=True).values
+                scale = (hi - lo).clamp_min(1e-12) / 15
+                p.copy_((((blocks - lo) / scale).round() * scale + lo).reshape(p.shape))
+    assert not torch.equal(model.model.embed_tokens.weight, quantised.model.embed_tokens.weight)
+    assert fingerprint(model).mismatches(fingerprint(quantised)) == []

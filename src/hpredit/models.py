@@ -468,7 +468,9 @@ def backbone(model: nn.Module, layers_path: str) -> nn.Module:
 
 
 _SIGNATURE_POINTS = 6  # entries taken from each of two weight matrices
-_SIGNATURE_RTOL = 0.02  # bfloat16 keeps ~3 significant digits; different weights differ by O(1)
+# Loose on purpose: the same model in bfloat16 or 4-bit quantised (the embedded default is Q4_1) must match;
+# unrelated weights differ by O(1) of the scale in every one of the 12 entries.
+_SIGNATURE_RTOL = 0.25  # a 4-bit copy of a tiny model differs by 7% here
 
 
 @dataclass(frozen=True)
