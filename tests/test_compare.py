@@ -68,7 +68,7 @@ def test_compare_bad_inputs(model_tok, truthfulqa_csv, tmp_path):
     with pytest.raises(HpreditError, match="must be positive"):
         compare(model, tok, methods=["none"], limit=0, data=truthfulqa_csv)
     with pytest.raises(HpreditError, match="unknown task"):
-        compare(model, tok, methods=["none"], task="truthfulqa-gen", data=truthfulqa_csv)
+        compare(model, tok, methods=["none"], task="truthfulqa-xyz", data=truthfulqa_csv)
     assert not (tmp_path / "cmp").exists()
 
 

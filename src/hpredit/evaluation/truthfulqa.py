@@ -1,38 +1,24 @@
-"""TruthfulQA scoring: multiple choice on cached prefixes, and batched greedy generation.
+"""TruthfulQA's protocol: multiple choice (MC1/MC2/MC3) and answers for the generation metrics.
 
-Multiple choice, fast and exact: every candidate's score is the sum of the log-probabilities of
-its tokens after the context (``primer + "\\n\\nQ: " + question + "\\nA:"``), the answer appended as
-``" " + answer``. The prefix shared by all contexts (the primer) runs once per call; each
-question's own tokens run once on top of its KV cache (a group of questions in one right-padded
-batch); the answers run in right-padded batches on top of their question's cache rows (with
-``group_size=1``: all of a question's answers in one batch on its own cache). No token is run
-twice and nothing is recomputed per answer. :func:`score_continuations` with ``cached=False``
-scores each full text in a plain forward pass instead; the two agree up to float rounding.
-
-Tokenisation boundary: scores use the tokens of ``context + continuation``; a continuation's
-tokens start where they first differ from the context's tokens. When the tokenizer merges across
-the boundary (the context's tokens are not a prefix of the full text's), the merged token is scored
-as part of the continuation, conditioned on the context tokens before it, in both paths; such
-continuations are counted in ``merged``.
+Multiple choice: every candidate's score is the sum of the log-probabilities of its tokens after
+the context (``primer + "\\n\\nQ: " + question + "\\nA:"``), the answer appended as ``" " + answer``,
+computed by :func:`hpredit.evaluation.scoring.score_continuations` (the primer runs once per call,
+each question once on top of its KV cache, the answers in batches on the question's cache rows).
+Generation: greedy answers after the same primer, cut at the first blank line or ``"Q:"``.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..data import QA_PRIMER, Question, qa_prompt
-from ..errors import HpreditError
-from ..models import backbone, decoder_layers
-from ..prefix import PrefixCache, common_prefix_length, pad_right
 from .metrics import mc_metrics
+from .scoring import ContinuationScores, encode_continuations, generate_texts, score_continuations
 
 __all__ = [
     "ContinuationScores",
@@ -45,234 +31,6 @@ __all__ = [
     "score_truthfulqa_mc",
     "truncate_answer",
 ]
-
-
-# --------------------------------------------------------------------------- generic scorer
-
-
-@dataclass(frozen=True)
-class _Encoded:
-    """One context and its continuations as token ids: ``full[i]`` is context + continuation i,
-    whose own tokens start at ``starts[i]``."""
-
-    context: list[int]
-    full: list[list[int]]
-    starts: list[int]
-
-
-def _input_ids(tok, texts: list[str]) -> list[list[int]]:
-    return [list(ids) for ids in tok(texts)["input_ids"]]
-
-
-def encode_continuations(tok, items: Sequence[tuple[str, Sequence[str]]]) -> list[_Encoded]:
-    """Tokenise ``(context, continuations)`` items; a continuation is scored from the first token
-    where ``context + continuation`` differs from ``context`` (see the module docstring)."""
-    contexts = [c for c, _ in items]
-    fulls = [c + x for c, conts in items for x in conts]
-    ctx_ids = _input_ids(tok, contexts) if contexts else []
-    full_ids = _input_ids(tok, fulls) if fulls else []
-    out, k = [], 0
-    for (context, conts), ctx in zip(items, ctx_ids):
-        if not conts:
-            raise HpreditError(f"no continuations to score after context {context[-40:]!r}")
-        full = full_ids[k : k + len(conts)]
-        k += len(conts)
-        starts = [common_prefix_length([ctx, f]) for f in full]
-        for cont, f, s in zip(conts, full, starts):
-            if s == 0:
-                raise HpreditError(f"context {context[-40:]!r} has no tokens before continuation {cont!r}")
-            if s >= len(f):
-                raise HpreditError(f"continuation {cont!r} has no tokens of its own after {context[-40:]!r}")
-        out.append(_Encoded(ctx, full, starts))
-    return out
-
-
-@dataclass
-class ContinuationScores:
-    """Summed log-probabilities per item and continuation, and how many merged at the boundary."""
-
-    scores: list[list[float]]
-    merged: int = 0
-    tokens: int = 0  #: continuation tokens scored
-
-
-def _row_scores(logits: torch.Tensor, targets: torch.Tensor, first: list[int], lengths: list[int]) -> list[float]:
-    """Per row, the sum of ``log p(targets[r, t])`` over input positions ``first[r] <= t < lengths[r]``.
-
-    ``logits`` (batch, seq, vocab) are the model's outputs at each input position and ``targets``
-    (batch, seq) the tokens that follow them. The log-softmax is taken in float32.
-    """
-    logits = logits.float()
-    targets = targets.to(logits.device)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    pos = torch.arange(targets.shape[1], device=logits.device)[None, :]
-    first_t = torch.tensor(first, device=logits.device)[:, None]
-    length_t = torch.tensor(lengths, device=logits.device)[:, None]
-    keep = (pos >= first_t) & (pos < length_t)
-    return torch.where(keep, picked, 0.0).sum(dim=1).double().tolist()
-
-
-def _pad_id(tok) -> int:
-    for value in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _gaps_are_exact(model: nn.Module, longest: int) -> bool:
-    """Whether padding *between* a cached prefix and new tokens is exact for ``model``: it must take
-    ``position_ids``, and attend globally (or through sliding windows longer than ``longest``)."""
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return False
-    config = _text_config(model)
-    kinds = set(getattr(config, "layer_types", None) or [])
-    if kinds - {"full_attention", "sliding_attention"}:
-        return False
-    window = getattr(config, "sliding_window", None)
-    sliding = "sliding_attention" in kinds or (window is not None and getattr(config, "use_sliding_window", True))
-    return not sliding or (isinstance(window, int) and window > longest)
-
-
-def _select_rows(cache, rows: torch.Tensor):
-    """A cache holding batch rows ``rows`` (n,) of ``cache``, which is left as it is; the selected
-    rows are new tensors, the unselected ones are not copied."""
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list):
-        new = copy.copy(cache)
-        new.layers = [copy.copy(layer) for layer in layers]
-    else:
-        new = copy.deepcopy(cache)
-    new.batch_select_indices(rows)
-    return new
-
-
-def _token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
-    """Cut row indices, sorted longest first, into chunks whose padded size ≤ ``budget`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    chunks: list[list[int]] = []
-    for i in order:
-        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
-@torch.no_grad()
-def score_continuations(
-    model: nn.Module,
-    tok,
-    items: Sequence[tuple[str, Sequence[str]]],
-    cached: bool = True,
-    group_size: int = 16,
-    batch_tokens: int = 512,
-    progress: bool = False,
-    layers_path: str | None = None,
-) -> ContinuationScores:
-    """Summed log-probability of each continuation given its context, for ``(context,
-    continuations)`` items.
-
-    ``cached=True``: the token prefix shared by all contexts runs once (on the model's backbone,
-    so without logits); then, per group of ``group_size`` items of similar context length, their
-    remaining context tokens run once, right-padded, on top of it; then all continuations of the
-    group, sorted by length, in right-padded batches of at most ``batch_tokens`` tokens on top of
-    their own context's cache rows, through the full causal LM. Each continuation row starts at its
-    context's last token, whose logits predict the first continuation token, and stops before the
-    continuation's last token, whose logits are not needed. When contexts in a
-    group differ in length, the padding between context and continuation is masked out and
-    ``position_ids`` continue each context, so the numbers are those of unpadded texts; models for
-    which that is not exact (no ``position_ids``, short sliding windows) use groups of one item,
-    where each item's continuations share its own cache with no padding in between.
-
-    ``cached=False``: each full text in its own forward pass (the reference). An attached editor
-    applies to every forward pass, cached prefixes included.
-    """
-    if group_size < 1 or batch_tokens < 1:
-        raise HpreditError(f"group_size and batch_tokens must be at least 1, got {group_size} and {batch_tokens}")
-    encoded = encode_continuations(tok, items)
-    if not encoded:
-        return ContinuationScores([], 0, 0)
-    merged = sum(s < len(e.context) for e in encoded for s in e.starts)
-    tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
-    device = next(model.parameters()).device
-    results: list[list[float]] = [[] for _ in encoded]
-    bar = tqdm(total=len(encoded), desc="scoring", unit="question", disable=not progress)
-    try:
-        if not cached:
-            for k, e in enumerate(encoded):
-                for f, s in zip(e.full, e.starts):
-                    ids = torch.tensor([f], dtype=torch.long)
-                    logits = model(input_ids=ids[:, :-1].to(device), use_cache=False).logits
-                    results[k].extend(_row_scores(logits[:, s - 1 :], ids[:, s:], [0], [len(f) - s]))
-                bar.update()
-            return ContinuationScores(results, merged, tokens)
-
-        path, _ = decoder_layers(model, layers_path)
-        body = backbone(model, path)
-        # Tokens cached per item: everything before its earliest scored token, less one, so that
-        # each continuation row's first position yields the logits of its first scored token.
-        heads = [e.context[: min(e.starts) - 1] for e in encoded]
-        shared = common_prefix_length(heads)
-        root = PrefixCache(body, heads[0][:shared])
-        longest = max(len(f) for e in encoded for f in e.full) + max(len(h) for h in heads) - shared
-        if not _gaps_are_exact(model, longest):
-            group_size = 1
-        cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        pad_id = _pad_id(tok)
-        order = sorted(range(len(encoded)), key=lambda k: len(heads[k]))
-        for g in range(0, len(order), group_size):
-            members = order[g : g + group_size]
-            qlen = torch.tensor([len(heads[k]) - shared for k in members])
-            width = int(qlen.max())
-            if width > 0:
-                ids, qmask = pad_right([heads[k][shared:] for k in members], pad_id)
-                group_cache = _cache_of(root.run(ids, qmask))
-            else:
-                qmask = torch.zeros((len(members), 0), dtype=torch.long)
-                group_cache = copy.deepcopy(root.cache)
-                if group_cache is not None:
-                    group_cache.batch_repeat_interleave(len(members))
-            gaps = bool((qlen != width).any())
-            rows = [(m, j) for m, k in enumerate(members) for j in range(len(encoded[k].full))]
-            # a row's inputs: the context's last token and the continuation without its last token
-            row_tokens = [encoded[members[m]].full[j][len(heads[members[m]]) :] for m, j in rows]
-            scores: dict[tuple[int, int], float] = {}
-            for chunk in _token_chunks([len(t) - 1 for t in row_tokens], batch_tokens):
-                which = torch.tensor([rows[r][0] for r in chunk])
-                ids, amask = pad_right([row_tokens[r][:-1] for r in chunk], pad_id)
-                targets, _ = pad_right([row_tokens[r][1:] for r in chunk], pad_id)
-                mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long), qmask[which], amask], dim=1)
-                kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True}
-                if group_cache is not None:
-                    kwargs[cache_key] = _select_rows(group_cache, which.to(device))
-                if gaps:
-                    start = shared + qlen[which]
-                    kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])[None, :]).to(device)
-                first, lengths = [], []
-                for r in chunk:
-                    m, j = rows[r]
-                    k = members[m]
-                    first.append(encoded[k].starts[j] - len(heads[k]) - 1)
-                    lengths.append(len(row_tokens[r]) - 1)
-                logits = model(**kwargs).logits
-                for r, value in zip(chunk, _row_scores(logits, targets, first, lengths)):
-                    scores[rows[r]] = value
-            for m, k in enumerate(members):
-                results[k] = [scores[(m, j)] for j in range(len(encoded[k].full))]
-            bar.update(len(members))
-    finally:
-        bar.close()
-    return ContinuationScores(results, merged, tokens)
 
 
 # --------------------------------------------------------------------------- TruthfulQA MC
@@ -322,7 +80,7 @@ class MCScores:
 
 def score_truthfulqa_mc(
     model: nn.Module,
-    tok,
+    tok: PreTrainedTokenizerBase,
     questions: Sequence[Question],
     primer: str = QA_PRIMER,
     cached: bool = True,
@@ -351,7 +109,7 @@ def truncate_answer(text: str) -> str:
 
 def generate_answers(
     model: nn.Module,
-    tok,
+    tok: PreTrainedTokenizerBase,
     questions: Sequence[Question],
     primer: str = QA_PRIMER,
     max_new_tokens: int = 50,
@@ -366,51 +124,3 @@ def generate_answers(
     prompts = [qa_prompt(q.question, primer) for q in questions]
     texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, ["\n\n", "Q:"], progress)
     return [truncate_answer(t) for t in texts]
-
-
-@torch.no_grad()
-def generate_texts(
-    model: nn.Module,
-    tok,
-    prompts: Sequence[str],
-    max_new_tokens: int = 50,
-    batch_size: int = 16,
-    stop_strings: Sequence[str] | None = None,
-    progress: bool = False,
-) -> list[str]:
-    """Greedy continuations of ``prompts`` (decoded, special tokens dropped), in their order.
-
-    Batched with left padding, prompts grouped by length to keep padding small; a row stops at
-    end-of-sequence, at one of ``stop_strings`` or after ``max_new_tokens``.
-    """
-    from transformers import GenerationConfig
-
-    if max_new_tokens < 1:
-        raise HpreditError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise HpreditError(f"batch_size must be at least 1, got {batch_size}")
-    lengths = [len(ids) for ids in _input_ids(tok, list(prompts))] if prompts else []
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=_pad_id(tok),
-        eos_token_id=eos if eos is not None else tok.eos_token_id, stop_strings=list(stop_strings) if stop_strings else None,
-    )
-    device = next(model.parameters()).device
-    texts: list[str] = [""] * len(prompts)
-    side = tok.padding_side
-    tok.padding_side = "left"
-    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
-    try:
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, generation_config=config, tokenizer=tok if stop_strings else None)
-            new = out[:, enc["input_ids"].shape[1] :]
-            for i, row in zip(batch, new):
-                texts[i] = tok.decode(row, skip_special_tokens=True)
-            bar.update(len(batch))
-    finally:
-        tok.padding_side = side
-        bar.close()
-    return texts
