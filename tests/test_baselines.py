@@ -219,3 +219,12 @@ def test_iti_refuses_more_heads_than_collected_and_bad_metrics(iti_setup, tmp_pa
     (tmp_path / "iti" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(HpreditError, match="'val_probe_accuracy' must map layers to numbers"):
         hpredit.load_editor(tmp_path / "iti")
+
+
+def test_residual_editors_refuse_head_activations(iti_setup):
+    from hpredit.editors import CAAEditor, HPREditor, NormRestoreEditor
+
+    _, stores, _ = iti_setup
+    for cls in (HPREditor, CAAEditor, NormRestoreEditor):
+        with pytest.raises(HpreditError, match="fits on residual activations, got a 'heads' store"):
+            cls.fit(stores["heads"], progress=False)

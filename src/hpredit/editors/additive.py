@@ -20,6 +20,7 @@ from .base import (
     Editor,
     EditorConfig,
     check_layer_request,
+    check_residual,
     choose_layers,
     configure,
     fitted_layers_from,
@@ -114,6 +115,7 @@ class _AdditiveEditor(Editor):
         positive token projects further along ``v`` than its negative one.
         """
         config = configure(AdditiveConfig, config, overrides)
+        check_residual(acts, cls.method)
         check_layer_request(acts.layers, config.layers, config.top_k, AdditiveConfig.top_k)
         train, val = train_val_masks(acts, config.val_fraction, config.seed)
         tp, tn = acts.token_pairs(train)

@@ -114,6 +114,13 @@ def choose_layers(accuracy: dict[int, float], layers: Sequence[int] | None, top_
     return sorted(ranked[:top_k])
 
 
+def check_residual(acts: Any, method: str) -> None:
+    """Refuse activations of another site (``heads`` stores are for ITI)."""
+    if getattr(acts, "site", "residual") != "residual":
+        raise HpreditError(f"{method} fits on residual activations, got a {acts.site!r} store: "
+                           "collect with site='residual'")
+
+
 def check_layer_request(collected: Sequence[int], layers: Sequence[int] | None, top_k: int,
                         default_top_k: int | None = None) -> None:
     """Refuse, before training, explicit layers that were not collected and a ``top_k`` larger than

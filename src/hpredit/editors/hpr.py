@@ -24,6 +24,7 @@ from .base import (
     Editor,
     EditorConfig,
     check_layer_request,
+    check_residual,
     choose_layers,
     configure,
     fitted_layers_from,
@@ -302,6 +303,7 @@ class HPREditor(Editor):
             (2, True)
         """
         config = configure(HPRConfig, config, overrides)
+        check_residual(acts, "HPR")
         check_layer_request(acts.layers, config.layers, config.top_k, HPRConfig.top_k)
         pairs = _TokenPairs.of(acts, config)
         start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
