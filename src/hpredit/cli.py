@@ -175,21 +175,13 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _check_editor(editor_dir: Path, config: Any, model: str | None, strict: bool):
-    """Load the editor artifact and compare it with the model's config, before the model loads."""
+    """Load the editor artifact and compare it with the model's config, before the model loads
+    (the weight digest is compared once the model is loaded)."""
     from .editors import load_editor
-    from .models import DEFAULT_MODEL, ModelFingerprint, text_config
+    from .models import fingerprint_from_config
 
     ed = load_editor(editor_dir)
-    archs = getattr(config, "architectures", None) or []
-    expected = ed.model_fingerprint
-    seen = ModelFingerprint(
-        architecture=archs[0] if archs else expected.architecture,
-        hidden_size=getattr(text_config(config), "hidden_size", expected.hidden_size),
-        num_layers=_n_layers(config) or expected.num_layers,
-        name=str(model) if model is not None else DEFAULT_MODEL,
-    )
-    problems = expected.mismatches(seen, check_name=strict)
-    problems = [p for p in problems if not p.startswith("weights")]  # weights: checked on the loaded model
+    problems = ed.model_fingerprint.mismatches(fingerprint_from_config(config, model), check_name=strict)
     if problems:
         hint = (
             " (pass --no-strict to ignore the name)"
