@@ -1,36 +1,32 @@
-"""What every benchmark script records: when, how it was called, on which machine, and the versions."""
+"""What every benchmark script records: when, how it was called, on which machine, and the versions.
+
+The command line, the machine and the versions come from :mod:`hpredit.provenance`, the same
+record as ``hpredit run``/``eval``/``compare`` write.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
-import sys
 from pathlib import Path
+
+from hpredit.provenance import command_line, cpu_name, machine, versions
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
 
-
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
+__all__ = ["DEFAULT_CSV", "ROOT", "command_line", "cpu_name", "emit", "run_record"]
 
 
 def run_record(load_before: tuple[float, float, float] | None = None) -> dict:
-    """Date (UTC), command, machine (CPU, cores, torch threads, load averages) and versions."""
-    import torch
-
-    import hpredit
-
+    """Date (UTC), command, machine (CPU, cores, torch threads, platform, load averages) and versions."""
     return {
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "command": "python " + " ".join(sys.argv),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "versions": {"hpredit": hpredit.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "command": command_line(),
+        "machine": {**machine(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "versions": versions(),
     }
 
 

@@ -29,11 +29,10 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import cpu_name
+from _common import command_line, cpu_name
 
 
 def main() -> None:
@@ -210,7 +209,7 @@ def main() -> None:
     print(table)
     record = {
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "config": args.model or ("tiny" if args.tiny else "Llama-3-8B shape, random weights"), "dtype": args.dtype,

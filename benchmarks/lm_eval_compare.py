@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from _common import DEFAULT_CSV, ROOT, cpu_name  # noqa: E402  (also sets TOKENIZERS_PARALLELISM)
+from _common import DEFAULT_CSV, ROOT, command_line, cpu_name  # noqa: E402  (also sets TOKENIZERS_PARALLELISM)
 
 
 def machine() -> dict:
@@ -115,7 +114,7 @@ def main() -> None:
     questions = load_truthfulqa(args.data)[: args.limit]
     model_dir = hpredit.models.embedded_default_path()
     info = {"date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
-            "command": "python " + " ".join(sys.argv), "machine": machine(), "questions": len(questions),
+            "command": command_line(), "machine": machine(), "questions": len(questions),
             "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?",
             "torch": torch.__version__, "model": str(model_dir)}
 

@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import DEFAULT_CSV, ROOT, cpu_name  # noqa: E402  (also sets TOKENIZERS_PARALLELISM)
+from _common import DEFAULT_CSV, ROOT, command_line, cpu_name  # noqa: E402  (also sets TOKENIZERS_PARALLELISM)
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     start = time.perf_counter()
     result = hpredit.evaluate(task="truthfulqa-mc", split="all", limit=args.limit, data=args.data,
                               batch_size=args.batch_size, progress=True, show=True,
-                              command="python " + " ".join(sys.argv))
+                              command=command_line())
     wall = time.perf_counter() - start
     with atomic_directory(args.out) as tmp:
         (tmp / "summary.json").write_text(json.dumps(result.summary, indent=1) + "\n")
@@ -54,7 +53,7 @@ def main() -> None:
                 f.write(json.dumps({"index": row["index"], **row["unedited"], "answers": answers}) + "\n")
     record = {
         "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "questions": result["questions"],

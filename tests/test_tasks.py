@@ -287,3 +287,34 @@ def test_cli_compare_rejects_unknown_task(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown task 'ab:greed'" in err and "Traceback" not in err
+
+
+def test_one_registry_for_eval_and_compare():
+    from hpredit.compare import check_compare_args
+    from hpredit.evaluation import TASKS
+    from hpredit.evaluation.api import check_eval_args
+
+    assert list(TASKS) == T.task_names() and {"truthfulqa-mc", "truthfulqa-gen", "bbq", "ab:sycophancy"} <= set(TASKS)
+    for name in TASKS:  # every task is accepted by both
+        assert check_eval_args(name, None, "all", 1.0, None, 16, 50, 1).name == name
+        assert check_compare_args(["none"], [0], 0.5, None, 0, name).name == name
+    for check in (lambda: check_eval_args("magic", None, "all", 1.0, None, 16, 50, 1),
+                  lambda: check_compare_args(["none"], [0], 0.5, None, 0, "magic")):
+        with pytest.raises(HpreditError, match="unknown task 'magic'"):
+            check()
+
+
+def test_eval_on_a_behaviour_task(model_tok, tmp_path, capsys):
+    from hpredit.evaluation import evaluate
+
+    model, tok = model_tok
+    rows = [{"text": f"statement number {i}", "is_toxic": i % 2 == 0} for i in range(20)]
+    data = _write(tmp_path / "tox.jsonl", rows)
+    editor = random_editor("caa", model)
+    result = evaluate(model=model, tokenizer=tok, editor=editor, task="toxigen", split="test", limit=4, data=data,
+                      strength=2.0, out=tmp_path / "ev", show=True)
+    m = result.metrics
+    assert set(m) == {"unedited", "edited", "difference"} and set(m["unedited"]) == {"acc"}
+    assert m["difference"]["acc"]["mean"] == pytest.approx(m["edited"]["acc"] - m["unedited"]["acc"])
+    assert result["questions"] == 4 and result["split"]["name"] == "test" and result["items"] == 4
+    assert (tmp_path / "ev" / "summary.json").is_file() and "acc" in capsys.readouterr().out
