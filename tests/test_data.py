@@ -137,7 +137,7 @@ def test_truthfulqa_pairs_bad_split_and_limit(truthfulqa_csv):
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not a text"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not UTF-8 text: give the JSON/JSONL file"),
     ('{"prompt": "caf\u00e9", "positive": " a"}\n'.encode("latin-1"), r"is not UTF-8 text \(byte 15\)"),
     (b"[" * 200_000, r"p.jsonl:1: not valid JSON \(nested too deeply\)"),
     (b'{"prompt": "x", "positive": ' + b"[" * 200_000 + b"\n", r"p.jsonl:1: not valid JSON"),

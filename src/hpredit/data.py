@@ -155,7 +155,7 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         if data.startswith(bom):
             raise HpreditError(f"{path} is {encoding} text, not UTF-8: save the {what} as UTF-8")
     if b"\x00" in data[: 1 << 16]:
-        raise HpreditError(f"{path} is a binary file, not a text {what}")
+        raise HpreditError(f"{path} is a binary file, not UTF-8 text: give the {what}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
