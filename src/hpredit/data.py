@@ -369,7 +369,7 @@ class QuestionSplit:
         if not (isinstance(d.get("seed"), int) and isinstance(fractions, list) and len(fractions) == 3
                 and all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists)):
             raise HpreditError(f"question split {path}: expected seed, fractions (3 numbers) and train/val/test lists")
-        return cls(d["seed"], (fractions[0], fractions[1], fractions[2]), *lists)
+        return cls(d["seed"], (fractions[0], fractions[1], fractions[2]), d["train"], d["val"], d["test"])
 
 
 def split_questions(
