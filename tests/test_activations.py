@@ -289,3 +289,12 @@ def test_store_without_checksums_still_loads(saved_store):
     _edit_meta(saved_store, lambda m: (m.pop("sha256"), m.pop("dtype_choice")))
     store = ActivationStore.load(saved_store)
     assert store.layers == [0, 1, 2] and store.dtype_choice == ""
+
+
+def test_store_dtype_and_width_must_match_meta(saved_store):
+    _edit_meta(saved_store, lambda m: m.__setitem__("dtype", "float32"))
+    with pytest.raises(HpreditError, match="the activations are float16, meta.json says float32"):
+        ActivationStore.load(saved_store)
+    _edit_meta(saved_store, lambda m: (m.__setitem__("dtype", "float16"), m["model"].__setitem__("hidden_size", 32)))
+    with pytest.raises(HpreditError, match="activations of width 64 for a model of hidden size 32"):
+        ActivationStore.load(saved_store)

@@ -145,6 +145,11 @@ class ActivationStore:
             raise HpreditError(f"{where} is damaged: {e}") from None
         texts, splits = meta["texts"], meta["splits"]
         _check_index(offsets, pairs, groups, acts, len(texts), len(splits), where)
+        if meta.get("dtype", _name(acts.dtype)) != _name(acts.dtype) or acts.dtype not in STORE_DTYPES.values():
+            raise HpreditError(f"{where}: the activations are {_name(acts.dtype)}, meta.json says {meta.get('dtype')}")
+        if meta.get("site", "residual") == "residual" and acts.shape[-1] != fp.hidden_size:
+            raise HpreditError(f"{where}: activations of width {acts.shape[-1]} for a model of hidden size "
+                               f"{fp.hidden_size}")
         return cls(
             acts=acts,
             layers=layers,
