@@ -151,3 +151,11 @@ def truthfulqa_csv() -> Path:
     if not TRUTHFULQA_CSV.is_file():
         pytest.skip(f"{TRUTHFULQA_CSV} not found")
     return TRUTHFULQA_CSV
+
+
+def saved_tiny_model(directory: Path, tokenizer, arch: str = "llama"):
+    """A tiny random model of ``arch`` with the real tokenizer, saved to ``directory`` (a model directory)."""
+    model = tiny_model(arch, vocab=len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model

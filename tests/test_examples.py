@@ -10,7 +10,7 @@ from hpredit import activations, hooks, models
 from hpredit.data import ContrastivePair
 from hpredit.editors import HPREditor, base
 
-from .conftest import tiny_model
+from .conftest import saved_tiny_model
 
 PAIRS = [ContrastivePair(f"Q: question {i}?\nA:", f" Right answer {i}.", f" Wrong answer {i}.", group=i)
          for i in range(6)]
@@ -19,9 +19,7 @@ PAIRS = [ContrastivePair(f"Q: question {i}?\nA:", f" Right answer {i}.", f" Wron
 @pytest.fixture(scope="module")
 def globs(tokenizer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("examples")
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(tmp / "tiny")
-    tokenizer.save_pretrained(tmp / "tiny")
+    model = saved_tiny_model(tmp / "tiny", tokenizer)
     store = hpredit.collect_activations(model, tokenizer, PAIRS, progress=False)
     editor = HPREditor.fit(store, epochs=1, angle_depth=2, top_k=2, progress=False)
     ids = torch.tensor([[5, 9, 200, 31, 7]])

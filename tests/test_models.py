@@ -8,7 +8,7 @@ import hpredit
 from hpredit.errors import HpreditError
 from hpredit.models import decoder_layers, fingerprint, load_model
 
-from .conftest import ARCHS, tiny_model
+from .conftest import ARCHS, saved_tiny_model, tiny_model
 
 EXPECTED_PATH = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 
@@ -84,9 +84,7 @@ def test_missing_embedded_package_is_explained(monkeypatch, tmp_path):
 
 @pytest.fixture()
 def tiny_dir(tmp_path, tokenizer):
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    saved_tiny_model(tmp_path / "m", tokenizer)
     return tmp_path / "m"
 
 
@@ -296,9 +294,7 @@ def test_fingerprint_from_config_predicts_the_loaded_one(arch, tmp_path, tokeniz
     """A CLI can refuse a mismatched editor before loading: the config alone gives the same fingerprint."""
     from hpredit.models import check_model_source, fingerprint_from_config
 
-    model = tiny_model(arch, vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / arch)
-    tokenizer.save_pretrained(tmp_path / arch)
+    saved_tiny_model(tmp_path / arch, tokenizer, arch)
     predicted = fingerprint_from_config(check_model_source(tmp_path / arch), tmp_path / arch)
     loaded = fingerprint(load_model(tmp_path / arch)[0])
     assert predicted.weights is None and predicted.mismatches(loaded) == [] and loaded.mismatches(predicted) == []

@@ -16,20 +16,7 @@ from ..activations import ActivationStore
 from ..errors import HpreditError
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import (
-    Editor,
-    EditorConfig,
-    check_layer_request,
-    check_residual,
-    choose_layers,
-    configure,
-    fitted_layers_from,
-    is_int,
-    is_number,
-    layer_list_problem,
-    register_editor,
-    train_val_masks,
-)
+from .base import Editor, EditorConfig, choose_layers, fitted_layers_from, register_editor, train_val_masks
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
 
@@ -44,12 +31,7 @@ class AdditiveConfig(EditorConfig):
     seed: int = 42
 
     def checks(self) -> list[tuple[bool, str]]:
-        return [
-            (is_int(self.top_k) and self.top_k >= 1, "top_k must be an integer ≥ 1"),
-            (layer_list_problem(self.layers) is None, str(layer_list_problem(self.layers))),
-            (is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (is_int(self.seed), "seed must be an integer"),
-        ]
+        return self.layer_choice_checks()
 
 
 class _AdditiveEditor(Editor):
@@ -114,9 +96,7 @@ class _AdditiveEditor(Editor):
         Layers are ranked by validation pair accuracy: the fraction of aligned token pairs whose
         positive token projects further along ``v`` than its negative one.
         """
-        config = configure(AdditiveConfig, config, overrides)
-        check_residual(acts, cls.method)
-        check_layer_request(acts.layers, config.layers, config.top_k, AdditiveConfig.top_k)
+        config = cls.fit_config(acts, config, overrides)
         train, val = train_val_masks(acts, config.val_fraction, config.seed)
         tp, tn = acts.token_pairs(train)
         vp, vn = acts.token_pairs(val)

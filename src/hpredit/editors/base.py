@@ -82,6 +82,18 @@ class EditorConfig:
     def checks(self) -> list[tuple[bool, str]]:
         raise NotImplementedError
 
+    def layer_choice_checks(self) -> list[tuple[bool, str]]:
+        """The rules of the fields every residual editor shares: ``top_k``, ``layers``, ``val_fraction``, ``seed``."""
+        layers_problem = layer_list_problem(getattr(self, "layers", None))
+        top_k: Any = getattr(self, "top_k", None)
+        val_fraction: Any = getattr(self, "val_fraction", None)
+        return [
+            (is_int(top_k) and top_k >= 1, "top_k must be an integer ≥ 1"),
+            (layers_problem is None, str(layers_problem)),
+            (is_number(val_fraction) and 0 < val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (is_int(getattr(self, "seed", None)), "seed must be an integer"),
+        ]
+
     def validate(self, where: str | None = None) -> None:
         """Raise one :class:`HpreditError` naming the first rule broken (prefixed by ``where``)."""
         for ok, message in self.checks():
@@ -112,13 +124,6 @@ def choose_layers(accuracy: dict[int, float], layers: Sequence[int] | None, top_
         return sorted(layers)
     ranked = sorted(accuracy, key=lambda i: (-accuracy[i], i))
     return sorted(ranked[:top_k])
-
-
-def check_residual(acts: Any, method: str) -> None:
-    """Refuse activations of another site (``heads`` stores are for ITI)."""
-    if getattr(acts, "site", "residual") != "residual":
-        raise HpreditError(f"{method} fits on residual activations, got a {acts.site!r} store: "
-                           "collect with site='residual'")
 
 
 def check_layer_request(collected: Sequence[int], layers: Sequence[int] | None, top_k: int,
@@ -180,6 +185,19 @@ class Editor(ABC):
     def extra_config(self) -> dict:
         """Method-specific entries for ``config.json`` (besides the dataclass config)."""
         return {}
+
+    @classmethod
+    def fit_config(cls, acts: Any, config: Any, overrides: dict[str, Any]) -> Any:
+        """The config a ``fit`` runs with (``config`` plus ``overrides``, validated), after checking
+        that ``acts`` can serve it: the editor's site, the requested layers and ``top_k``."""
+        config = configure(cls.config_class, config, overrides)
+        site = getattr(acts, "site", "residual")
+        if site != cls.site:
+            raise HpreditError(f"{cls.method} fits on {cls.site} activations, got a {site!r} store: "
+                               f"collect them with site={cls.site!r}")
+        if hasattr(config, "top_k"):
+            check_layer_request(acts.layers, config.layers, config.top_k, getattr(cls.config_class, "top_k", None))
+        return config
 
     @classmethod
     def check_metrics(cls, metrics: Any, where: str) -> dict:

@@ -23,14 +23,10 @@ from ..models import ModelFingerprint
 from .base import (
     Editor,
     EditorConfig,
-    check_layer_request,
-    check_residual,
     choose_layers,
-    configure,
     fitted_layers_from,
     is_int,
     is_number,
-    layer_list_problem,
     register_editor,
     train_val_masks,
 )
@@ -66,10 +62,7 @@ class HPRConfig(EditorConfig):
             (is_int(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
             (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be an integer ≥ 1"),
-            (is_int(self.seed), "seed must be an integer"),
-            (is_int(self.top_k) and self.top_k >= 1, "top_k must be an integer ≥ 1"),
-            (layer_list_problem(self.layers) is None, str(layer_list_problem(self.layers))),
-            (is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            *self.layer_choice_checks(),
             (self.angle_layers in ("selected", "all"), "angle_layers must be 'selected' or 'all'"),
             (isinstance(self.gate, bool), "gate must be true or false"),
             (self.fixed_angle is None or (is_number(self.fixed_angle) and 0 <= self.fixed_angle <= math.pi),
@@ -302,9 +295,7 @@ class HPREditor(Editor):
             >>> len(editor.layers), sorted(editor.probe_accuracy) == store.layers
             (2, True)
         """
-        config = configure(HPRConfig, config, overrides)
-        check_residual(acts, "HPR")
-        check_layer_request(acts.layers, config.layers, config.top_k, HPRConfig.top_k)
+        config = cls.fit_config(acts, config, overrides)
         pairs = _TokenPairs.of(acts, config)
         start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
         probes = _fit_probes(acts.acts, pairs, start, config, progress)

@@ -17,7 +17,7 @@ from ..activations import ActivationStore
 from ..errors import HpreditError
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, EditorConfig, configure, is_int, is_number, register_editor, train_val_masks
+from .base import Editor, EditorConfig, is_int, is_number, register_editor, train_val_masks
 
 __all__ = ["ITIConfig", "ITIEditor"]
 
@@ -128,9 +128,7 @@ class ITIEditor(Editor):
         ``(…, heads·head_dim)`` activations into heads. Probes: one logistic regression per head on
         standardised last-token activations, full-batch Adam, all heads at once.
         """
-        config = configure(ITIConfig, config, overrides)
-        if acts.site != "heads":
-            raise HpreditError("ITI fits on head activations: collect them with site='heads'")
+        config = cls.fit_config(acts, config, overrides)
         H = num_attention_heads
         if H is None:
             raise HpreditError("ITIEditor.fit needs num_attention_heads (hpredit.models.num_attention_heads(model))")
