@@ -16,7 +16,7 @@ from ..activations import ActivationStore
 from ..errors import HpreditError
 from ..hooks import LayerEdit
 from ..models import ModelFingerprint
-from .base import Editor, EditorConfig, choose_layers, fitted_layers_from, register_editor, train_val_masks
+from .base import Editor, EditorConfig, TokenPairs, choose_layers, fitted_layers_from, register_editor
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
 
@@ -97,13 +97,8 @@ class _AdditiveEditor(Editor):
         positive token projects further along ``v`` than its negative one.
         """
         config = cls.fit_config(acts, config, overrides)
-        train, val = train_val_masks(acts, config.val_fraction, config.seed)
-        tp, tn = acts.token_pairs(train)
-        vp, vn = acts.token_pairs(val)
-        if len(tp) == 0:
-            raise HpreditError("no training token pairs: every completion is empty")
-        if len(vp) == 0:
-            vp, vn = tp, tn
+        split = TokenPairs.of(acts, config.val_fraction, config.seed)
+        tp, tn, vp, vn = split.tp, split.tn, split.vp, split.vn
         vectors = torch.stack([acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0)
                                for r in range(len(acts.layers))])
         accuracy = {}

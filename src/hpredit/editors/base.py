@@ -13,6 +13,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -31,6 +32,7 @@ __all__ = [
     "ARTIFACT_FORMAT_VERSION",
     "Editor",
     "EditorConfig",
+    "TokenPairs",
     "choose_layers",
     "configure",
     "load_editor",
@@ -349,6 +351,31 @@ def train_val_masks(acts, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     n_val = max(1, round(val_fraction * len(groups)))
     val = torch.isin(acts.groups, perm[:n_val])
     return ~val, val
+
+
+@dataclass
+class TokenPairs:
+    """The pair masks and aligned token rows ``(positive, negative)`` of training and validation."""
+
+    train_mask: torch.Tensor
+    val_mask: torch.Tensor
+    tp: torch.Tensor
+    tn: torch.Tensor
+    vp: torch.Tensor
+    vn: torch.Tensor
+
+    @classmethod
+    def of(cls, acts: Any, val_fraction: float, seed: int) -> TokenPairs:
+        """Split ``acts``' pairs with :func:`train_val_masks`; without validation pairs (too few
+        groups to hold any out) the training pairs also validate."""
+        train_mask, val_mask = train_val_masks(acts, val_fraction, seed)
+        tp, tn = acts.token_pairs(train_mask)
+        vp, vn = acts.token_pairs(val_mask)
+        if len(tp) == 0:
+            raise HpreditError("no training token pairs: every completion is empty")
+        if len(vp) == 0:
+            vp, vn = tp, tn
+        return cls(train_mask, val_mask, tp, tn, vp, vn)
 
 
 def fitted_layers_from(artifact: dict, layers: list[int]) -> list[int]:

@@ -23,12 +23,12 @@ from ..models import ModelFingerprint
 from .base import (
     Editor,
     EditorConfig,
+    TokenPairs,
     choose_layers,
     fitted_layers_from,
     is_int,
     is_number,
     register_editor,
-    train_val_masks,
 )
 
 __all__ = ["HPRConfig", "HPREditor"]
@@ -296,7 +296,7 @@ class HPREditor(Editor):
             (2, True)
         """
         config = cls.fit_config(acts, config, overrides)
-        pairs = _TokenPairs.of(acts, config)
+        pairs = TokenPairs.of(acts, config.val_fraction, config.seed)
         start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
         probes = _fit_probes(acts.acts, pairs, start, config, progress)
         accuracy = {layer: float(probes.accuracy[r]) for r, layer in enumerate(acts.layers)}
@@ -311,29 +311,6 @@ class HPREditor(Editor):
 
 
 # --------------------------------------------------------------------------- training stages
-
-
-@dataclass
-class _TokenPairs:
-    """The pair masks and aligned token rows ``(positive, negative)`` of training and validation."""
-
-    train_mask: torch.Tensor
-    val_mask: torch.Tensor
-    tp: torch.Tensor
-    tn: torch.Tensor
-    vp: torch.Tensor
-    vn: torch.Tensor
-
-    @classmethod
-    def of(cls, acts: ActivationStore, config: HPRConfig) -> _TokenPairs:
-        train_mask, val_mask = train_val_masks(acts, config.val_fraction, config.seed)
-        tp, tn = acts.token_pairs(train_mask)
-        vp, vn = acts.token_pairs(val_mask)
-        if len(tp) == 0:
-            raise HpreditError("no training token pairs: every completion is empty")
-        if len(vp) == 0:
-            vp, vn = tp, tn  # too few groups to hold any out: select on training accuracy
-        return cls(train_mask, val_mask, tp, tn, vp, vn)
 
 
 @dataclass
@@ -376,7 +353,7 @@ class _Probes:
     losses: list[float]  # mean loss per epoch
 
 
-def _fit_probes(X: torch.Tensor, pairs: _TokenPairs, start: _Start, config: HPRConfig, progress: bool) -> _Probes:
+def _fit_probes(X: torch.Tensor, pairs: TokenPairs, start: _Start, config: HPRConfig, progress: bool) -> _Probes:
     """Phase 1: the probes of every layer; each layer's loss is divided by L as in the joint mean."""
     L = X.shape[0]
     ones = torch.ones(config.batch_size)
@@ -412,7 +389,7 @@ def _fit_probes(X: torch.Tensor, pairs: _TokenPairs, start: _Start, config: HPRC
     return _Probes(best_probe, best_bias, best_acc, best_epoch, history, losses)
 
 
-def _fit_angle_predictors(X: torch.Tensor, pairs: _TokenPairs, start: _Start, rows: torch.Tensor,
+def _fit_angle_predictors(X: torch.Tensor, pairs: TokenPairs, start: _Start, rows: torch.Tensor,
                           best_epoch: torch.Tensor, config: HPRConfig,
                           progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
     """Phase 2: angle predictors of the layers ``rows``, replaying phase 1's batches and schedule;
@@ -448,7 +425,7 @@ def _fit_angle_predictors(X: torch.Tensor, pairs: _TokenPairs, start: _Start, ro
     return best_w, best_b, losses
 
 
-def _fit_metrics(acts: ActivationStore, config: HPRConfig, pairs: _TokenPairs, accuracy: dict[int, float],
+def _fit_metrics(acts: ActivationStore, config: HPRConfig, pairs: TokenPairs, accuracy: dict[int, float],
                  probes: _Probes, angle_losses: list[float]) -> dict:
     """What ``fit`` reports: validation accuracy and best epoch per layer, data sizes, loss history."""
     n_groups = lambda m: int(torch.unique(acts.groups[m]).numel())  # noqa: E731
