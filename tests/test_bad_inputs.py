@@ -331,3 +331,28 @@ def test_signal_during_run_leaves_nothing(sig, code, word, world, tmp_path):
     assert err.strip().splitlines()[-1] == word
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == [], "a temporary directory or a partial output was left"
+
+
+def test_default_store_dtype_handles_a_model_beyond_float16(tokenizer, world, tmp_path, capsys):
+    """A model whose block outputs exceed float16's range: fit's default (--store-dtype auto) works,
+    --store-dtype float16 is one clear error (nothing written), float32 works too."""
+    model = tiny_model("llama", vocab=len(tokenizer))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e6)
+    loud = tmp_path / "loud"
+    model.save_pretrained(loud)
+    tokenizer.save_pretrained(loud)
+    base = ["fit", "--model", str(loud), "--pairs", world["pairs.jsonl"], "--top-k", "1", "--epochs", "1",
+            "--save-activations"]
+    code, _, err = _cli([*base, "--out", str(tmp_path / "f16"), "--store-dtype", "float16"], capsys)
+    one_error_line(code, err, "float16")
+    assert not (tmp_path / "f16").exists() and _leftovers(tmp_path) == []
+    for store_dtype, expected in (("auto", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / store_dtype
+        code, _, err = _cli([*base, "--out", str(out), "--store-dtype", store_dtype], capsys)
+        assert code in (0, None), err
+        store = hpredit.ActivationStore.load(out / "activations")
+        assert expected in str(store.acts.dtype) and torch.isfinite(store.acts.float()).all()
+        editor = hpredit.load_editor(out / "editor")
+        with editor.attach(model, strength=1.0, strict=False):  # the same model, loaded under another name
+            assert torch.isfinite(model(input_ids=torch.tensor([[5, 9, 200]])).logits).all()

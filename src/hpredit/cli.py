@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -215,10 +215,11 @@ def _fit_and_save(
     model, tok, pairs, out: Path, config_overrides: dict, batch_size: int, save_acts: bool, store_dtype: str
 ) -> tuple:
     from . import collect_activations
+    from .activations import ActivationStore
     from .editors import HPREditor
 
     t0 = time.perf_counter()
-    acts = collect_activations(model, tok, pairs, batch_size=batch_size, dtype=store_dtype)
+    acts = cast(ActivationStore, collect_activations(model, tok, pairs, batch_size=batch_size, dtype=store_dtype))
     t1 = time.perf_counter()
     editor = HPREditor.fit(acts, **config_overrides)
     t2 = time.perf_counter()
@@ -336,9 +337,10 @@ def generate(
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
     if qa:  # a QA answer ends at the first blank line, before the next "Q:"
         kwargs.update(stop_strings=["\n\n"], tokenizer=tok)
-    plain = m.generate(**enc, **kwargs)
+    generate_ = cast(Any, m).generate
+    plain = generate_(**enc, **kwargs)
     with ed.attach(m, strength=strength, scope=scope, strict=strict):
-        edited = m.generate(**enc, **kwargs)
+        edited = generate_(**enc, **kwargs)
     n = enc["input_ids"].shape[1]
     table = Table(title=f"{ed.method.upper()} layers {ed.layers}, strength {strength}, scope {scope}", show_lines=True)
     table.add_column("prompt")
@@ -346,7 +348,9 @@ def generate(
     table.add_column("edited")
     for p, a, b in zip(prompt, plain, edited):
         table.add_row(
-            p, tok.decode(a[n:], skip_special_tokens=True).strip(), tok.decode(b[n:], skip_special_tokens=True).strip()
+            p,
+            str(tok.decode(a[n:], skip_special_tokens=True)).strip(),
+            str(tok.decode(b[n:], skip_special_tokens=True)).strip(),
         )
     console.print(table)
 
@@ -378,7 +382,7 @@ def run(
     """The main job: fit HPR on the TruthfulQA train split (layers by val probe accuracy), choose the
     strength on val by MC2 under a fluency-cost cap, report unedited vs edited on test; save to --out."""
     from . import load_model
-    from .data import check_truthfulqa_source, truthfulqa_pairs
+    from .data import QuestionSplit, check_truthfulqa_source, truthfulqa_pairs
     from .provenance import machine, versions
 
     _check_out(out, force)
@@ -400,7 +404,8 @@ def run(
         acts, editor, timing = _fit_and_save(
             m, tok, pairs, tmp, {"top_k": top_k, "epochs": epochs}, batch_size, save_activations, store_dtype
         )
-        pairs.split.save(tmp / "split.json")
+        split = cast(QuestionSplit, pairs.split)  # TruthfulQA pairs always carry their split
+        split.save(tmp / "split.json")
         evaluation = None
         if evaluate:
             evaluation = _run_evaluation(

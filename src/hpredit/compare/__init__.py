@@ -10,5 +10,15 @@ from .methods import METHODS, Method, SeedFits
 from .report import figure, markdown_table, write_results
 from .strength import choose_strength
 
-__all__ = ["METHODS", "Method", "SeedFits", "check_compare_args", "choose_strength", "compare", "figure",
-           "markdown_table", "merge", "write_results"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "SeedFits",
+    "check_compare_args",
+    "choose_strength",
+    "compare",
+    "figure",
+    "markdown_table",
+    "merge",
+    "write_results",
+]

@@ -9,9 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
@@ -30,8 +32,14 @@ from .strength import choose_strength, fluency_with, score_with
 __all__ = ["check_compare_args", "compare", "merge"]
 
 
-def check_compare_args(methods: Sequence[str], seeds: Sequence[int], kl_cap: float, limit: int | None,
-                       refine: int = 0, task: str = "truthfulqa-mc") -> Task:
+def check_compare_args(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    kl_cap: float,
+    limit: int | None,
+    refine: int = 0,
+    task: str = "truthfulqa-mc",
+) -> Task:
     """Refuse unknown methods or tasks, no seeds, a non-positive cap or limit, a negative refine; the task."""
     the_task = get_task(task)
     unknown = [m for m in methods if m not in METHODS]
@@ -67,54 +75,128 @@ class _SeedSplit:
         test = [it for it in items if split_of.get(task.group(it)) == "test"]
         pairs = task.pairs(items, {g: s for g, s in split_of.items() if s != "test"}, tok)
         if not len(pairs) or not val or not test:
-            raise HpreditError(f"task {task.name}: seed {seed} leaves no training pairs, validation or test items "
-                               f"({len(pairs)} pairs, {len(val)} val, {len(test)} test): use more data or no --limit")
+            raise HpreditError(
+                f"task {task.name}: seed {seed} leaves no training pairs, validation or test items "
+                f"({len(pairs)} pairs, {len(val)} val, {len(test)} test): use more data or no --limit"
+            )
         record = {"seed": seed, "groups": {n: [groups[i] for i in getattr(split, n)] for n in ("train", "val", "test")}}
         return cls(seed, pairs, val, test, record)
 
 
-def _collect(model, tok, methods: Sequence[str], split: _SeedSplit, store_dtype, progress: bool,
-             log: Callable[[str], None]) -> dict[str, ActivationStore]:
+def _collect(
+    model, tok, methods: Sequence[str], split: _SeedSplit, store_dtype, progress: bool, log: Callable[[str], None]
+) -> dict[str, ActivationStore]:
     """Activations of every site the methods fit on, in one pass."""
-    sites = sorted({METHODS[m].site for m in methods if METHODS[m].site})
+    sites = sorted({site for m in methods if (site := METHODS[m].site) is not None})
     if not sites:
         return {}
     log(f"seed {split.seed}: collecting activations ({', '.join(sites)}) for {len(split.pairs)} pairs …")
     kwargs = {} if store_dtype is None else {"dtype": store_dtype}
-    return collect_activations(model, tok, split.pairs, site=tuple(sites), progress=progress, **kwargs)
+    stores = collect_activations(model, tok, split.pairs, site=tuple(sites), progress=progress, **kwargs)
+    return cast(dict[str, ActivationStore], stores)  # a tuple of sites gives one store per site
 
 
-def _run_method(model, tok, name: str, task: Task, split: _SeedSplit, stores, shared: SeedFits, neutral: NeutralText,
-                kl_cap: float, grid: Sequence[float] | None, max_doublings: int, refine: int,
-                log: Callable[[str], None]) -> dict:
-    """Fit one method, choose its setting on val, and measure it on test: one row of the results."""
+def _run_method(
+    model,
+    tok,
+    name: str,
+    task: Task,
+    split: _SeedSplit,
+    stores,
+    shared: SeedFits,
+    neutral: NeutralText,
+    kl_cap: float,
+    grid: Sequence[float] | None,
+    max_doublings: int,
+    refine: int,
+    log: Callable[[str], None],
+    progress: bool = False,
+) -> dict:
+    """Fit one method, choose its setting on val, and measure it on test: one row of the results.
+
+    With ``progress``, a bar says which step runs (fit, each strength's KL and val score, test).
+    """
     m = METHODS[name]
     t0 = time.time()
+    bar = tqdm(desc=f"seed {split.seed} {name}: fit", unit="step", disable=not progress, leave=False)
+
+    def step(what: str) -> None:
+        bar.set_description(f"seed {split.seed} {name}: {what}")
+        bar.update()
+
+    try:
+        row = _fit_choose_measure(
+            model, tok, m, task, split, stores, shared, neutral, kl_cap, grid, max_doublings, refine, log, step
+        )
+    finally:
+        bar.close()
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def _fit_choose_measure(
+    model,
+    tok,
+    m,
+    task: Task,
+    split: _SeedSplit,
+    stores,
+    shared: SeedFits,
+    neutral: NeutralText,
+    kl_cap: float,
+    grid: Sequence[float] | None,
+    max_doublings: int,
+    refine: int,
+    log: Callable[[str], None],
+    step: Callable[[str], None],
+) -> dict:
+    name = m.name
     chosen: Editor | None = None
     strength, flagged, tried = 0.0, False, []
     if m.fit is not None:
-        pick = choose_strength(model, tok, m.fit(stores, model, shared), grid or m.strengths, split.val, neutral,
-                               kl_cap, 0 if grid else max_doublings,
-                               log=lambda text: log(f"seed {split.seed} {name}: {text}"), task=task,
-                               refine=0 if grid else refine)
+        pick = choose_strength(
+            model,
+            tok,
+            m.fit(stores, model, shared),
+            grid or m.strengths,
+            split.val,
+            neutral,
+            kl_cap,
+            0 if grid else max_doublings,
+            log=lambda text: log(f"seed {split.seed} {name}: {text}"),
+            task=task,
+            refine=0 if grid else refine,
+            progress=lambda what: step(f"strength search, {what}"),
+        )
         chosen, strength, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
+    step(f"test {task.primary} (strength {strength})")
     test = score_with(model, tok, task, split.test, chosen, strength)
     cost = fluency_with(model, neutral, chosen, strength)
-    drift = (norm_drift(model, neutral, lambda: chosen.attach(model, strength=strength, scope="all"))
-             if chosen is not None else {})
+    drift = (
+        norm_drift(model, neutral, lambda: chosen.attach(model, strength=strength, scope="all"))
+        if chosen is not None
+        else {}
+    )
     row = {
-        "seed": split.seed, "method": name, "strength": strength,
+        "seed": split.seed,
+        "method": name,
+        "strength": strength,
         "layers": sorted(chosen.layers) if chosen else [],
         "heads": [list(h) for h in getattr(chosen, "heads", [])],
-        "test": test, "kl": cost["kl"], "ppl": cost["ppl"], "ppl_unedited": cost["ppl_unedited"],
-        "norm_drift": drift, "over_kl_cap": flagged,
+        "test": test,
+        "kl": cost["kl"],
+        "ppl": cost["ppl"],
+        "ppl_unedited": cost["ppl_unedited"],
+        "norm_drift": drift,
+        "over_kl_cap": flagged,
         "validation": tried,
         "config": dataclasses.asdict(chosen.config) if chosen else None,
-        "seconds": round(time.time() - t0, 1),
     }
     shown = " ".join(f"{k} {test[k]:.4f}" for k in task.metrics if test.get(k) is not None)
-    log(f"seed {split.seed} {name}: test {shown} KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} "
-        f"(strength {strength}, layers {row['layers']})")
+    log(
+        f"seed {split.seed} {name}: test {shown} KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} "
+        f"(strength {strength}, layers {row['layers']})"
+    )
     return row
 
 
@@ -181,10 +263,27 @@ def compare(
         stores = _collect(model, tok, methods, split, store_dtype, progress, log)
         shared = SeedFits()
         for name in methods:
-            runs.append(_run_method(model, tok, name, the_task, split, stores, shared, neutral, kl_cap,
-                                    (strengths or {}).get(name), max_doublings, refine, log))
-        runs.append({"seed": seed, "split": split.record, "val_questions": len(split.val),
-                     "test_questions": len(split.test)})
+            runs.append(
+                _run_method(
+                    model,
+                    tok,
+                    name,
+                    the_task,
+                    split,
+                    stores,
+                    shared,
+                    neutral,
+                    kl_cap,
+                    (strengths or {}).get(name),
+                    max_doublings,
+                    refine,
+                    log,
+                    progress,
+                )
+            )
+        runs.append(
+            {"seed": seed, "split": split.record, "val_questions": len(split.val), "test_questions": len(split.test)}
+        )
     result = {
         "command": command_line(),
         "hpredit_version": __version__,
@@ -203,7 +302,7 @@ def compare(
         "refine": refine,
         "limit": limit,
         "neutral_text": "the model's own greedy continuations of hpredit.evaluation.side_effects.NEUTRAL_PROMPTS "
-                        f"({int(neutral.scored.sum())} tokens)",
+        f"({int(neutral.scored.sum())} tokens)",
         "runs": runs,
         "summary": _summarise(runs, methods, the_task.metrics),
         "seconds": round(time.time() - started, 1),
@@ -222,8 +321,10 @@ def merge(results: Sequence[dict], methods: Sequence[str] | None = None) -> dict
     if not results:
         raise HpreditError("nothing to merge")
     first = results[0]
-    if any(r["model"] != first["model"] or r.get("task", "truthfulqa-mc") != first.get("task", "truthfulqa-mc")
-           for r in results):
+    if any(
+        r["model"] != first["model"] or r.get("task", "truthfulqa-mc") != first.get("task", "truthfulqa-mc")
+        for r in results
+    ):
         raise HpreditError("cannot merge: the results are of different models or tasks")
     found = list(dict.fromkeys(m for r in results for m in r["methods"]))
     methods = list(methods or found)

@@ -56,8 +56,18 @@ def _hpr_inference_variant(**overrides) -> Fit:
         base = shared.base_hpr(stores)
         config = dataclasses.replace(base.config, **overrides)
         keep_mlp = config.fixed_angle is None
-        return [HPREditor(config, base.layers, base.model_fingerprint, base.fitted_layers, base.probe,
-                          base.weights if keep_mlp else [], base.biases if keep_mlp else [], dict(base.metrics))]
+        return [
+            HPREditor(
+                config,
+                base.layers,
+                base.model_fingerprint,
+                base.fitted_layers,
+                base.probe,
+                base.weights if keep_mlp else [],
+                base.biases if keep_mlp else [],
+                dict(base.metrics),
+            )
+        ]
 
     return fit
 
@@ -78,17 +88,33 @@ def _iti(stores, model, shared) -> list[Editor]:
 
 METHODS: dict[str, Method] = {
     "none": Method("none", None, None, note="the unedited model"),
-    "hpr": Method("hpr", "residual", _hpr_inference_variant(), (0.25, 0.5, 1.0),
-                  "HPR as published: gated rotation by the predicted angle"),
-    "hpr-no-gate": Method("hpr-no-gate", "residual", _hpr_inference_variant(gate=False), (0.25, 0.5, 1.0),
-                          "ablation: every token rotated"),
-    "hpr-fixed-angle": Method("hpr-fixed-angle", "residual", _hpr_inference_variant(fixed_angle=0.5),
-                              (0.125, 0.25, 0.5),
-                              "ablation: a fixed 0.5 rad (×strength) instead of the angle predictor"),
-    "hpr-bias": Method("hpr-bias", "residual", _hpr(probe_bias=True), (0.25, 0.5, 1.0),
-                       "ablation: probe with a bias (affine reflection)"),
+    "hpr": Method(
+        "hpr",
+        "residual",
+        _hpr_inference_variant(),
+        (0.25, 0.5, 1.0),
+        "HPR as published: gated rotation by the predicted angle",
+    ),
+    "hpr-no-gate": Method(
+        "hpr-no-gate", "residual", _hpr_inference_variant(gate=False), (0.25, 0.5, 1.0), "ablation: every token rotated"
+    ),
+    "hpr-fixed-angle": Method(
+        "hpr-fixed-angle",
+        "residual",
+        _hpr_inference_variant(fixed_angle=0.5),
+        (0.125, 0.25, 0.5),
+        "ablation: a fixed 0.5 rad (×strength) instead of the angle predictor",
+    ),
+    "hpr-bias": Method(
+        "hpr-bias",
+        "residual",
+        _hpr(probe_bias=True),
+        (0.25, 0.5, 1.0),
+        "ablation: probe with a bias (affine reflection)",
+    ),
     "caa": Method("caa", "residual", _additive(CAAEditor), (0.5, 1.0, 2.0), "x + αv, v = mean difference"),
-    "caa-norm": Method("caa-norm", "residual", _additive(NormRestoreEditor), (0.5, 1.0, 2.0),
-                       "x + αv with the norm restored"),
+    "caa-norm": Method(
+        "caa-norm", "residual", _additive(NormRestoreEditor), (0.5, 1.0, 2.0), "x + αv with the norm restored"
+    ),
     "iti": Method("iti", "heads", _iti, (0.05, 0.1, 0.25), "ITI: top-K heads shifted by α·σ·v (α = 15 × strength)"),
 }

@@ -20,16 +20,23 @@ def _metrics_of(result: dict) -> list[str]:
 def markdown_table(result: dict) -> str:
     """The summary as a markdown table (mean ± std over seeds; – where a metric is undefined)."""
     metrics = _metrics_of(result)
-    lines = ["| method | " + " | ".join(m.upper() if m.startswith("mc") else m for m in metrics)
-             + " | KL (nats/token) | perplexity | strengths |", "|---" * (len(metrics) + 4) + "|"]
+    lines = [
+        "| method | "
+        + " | ".join(m.upper() if m.startswith("mc") else m for m in metrics)
+        + " | KL (nats/token) | perplexity | strengths |",
+        "|---" * (len(metrics) + 4) + "|",
+    ]
 
     def cell(e: dict, k: str, f: str = ".4f") -> str:
         v = e.get(k) or {}
         return "–" if v.get("mean") is None else f"{v['mean']:{f}} ± {v['std']:{f}}"
 
     for name, e in result["summary"].items():
-        lines.append(f"| {name} | " + " | ".join(cell(e, m) for m in metrics)
-                     + f" | {cell(e, 'kl')} | {cell(e, 'ppl', '.2f')} | {', '.join(str(s) for s in e['strengths'])} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(e, m) for m in metrics)
+            + f" | {cell(e, 'kl')} | {cell(e, 'ppl', '.2f')} | {', '.join(str(s) for s in e['strengths'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -52,8 +59,18 @@ def figure(result: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, (x, y)) in enumerate(points.items()):
         e = result["summary"][name]
-        ax.errorbar(x, y, xerr=e["kl"]["std"], yerr=e[key]["std"], fmt=_MARKERS[i % len(_MARKERS)], capsize=3,
-                    label=name, markersize=max(3.5, 12.0 - 1.1 * i), markerfacecolor="none", markeredgewidth=1.4)
+        ax.errorbar(
+            x,
+            y,
+            xerr=e["kl"]["std"],
+            yerr=e[key]["std"],
+            fmt=_MARKERS[i % len(_MARKERS)],
+            capsize=3,
+            label=name,
+            markersize=max(3.5, 12.0 - 1.1 * i),
+            markerfacecolor="none",
+            markeredgewidth=1.4,
+        )
     ax.set_xlabel("fluency cost: KL(unedited ‖ edited) on neutral text, nats/token")
     ax.set_ylabel(f"{result.get('task', 'truthfulqa-mc')} {key} (test)")
     ax.set_xscale("symlog", linthresh=1e-3)

@@ -15,8 +15,9 @@ from ..evaluation.tasks import Task, get_task
 __all__ = ["choose_strength", "fluency_with", "score_with"]
 
 
-def score_with(model: nn.Module, tok: PreTrainedTokenizerBase, task: Task, items: list, editor: Editor | None,
-               strength: float) -> dict:
+def score_with(
+    model: nn.Module, tok: PreTrainedTokenizerBase, task: Task, items: list, editor: Editor | None, strength: float
+) -> dict:
     """The task's metrics on ``items`` with ``editor`` attached at ``strength`` (none: unedited)."""
     if editor is None:
         return task.score(model, tok, items)
@@ -35,8 +36,17 @@ def fluency_with(model: nn.Module, neutral: NeutralText, editor: Editor | None, 
 class _Search:
     """The settings tried so far (one row each) and the editor of each."""
 
-    def __init__(self, model, tok, task: Task, val_items: list, neutral: NeutralText, kl_cap: float,
-                 log: Callable[[str], None], progress=None):
+    def __init__(
+        self,
+        model,
+        tok,
+        task: Task,
+        val_items: list,
+        neutral: NeutralText,
+        kl_cap: float,
+        log: Callable[[str], None],
+        progress=None,
+    ):
         self.model, self.tok, self.task, self.val_items = model, tok, task, val_items
         self.neutral, self.kl_cap, self.log, self.progress = neutral, kl_cap, log, progress
         self.tried: list[dict] = []
@@ -54,8 +64,10 @@ class _Search:
         k = len(getattr(ed, "heads", [])) or None
         self.tried.append({"strength": s, "k": k, "kl": cost["kl"], "val": val})
         self.editors.append(ed)
-        self.log(f"strength {s}{f' K={k}' if k else ''} KL {cost['kl']:.4f} "
-                 + (f"val {key} {val[key]:.4f}" if val else f"over the cap {self.kl_cap}"))
+        self.log(
+            f"strength {s}{f' K={k}' if k else ''} KL {cost['kl']:.4f} "
+            + (f"val {key} {val[key]:.4f}" if val else f"over the cap {self.kl_cap}")
+        )
         return val is not None
 
     def grid(self, ed: Editor, grid: list[float], max_doublings: int, max_halvings: int) -> list[dict]:
@@ -70,7 +82,7 @@ class _Search:
         while not any(under) and n < max_halvings:  # all over the cap: go weaker
             s, n = s / 2, n + 1
             under.append(self.attempt(ed, s))
-        return self.tried[len(self.tried) - len(under):]
+        return self.tried[len(self.tried) - len(under) :]
 
     def refine(self, ed: Editor, mine: list[dict], steps: int) -> None:
         """Bisect between the strongest strength under the cap and the weakest above it."""
@@ -126,12 +138,17 @@ def choose_strength(
     Returns:
         ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
     """
-    search = _Search(model, tok, get_task(task) if isinstance(task, str) else task, val_items, neutral, kl_cap, log,
-                     progress)
+    search = _Search(
+        model, tok, get_task(task) if isinstance(task, str) else task, val_items, neutral, kl_cap, log, progress
+    )
     for ed in editors:
         halvings = max_doublings if max_halvings is None else max_halvings
         mine = search.grid(ed, list(grid), max_doublings, halvings)
         search.refine(ed, mine, refine)
     best = search.best()
-    return {"editor": search.editors[best], "strength": search.tried[best]["strength"],
-            "over_kl_cap": all(t["val"] is None for t in search.tried), "tried": search.tried}
+    return {
+        "editor": search.editors[best],
+        "strength": search.tried[best]["strength"],
+        "over_kl_cap": all(t["val"] is None for t in search.tried),
+        "tried": search.tried,
+    }

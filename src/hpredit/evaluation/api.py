@@ -63,7 +63,7 @@ def _load_editor(editor):
     raise HpreditError(f"editor must be an Editor or a directory, got {type(editor).__name__}")
 
 
-def _load_model(model, tokenizer, dtype: str, device: str | None):
+def _load_model(model, tokenizer, dtype: str, device: str | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from ..models import load_model
 
     if model is None or isinstance(model, (str, os.PathLike)):
@@ -125,7 +125,9 @@ def _mc_rows(
     for i, q in enumerate(questions):
         row = _question_row(q, split_name)
         row["best_answer"] = q.best_answer
-        answers = [{"text": a, "label": "true", "best": a == q.best_answer} for a in q.correct_answers]
+        answers: list[dict[str, Any]] = [
+            {"text": a, "label": "true", "best": a == q.best_answer} for a in q.correct_answers
+        ]
         answers += [{"text": a, "label": "false", "best": False} for a in q.incorrect_answers]
         for a in answers:
             a["score"] = {v: s.questions[i].scores[a["text"]] for v, s in passes.items()}
@@ -149,8 +151,9 @@ def _gen_metrics(q: Question, answer: str, judges: Mapping[str, Judge]) -> dict[
     return m
 
 
-def _gen_rows(questions: list[Question], passes: dict[str, list[str]], split_name: str,
-              judges: Mapping[str, Judge]) -> tuple[list[dict], dict[str, list[dict]]]:
+def _gen_rows(
+    questions: list[Question], passes: dict[str, list[str]], split_name: str, judges: Mapping[str, Judge]
+) -> tuple[list[dict], dict[str, list[dict]]]:
     """Per-question rows (each pass's answer and metrics) and per-pass lists of metrics."""
     rows: dict[str, list[dict]] = {v: [] for v in passes}
     per_question = []
@@ -164,8 +167,9 @@ def _gen_rows(questions: list[Question], passes: dict[str, list[str]], split_nam
     return per_question, rows
 
 
-def _metrics(task: Task, passes: dict, selection: _Selection, split: str, judges: Mapping[str, Judge],
-             resamples: int, seed: int) -> tuple[dict, list[dict], dict]:
+def _metrics(
+    task: Task, passes: dict, selection: _Selection, split: str, judges: Mapping[str, Judge], resamples: int, seed: int
+) -> tuple[dict, list[dict], dict]:
     """The summary's metrics (per pass, and edited − unedited), the per-question rows, and extra
     counts. TruthfulQA's differences get a paired-bootstrap CI over questions; other tasks'
     metrics (accuracies, bias scores, rates) are aggregates: their difference has no CI."""
@@ -184,9 +188,14 @@ def _metrics(task: Task, passes: dict, selection: _Selection, split: str, judges
         metrics: dict[str, Any] = dict(passes)
         if "edited" in passes:
             metrics["difference"] = {
-                k: {"mean": None if passes["edited"].get(k) is None or passes["unedited"].get(k) is None
-                    else passes["edited"][k] - passes["unedited"][k], "ci": None}
-                for k in passes["unedited"]}
+                k: {
+                    "mean": None
+                    if passes["edited"].get(k) is None or passes["unedited"].get(k) is None
+                    else passes["edited"][k] - passes["unedited"][k],
+                    "ci": None,
+                }
+                for k in passes["unedited"]
+            }
         return metrics, [], {"items": len(selection.items)}
     metrics = {v: _means(r) for v, r in rows.items()}
     if "edited" in rows:
@@ -294,26 +303,28 @@ def evaluate(
     selection = _select(the_task, data, split, seed, limit)
     editor_obj, editor_path = _load_editor(editor)
     t0 = time.perf_counter()
-    model, tokenizer = _load_model(model, tokenizer, dtype, device)
+    lm, tokenizer = _load_model(model, tokenizer, dtype, device)
     if editor_obj is not None:
-        editor_obj.check_model(model, strict=strict)
+        editor_obj.check_model(lm, strict=strict)
     timing = {"load": time.perf_counter() - t0}
 
-    def run(variant: str):
+    def run(variant: str) -> Any:
         start = time.perf_counter()
+        result: Any
         if task == "truthfulqa-mc":
-            result = score_truthfulqa_mc(model, tokenizer, selection.items, primer, group_size=batch_size,
-                                         progress=progress)
+            result = score_truthfulqa_mc(
+                lm, tokenizer, selection.items, primer, group_size=batch_size, progress=progress
+            )
         elif task == "truthfulqa-gen":
-            result = generate_answers(model, tokenizer, selection.items, primer, max_new_tokens, batch_size, progress)
+            result = generate_answers(lm, tokenizer, selection.items, primer, max_new_tokens, batch_size, progress)
         else:
-            result = the_task.score(model, tokenizer, selection.items)
+            result = the_task.score(lm, tokenizer, selection.items)
         timing[variant] = time.perf_counter() - start
         return result
 
     passes = {"unedited": run("unedited")}
     if editor_obj is not None:
-        with editor_obj.attach(model, strength=strength, scope=scope, strict=strict):
+        with editor_obj.attach(lm, strength=strength, scope=scope, strict=strict):
             passes["edited"] = run("edited")
     metrics, per_question, extra = _metrics(the_task, passes, selection, split, judge_fns, bootstrap_resamples, seed)
     if task == "truthfulqa-gen":
@@ -321,25 +332,39 @@ def evaluate(
 
     from ..models import fingerprint
 
-    param = next(model.parameters())
+    param = next(lm.parameters())
     summary = {
         "task": task,
         "command": command
         or _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {**fingerprint(model).to_dict(), "dtype": str(param.dtype).removeprefix("torch."),
-                  "device": str(param.device)},
-        "editor": None if editor_obj is None else {
-            "method": editor_obj.method, "path": editor_path, "layers": editor_obj.layers,
-            "config": to_jsonable(editor_obj.config), "model": editor_obj.model_fingerprint.to_dict(),
-            "strength": strength, "scope": scope,
+        "model": {
+            **fingerprint(lm).to_dict(),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": str(param.device),
+        },
+        "editor": None
+        if editor_obj is None
+        else {
+            "method": editor_obj.method,
+            "path": editor_path,
+            "layers": editor_obj.layers,
+            "config": to_jsonable(editor_obj.config),
+            "model": editor_obj.model_fingerprint.to_dict(),
+            "strength": strength,
+            "scope": scope,
         },
         "versions": versions(),
         "machine": machine(),
         "data": _data_record(the_task, data),
         "primer_sha256": hashlib.sha256(primer.encode()).hexdigest(),
-        "split": {"name": split, "seed": seed, "scheme": selection.record["scheme"], "limit": limit,
-                  "indices": selection.indices},
+        "split": {
+            "name": split,
+            "seed": seed,
+            "scheme": selection.record["scheme"],
+            "limit": limit,
+            "indices": selection.indices,
+        },
         "questions": len(selection.indices),
         "headline": list(the_task.metrics),
         "metrics": metrics,
@@ -359,17 +384,16 @@ def evaluate(
     return result
 
 
-def check_eval_args(task: str, limit, scope: str, strength, editor, batch_size: int, max_new_tokens: int,
-                bootstrap_resamples: int) -> Task:
+def check_eval_args(
+    task: str, limit, scope: str, strength, editor, batch_size: int, max_new_tokens: int, bootstrap_resamples: int
+) -> Task:
     """Every check of :func:`evaluate`'s arguments that needs no data and no model; the task."""
     the_task = get_task(task)
     check_limit(limit)
     check_scope(scope)
     check_strength(strength)
     if task not in _GENERATING and editor is not None and scope != "all":
-        raise HpreditError(
-            f"{task} scores whole answers in one pass, so only --scope all applies (got {scope!r})"
-        )
+        raise HpreditError(f"{task} scores whole answers in one pass, so only --scope all applies (got {scope!r})")
     if batch_size < 1 or max_new_tokens < 1 or bootstrap_resamples < 1:
         raise HpreditError("batch_size, max_new_tokens and bootstrap_resamples must be at least 1")
     return the_task

@@ -32,8 +32,15 @@ class HFJudge:
     ``normalize=False``: ``p(yes)`` over the whole vocabulary, as the original GPT-judge did).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, template: str = TRUTH_TEMPLATE,
-                 yes: str = " yes", no: str = " no", normalize: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        template: str = TRUTH_TEMPLATE,
+        yes: str = " yes",
+        no: str = " no",
+        normalize: bool = True,
+    ) -> None:
         if "{question}" not in template or "{answer}" not in template:
             raise HpreditError("a judge template needs the fields {question} and {answer}")
         self.model, self.tokenizer, self.template, self.normalize = model, tokenizer, template, normalize
@@ -43,8 +50,14 @@ class HFJudge:
         self.yes_id, self.no_id = ids[0][0], ids[1][0]
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, template: str = TRUTH_TEMPLATE,
-                        dtype: str = "float32", device: str | None = None, **kwargs) -> HFJudge:
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        template: str = TRUTH_TEMPLATE,
+        dtype: str = "float32",
+        device: str | None = None,
+        **kwargs,
+    ) -> HFJudge:
         """Load a judge model (hub id or local directory) with :func:`hpredit.load_model`."""
         from ..models import load_model
 

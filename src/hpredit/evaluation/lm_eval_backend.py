@@ -52,8 +52,16 @@ class HpreditLM(HFLM):
     embedded default model.
     """
 
-    def __init__(self, pretrained=None, editor: str | Path | None = None, strength: float = 1.0, scope: str = "all",
-                 strict: bool | str = True, layers: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained=None,
+        editor: str | Path | None = None,
+        strength: float = 1.0,
+        scope: str = "all",
+        strict: bool | str = True,
+        layers: str | None = None,
+        **kwargs,
+    ) -> None:
         if pretrained is None:  # an instance: lm-eval then takes its device from the model
             import torch
 
@@ -75,12 +83,12 @@ class HpreditLM(HFLM):
                     chosen = [int(x) for x in str(layers).replace(";", " ").replace(":", " ").split()]
                 except ValueError:
                     raise HpreditError(f"layers must be integers separated by ';', got {layers!r}") from None
-            self.handle = self.editor.attach(self.model, strength=strength, scope=scope, strict=_flag(strict, "strict"),
-                                             layers=chosen)
+            self.handle = self.editor.attach(
+                self.model, strength=strength, scope=scope, strict=_flag(strict, "strict"), layers=chosen
+            )
 
     def detach(self) -> None:
         """Remove the editor from the model (the model is then unedited)."""
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-

@@ -44,7 +44,7 @@ def _scores(x: Sequence[float], what: str) -> np.ndarray:
     return a
 
 
-def logsumexp(x: Sequence[float]) -> float:
+def logsumexp(x: Sequence[float] | np.ndarray) -> float:
     """``log(Σ exp(x))`` without underflow or overflow (``-inf`` when every entry is ``-inf``)."""
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     if a.size == 0:
@@ -96,8 +96,14 @@ def bleu(reference: str, prediction: str) -> float:
 
     return float(
         sacrebleu.corpus_bleu(
-            [prediction], [[reference]], smooth_method="exp", smooth_value=0.0, force=False,
-            lowercase=False, tokenize="intl", use_effective_order=False,
+            [prediction],
+            [[reference]],
+            smooth_method="exp",
+            smooth_value=0.0,
+            force=False,
+            lowercase=False,
+            tokenize="intl",
+            use_effective_order=False,
         ).score
     )
 
@@ -157,8 +163,13 @@ class BootstrapCI:
     seed: int
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "ci": [self.low, self.high], "confidence": self.confidence,
-                "resamples": self.resamples, "seed": self.seed}
+        return {
+            "mean": self.mean,
+            "ci": [self.low, self.high],
+            "confidence": self.confidence,
+            "resamples": self.resamples,
+            "seed": self.seed,
+        }
 
 
 def paired_bootstrap(

@@ -52,8 +52,9 @@ class EvalResult:
         """Write ``summary.json``, ``per_question.jsonl`` and ``split.json`` to ``out`` atomically."""
         out = Path(out)
         with atomic_directory(out) as tmp:
-            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=1, default=to_jsonable) + "\n",
-                                              encoding="utf-8")
+            (tmp / "summary.json").write_text(
+                json.dumps(self.summary, indent=1, default=to_jsonable) + "\n", encoding="utf-8"
+            )
             with open(tmp / "per_question.jsonl", "w", encoding="utf-8") as f:
                 for row in self.per_question:
                     f.write(json.dumps(row, ensure_ascii=False, default=to_jsonable) + "\n")
@@ -80,8 +81,10 @@ class EvalResult:
         if "edited" in m:
             table.add_column("edited", justify="right")
             table.add_column("edited − unedited", justify="right")
-            ci = next((m["difference"][n].get("confidence") for n in names
-                       if m["difference"].get(n, {}).get("confidence")), 0.95)
+            ci = next(
+                (m["difference"][n].get("confidence") for n in names if m["difference"].get(n, {}).get("confidence")),
+                0.95,
+            )
             table.add_column(f"{ci:.0%} CI (paired bootstrap)", justify="right")
         for name in names:
             row = [name, f"{m['unedited'][name]:.4f}"]
@@ -89,7 +92,10 @@ class EvalResult:
                 d = m["difference"][name]
                 ci_text = "–" if d.get("ci") is None else f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
                 edited = m["edited"].get(name)
-                row += ["–" if edited is None else f"{edited:.4f}",
-                        "–" if d.get("mean") is None else f"{d['mean']:+.4f}", ci_text]
+                row += [
+                    "–" if edited is None else f"{edited:.4f}",
+                    "–" if d.get("mean") is None else f"{d['mean']:+.4f}",
+                    ci_text,
+                ]
             table.add_row(*row)
         return table

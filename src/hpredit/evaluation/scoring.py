@@ -20,6 +20,7 @@ import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -212,8 +213,9 @@ class _CachedScorer:
         self.cached_context = [e.context[: min(e.starts) - 1] for e in encoded]
         self.shared = common_prefix_length(self.cached_context)
         self.root = PrefixCache(backbone(model, path), self.cached_context[0][: self.shared])
-        self.longest = (max(len(f) for e in encoded for f in e.full) + max(len(h) for h in self.cached_context)
-                        - self.shared)
+        self.longest = (
+            max(len(f) for e in encoded for f in e.full) + max(len(h) for h in self.cached_context) - self.shared
+        )
         self.cache_key = cache_kwarg(model)
         self.pad_id = pad_token_id(tok)
 
@@ -298,7 +300,10 @@ def generate_texts(
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     eos = getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token_id(tok),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_token_id(tok),
         eos_token_id=eos if eos is not None else tok.eos_token_id,
         stop_strings=list(stop_strings) if stop_strings else None,
     )
@@ -311,10 +316,10 @@ def generate_texts(
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
             enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, generation_config=config, tokenizer=tok if stop_strings else None)
+            out = cast(Any, model).generate(**enc, generation_config=config, tokenizer=tok if stop_strings else None)
             new = out[:, enc["input_ids"].shape[1] :]
             for i, row in zip(batch, new):
-                texts[i] = tok.decode(row, skip_special_tokens=True)
+                texts[i] = str(tok.decode(row, skip_special_tokens=True))
             bar.update(len(batch))
     finally:
         tok.padding_side = side

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,9 @@ def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def neutral_text(model: nn.Module, tok: PreTrainedTokenizerBase, max_new_tokens: int = 48,
-                 prompts: Sequence[str] = NEUTRAL_PROMPTS) -> NeutralText:
+def neutral_text(
+    model: nn.Module, tok: PreTrainedTokenizerBase, max_new_tokens: int = 48, prompts: Sequence[str] = NEUTRAL_PROMPTS
+) -> NeutralText:
     """Greedy unedited continuations of ``prompts`` (left-padded batch) and their log-probabilities."""
     side = tok.padding_side
     tok.padding_side = "left"
@@ -70,7 +72,8 @@ def neutral_text(model: nn.Module, tok: PreTrainedTokenizerBase, max_new_tokens:
         enc = tok(list(prompts), return_tensors="pt", padding=True).to(next(model.parameters()).device)
     finally:
         tok.padding_side = side
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
+    generate = cast(Any, model).generate
+    out = generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
     n = enc["input_ids"].shape[1]
     gen_mask = torch.ones_like(out[:, n:])
     if tok.eos_token_id is not None:  # stop counting after the first end-of-sequence token
@@ -125,5 +128,7 @@ def norm_drift(model: nn.Module, text: NeutralText, attach) -> dict[str, dict[in
         with record(model, transform=norms) as after, record(model, transform=norms, prepend=True) as before:
             run()
     ratio = lambda a, b: float((a[live] / b[live].clamp_min(1e-12)).mean())  # noqa: E731
-    return {"drift": {i: ratio(after[i], base[i]) for i in range(n)},
-            "at_edit": {i: ratio(after[i], before[i]) for i in range(n)}}
+    return {
+        "drift": {i: ratio(after[i], base[i]) for i in range(n)},
+        "at_edit": {i: ratio(after[i], before[i]) for i in range(n)},
+    }
