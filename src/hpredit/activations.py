@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint
 from .artifacts import atomic_directory, file_digest, read_json
 from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs
 from .errors import HpreditError
 from .hooks import StopForward, record
-from .models import ModelFingerprint, backbone, decoder_layers, fingerprint, pad_token_id
+from .models import pad_token_id
 from .prefix import PrefixCache, common_prefix_length, pad_right
 
 if TYPE_CHECKING:

@@ -12,13 +12,13 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
 
+from .architecture import attention_output, backbone, decoder_layers
 from .errors import HpreditError
-from .models import attention_output, backbone, decoder_layers
 
 __all__ = ["SCOPES", "EditHandle", "LayerEdit", "StopForward", "record", "untuple"]
 
@@ -315,7 +315,7 @@ class EditHandle:
     def attached(self) -> bool:
         return bool(self._hooks)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> EditHandle:
         return self
 
     def __exit__(self, *exc) -> None:

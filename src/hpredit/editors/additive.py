@@ -13,9 +13,9 @@ from typing import ClassVar
 import torch
 
 from ..activations import ActivationStore
+from ..architecture import ModelFingerprint
 from ..errors import HpreditError
 from ..hooks import LayerEdit
-from ..models import ModelFingerprint
 from .base import Editor, EditorConfig, TokenPairs, choose_layers, fitted_layers_from, register_editor
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]

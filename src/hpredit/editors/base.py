@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..architecture import ModelFingerprint, fingerprint
 from ..artifacts import atomic_directory, read_json, sha256_file
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
-from ..models import ModelFingerprint, fingerprint
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..activations import ActivationStore
+from ..architecture import ModelFingerprint
 from ..errors import HpreditError
 from ..geometry import angle_between, fallback_axis, pseudo_rotate, pseudo_rotate_coefficients, rotate_toward
 from ..hooks import LayerEdit
-from ..models import ModelFingerprint
 from .base import (
     Editor,
     EditorConfig,

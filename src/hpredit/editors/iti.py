@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import ActivationStore
+from ..architecture import ModelFingerprint
 from ..errors import HpreditError
 from ..hooks import LayerEdit
-from ..models import ModelFingerprint
 from .base import Editor, EditorConfig, is_int, is_number, register_editor, train_val_masks
 
 __all__ = ["ITIConfig", "ITIEditor"]
