@@ -314,3 +314,22 @@ def test_fingerprint_digest_survives_4bit_quantisation():
                 p.copy_((((blocks - lo) / scale).round() * scale + lo).reshape(p.shape))
     assert not torch.equal(model.model.embed_tokens.weight, quantised.model.embed_tokens.weight)
     assert fingerprint(model).mismatches(fingerprint(quantised)) == []
+
+
+def test_hub_ids_go_to_transformers_resolution(monkeypatch):
+    import transformers
+
+    from hpredit.models import check_model_source
+
+    seen = []
+
+    def offline(name, *a, **k):
+        seen.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore detail")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(HpreditError, match=r"could not read the config of model 'someone/model': We couldn't connect"):
+        check_model_source("someone/model")
+    assert seen == ["someone/model"]  # a hub id, not a path
+    with pytest.raises(HpreditError, match="empty model name"):
+        check_model_source("  ")
