@@ -157,7 +157,7 @@ CASES = [
     Case("strength-inf", "eval --model {model} --data {csv} --editor {editor} --strength inf", "--strength must be"),
     Case("refine-negative", CMP + " --refine -1", "--refine must be at least 0"),
     Case("seeds-bad", CMP + " --seeds 0,x", "--seeds must be comma-separated integers"),
-    Case("seeds-empty", CMP + " --seeds ,", "--seeds needs at least one seed"),
+    Case("seeds-empty", CMP + " --seeds ,", "--seeds needs at least one value"),
     Case("methods-unknown", CMP.replace("none,hpr", "none,magic"), "unknown method(s) ['magic']"),
     Case("store-dtype-bad", RUN + " --store-dtype int8", "--store-dtype must be one of auto, float16"),
     Case("compare-store-dtype-bad", CMP + " --store-dtype half", "--store-dtype must be one of"),

@@ -117,26 +117,22 @@ def _check_strength(value: float, name: str = "--strength") -> float:
     return value
 
 
-def _parse_strengths(text: str) -> list[float]:
+def _parse_list(text: str, option: str, kind: Callable[[str], Any], what: str) -> list:
+    """A comma-separated option value as a non-empty list of ``kind``."""
     try:
-        grid = [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise HpreditError(f"--strengths must be comma-separated numbers, got {text!r}") from None
-    if not grid:
-        raise HpreditError("--strengths needs at least one value")
+        raise HpreditError(f"{option} must be comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise HpreditError(f"{option} needs at least one value")
+    return values
+
+
+def _parse_strengths(text: str) -> list[float]:
+    grid = _parse_list(text, "--strengths", float, "numbers")
     for s in grid:
         _check_strength(s, "each of --strengths")
     return grid
-
-
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise HpreditError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise HpreditError("--seeds needs at least one seed")
-    return seeds
 
 
 def _check_kl_cap(kl_cap: float) -> None:
@@ -658,7 +654,7 @@ def compare(
 
     _check_out(out, force)
     method_list = [x.strip() for x in methods.split(",") if x.strip()]
-    seed_list = _parse_seeds(seeds)
+    seed_list = _parse_list(seeds, "--seeds", int, "integers")
     _check_kl_cap(kl_cap)
     _check_limit(limit)
     _at_least("--refine", refine, 0)

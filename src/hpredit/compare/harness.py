@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -96,87 +97,72 @@ def _collect(
     return cast(dict[str, ActivationStore], stores)  # a tuple of sites gives one store per site
 
 
-def _run_method(
-    model,
-    tok,
-    name: str,
-    task: Task,
-    split: _SeedSplit,
-    stores,
-    shared: SeedFits,
-    neutral: NeutralText,
-    kl_cap: float,
-    grid: Sequence[float] | None,
-    max_doublings: int,
-    refine: int,
-    log: Callable[[str], None],
-    progress: bool = False,
-) -> dict:
-    """Fit one method, choose its setting on val, and measure it on test: one row of the results.
+@dataclass
+class _Run:
+    """What every method of a comparison shares: the model, the task, the neutral text and the search rules."""
 
-    With ``progress``, a bar says which step runs (fit, each strength's KL and val score, test).
-    """
-    m = METHODS[name]
-    t0 = time.time()
-    bar = tqdm(desc=f"seed {split.seed} {name}: fit", unit="step", disable=not progress, leave=False)
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    task: Task
+    neutral: NeutralText
+    kl_cap: float
+    max_doublings: int
+    refine: int
+    log: Callable[[str], None]
+    progress: bool
+
+
+@contextmanager
+def _step_bar(label: str, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A progress bar of steps; yields ``step(what)``, which names the step starting and counts it."""
+    bar = tqdm(desc=f"{label}: fit", unit="step", disable=not enabled, leave=False)
 
     def step(what: str) -> None:
-        bar.set_description(f"seed {split.seed} {name}: {what}")
+        bar.set_description(f"{label}: {what}")
         bar.update()
 
     try:
-        row = _fit_choose_measure(
-            model, tok, m, task, split, stores, shared, neutral, kl_cap, grid, max_doublings, refine, log, step
-        )
+        yield step
     finally:
         bar.close()
-    row["seconds"] = round(time.time() - t0, 1)
-    return row
 
 
-def _fit_choose_measure(
-    model,
-    tok,
-    m,
-    task: Task,
-    split: _SeedSplit,
-    stores,
-    shared: SeedFits,
-    neutral: NeutralText,
-    kl_cap: float,
-    grid: Sequence[float] | None,
-    max_doublings: int,
-    refine: int,
-    log: Callable[[str], None],
-    step: Callable[[str], None],
+def _run_method(
+    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
 ) -> dict:
-    name = m.name
+    """Fit one method, choose its setting on val, and measure it on test: one row of the results.
+
+    With ``run.progress``, a bar says which step runs (fit, each strength's KL and val score, test).
+    """
+    m, model, task, neutral = METHODS[name], run.model, run.task, run.neutral
+    t0 = time.time()
     chosen: Editor | None = None
     strength, flagged, tried = 0.0, False, []
-    if m.fit is not None:
-        pick = choose_strength(
-            model,
-            tok,
-            m.fit(stores, model, shared),
-            grid or m.strengths,
-            split.val,
-            neutral,
-            kl_cap,
-            0 if grid else max_doublings,
-            log=lambda text: log(f"seed {split.seed} {name}: {text}"),
-            task=task,
-            refine=0 if grid else refine,
-            progress=lambda what: step(f"strength search, {what}"),
+    with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
+        if m.fit is not None:
+            pick = choose_strength(
+                model,
+                run.tok,
+                m.fit(stores, model, shared),
+                grid or m.strengths,
+                split.val,
+                neutral,
+                run.kl_cap,
+                0 if grid else run.max_doublings,
+                log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
+                task=task,
+                refine=0 if grid else run.refine,
+                progress=lambda what: step(f"strength search, {what}"),
+            )
+            chosen, strength, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
+        step(f"test {task.primary} (strength {strength})")
+        test = score_with(model, run.tok, task, split.test, chosen, strength)
+        cost = fluency_with(model, neutral, chosen, strength)
+        drift = (
+            norm_drift(model, neutral, lambda: chosen.attach(model, strength=strength, scope="all"))
+            if chosen is not None
+            else {}
         )
-        chosen, strength, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
-    step(f"test {task.primary} (strength {strength})")
-    test = score_with(model, tok, task, split.test, chosen, strength)
-    cost = fluency_with(model, neutral, chosen, strength)
-    drift = (
-        norm_drift(model, neutral, lambda: chosen.attach(model, strength=strength, scope="all"))
-        if chosen is not None
-        else {}
-    )
     row = {
         "seed": split.seed,
         "method": name,
@@ -191,9 +177,10 @@ def _fit_choose_measure(
         "over_kl_cap": flagged,
         "validation": tried,
         "config": dataclasses.asdict(chosen.config) if chosen else None,
+        "seconds": round(time.time() - t0, 1),
     }
     shown = " ".join(f"{k} {test[k]:.4f}" for k in task.metrics if test.get(k) is not None)
-    log(
+    run.log(
         f"seed {split.seed} {name}: test {shown} KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} "
         f"(strength {strength}, layers {row['layers']})"
     )
@@ -257,30 +244,14 @@ def compare(
     started = time.time()
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
+    run = _Run(model, tok, the_task, neutral, kl_cap, max_doublings, refine, log, progress)
     runs = []
     for seed in seeds:
         split = _SeedSplit.make(the_task, items, groups, seed, limit, tok)
         stores = _collect(model, tok, methods, split, store_dtype, progress, log)
         shared = SeedFits()
         for name in methods:
-            runs.append(
-                _run_method(
-                    model,
-                    tok,
-                    name,
-                    the_task,
-                    split,
-                    stores,
-                    shared,
-                    neutral,
-                    kl_cap,
-                    (strengths or {}).get(name),
-                    max_doublings,
-                    refine,
-                    log,
-                    progress,
-                )
-            )
+            runs.append(_run_method(run, name, split, stores, shared, (strengths or {}).get(name)))
         runs.append(
             {"seed": seed, "split": split.record, "val_questions": len(split.val), "test_questions": len(split.test)}
         )
