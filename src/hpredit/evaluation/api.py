@@ -213,6 +213,29 @@ def _data_record(task: Task, data: str | os.PathLike | None) -> dict:
     return {"source": task.data_note}
 
 
+def _model_record(model: nn.Module) -> dict:
+    from ..models import fingerprint
+
+    param = next(model.parameters())
+    return {
+        **fingerprint(model).to_dict(),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
+    }
+
+
+def _editor_record(editor, path: str | None, strength: float, scope: str) -> dict:
+    return {
+        "method": editor.method,
+        "path": path,
+        "layers": editor.layers,
+        "config": to_jsonable(editor.config),
+        "model": editor.model_fingerprint.to_dict(),
+        "strength": strength,
+        "scope": scope,
+    }
+
+
 def _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj) -> str:
     args: dict[str, Any] = {"task": task, "split": split, "seed": seed, "limit": limit}
     if editor_obj is not None:
@@ -330,30 +353,13 @@ def evaluate(
     if task == "truthfulqa-gen":
         extra = {"max_new_tokens": max_new_tokens, **extra}
 
-    from ..models import fingerprint
-
-    param = next(lm.parameters())
     summary = {
         "task": task,
         "command": command
         or _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {
-            **fingerprint(lm).to_dict(),
-            "dtype": str(param.dtype).removeprefix("torch."),
-            "device": str(param.device),
-        },
-        "editor": None
-        if editor_obj is None
-        else {
-            "method": editor_obj.method,
-            "path": editor_path,
-            "layers": editor_obj.layers,
-            "config": to_jsonable(editor_obj.config),
-            "model": editor_obj.model_fingerprint.to_dict(),
-            "strength": strength,
-            "scope": scope,
-        },
+        "model": _model_record(lm),
+        "editor": None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, scope),
         "versions": versions(),
         "machine": machine(),
         "data": _data_record(the_task, data),
