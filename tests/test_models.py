@@ -201,6 +201,13 @@ def test_default_model_cache_has_normal_permissions(monkeypatch, tmp_path, token
         os.umask(umask)
     for p, expected in ((target, 0o755), (target.parent, 0o755), (target / "config.json", 0o644)):
         assert stat.S_IMODE(p.stat().st_mode) == expected, f"{p} has mode {oct(stat.S_IMODE(p.stat().st_mode))}"
+    target.chmod(0o700)  # converted by an older hpredit: opened up on the next use
+    umask = os.umask(0o022)
+    try:
+        assert models.embedded_default_path() == target
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
 @pytest.mark.parametrize("device,message", [

@@ -107,6 +107,7 @@ def embedded_default_path(progress: bool = True) -> Path:
     if (target / "config.json").is_file() or target.exists():
         problem = _weights_problem(target)
         if problem is None:
+            _open_up(target)
             return target
         print(f"hpredit: the cached default model in {target} is damaged ({problem}); converting it again",
               file=sys.stderr)
@@ -145,6 +146,16 @@ def _convert_embedded(target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _open_up(target: Path) -> None:
+    """Give a cache converted by an older hpredit (private, 0700) the usual mode, so other users can read it."""
+    try:
+        st = target.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700:
+            os.chmod(target, 0o777 & ~_umask())
+    except (OSError, AttributeError):  # not ours, read-only, or no getuid (Windows): leave it
+        pass
 
 
 def _umask() -> int:
