@@ -318,3 +318,20 @@ def test_eval_on_a_behaviour_task(model_tok, tmp_path, capsys):
     assert m["difference"]["acc"]["mean"] == pytest.approx(m["edited"]["acc"] - m["unedited"]["acc"])
     assert result["questions"] == 4 and result["split"]["name"] == "test" and result["items"] == 4
     assert (tmp_path / "ev" / "summary.json").is_file() and "acc" in capsys.readouterr().out
+
+
+def test_cli_eval_and_compare_accept_a_behaviour_task(model_tok, tmp_path, capsys):
+    """`hpredit eval --task toxigen` runs through the CLI like `compare --task toxigen` (one registry)."""
+    model, tok = model_tok  # saved as "tiny-llama", the name the editor was fitted on
+    model.save_pretrained(tmp_path / "tiny-llama")
+    tok.save_pretrained(tmp_path / "tiny-llama")
+    random_editor("caa", model).save_pretrained(tmp_path / "editor")
+    rows = [{"text": f"statement number {i}", "is_toxic": i % 2 == 0} for i in range(20)]
+    data = _write(tmp_path / "tox.jsonl", rows)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--task", "toxigen", "--model", str(tmp_path / "tiny-llama"), "--data", str(data), "--limit", "3",
+              "--editor", str(tmp_path / "editor"), "--strength", "2", "--out", str(tmp_path / "ev")])
+    assert e.value.code in (0, None), capsys.readouterr().err
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["task"] == "toxigen" and set(summary["metrics"]) == {"unedited", "edited", "difference"}
+    assert summary["command"].startswith("hpredit eval --task toxigen") and summary["machine"]["cpu"]
