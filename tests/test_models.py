@@ -340,3 +340,19 @@ def test_hub_ids_go_to_transformers_resolution(monkeypatch):
     assert seen == ["someone/model"]  # a hub id, not a path
     with pytest.raises(HpreditError, match="empty model name"):
         check_model_source("  ")
+
+
+def test_remote_code_causal_lms_pass_the_check(tiny_dir):
+    """A model with its own code declares AutoModelForCausalLM in auto_map: not refused as 'not causal'."""
+    import json
+
+    import transformers as t
+
+    from hpredit.models import _check_causal
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    custom = t.PretrainedConfig(**{**config, "model_type": "my-own-lm",
+                                   "auto_map": {"AutoModelForCausalLM": "modeling_mine.MyLM"}})
+    _check_causal(custom, "mine")  # no error
+    with pytest.raises(HpreditError, match="not a causal"):
+        _check_causal(t.PretrainedConfig(**{**config, "model_type": "my-own-lm"}), "mine")

@@ -230,7 +230,7 @@ def _weights_problem(directory: Path) -> str | None:
     return None
 
 
-def check_model_source(name_or_path: str | os.PathLike | None) -> PretrainedConfig:
+def check_model_source(name_or_path: str | os.PathLike | None, trust_remote_code: bool = False) -> PretrainedConfig:
     """Check a model before loading its weights and return its config (cheap: config and headers).
 
     ``None`` is the embedded default (its cached copy is checked, converted if needed). A local
@@ -263,7 +263,7 @@ def check_model_source(name_or_path: str | os.PathLike | None) -> PretrainedConf
                 raise HpreditError(f"could not load model {name!r}: {problem}")
             source = path
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise HpreditError(f"could not read the config of model {name!r}: {_first_line(e)}") from None
     _check_causal(config, name)
@@ -280,6 +280,8 @@ def _check_causal(config: PretrainedConfig, name: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", None)
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return  # a causal LM with its own code (trust_remote_code)
     if getattr(config, "is_encoder_decoder", False):
         raise HpreditError(f"model {name} is an encoder-decoder ({model_type}) model: hpredit edits causal "
                            "(decoder-only) language models")
@@ -369,7 +371,7 @@ def load_model(
 
     torch_dtype = _resolve_dtype(dtype)
     target = None if device is None else check_device(device)
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
     source: str | Path
     if name_or_path is None:
         source, name = embedded_default_path(), DEFAULT_MODEL
