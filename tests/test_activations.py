@@ -252,23 +252,26 @@ def _edit_meta(store, change):
     (store / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda m: m.pop("model"), "meta.json has no 'model' entry"),
-    (lambda m: m.pop("splits"), "meta.json has no 'splits' entry"),
-    (lambda m: m.__setitem__("model", "llama"), "'model': model fingerprint must be an object"),
-    (lambda m: m["model"].__setitem__("hidden_size", "64"), "'hidden_size' must be an integer"),
-    (lambda m: m.__setitem__("splits", m["splits"][:2]), "4 pairs but 2 splits"),
-    (lambda m: m.__setitem__("splits", "train"), "'splits' must be a list"),
-    (lambda m: m.__setitem__("layers", [0, 0, 1]), r"'layers' \[0, 0, 1\] must be distinct"),
-    (lambda m: m.__setitem__("layers", [0, 1, 7]), "must be distinct layers of a 3-layer model"),
-    (lambda m: m.__setitem__("layers", [0.0, 1, 2]), "'layers' must be a non-empty list of integers"),
-    (lambda m: m.__setitem__("texts", m["texts"][:-1]), "offsets do not match the 5 texts"),
-    (lambda m: m.__setitem__("texts", [1, 2]), "'texts' must be a list of"),
-    (lambda m: m.__setitem__("shards", ["../../etc/passwd"]), "shard '../../etc/passwd' is not a file inside"),
-    (lambda m: m.__setitem__("shards", ["/etc/passwd"]), "is not a file inside the store"),
-    (lambda m: m.__setitem__("blake2b", {}), "must give a checksum for every file"),
-    (lambda m: m.__setitem__("site", "mlp"), "'site' must be one of"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda m: m.pop("model"), "meta.json has no 'model' entry"),
+        (lambda m: m.pop("splits"), "meta.json has no 'splits' entry"),
+        (lambda m: m.__setitem__("model", "llama"), "'model': model fingerprint must be an object"),
+        (lambda m: m["model"].__setitem__("hidden_size", "64"), "'hidden_size' must be an integer"),
+        (lambda m: m.__setitem__("splits", m["splits"][:2]), "4 pairs but 2 splits"),
+        (lambda m: m.__setitem__("splits", "train"), "'splits' must be a list"),
+        (lambda m: m.__setitem__("layers", [0, 0, 1]), r"'layers' \[0, 0, 1\] must be distinct"),
+        (lambda m: m.__setitem__("layers", [0, 1, 7]), "must be distinct layers of a 3-layer model"),
+        (lambda m: m.__setitem__("layers", [0.0, 1, 2]), "'layers' must be a non-empty list of integers"),
+        (lambda m: m.__setitem__("texts", m["texts"][:-1]), "offsets do not match the 5 texts"),
+        (lambda m: m.__setitem__("texts", [1, 2]), "'texts' must be a list of"),
+        (lambda m: m.__setitem__("shards", ["../../etc/passwd"]), "shard '../../etc/passwd' is not a file inside"),
+        (lambda m: m.__setitem__("shards", ["/etc/passwd"]), "is not a file inside the store"),
+        (lambda m: m.__setitem__("blake2b", {}), "must give a checksum for every file"),
+        (lambda m: m.__setitem__("site", "mlp"), "'site' must be one of"),
+    ],
+)
 def test_hand_edited_meta_is_refused(saved_store, change, message):
     _edit_meta(saved_store, change)
     with pytest.raises(HpreditError, match=message):

@@ -137,7 +137,13 @@ def test_atomic_directory_with_subdirectories(tmp_path):
         os.umask(umask)
     run = tmp_path / "run"
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
-        "editor", "editor/config.json", "eval", "eval/deep", "eval/deep/x.json", "summary.json"]
+        "editor",
+        "editor/config.json",
+        "eval",
+        "eval/deep",
+        "eval/deep/x.json",
+        "summary.json",
+    ]
     assert {_mode(p) for p in run.rglob("*") if p.is_dir()} | {_mode(run)} == {0o755}
     assert {_mode(p) for p in run.rglob("*") if p.is_file()} == {0o644}
     assert [p.name for p in tmp_path.iterdir()] == ["run"]

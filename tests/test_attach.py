@@ -19,8 +19,16 @@ def _no_eos(model):
 
 
 def _gen(model, ids, mask, use_cache=True):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=use_cache,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        use_cache=use_cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     return out.sequences, torch.stack(out.logits, 1).float()
 
 
@@ -41,15 +49,17 @@ def _capture(model, layer, first=False):
     seen = []
     _, blocks = decoder_layers(model)
     h = blocks[layer].register_forward_hook(
-        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()), prepend=first)
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()), prepend=first
+    )
     return seen, h
 
 
 def _hooks_clean(model):
     path, blocks = decoder_layers(model)
     parent = model.get_submodule(path.rsplit(".", 1)[0])
-    return (all(not b._forward_hooks for b in blocks) and not parent._forward_pre_hooks
-            and "generate" not in model.__dict__)
+    return (
+        all(not b._forward_hooks for b in blocks) and not parent._forward_pre_hooks and "generate" not in model.__dict__
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -113,8 +123,9 @@ def test_kv_cache_every_scope(scope, kind):
     torch.testing.assert_close(l1, l2, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch, kind", [(a, "hpr") for a in ("llama", "gpt2", "gemma2", "qwen3")]
-                         + [("llama", k) for k in EDITOR_KINDS[1:]])
+@pytest.mark.parametrize(
+    "arch, kind", [(a, "hpr") for a in ("llama", "gpt2", "gemma2", "qwen3")] + [("llama", k) for k in EDITOR_KINDS[1:]]
+)
 @pytest.mark.parametrize("scope", ["all", "last-prompt-and-generated", "generated"])
 def test_left_padded_generate_equals_alone(arch, scope, kind):
     model = _no_eos(tiny_model(arch))
@@ -129,8 +140,9 @@ def test_left_padded_generate_equals_alone(arch, scope, kind):
             torch.testing.assert_close(logits[r], lg[0], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch, kind", [(a, "hpr") for a in ("llama", "gpt2", "phi3")]
-                         + [("llama", k) for k in EDITOR_KINDS[1:]])
+@pytest.mark.parametrize(
+    "arch, kind", [(a, "hpr") for a in ("llama", "gpt2", "phi3")] + [("llama", k) for k in EDITOR_KINDS[1:]]
+)
 @pytest.mark.parametrize("scope", ["all", "last-prompt-and-generated"])
 def test_right_padded_forward_equals_alone(arch, scope, kind):
     model = tiny_model(arch)
@@ -152,7 +164,7 @@ def test_left_padded_forward_with_positions_equals_alone():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         for r, p in enumerate(PROMPTS):
             alone = model(input_ids=torch.tensor([p])).logits[0]
-            torch.testing.assert_close(logits[r, -len(p):], alone, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(logits[r, -len(p) :], alone, rtol=1e-3, atol=1e-3)
 
 
 def test_scopes_touch_the_right_positions():
@@ -256,8 +268,11 @@ def test_fingerprint_mismatch_is_refused():
     editor.attach(other, strict=False).remove()
     import transformers
 
-    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64))
+    wider = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=256, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+        )
+    )
     wider.config._name_or_path = "tiny-llama"
     with pytest.raises(HpreditError, match="hidden_size 32"):
         editor.attach(wider)
@@ -268,10 +283,23 @@ def test_expanded_generate_keeps_per_row_prompt_ends():
     editor = random_hpr(model)
     ids, mask = _batch(PROMPTS, "left")
     with editor.attach(model, scope="last-prompt-and-generated"):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                             num_beams=2, num_return_sequences=2, pad_token_id=0)
-        alone = model.generate(input_ids=torch.tensor([PROMPTS[1]]), max_new_tokens=3, do_sample=False,
-                               num_beams=2, num_return_sequences=2, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=3,
+            do_sample=False,
+            num_beams=2,
+            num_return_sequences=2,
+            pad_token_id=0,
+        )
+        alone = model.generate(
+            input_ids=torch.tensor([PROMPTS[1]]),
+            max_new_tokens=3,
+            do_sample=False,
+            num_beams=2,
+            num_return_sequences=2,
+            pad_token_id=0,
+        )
     assert torch.equal(out[2:4, -3:], alone[:, -3:])
 
 

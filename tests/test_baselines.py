@@ -40,8 +40,9 @@ def test_caa_adds_and_norm_restore_keeps_norms():
     torch.testing.assert_close(caa.edit(1, x, strength=2.0), x + 2.0 * v)
     out = nr.edit(1, x, strength=2.0)
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
-    torch.testing.assert_close(out / out.norm(dim=-1, keepdim=True),
-                               (x + 2.0 * v) / (x + 2.0 * v).norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(
+        out / out.norm(dim=-1, keepdim=True), (x + 2.0 * v) / (x + 2.0 * v).norm(dim=-1, keepdim=True)
+    )
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[1, 2] = True
     masked = caa.edit(1, x, mask=mask)
@@ -121,8 +122,9 @@ ITI_PAIRS = [
     hpredit.ContrastivePair("Q: Is fire hot?\nA:", " Yes.", " No, it is cold.", group=g, split=s)
     for g, s in ((0, "train"), (1, "train"), (2, "val"))
 ] + [
-    hpredit.ContrastivePair(f"Q: Is {x} wet?\nA:", " Yes, it is.", " Never.", group=3 + i,
-                            split=("train", "val")[i % 2])
+    hpredit.ContrastivePair(
+        f"Q: Is {x} wet?\nA:", " Yes, it is.", " Never.", group=3 + i, split=("train", "val")[i % 2]
+    )
     for i, x in enumerate(["rain", "the sea", "a lake", "dew"])
 ]
 
@@ -167,8 +169,9 @@ def test_iti_fit_and_edits_only_selected_heads(iti_setup, tmp_path):
         proj = model.model.layers[layer].self_attn.o_proj
         before = {}
         with ed.attach(model, strength=0.5, scope="all"):
-            h1 = proj.register_forward_pre_hook(lambda m, a, seen=before: seen.setdefault("x", a[0].clone()),
-                                                prepend=True)
+            h1 = proj.register_forward_pre_hook(
+                lambda m, a, seen=before: seen.setdefault("x", a[0].clone()), prepend=True
+            )
             after = {}
             h2 = proj.register_forward_pre_hook(lambda m, a, seen=after: seen.setdefault("x", a[0].clone()))
             model(input_ids=ids)

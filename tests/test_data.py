@@ -24,26 +24,38 @@ def _write(path, lines):
 
 
 def test_jsonl_roundtrip(tmp_path):
-    p = _write(tmp_path / "p.jsonl", [
-        {"prompt": "Q: 2+2?\nA:", "positive": " 4", "negative": " 5", "group": 3},
-        {"prompt": "Q: sky?\nA:", "positive": " blue", "negative": " green", "split": "val"},
-    ])
+    p = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q: 2+2?\nA:", "positive": " 4", "negative": " 5", "group": 3},
+            {"prompt": "Q: sky?\nA:", "positive": " blue", "negative": " green", "split": "val"},
+        ],
+    )
     pairs = ContrastivePairs.from_jsonl(p)
     assert len(pairs) == 2 and pairs[0].group == 3 and pairs[1].group == 2 and pairs[1].split == "val"
     pairs.to_jsonl(tmp_path / "q.jsonl")
     assert ContrastivePairs.from_jsonl(tmp_path / "q.jsonl").pairs == pairs.pairs
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([{"prompt": "a", "positive": "b"}], r"p.jsonl:1: missing field 'negative'"),
-    ([{"prompt": "a", "positive": "b", "negative": "c"}, "{not json"], r"p.jsonl:2: not valid JSON"),
-    ([{"prompt": "a", "positive": "", "negative": "c"}], r"p.jsonl:1: field 'positive' must be a non-empty string"),
-    ([{"prompt": 1, "positive": "b", "negative": "c"}], r"p.jsonl:1: field 'prompt' must be"),
-    ([{"prompt": "a", "positive": "b", "negative": "c", "group": "x"}], r"p.jsonl:1: field 'group' must be an integer"),
-    ([{"prompt": "a", "positive": "b", "negative": "c", "split": "dev"}], r"p.jsonl:1: field 'split' must be one of"),
-    (["[1, 2]"], r"p.jsonl:1: expected a JSON object"),
-    ([], r"p.jsonl: no pairs in file"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([{"prompt": "a", "positive": "b"}], r"p.jsonl:1: missing field 'negative'"),
+        ([{"prompt": "a", "positive": "b", "negative": "c"}, "{not json"], r"p.jsonl:2: not valid JSON"),
+        ([{"prompt": "a", "positive": "", "negative": "c"}], r"p.jsonl:1: field 'positive' must be a non-empty string"),
+        ([{"prompt": 1, "positive": "b", "negative": "c"}], r"p.jsonl:1: field 'prompt' must be"),
+        (
+            [{"prompt": "a", "positive": "b", "negative": "c", "group": "x"}],
+            r"p.jsonl:1: field 'group' must be an integer",
+        ),
+        (
+            [{"prompt": "a", "positive": "b", "negative": "c", "split": "dev"}],
+            r"p.jsonl:1: field 'split' must be one of",
+        ),
+        (["[1, 2]"], r"p.jsonl:1: expected a JSON object"),
+        ([], r"p.jsonl: no pairs in file"),
+    ],
+)
 def test_jsonl_errors_name_file_line_field(tmp_path, lines, message):
     p = _write(tmp_path / "p.jsonl", lines)
     with pytest.raises(HpreditError, match=message):
@@ -136,12 +148,15 @@ def test_truthfulqa_pairs_bad_split_and_limit(truthfulqa_csv):
 # --------------------------------------------------------------------------- bad files and missing data (issue 14)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not UTF-8 text: give the JSON/JSONL file"),
-    ('{"prompt": "caf\u00e9", "positive": " a"}\n'.encode("latin-1"), r"is not UTF-8 text \(byte 15\)"),
-    (b"[" * 200_000, r"p.jsonl:1: not valid JSON \(nested too deeply\)"),
-    (b'{"prompt": "x", "positive": ' + b"[" * 200_000 + b"\n", r"p.jsonl:1: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not UTF-8 text: give the JSON/JSONL file"),
+        ('{"prompt": "caf\u00e9", "positive": " a"}\n'.encode("latin-1"), r"is not UTF-8 text \(byte 15\)"),
+        (b"[" * 200_000, r"p.jsonl:1: not valid JSON \(nested too deeply\)"),
+        (b'{"prompt": "x", "positive": ' + b"[" * 200_000 + b"\n", r"p.jsonl:1: not valid JSON"),
+    ],
+)
 def test_jsonl_unreadable_files(tmp_path, content, message):
     (tmp_path / "p.jsonl").write_bytes(content)
     with pytest.raises(HpreditError, match=message):
@@ -155,10 +170,13 @@ def test_jsonl_directory_is_named_as_such(tmp_path):
 
 @pytest.mark.parametrize("positive,negative", [(" Blue.", " Blue."), (" Blue.", "  Blue. "), ("Blue\tsky", "Blue sky")])
 def test_identical_pairs_are_refused_with_file_line(tmp_path, positive, negative):
-    p = _write(tmp_path / "p.jsonl", [
-        {"prompt": "Q: sky?\nA:", "positive": " blue", "negative": " green"},
-        {"prompt": "Q: sky?\nA:", "positive": positive, "negative": negative},
-    ])
+    p = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q: sky?\nA:", "positive": " blue", "negative": " green"},
+            {"prompt": "Q: sky?\nA:", "positive": positive, "negative": negative},
+        ],
+    )
     with pytest.raises(HpreditError, match=r"p.jsonl:2: the positive and negative completions are the same"):
         ContrastivePairs.from_jsonl(p)
 

@@ -12,8 +12,9 @@ from hpredit.editors import HPREditor, base
 
 from .conftest import saved_tiny_model
 
-PAIRS = [ContrastivePair(f"Q: question {i}?\nA:", f" Right answer {i}.", f" Wrong answer {i}.", group=i)
-         for i in range(6)]
+PAIRS = [
+    ContrastivePair(f"Q: question {i}?\nA:", f" Right answer {i}.", f" Wrong answer {i}.", group=i) for i in range(6)
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,21 @@ def globs(tokenizer, tmp_path_factory):
     store = hpredit.collect_activations(model, tokenizer, PAIRS, progress=False)
     editor = HPREditor.fit(store, epochs=1, angle_depth=2, top_k=2, progress=False)
     ids = torch.tensor([[5, 9, 200, 31, 7]])
-    return {"torch": torch, "model": model, "tok": tokenizer, "ids": ids, "plain": model(ids).logits,
-            "store": store, "editor": editor, "tmp": tmp, "tiny_model_dir": tmp / "tiny",
-            "HPREditor": HPREditor, "load_model": hpredit.load_model,
-            "collect_activations": hpredit.collect_activations, "record": hooks.record}
+    return {
+        "torch": torch,
+        "model": model,
+        "tok": tokenizer,
+        "ids": ids,
+        "plain": model(ids).logits,
+        "store": store,
+        "editor": editor,
+        "tmp": tmp,
+        "tiny_model_dir": tmp / "tiny",
+        "HPREditor": HPREditor,
+        "load_model": hpredit.load_model,
+        "collect_activations": hpredit.collect_activations,
+        "record": hooks.record,
+    }
 
 
 # In order: from_pretrained reads what save_pretrained wrote.

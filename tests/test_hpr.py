@@ -35,8 +35,12 @@ def synthetic_store(n_groups=40, tokens=3, layers=(0, 1, 2), informative=(1,), s
     offsets = torch.arange(0, n_texts * tokens + 1, tokens)
     pairs = torch.tensor([[2 * i, 2 * i + 1] for i in range(n_groups)])
     return ActivationStore(
-        acts=acts.half(), layers=list(layers), offsets=offsets, pairs=pairs,
-        groups=torch.arange(n_groups), splits=[None] * n_groups,
+        acts=acts.half(),
+        layers=list(layers),
+        offsets=offsets,
+        pairs=pairs,
+        groups=torch.arange(n_groups),
+        splits=[None] * n_groups,
         texts=[("p", f" t{t}") for t in range(n_texts)],
         fingerprint=ModelFingerprint("ToyForCausalLM", D, 4, "toy"),
     )
@@ -44,8 +48,9 @@ def synthetic_store(n_groups=40, tokens=3, layers=(0, 1, 2), informative=(1,), s
 
 @pytest.fixture(scope="module")
 def fitted():
-    return HPREditor.fit(synthetic_store(), progress=False, epochs=10, top_k=1, batch_size=8, lr=1e-2,
-                         angle_layers="all")
+    return HPREditor.fit(
+        synthetic_store(), progress=False, epochs=10, top_k=1, batch_size=8, lr=1e-2, angle_layers="all"
+    )
 
 
 def test_fit_learns_the_informative_layer(fitted):
@@ -83,7 +88,8 @@ def _joint_reference(store, config):
     total = math.ceil(len(tp) / config.batch_size) * config.epochs
     warm = int(config.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     X = store.acts
     target = torch.stack([_pair_angles(X[r], tp, tn) for r in range(L)])
     best_acc, best = torch.full((L,), -1.0), [p.detach().clone() for p in params]
@@ -92,8 +98,9 @@ def _joint_reference(store, config):
             idx = order[s : s + config.batch_size]
             z = torch.cat([X[:, tp[idx]], X[:, tn[idx]]], 1).float()
             y = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))]).expand(L, -1)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.einsum("lnd,ld->ln", z, probe), y,
-                                                                       reduction="none").mean(1)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(
+                torch.einsum("lnd,ld->ln", z, probe), y, reduction="none"
+            ).mean(1)
             theta = math.pi * torch.sigmoid(_mlp(z, ws, bs))
             mse = ((theta - torch.cat([torch.zeros(L, len(idx)), target[:, idx]], 1)) ** 2).mean(1)
             loss = (bce + mse).mean()
@@ -228,23 +235,34 @@ def _edit_config(path, fn):
     path.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: shutil.rmtree(d), "does not exist"),
-    (lambda d: (d / "config.json").unlink(), "config.json is missing"),
-    (lambda d: (d / "editor.safetensors").unlink(), "editor.safetensors is missing"),
-    (lambda d: (d / "config.json").write_text("{broken"), "not valid JSON"),
-    (lambda d: (d / "editor.safetensors").write_bytes((d / "editor.safetensors").read_bytes()[:-50]),
-     "does not match the checksum"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c.update(layers=[99])), r"layers \[99\] are invalid"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c["model"].update(hidden_size=32)), "has shape"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c.update(method="magic")), "unknown editor method 'magic'"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c.update(format_version=9)), "format version 9"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c["config"].update(bogus=1)), "unknown config field"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c["config"].update(angle_depth=2)), "do not match the config"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c["config"].update(epochs=-1)), "epochs must be"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c.pop("model")), "bad or missing 'model'"),
-    (lambda d: _edit_config(d / "config.json", lambda c: c.update(fitted_layers="all")), "fitted_layers"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: shutil.rmtree(d), "does not exist"),
+        (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+        (lambda d: (d / "editor.safetensors").unlink(), "editor.safetensors is missing"),
+        (lambda d: (d / "config.json").write_text("{broken"), "not valid JSON"),
+        (
+            lambda d: (d / "editor.safetensors").write_bytes((d / "editor.safetensors").read_bytes()[:-50]),
+            "does not match the checksum",
+        ),
+        (lambda d: _edit_config(d / "config.json", lambda c: c.update(layers=[99])), r"layers \[99\] are invalid"),
+        (lambda d: _edit_config(d / "config.json", lambda c: c["model"].update(hidden_size=32)), "has shape"),
+        (
+            lambda d: _edit_config(d / "config.json", lambda c: c.update(method="magic")),
+            "unknown editor method 'magic'",
+        ),
+        (lambda d: _edit_config(d / "config.json", lambda c: c.update(format_version=9)), "format version 9"),
+        (lambda d: _edit_config(d / "config.json", lambda c: c["config"].update(bogus=1)), "unknown config field"),
+        (
+            lambda d: _edit_config(d / "config.json", lambda c: c["config"].update(angle_depth=2)),
+            "do not match the config",
+        ),
+        (lambda d: _edit_config(d / "config.json", lambda c: c["config"].update(epochs=-1)), "epochs must be"),
+        (lambda d: _edit_config(d / "config.json", lambda c: c.pop("model")), "bad or missing 'model'"),
+        (lambda d: _edit_config(d / "config.json", lambda c: c.update(fitted_layers="all")), "fitted_layers"),
+    ],
+)
 def test_damaged_artifacts_fail_clearly(fitted, tmp_path, damage, message):
     d = tmp_path / "ed"
     fitted.save_pretrained(d)
@@ -284,14 +302,17 @@ def test_overwrite_replaces_whole_artifact(fitted, tmp_path):
 # --------------------------------------------------------------------------- nonsense refused (issue 14)
 
 
-@pytest.mark.parametrize("layers,message", [
-    ([1, 1], r"layers \[1, 1\] name a layer twice"),
-    ([], "non-empty list of layer indices"),
-    ([0.7, 1.2], "whole non-negative numbers"),
-    (["0", "1"], "whole non-negative numbers"),
-    ([True], "whole non-negative numbers"),
-    ([-1], "whole non-negative numbers"),
-])
+@pytest.mark.parametrize(
+    "layers,message",
+    [
+        ([1, 1], r"layers \[1, 1\] name a layer twice"),
+        ([], "non-empty list of layer indices"),
+        ([0.7, 1.2], "whole non-negative numbers"),
+        (["0", "1"], "whole non-negative numbers"),
+        ([True], "whole non-negative numbers"),
+        ([-1], "whole non-negative numbers"),
+    ],
+)
 def test_bad_layer_lists_are_refused_at_fit_time(layers, message):
     from hpredit.editors import CAAEditor
 
@@ -316,13 +337,15 @@ def test_top_k_beyond_the_collected_layers_is_refused():
 def test_configs_validate_on_construction_in_one_style():
     from hpredit.editors import AdditiveConfig, ITIConfig
 
-    for make, message in [(lambda: HPRConfig(epochs=0), "HPRConfig: epochs must be an integer ≥ 1"),
-                          (lambda: HPRConfig(epochs=2.0), "HPRConfig: epochs must be an integer"),
-                          (lambda: HPRConfig(layers=[3, 3]), "HPRConfig: layers .* name a layer twice"),
-                          (lambda: AdditiveConfig(top_k=0), "AdditiveConfig: top_k must be an integer ≥ 1"),
-                          (lambda: AdditiveConfig(val_fraction=1.5), r"AdditiveConfig: val_fraction must be in \(0"),
-                          (lambda: ITIConfig(num_heads=0), "ITIConfig: num_heads must be null or an integer ≥ 1"),
-                          (lambda: ITIConfig(probe_lr=True), "ITIConfig: probe_lr must be > 0")]:
+    for make, message in [
+        (lambda: HPRConfig(epochs=0), "HPRConfig: epochs must be an integer ≥ 1"),
+        (lambda: HPRConfig(epochs=2.0), "HPRConfig: epochs must be an integer"),
+        (lambda: HPRConfig(layers=[3, 3]), "HPRConfig: layers .* name a layer twice"),
+        (lambda: AdditiveConfig(top_k=0), "AdditiveConfig: top_k must be an integer ≥ 1"),
+        (lambda: AdditiveConfig(val_fraction=1.5), r"AdditiveConfig: val_fraction must be in \(0"),
+        (lambda: ITIConfig(num_heads=0), "ITIConfig: num_heads must be null or an integer ≥ 1"),
+        (lambda: ITIConfig(probe_lr=True), "ITIConfig: probe_lr must be > 0"),
+    ]:
         with pytest.raises(HpreditError, match=message):
             make()
     config = HPRConfig(epochs=3)
@@ -339,19 +362,25 @@ def _saved(fitted, tmp_path, change):
     return d
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda c: c.update(layers=[]), "'layers' must be a non-empty list of integers"),
-    (lambda c: c.update(layers=[1.0]), "'layers' must be a non-empty list of integers"),
-    (lambda c: c.update(layers=["1"]), "'layers' must be a non-empty list of integers"),
-    (lambda c: c.update(layers=[1, 1]), r"layers \[1, 1\] are invalid .*each layer once"),
-    (lambda c: c["config"].update(layers=[15.7, 16.2]), "whole non-negative numbers"),
-    (lambda c: c["config"].update(top_k="5"), "top_k must be an integer"),
-    (lambda c: c.update(fitted_layers=[0, 1, 1, 2]), "fitted_layers"),
-    (lambda c: c.update(metrics=[0.5]), "'metrics' must be an object"),
-    (lambda c: c["metrics"].update(val_probe_accuracy=[0.5, 0.9]), "'val_probe_accuracy' must map layers to numbers"),
-    (lambda c: c["metrics"].update(val_probe_accuracy={"1": "high"}), "must map layers to numbers"),
-    (lambda c: c["metrics"].update(val_probe_accuracy={"layer one": 0.9}), "keyed by layer numbers"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.update(layers=[]), "'layers' must be a non-empty list of integers"),
+        (lambda c: c.update(layers=[1.0]), "'layers' must be a non-empty list of integers"),
+        (lambda c: c.update(layers=["1"]), "'layers' must be a non-empty list of integers"),
+        (lambda c: c.update(layers=[1, 1]), r"layers \[1, 1\] are invalid .*each layer once"),
+        (lambda c: c["config"].update(layers=[15.7, 16.2]), "whole non-negative numbers"),
+        (lambda c: c["config"].update(top_k="5"), "top_k must be an integer"),
+        (lambda c: c.update(fitted_layers=[0, 1, 1, 2]), "fitted_layers"),
+        (lambda c: c.update(metrics=[0.5]), "'metrics' must be an object"),
+        (
+            lambda c: c["metrics"].update(val_probe_accuracy=[0.5, 0.9]),
+            "'val_probe_accuracy' must map layers to numbers",
+        ),
+        (lambda c: c["metrics"].update(val_probe_accuracy={"1": "high"}), "must map layers to numbers"),
+        (lambda c: c["metrics"].update(val_probe_accuracy={"layer one": 0.9}), "keyed by layer numbers"),
+    ],
+)
 def test_nonsense_artifacts_are_refused_at_load(fitted, tmp_path, change, message):
     with pytest.raises(HpreditError, match=message):
         HPREditor.from_pretrained(_saved(fitted, tmp_path, change))

@@ -210,12 +210,15 @@ def test_default_model_cache_has_normal_permissions(monkeypatch, tmp_path, token
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
-@pytest.mark.parametrize("device,message", [
-    ("banana", "unknown device 'banana'"),
-    ("cuda:7", "CUDA is not available|'cuda:7' does not exist"),
-    ("cuda", "CUDA is not available"),
-    ("meta", "unsupported device 'meta'"),
-])
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("banana", "unknown device 'banana'"),
+        ("cuda:7", "CUDA is not available|'cuda:7' does not exist"),
+        ("cuda", "CUDA is not available"),
+        ("meta", "unsupported device 'meta'"),
+    ],
+)
 def test_check_device_refuses(device, message):
     from hpredit.models import check_device
 
@@ -289,9 +292,11 @@ def test_fingerprint_without_digest_still_matches(tmp_path):
     assert loaded.model_fingerprint.weights is None
     with loaded.attach(tiny_model("llama", seed=1)):  # nothing to compare the weights with
         pass
-    for bad, message in [({**d, "hidden_size": "64"}, "'hidden_size' must be an integer"),
-                         ({**d, "weights": ["x"]}, "'weights' must be a list of numbers"),
-                         ({k: v for k, v in d.items() if k != "name"}, "missing 'name'")]:
+    for bad, message in [
+        ({**d, "hidden_size": "64"}, "'hidden_size' must be an integer"),
+        ({**d, "weights": ["x"]}, "'weights' must be a list of numbers"),
+        ({k: v for k, v in d.items() if k != "name"}, "missing 'name'"),
+    ]:
         with pytest.raises(HpreditError, match=message):
             ModelFingerprint.from_dict(bad)
 
@@ -306,7 +311,10 @@ def test_fingerprint_from_config_predicts_the_loaded_one(arch, tmp_path, tokeniz
     loaded = fingerprint(load_model(tmp_path / arch)[0])
     assert predicted.weights is None and predicted.mismatches(loaded) == [] and loaded.mismatches(predicted) == []
     assert (predicted.architecture, predicted.hidden_size, predicted.num_layers) == (
-        loaded.architecture, loaded.hidden_size, loaded.num_layers)
+        loaded.architecture,
+        loaded.hidden_size,
+        loaded.num_layers,
+    )
 
 
 def test_fingerprint_digest_survives_4bit_quantisation():
@@ -351,8 +359,9 @@ def test_remote_code_causal_lms_pass_the_check(tiny_dir):
     from hpredit.models import _check_causal
 
     config = json.loads((tiny_dir / "config.json").read_text())
-    custom = t.PretrainedConfig(**{**config, "model_type": "my-own-lm",
-                                   "auto_map": {"AutoModelForCausalLM": "modeling_mine.MyLM"}})
+    custom = t.PretrainedConfig(
+        **{**config, "model_type": "my-own-lm", "auto_map": {"AutoModelForCausalLM": "modeling_mine.MyLM"}}
+    )
     _check_causal(custom, "mine")  # no error
     with pytest.raises(HpreditError, match="not a causal"):
         _check_causal(t.PretrainedConfig(**{**config, "model_type": "my-own-lm"}), "mine")

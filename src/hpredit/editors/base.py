@@ -128,8 +128,9 @@ def choose_layers(accuracy: dict[int, float], layers: Sequence[int] | None, top_
     return sorted(ranked[:top_k])
 
 
-def check_layer_request(collected: Sequence[int], layers: Sequence[int] | None, top_k: int,
-                        default_top_k: int | None = None) -> None:
+def check_layer_request(
+    collected: Sequence[int], layers: Sequence[int] | None, top_k: int, default_top_k: int | None = None
+) -> None:
     """Refuse, before training, explicit layers that were not collected and a ``top_k`` larger than
     the collected layers (the default ``top_k`` takes every layer when fewer were collected)."""
     if layers is not None:
@@ -137,8 +138,10 @@ def check_layer_request(collected: Sequence[int], layers: Sequence[int] | None, 
         if missing:
             raise HpreditError(f"layers {missing} were not collected (collected: {list(collected)})")
     elif top_k > len(collected) and top_k != default_top_k:
-        raise HpreditError(f"top_k {top_k} is more than the {len(collected)} collected layers: "
-                           f"choose top_k between 1 and {len(collected)}")
+        raise HpreditError(
+            f"top_k {top_k} is more than the {len(collected)} collected layers: "
+            f"choose top_k between 1 and {len(collected)}"
+        )
 
 
 def register_editor(cls: type[Editor]) -> type[Editor]:
@@ -172,8 +175,15 @@ class Editor(ABC):
 
     @classmethod
     @abstractmethod
-    def _from_tensors(cls, config: Any, layers: list[int], model: ModelFingerprint, metrics: dict,
-                      tensors: dict[str, torch.Tensor], artifact: dict) -> Editor:
+    def _from_tensors(
+        cls,
+        config: Any,
+        layers: list[int],
+        model: ModelFingerprint,
+        metrics: dict,
+        tensors: dict[str, torch.Tensor],
+        artifact: dict,
+    ) -> Editor:
         """Rebuild from saved tensors; raise :class:`HpreditError` if they do not fit the config.
 
         ``artifact`` is the whole ``config.json`` (its method-specific entries, written by
@@ -195,8 +205,10 @@ class Editor(ABC):
         config = configure(cls.config_class, config, overrides)
         site = getattr(acts, "site", "residual")
         if site != cls.site:
-            raise HpreditError(f"{cls.method} fits on {cls.site} activations, got a {site!r} store: "
-                               f"collect them with site={cls.site!r}")
+            raise HpreditError(
+                f"{cls.method} fits on {cls.site} activations, got a {site!r} store: "
+                f"collect them with site={cls.site!r}"
+            )
         if hasattr(config, "top_k"):
             check_layer_request(acts.layers, config.layers, config.top_k, getattr(cls.config_class, "top_k", None))
         return config
@@ -227,9 +239,13 @@ class Editor(ABC):
         problems = self.model_fingerprint.mismatches(fingerprint(model, layers_path), check_name=strict)
         if problems:
             raise HpreditError(
-                "editor does not match this model: " + "; ".join(problems)
-                + (" (pass strict=False / --no-strict to ignore the name)" if strict and len(problems) == 1
-                   and problems[0].startswith("name") else "")
+                "editor does not match this model: "
+                + "; ".join(problems)
+                + (
+                    " (pass strict=False / --no-strict to ignore the name)"
+                    if strict and len(problems) == 1 and problems[0].startswith("name")
+                    else ""
+                )
             )
 
     def attach(
@@ -441,8 +457,10 @@ def load_editor(directory: str | os.PathLike) -> Editor:
         raise HpreditError(f"{where}: 'layers' must be a non-empty list of integers, got {layers!r}")
     bad = [i for i in layers if not 0 <= i < model.num_layers]
     if bad or len(set(layers)) != len(layers):
-        raise HpreditError(f"{where}: layers {layers} are invalid for a model with {model.num_layers} layers "
-                           "(each layer once, 0.." + f"{model.num_layers - 1})")
+        raise HpreditError(
+            f"{where}: layers {layers} are invalid for a model with {model.num_layers} layers "
+            "(each layer once, 0.." + f"{model.num_layers - 1})"
+        )
     config = _config_from_dict(klass.config_class, cfg.get("config"), where)
     metrics = klass.check_metrics(cfg.get("metrics") or {}, where)
     return klass._from_tensors(config, layers, model, metrics, tensors, cfg)

@@ -65,8 +65,10 @@ class HPRConfig(EditorConfig):
             *self.layer_choice_checks(),
             (self.angle_layers in ("selected", "all"), "angle_layers must be 'selected' or 'all'"),
             (isinstance(self.gate, bool), "gate must be true or false"),
-            (self.fixed_angle is None or (is_number(self.fixed_angle) and 0 <= self.fixed_angle <= math.pi),
-             "fixed_angle must be null or an angle in [0, π]"),
+            (
+                self.fixed_angle is None or (is_number(self.fixed_angle) and 0 <= self.fixed_angle <= math.pi),
+                "fixed_angle must be null or an angle in [0, π]",
+            ),
             (isinstance(self.probe_bias, bool), "probe_bias must be true or false"),
         ]
 
@@ -94,9 +96,18 @@ class HPREditor(Editor):
     method = "hpr"
     config_class = HPRConfig
 
-    def __init__(self, config: HPRConfig, layers: list[int], model: ModelFingerprint, fitted_layers: list[int],
-                 probe: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                 metrics: dict | None = None, probe_bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: HPRConfig,
+        layers: list[int],
+        model: ModelFingerprint,
+        fitted_layers: list[int],
+        probe: torch.Tensor,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        metrics: dict | None = None,
+        probe_bias: torch.Tensor | None = None,
+    ):
         super().__init__(config, layers, model, metrics)
         self.fitted_layers = list(fitted_layers)
         self.probe = probe  # (L_fit, d)
@@ -127,13 +138,15 @@ class HPREditor(Editor):
         out = _mlp(flat, weights, [b[r : r + 1].to(x.device) for b in self.biases])
         return math.pi * torch.sigmoid(out).reshape(x.shape[:-1])
 
-    def edit(self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None,
-             fast: bool = True) -> torch.Tensor:
+    def edit(
+        self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None, fast: bool = True
+    ) -> torch.Tensor:
         """Edit activations ``x`` (..., d) of ``layer`` as attach() does (``fast=False``: the reference path)."""
         return self.layer_edit(layer, x.device, x.dtype, fast=fast)(x, mask, strength)
 
-    def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                   fast: bool = True) -> LayerEdit:
+    def layer_edit(
+        self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32, fast: bool = True
+    ) -> LayerEdit:
         """The edit of one layer for activations of ``dtype`` on ``device``.
 
         ``fast`` (default): every constant prepared here once, the angle MLP in the activations'
@@ -181,8 +194,10 @@ class HPREditor(Editor):
         w_hat = w / w.norm().clamp_min(1e-12)
         basis = torch.stack([w_hat, fallback_axis(w_hat)])  # (2, d) float32
         mlp_dtype = dtype if dtype.is_floating_point else torch.float32
-        layers = [(m[r].to(device=device, dtype=mlp_dtype).t().contiguous(), b[r].to(device=device, dtype=mlp_dtype))
-                  for m, b in zip(self.weights, self.biases)]
+        layers = [
+            (m[r].to(device=device, dtype=mlp_dtype).t().contiguous(), b[r].to(device=device, dtype=mlp_dtype))
+            for m, b in zip(self.weights, self.biases)
+        ]
         gated, fixed = self.config.gate, self.config.fixed_angle
         one = torch.ones((), device=device)
         zero = torch.zeros((), device=device)
@@ -251,23 +266,41 @@ class HPREditor(Editor):
             if not torch.isfinite(tensors[name]).all():
                 raise HpreditError(f"{where}: tensor {name} contains NaN or inf")
         depth = len(widths) - 1
-        return cls(config, layers, model, fitted, tensors["probe"],
-                   [tensors[f"angle.{j}.weight"] for j in range(depth)],
-                   [tensors[f"angle.{j}.bias"] for j in range(depth)], metrics, tensors.get("probe_bias"))
+        return cls(
+            config,
+            layers,
+            model,
+            fitted,
+            tensors["probe"],
+            [tensors[f"angle.{j}.weight"] for j in range(depth)],
+            [tensors[f"angle.{j}.bias"] for j in range(depth)],
+            metrics,
+            tensors.get("probe_bias"),
+        )
 
     def select_layers(self, layers: list[int]) -> HPREditor:
         """A copy of this editor that edits ``layers`` (any of the fitted ones)."""
         unknown = [i for i in layers if i not in self.fitted_layers]
         if unknown or not layers:
             raise HpreditError(f"cannot select layers {layers}: fitted layers are {self.fitted_layers}")
-        return HPREditor(self.config, sorted(layers), self.model_fingerprint, self.fitted_layers,
-                         self.probe, self.weights, self.biases, dict(self.metrics), self.probe_bias)
+        return HPREditor(
+            self.config,
+            sorted(layers),
+            self.model_fingerprint,
+            self.fitted_layers,
+            self.probe,
+            self.weights,
+            self.biases,
+            dict(self.metrics),
+            self.probe_bias,
+        )
 
     # ------------------------------------------------------------------ training
 
     @classmethod
-    def fit(cls, acts: ActivationStore, config: HPRConfig | None = None, progress: bool = True,
-            **overrides: Any) -> HPREditor:
+    def fit(
+        cls, acts: ActivationStore, config: HPRConfig | None = None, progress: bool = True, **overrides: Any
+    ) -> HPREditor:
         """Train probes and angle predictors on collected activations, then pick the layers.
 
         Pairs marked ``val`` in ``acts`` validate; without them ``config.val_fraction`` of the
@@ -303,11 +336,21 @@ class HPREditor(Editor):
         layers = choose_layers(accuracy, config.layers, config.top_k)
         fitted = list(acts.layers) if config.angle_layers == "all" else layers
         rows = torch.tensor([acts.layers.index(i) for i in fitted])
-        weights, biases, angle_losses = _fit_angle_predictors(acts.acts, pairs, start, rows, probes.best_epoch,
-                                                              config, progress)
+        weights, biases, angle_losses = _fit_angle_predictors(
+            acts.acts, pairs, start, rows, probes.best_epoch, config, progress
+        )
         metrics = _fit_metrics(acts, config, pairs, accuracy, probes, angle_losses)
-        return cls(config, layers, acts.fingerprint, fitted, probes.probe[rows], weights, biases, metrics,
-                   probes.bias[rows] if config.probe_bias else None)
+        return cls(
+            config,
+            layers,
+            acts.fingerprint,
+            fitted,
+            probes.probe[rows],
+            weights,
+            biases,
+            metrics,
+            probes.bias[rows] if config.probe_bias else None,
+        )
 
 
 # --------------------------------------------------------------------------- training stages
@@ -383,15 +426,33 @@ def _fit_probes(X: torch.Tensor, pairs: TokenPairs, start: _Start, config: HPRCo
         return f"val_acc={float(acc.mean()):.3f}"
 
     params = [start.probe, start.bias] if config.probe_bias else [start.probe]
-    losses = _train(X, torch.arange(L), pairs.tp, pairs.tn, start.orders, params, probe_loss, config, start.steps,
-                    after_epoch, progress, f"training probes ({L} layers)")
+    losses = _train(
+        X,
+        torch.arange(L),
+        pairs.tp,
+        pairs.tn,
+        start.orders,
+        params,
+        probe_loss,
+        config,
+        start.steps,
+        after_epoch,
+        progress,
+        f"training probes ({L} layers)",
+    )
     best_epoch = torch.stack(history).argmax(0)  # first epoch reaching the best accuracy
     return _Probes(best_probe, best_bias, best_acc, best_epoch, history, losses)
 
 
-def _fit_angle_predictors(X: torch.Tensor, pairs: TokenPairs, start: _Start, rows: torch.Tensor,
-                          best_epoch: torch.Tensor, config: HPRConfig,
-                          progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+def _fit_angle_predictors(
+    X: torch.Tensor,
+    pairs: TokenPairs,
+    start: _Start,
+    rows: torch.Tensor,
+    best_epoch: torch.Tensor,
+    config: HPRConfig,
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
     """Phase 2: angle predictors of the layers ``rows``, replaying phase 1's batches and schedule;
     each layer keeps the parameters of its best probe epoch. Returns ``(weights, biases, losses)``."""
     L = X.shape[0]
@@ -420,13 +481,31 @@ def _fit_angle_predictors(X: torch.Tensor, pairs: TokenPairs, start: _Start, row
 
     losses = [0.0] * config.epochs
     if mlp_w:
-        losses = _train(X, rows, pairs.tp, pairs.tn, start.orders, [*mlp_w, *mlp_b], angle_loss, config, start.steps,
-                        after_epoch, progress, f"training angle predictors ({len(rows)} layers)")
+        losses = _train(
+            X,
+            rows,
+            pairs.tp,
+            pairs.tn,
+            start.orders,
+            [*mlp_w, *mlp_b],
+            angle_loss,
+            config,
+            start.steps,
+            after_epoch,
+            progress,
+            f"training angle predictors ({len(rows)} layers)",
+        )
     return best_w, best_b, losses
 
 
-def _fit_metrics(acts: ActivationStore, config: HPRConfig, pairs: TokenPairs, accuracy: dict[int, float],
-                 probes: _Probes, angle_losses: list[float]) -> dict:
+def _fit_metrics(
+    acts: ActivationStore,
+    config: HPRConfig,
+    pairs: TokenPairs,
+    accuracy: dict[int, float],
+    probes: _Probes,
+    angle_losses: list[float],
+) -> dict:
     """What ``fit`` reports: validation accuracy and best epoch per layer, data sizes, loss history."""
     n_groups = lambda m: int(torch.unique(acts.groups[m]).numel())  # noqa: E731
     held_out = f"held-out {config.val_fraction:.0%} of groups"
@@ -439,15 +518,20 @@ def _fit_metrics(acts: ActivationStore, config: HPRConfig, pairs: TokenPairs, ac
         "train_groups": n_groups(pairs.train_mask),
         "val_groups": n_groups(pairs.val_mask),
         "history": [
-            {"epoch": e + 1, "probe_loss": probes.losses[e], "angle_loss": angle_losses[e],
-             "val_probe_accuracy_mean": float(probes.history[e].mean())}
+            {
+                "epoch": e + 1,
+                "probe_loss": probes.losses[e],
+                "angle_loss": angle_losses[e],
+                "val_probe_accuracy_mean": float(probes.history[e].mean()),
+            }
             for e in range(config.epochs)
         ],
     }
 
 
-def _train(X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: int, after_epoch, progress: bool,
-           desc: str) -> list[float]:
+def _train(
+    X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: int, after_epoch, progress: bool, desc: str
+) -> list[float]:
     """One batched AdamW training loop over token pairs; returns the mean loss per epoch.
 
     ``X[rows]`` are the layers trained; each step gathers the same token pairs for all of them.
@@ -492,14 +576,27 @@ def _train(X, rows, tp, tn, orders, params, loss_fn, config: HPRConfig, total: i
 
 def _pair_angles(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """∠(negative, positive) per token pair, the angle target of the negative tokens."""
-    return torch.cat([
-        angle_between(x[neg[i : i + chunk]].float(), x[pos[i : i + chunk]].float()) for i in range(0, len(pos), chunk)
-    ]) if len(pos) else torch.zeros(0)
+    return (
+        torch.cat(
+            [
+                angle_between(x[neg[i : i + chunk]].float(), x[pos[i : i + chunk]].float())
+                for i in range(0, len(pos), chunk)
+            ]
+        )
+        if len(pos)
+        else torch.zeros(0)
+    )
 
 
 @torch.no_grad()
-def _probe_accuracy(X: torch.Tensor, probe: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: int = 8192,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def _probe_accuracy(
+    X: torch.Tensor,
+    probe: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    chunk: int = 8192,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-layer probe accuracy: positives on ``w·x (+ b) > 0``, negatives on ``< 0``."""
     correct = torch.zeros(X.shape[0])
     b = torch.zeros(X.shape[0]) if bias is None else bias

@@ -36,8 +36,10 @@ class ITIConfig(EditorConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
-            (self.num_heads is None or (is_int(self.num_heads) and self.num_heads >= 1),
-             "num_heads must be null or an integer ≥ 1"),
+            (
+                self.num_heads is None or (is_int(self.num_heads) and self.num_heads >= 1),
+                "num_heads must be null or an integer ≥ 1",
+            ),
             (is_number(self.alpha), "alpha must be a number"),
             (is_int(self.probe_steps) and self.probe_steps >= 1, "probe_steps must be an integer ≥ 1"),
             (is_number(self.probe_lr) and self.probe_lr > 0, "probe_lr must be > 0"),
@@ -55,8 +57,17 @@ class ITIEditor(Editor):
     site = "heads"
     metrics_by_layer = False
 
-    def __init__(self, config: ITIConfig, layers: list[int], model: ModelFingerprint, heads: list[tuple[int, int]],
-                 directions: torch.Tensor, sigma: torch.Tensor, num_attention_heads: int, metrics: dict | None = None):
+    def __init__(
+        self,
+        config: ITIConfig,
+        layers: list[int],
+        model: ModelFingerprint,
+        heads: list[tuple[int, int]],
+        directions: torch.Tensor,
+        sigma: torch.Tensor,
+        num_attention_heads: int,
+        metrics: dict | None = None,
+    ):
         super().__init__(config, layers, model, metrics)
         self.num_attention_heads = int(num_attention_heads)
         self.heads = sorted((int(a), int(b)) for a, b in heads)  # (layer, head) shifted
@@ -83,8 +94,10 @@ class ITIEditor(Editor):
             width = hidden.shape[-1]
             if width != self.num_attention_heads * self.head_dim:
                 expected = self.num_attention_heads * self.head_dim
-                raise HpreditError(f"ITI editor expects {self.num_attention_heads} heads of {self.head_dim} "
-                                   f"(width {expected}) at layer {layer}, got width {width}")
+                raise HpreditError(
+                    f"ITI editor expects {self.num_attention_heads} heads of {self.head_dim} "
+                    f"(width {expected}) at layer {layer}, got width {width}"
+                )
             if width not in cached:
                 cached[width] = self.shift(layer, width).to(device=hidden.device, dtype=torch.float32)
             out = (hidden.float() + strength * cached[width]).to(hidden.dtype)
@@ -101,8 +114,11 @@ class ITIEditor(Editor):
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):
         heads = artifact.get("heads")
-        if not isinstance(heads, list) or not heads or not all(
-                isinstance(h, list) and len(h) == 2 and all(is_int(i) for i in h) for h in heads):
+        if (
+            not isinstance(heads, list)
+            or not heads
+            or not all(isinstance(h, list) and len(h) == 2 and all(is_int(i) for i in h) for h in heads)
+        ):
             raise HpreditError("editor artifact: 'heads' must be a non-empty list of [layer, head] pairs")
         if sorted({h[0] for h in heads}) != sorted(layers):
             raise HpreditError("editor artifact: 'layers' must be the layers of the shifted heads")
@@ -110,8 +126,9 @@ class ITIEditor(Editor):
             raise HpreditError("editor artifact: expected tensors 'directions' and 'sigma'")
         d, s = tensors["directions"], tensors["sigma"]
         if d.dim() != 2 or d.shape[0] != len(heads) or tuple(s.shape) != (len(heads),):
-            raise HpreditError(f"editor artifact: directions {tuple(d.shape)} / sigma {tuple(s.shape)} "
-                               f"do not match {len(heads)} heads")
+            raise HpreditError(
+                f"editor artifact: directions {tuple(d.shape)} / sigma {tuple(s.shape)} do not match {len(heads)} heads"
+            )
         n_heads = artifact.get("num_attention_heads")
         if not isinstance(n_heads, int) or any(not 0 <= h[1] < n_heads for h in heads):
             raise HpreditError("editor artifact: 'num_attention_heads' missing or a head index out of range")
@@ -120,8 +137,14 @@ class ITIEditor(Editor):
         return cls(config, layers, model, [tuple(h) for h in heads], d, s, n_heads, metrics)
 
     @classmethod
-    def fit(cls, acts: ActivationStore, config: ITIConfig | None = None, num_attention_heads: int | None = None,
-            progress: bool = True, **overrides) -> ITIEditor:
+    def fit(
+        cls,
+        acts: ActivationStore,
+        config: ITIConfig | None = None,
+        num_attention_heads: int | None = None,
+        progress: bool = True,
+        **overrides,
+    ) -> ITIEditor:
         """Fit on head activations (``collect_activations(..., site="heads")``).
 
         ``num_attention_heads`` (``hpredit.models.num_attention_heads(model)``) splits the
@@ -188,5 +211,13 @@ class ITIEditor(Editor):
             "train_texts": len(tr_idx),
             "val_texts": len(va_idx),
         }
-        return cls(config, sorted({h[0] for h in heads}), acts.fingerprint, [t[0] for t in ranked],
-                   torch.stack([t[1] for t in ranked]), torch.stack([t[2] for t in ranked]), H, metrics)
+        return cls(
+            config,
+            sorted({h[0] for h in heads}),
+            acts.fingerprint,
+            [t[0] for t in ranked],
+            torch.stack([t[1] for t in ranked]),
+            torch.stack([t[2] for t in ranked]),
+            H,
+            metrics,
+        )
