@@ -68,8 +68,10 @@ def main() -> None:
 
     def collect(prefix: bool):
         def run() -> None:
-            stores[prefix] = collect_activations(model, tok, pairs, batch_size=args.batch_size, progress=False,
-                                                 prefix_cache=prefix)
+            stores[prefix] = collect_activations(
+                model, tok, pairs, batch_size=args.batch_size, progress=False, prefix_cache=prefix
+            )
+
         return run
 
     modes = {"plain": plain, "collect-whole": collect(False), "collect": collect(True)}
@@ -87,14 +89,21 @@ def main() -> None:
     per_token_layer = store.nbytes() / (store.n_tokens * layers)
     record = {
         **run_record(load_before),
-        "model": "SmolLM2-135M-Instruct float32", "questions": len(questions), "unique_texts": len(texts),
-        "text_tokens": n_tokens, "completion_tokens_stored": store.n_tokens, "layers_kept": layers,
-        "seconds": times, "median_seconds": median,
+        "model": "SmolLM2-135M-Instruct float32",
+        "questions": len(questions),
+        "unique_texts": len(texts),
+        "text_tokens": n_tokens,
+        "completion_tokens_stored": store.n_tokens,
+        "layers_kept": layers,
+        "seconds": times,
+        "median_seconds": median,
         "tokens_per_second": {m: n_tokens / t for m, t in median.items()},
         "throughput_ratio_vs_plain": {m: median["plain"] / t for m, t in median.items() if m != "plain"},
-        "store_bytes_per_token_per_layer": per_token_layer, "two_bytes_times_d": 2 * d,
+        "store_bytes_per_token_per_layer": per_token_layer,
+        "two_bytes_times_d": 2 * d,
     }
     emit(record, args.out)
+
 
 if __name__ == "__main__":
     main()

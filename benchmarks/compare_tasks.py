@@ -31,8 +31,18 @@ args = parser.parse_args()
 model, tok = hpredit.load_model()
 for task in args.tasks.split(","):
     out = args.out_dir / (task.replace(":", "-") + (f"-refine{args.refine}" if args.refine else ""))
-    result = compare(model, tok, methods=args.methods.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-                     task=task, data=args.data, kl_cap=args.kl_cap, limit=args.limit, refine=args.refine,
-                     out=out, progress=False)
+    result = compare(
+        model,
+        tok,
+        methods=args.methods.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        task=task,
+        data=args.data,
+        kl_cap=args.kl_cap,
+        limit=args.limit,
+        refine=args.refine,
+        out=out,
+        progress=False,
+    )
     print(f"## {task}\n{markdown_table(result)}")
     print(json.dumps({"task": task, "seconds": result["seconds"]}), flush=True)

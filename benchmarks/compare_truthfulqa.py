@@ -22,7 +22,15 @@ parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
 model, tok = hpredit.load_model()
-result = compare(model, tok, methods=args.methods.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-                 kl_cap=args.kl_cap, limit=args.limit, out=args.out, progress=False)
+result = compare(
+    model,
+    tok,
+    methods=args.methods.split(","),
+    seeds=[int(s) for s in args.seeds.split(",")],
+    kl_cap=args.kl_cap,
+    limit=args.limit,
+    out=args.out,
+    progress=False,
+)
 print(markdown_table(result))
 print(json.dumps({"seconds": result["seconds"]}))

@@ -62,18 +62,34 @@ def main() -> None:
     if args.model:
         import hpredit
 
-        model, _ = hpredit.load_model(None if args.model == "embedded" else args.model, dtype=args.dtype,
-                                      device=str(device))
+        model, _ = hpredit.load_model(
+            None if args.model == "embedded" else args.model, dtype=args.dtype, device=str(device)
+        )
         config = model.config
         shapes = {"decode batch 1": (1, 128), "decode batch 16": (16, 128), "prefill 4x512": (4, 512)}
     elif args.tiny:
-        config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=20, num_attention_heads=8,
-                             num_key_value_heads=2, vocab_size=2048, max_position_embeddings=2048)
+        config = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=20,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=2048,
+            max_position_embeddings=2048,
+        )
         shapes = {"decode batch 1": (1, 32), "decode batch 16": (16, 32), "prefill 4x512": (4, 512)}
     else:
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                             rope_theta=500000.0, tie_word_embeddings=False)
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+        )
         shapes = {"decode batch 1": (1, 128), "decode batch 16": (16, 128), "prefill 4x512": (4, 512)}
     torch.manual_seed(0)
     if not args.model:
@@ -93,7 +109,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     hcfg = HPRConfig(layers=layers)
     widths = hcfg.mlp_widths(d)
-    weights = [torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(len(widths) - 1)]
+    weights = [
+        torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(len(widths) - 1)
+    ]
     biases = [torch.randn(n, widths[j + 1], generator=g) * 0.1 for j in range(len(widths) - 1)]
     hpr = HPREditor(hcfg, layers, fp, layers, torch.randn(n, d, generator=g), weights, biases, {})
     add = CAAEditor(AdditiveConfig(layers=layers), layers, fp, layers, torch.randn(n, d, generator=g) * 0.1, {})
@@ -110,10 +128,12 @@ def main() -> None:
         ref = hpr.edit(layer, x, 1.0, fast=False).float()
         rel = (fast - ref).norm(dim=-1) / x.float().norm(dim=-1)
         norm_ratio = fast.norm(dim=-1) / x.float().norm(dim=-1)
-        exact[layer] = {"max_rel_diff_vs_reference": float(rel.max()),
-                        "max_norm_error_fast": float((norm_ratio - 1).abs().max()),
-                        "edited_fraction": float((ref != x.float()).any(-1).float().mean()),
-                        "dtype_eps": torch.finfo(dtype).eps}
+        exact[layer] = {
+            "max_rel_diff_vs_reference": float(rel.max()),
+            "max_norm_error_fast": float((norm_ratio - 1).abs().max()),
+            "edited_fraction": float((ref != x.float()).any(-1).float().mean()),
+            "dtype_eps": torch.finfo(dtype).eps,
+        }
     ids = torch.randint(10, config.vocab_size, (2, 16), device=device, generator=torch.Generator(device).manual_seed(3))
     seqs = {}
     for fast in (True, False):
@@ -150,15 +170,20 @@ def main() -> None:
             model(input_ids=ids, logits_to_keep=1)
             tokens = batch * length
         else:
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                           min_new_tokens=args.new, do_sample=False)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new,
+                min_new_tokens=args.new,
+                do_sample=False,
+            )
             tokens = batch * args.new
         sync()
         return time.perf_counter() - start, tokens
 
     results = {}
     for scenario in shapes:
-        for name, make in variants.items():  # warm-up: compile, allocate, autotune
+        for make in variants.values():  # warm-up: compile, allocate, autotune
             handle = make() if make else None
             try:
                 run(scenario)
@@ -191,9 +216,11 @@ def main() -> None:
         row["time_ratio_vs_unedited"] = ratios
         if device.type == "cuda":
             row["edit_gpu_ms_per_step"] = _edit_gpu_ms(hpr, add, layers, shapes[scenario], scenario, d, dtype, device)
-            row["model_ms_per_step"] = (1000 * shapes[scenario][0] / row["tokens_per_second"]["none"]
-                                        if not scenario.startswith("prefill") else
-                                        1000 * shapes[scenario][0] * shapes[scenario][1] / row["tokens_per_second"]["none"])
+            row["model_ms_per_step"] = (
+                1000 * shapes[scenario][0] / row["tokens_per_second"]["none"]
+                if not scenario.startswith("prefill")
+                else 1000 * shapes[scenario][0] * shapes[scenario][1] / row["tokens_per_second"]["none"]
+            )
         results[scenario] = row
         print(scenario, json.dumps(row, indent=1), flush=True)
 
@@ -202,8 +229,11 @@ def main() -> None:
         cells = []
         for name in ("add", "hpr", "hpr-reference"):
             r = row["time_ratio_vs_unedited"].get(name)
-            cells.append(f"{(r['median'] - 1) * 100:+.1f}% [{(r['min'] - 1) * 100:+.1f}, {(r['max'] - 1) * 100:+.1f}]"
-                         if r else row["failed"].get(name, "-"))
+            cells.append(
+                f"{(r['median'] - 1) * 100:+.1f}% [{(r['min'] - 1) * 100:+.1f}, {(r['max'] - 1) * 100:+.1f}]"
+                if r
+                else row["failed"].get(name, "-")
+            )
         lines.append(f"| {scenario} | {row['tokens_per_second']['none']:.1f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
@@ -211,10 +241,16 @@ def main() -> None:
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "command": command_line(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "config": args.model or ("tiny" if args.tiny else "Llama-3-8B shape, random weights"), "dtype": args.dtype,
-        "edited_layers": layers, "rounds": args.rounds, "new_tokens": args.new, "exactness": exact,
-        "results": results, "table": table,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "config": args.model or ("tiny" if args.tiny else "Llama-3-8B shape, random weights"),
+        "dtype": args.dtype,
+        "edited_layers": layers,
+        "rounds": args.rounds,
+        "new_tokens": args.new,
+        "exactness": exact,
+        "results": results,
+        "table": table,
     }
     out = args.out or (Path(os.environ["OUT"]) / "gpu_overhead.json" if os.environ.get("OUT") else None)
     if out:

@@ -38,8 +38,13 @@ def machine() -> dict:
     import torch
 
     cpu = cpu_name()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1m": os.getloadavg()[0], "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
 
 
 def write_task(tmp: Path, questions) -> list[str]:
@@ -52,11 +57,19 @@ def write_task(tmp: Path, questions) -> list[str]:
         for q in questions:
             mc1 = [q.best_answer, *q.incorrect_answers]
             mc2 = [*q.correct_answers, *q.incorrect_answers]
-            f.write(json.dumps({
-                "question": q.question,
-                "mc1_targets": {"choices": mc1, "labels": [1] + [0] * len(q.incorrect_answers)},
-                "mc2_targets": {"choices": mc2, "labels": [1] * len(q.correct_answers) + [0] * len(q.incorrect_answers)},
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": q.question,
+                        "mc1_targets": {"choices": mc1, "labels": [1] + [0] * len(q.incorrect_answers)},
+                        "mc2_targets": {
+                            "choices": mc2,
+                            "labels": [1] * len(q.correct_answers) + [0] * len(q.incorrect_answers),
+                        },
+                    }
+                )
+                + "\n"
+            )
     names = []
     for kind in ("mc1", "mc2"):
         name = f"hpredit_truthfulqa_{kind}"
@@ -78,8 +91,14 @@ def run_lm_eval(model_dir: Path, tmp: Path, tasks: list[str], batch_size: int) -
 
     start = time.perf_counter()
     out = simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks, batch_size=batch_size,
-        device="cpu", log_samples=True, bootstrap_iters=0, task_manager=TaskManager(include_path=str(tmp)),
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=tasks,
+        batch_size=batch_size,
+        device="cpu",
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp)),
     )
     return out, time.perf_counter() - start
 
@@ -113,10 +132,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     questions = load_truthfulqa(args.data)[: args.limit]
     model_dir = hpredit.models.embedded_default_path()
-    info = {"date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
-            "command": command_line(), "machine": machine(), "questions": len(questions),
-            "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?",
-            "torch": torch.__version__, "model": str(model_dir)}
+    info = {
+        "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
+        "command": command_line(),
+        "machine": machine(),
+        "questions": len(questions),
+        "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?",
+        "torch": torch.__version__,
+        "model": str(model_dir),
+    }
 
     t0 = time.perf_counter()
     model, tok = hpredit.load_model()
@@ -130,7 +154,9 @@ def main() -> None:
     uncached_s = None
     if not args.no_uncached:
         reference, uncached_s = run_ours(model, tok, questions, cached=False)
-        ref_diff = max(abs(a.scores[k] - b.scores[k]) for a, b in zip(ours.questions, reference.questions) for k in a.scores)
+        ref_diff = max(
+            abs(a.scores[k] - b.scores[k]) for a, b in zip(ours.questions, reference.questions) for k in a.scores
+        )
 
     # per-question comparison
     samples = {t: sorted(lm["samples"][t], key=lambda s: s["doc_id"]) for t in tasks}
@@ -150,12 +176,20 @@ def main() -> None:
     ours_s = statistics.mean([ours_s1, ours_s2])
     result = {
         **info,
-        "hpredit": {"MC1": float(mc1_ours.mean()), "MC2": float(mc2_ours.mean()),
-                    "MC3": float(np.mean([m["mc3"] for m in mine])),
-                    "seconds": [round(ours_s1, 2), round(ours_s2, 2)], "model_load_s": round(load_s, 2)},
-        "lm_eval": {"MC1": float(mc1_lm.mean()), "MC2": float(mc2_lm.mean()), "seconds": round(lm_s, 2),
-                    "batch_size": args.batch_size,
-                    "reported": {t: lm["results"][t] for t in tasks}},
+        "hpredit": {
+            "MC1": float(mc1_ours.mean()),
+            "MC2": float(mc2_ours.mean()),
+            "MC3": float(np.mean([m["mc3"] for m in mine])),
+            "seconds": [round(ours_s1, 2), round(ours_s2, 2)],
+            "model_load_s": round(load_s, 2),
+        },
+        "lm_eval": {
+            "MC1": float(mc1_lm.mean()),
+            "MC2": float(mc2_lm.mean()),
+            "seconds": round(lm_s, 2),
+            "batch_size": args.batch_size,
+            "reported": {t: lm["results"][t] for t in tasks},
+        },
         "agreement": {
             "mc1_questions_differing": int((mc1_ours != mc1_lm).sum()),
             "mc1_mean_abs_diff": float(abs(mc1_ours.mean() - mc1_lm.mean())),
@@ -167,8 +201,11 @@ def main() -> None:
         "speedup_vs_lm_eval": round(lm_s / ours_s, 1),
     }
     if uncached_s is not None:
-        result["hpredit_uncached"] = {"seconds": round(uncached_s, 2), "max_abs_score_diff_vs_cached": ref_diff,
-                                      "speedup_of_cached": round(uncached_s / ours_s, 1)}
+        result["hpredit_uncached"] = {
+            "seconds": round(uncached_s, 2),
+            "max_abs_score_diff_vs_cached": ref_diff,
+            "speedup_of_cached": round(uncached_s / ours_s, 1),
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

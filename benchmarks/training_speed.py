@@ -116,19 +116,29 @@ def main() -> None:
     timings["plain-loop-epoch"] = time.perf_counter() - start
 
     epochs = config.epochs
-    per_epoch = {"hpredit": timings["hpredit"] / epochs,
-                 "hpredit-angle-all-layers": timings["hpredit-angle-all-layers"] / epochs}
+    per_epoch = {
+        "hpredit": timings["hpredit"] / epochs,
+        "hpredit-angle-all-layers": timings["hpredit-angle-all-layers"] / epochs,
+    }
     record = {
         **run_record(load_before),
-        "layers": L, "hidden_size": d, "train_token_pairs": len(tp), "epochs": epochs, "batch_size": bs,
+        "layers": L,
+        "hidden_size": d,
+        "train_token_pairs": len(tp),
+        "epochs": epochs,
+        "batch_size": bs,
         "collection_seconds": collect_s,
         "fit_seconds": {k: timings[k] for k in ("hpredit", "hpredit-angle-all-layers")},
-        "seconds_per_epoch": {**per_epoch, "data-pass": timings["data-pass-epoch"],
-                              "plain-loop": timings["plain-loop-epoch"]},
+        "seconds_per_epoch": {
+            **per_epoch,
+            "data-pass": timings["data-pass-epoch"],
+            "plain-loop": timings["plain-loop-epoch"],
+        },
         "ratio_vs_data_pass": {k: v / timings["data-pass-epoch"] for k, v in per_epoch.items()},
         "ratio_vs_plain_loop": {k: v / timings["plain-loop-epoch"] for k, v in per_epoch.items()},
     }
     emit(record, args.out)
+
 
 if __name__ == "__main__":
     main()

@@ -40,26 +40,43 @@ def main() -> None:
     cpu = cpu_name()
     load_before = os.getloadavg()
     start = time.perf_counter()
-    result = hpredit.evaluate(task="truthfulqa-mc", split="all", limit=args.limit, data=args.data,
-                              batch_size=args.batch_size, progress=True, show=True,
-                              command=command_line())
+    result = hpredit.evaluate(
+        task="truthfulqa-mc",
+        split="all",
+        limit=args.limit,
+        data=args.data,
+        batch_size=args.batch_size,
+        progress=True,
+        show=True,
+        command=command_line(),
+    )
     wall = time.perf_counter() - start
     with atomic_directory(args.out) as tmp:
         (tmp / "summary.json").write_text(json.dumps(result.summary, indent=1) + "\n")
         (tmp / "split.json").write_text(json.dumps(result.split, indent=1) + "\n")
         with open(tmp / "per_question_scores.jsonl", "w") as f:
             for row in result.per_question:
-                answers = [{"label": a["label"], "best": a["best"], "score": a["score"]["unedited"]} for a in row["answers"]]
+                answers = [
+                    {"label": a["label"], "best": a["best"], "score": a["score"]["unedited"]} for a in row["answers"]
+                ]
                 f.write(json.dumps({"index": row["index"], **row["unedited"], "answers": answers}) + "\n")
     record = {
         "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
         "command": command_line(),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
         "questions": result["questions"],
         "metrics": {k.upper(): v for k, v in result.metrics["unedited"].items()},
-        "seconds": {"scoring": result["timing_s"]["unedited"], "model_load": result["timing_s"]["load"],
-                    "end_to_end": round(wall, 2)},
+        "seconds": {
+            "scoring": result["timing_s"]["unedited"],
+            "model_load": result["timing_s"]["load"],
+            "end_to_end": round(wall, 2),
+        },
         "answers_scored": result["answers_scored"],
         "answer_tokens": result["answer_tokens"],
         "boundary_merges": result["boundary_merges"],
