@@ -30,8 +30,10 @@ from .conftest import TRUTHFULQA_CSV, random_hpr, tiny_model
 
 
 def _pairs_jsonl(path: Path, n: int = 12) -> Path:
-    rows = [{"prompt": f"Question {i}: is water wet?\nAnswer:", "positive": " Yes, it is.", "negative": f" No {i}."}
-            for i in range(n)]
+    rows = [
+        {"prompt": f"Question {i}: is water wet?\nAnswer:", "positive": " Yes, it is.", "negative": f" No {i}."}
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -51,8 +53,9 @@ def world(tmp_path_factory, tokenizer) -> dict[str, str]:
     (root / "no-config").mkdir()
     (root / "no-config" / "tokenizer.json").write_text("{}")
     t.T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=32, vocab_size=100).save_pretrained(root / "t5")
-    t.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                 vocab_size=100).save_pretrained(root / "bert")
+    t.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=100
+    ).save_pretrained(root / "bert")
     (root / "truncated").mkdir()
     for f in (root / "model").iterdir():
         (root / "truncated" / f.name).write_bytes(f.read_bytes())
@@ -63,15 +66,37 @@ def world(tmp_path_factory, tokenizer) -> dict[str, str]:
     (root / "binary.jsonl").write_bytes(b"\xff\xfe\x00\x01\x02binary")
     (root / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "positive": "a", "negative": "b"}\n')
     (root / "nested.jsonl").write_text("[" * 200_000 + "\n")
-    (root / "latin1.csv").write_bytes(b"Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-                                      b"A,B,Caf\xe9?,x,y,z,s\n")
+    (root / "latin1.csv").write_bytes(
+        b"Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\nA,B,Caf\xe9?,x,y,z,s\n"
+    )
     (root / "pairs-dir").mkdir()
     (root / "a-file").write_text("not a directory")
     _pairs_jsonl(root / "pairs.jsonl")
-    return {"model": str(root / "model"), "editor": str(root / "editor"), "other_editor": str(root / "other-editor"),
-            "root": str(root), "csv": str(TRUTHFULQA_CSV), **{k.replace("-", "_"): str(root / k) for k in (
-                "empty-model", "no-config", "t5", "bert", "truncated", "only-config", "binary.jsonl", "latin1.jsonl",
-                "nested.jsonl", "latin1.csv", "pairs-dir", "a-file", "pairs.jsonl")}}
+    return {
+        "model": str(root / "model"),
+        "editor": str(root / "editor"),
+        "other_editor": str(root / "other-editor"),
+        "root": str(root),
+        "csv": str(TRUTHFULQA_CSV),
+        **{
+            k.replace("-", "_"): str(root / k)
+            for k in (
+                "empty-model",
+                "no-config",
+                "t5",
+                "bert",
+                "truncated",
+                "only-config",
+                "binary.jsonl",
+                "latin1.jsonl",
+                "nested.jsonl",
+                "latin1.csv",
+                "pairs-dir",
+                "a-file",
+                "pairs.jsonl",
+            )
+        },
+    }
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -140,8 +165,11 @@ CASES = [
     Case("generate-empty-prompt", "generate ∅ --model {model} --editor {editor}", "prompt 1 is empty"),
     Case("generate-blank-prompt", "generate hi ∅ --model {model} --editor {editor}", "prompt 2 is empty"),
     Case("lm-eval-bad-pretrained", "lm-eval run --model hpredit --model_args pretrained=x --tasks t", "model 'x'"),
-    Case("lm-eval-missing-editor", "lm-eval run --model hpredit --model_args pretrained={model},editor=/nonexistent/ed"
-         " --tasks t", "does not exist"),
+    Case(
+        "lm-eval-missing-editor",
+        "lm-eval run --model hpredit --model_args pretrained={model},editor=/nonexistent/ed --tasks t",
+        "does not exist",
+    ),
     # -- errors that used to come after fitting: refused before any work, so nothing is written
     Case("kl-cap-0", RUN + " --kl-cap 0", "--kl-cap must be a positive number"),
     Case("kl-cap-nan", RUN + " --kl-cap nan", "--kl-cap must be a positive number"),
@@ -173,32 +201,68 @@ CASES = [
     Case("epochs-0", RUN + " --epochs 0", "--epochs must be at least 1"),
     Case("limit-0", RUN + " --limit 0", "--limit must be positive, got 0"),
     Case("compare-limit-0", CMP + " --limit 0", "--limit must be positive, got 0"),
-    Case("generate-other-editor", "generate hello --model {model} --editor {other_editor}",
-         "editor does not match this model: architecture"),
+    Case(
+        "generate-other-editor",
+        "generate hello --model {model} --editor {other_editor}",
+        "editor does not match this model: architecture",
+    ),
     Case("generate-missing-editor", "generate hello --model {model} --editor /nonexistent/editor", "does not exist"),
-    Case("eval-other-editor", "eval --model {model} --data {csv} --editor {other_editor}",
-         "editor does not match this model"),
+    Case(
+        "eval-other-editor",
+        "eval --model {model} --data {csv} --editor {other_editor}",
+        "editor does not match this model",
+    ),
     Case("generate-max-new-tokens-0", GEN + " --max-new-tokens 0", "--max-new-tokens must be at least 1"),
     Case("generate-bad-scope", GEN + " --scope everywhere", "unknown scope 'everywhere'"),
     # -- data sources, before the model loads (offline: the tests' HF_HUB_OFFLINE=1)
-    Case("run-offline-no-truthfulqa", "run --model {model} --top-k 2 --out {out}", "no TruthfulQA data: pass the CSV",
-         env={"HPREDIT_TRUTHFULQA": None}),
-    Case("fit-offline-no-truthfulqa", "fit --model {model} --top-k 2 --out {out}", "--data",
-         env={"HPREDIT_TRUTHFULQA": None}),
-    Case("eval-offline-no-truthfulqa", "eval --model {model} --out {out}", "no TruthfulQA data",
-         env={"HPREDIT_TRUTHFULQA": None}),
-    Case("compare-offline-no-truthfulqa", "compare --model {model} --methods none --out {out}", "no TruthfulQA data",
-         env={"HPREDIT_TRUTHFULQA": None}),
-    Case("truthfulqa-env-missing", "run --model {model} --top-k 2 --out {out}", "does not exist",
-         env={"HPREDIT_TRUTHFULQA": "/nonexistent/TruthfulQA.csv"}),
-    Case("bbq-data-missing", "compare --model {model} --task bbq --data /nonexistent/bbq.jsonl --out {out}",
-         "/nonexistent/bbq.jsonl"),
+    Case(
+        "run-offline-no-truthfulqa",
+        "run --model {model} --top-k 2 --out {out}",
+        "no TruthfulQA data: pass the CSV",
+        env={"HPREDIT_TRUTHFULQA": None},
+    ),
+    Case(
+        "fit-offline-no-truthfulqa",
+        "fit --model {model} --top-k 2 --out {out}",
+        "--data",
+        env={"HPREDIT_TRUTHFULQA": None},
+    ),
+    Case(
+        "eval-offline-no-truthfulqa",
+        "eval --model {model} --out {out}",
+        "no TruthfulQA data",
+        env={"HPREDIT_TRUTHFULQA": None},
+    ),
+    Case(
+        "compare-offline-no-truthfulqa",
+        "compare --model {model} --methods none --out {out}",
+        "no TruthfulQA data",
+        env={"HPREDIT_TRUTHFULQA": None},
+    ),
+    Case(
+        "truthfulqa-env-missing",
+        "run --model {model} --top-k 2 --out {out}",
+        "does not exist",
+        env={"HPREDIT_TRUTHFULQA": "/nonexistent/TruthfulQA.csv"},
+    ),
+    Case(
+        "bbq-data-missing",
+        "compare --model {model} --task bbq --data /nonexistent/bbq.jsonl --out {out}",
+        "/nonexistent/bbq.jsonl",
+    ),
     Case("toxigen-data-missing", "eval --model {model} --task toxigen --data /nonexistent/t.jsonl", "/nonexistent/t"),
     Case("refusal-not-utf8", "eval --model {model} --task refusal --data {latin1.csv}", "not UTF-8"),
-    Case("ab-data-missing", "compare --model {model} --task ab:sycophancy --data /nonexistent/ab.json --out {out}",
-         "/nonexistent/ab.json"),
-    Case("bbq-env-missing", "eval --model {model} --task bbq", "/nonexistent/bbq.jsonl",
-         env={"HPREDIT_BBQ": "/nonexistent/bbq.jsonl"}),
+    Case(
+        "ab-data-missing",
+        "compare --model {model} --task ab:sycophancy --data /nonexistent/ab.json --out {out}",
+        "/nonexistent/ab.json",
+    ),
+    Case(
+        "bbq-env-missing",
+        "eval --model {model} --task bbq",
+        "/nonexistent/bbq.jsonl",
+        env={"HPREDIT_BBQ": "/nonexistent/bbq.jsonl"},
+    ),
     Case("unknown-task-eval", "eval --model {model} --task ab:greed", "unknown task 'ab:greed'"),
     Case("unknown-task-compare", "compare --model {model} --task ab:greed --out {out}", "unknown task 'ab:greed'"),
 ]
@@ -269,12 +333,41 @@ def test_fit_force_replaces_a_previous_run_whole_and_cleans_stale_temporaries(wo
     (out / "editor" / "old.bin").write_text("old")
     (tmp_path / ".run.tmp-abc123").mkdir()  # what an interrupted earlier write left
     (tmp_path / ".run.tmp-abc123" / "partial").write_text("x")
-    code, _, err = _cli(["fit", "--model", world["model"], "--pairs", world["pairs.jsonl"], "--top-k", "1",
-                         "--epochs", "1", "--out", str(out)], capsys)
+    code, _, err = _cli(
+        [
+            "fit",
+            "--model",
+            world["model"],
+            "--pairs",
+            world["pairs.jsonl"],
+            "--top-k",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     one_error_line(code, err, "--force")
     assert (out / "summary.json").exists()  # refused: untouched
-    code, _, err = _cli(["fit", "--model", world["model"], "--pairs", world["pairs.jsonl"], "--top-k", "1",
-                         "--epochs", "1", "--out", str(out), "--force"], capsys)
+    code, _, err = _cli(
+        [
+            "fit",
+            "--model",
+            world["model"],
+            "--pairs",
+            world["pairs.jsonl"],
+            "--top-k",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--force",
+        ],
+        capsys,
+    )
     assert code in (0, None), err
     assert sorted(p.name for p in out.iterdir()) == ["editor"]
     assert not (out / "editor" / "old.bin").exists()
@@ -284,9 +377,32 @@ def test_fit_force_replaces_a_previous_run_whole_and_cleans_stale_temporaries(wo
 
 def test_run_writes_whole_output_with_provenance_and_halves_the_grid(world, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = _cli(["run", "--model", world["model"], "--data", world["csv"], "--limit", "3", "--epochs", "1",
-                         "--top-k", "2", "--store-dtype", "float32", "--kl-cap", "1e-12", "--strengths", "0.5,1.0",
-                         "--max-halvings", "2", "--out", str(out)], capsys)
+    code, _, err = _cli(
+        [
+            "run",
+            "--model",
+            world["model"],
+            "--data",
+            world["csv"],
+            "--limit",
+            "3",
+            "--epochs",
+            "1",
+            "--top-k",
+            "2",
+            "--store-dtype",
+            "float32",
+            "--kl-cap",
+            "1e-12",
+            "--strengths",
+            "0.5,1.0",
+            "--max-halvings",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code in (0, None), err
     assert sorted(p.name for p in out.iterdir()) == ["activations", "editor", "eval", "split.json", "summary.json"]
     assert _leftovers(tmp_path) == []
@@ -306,15 +422,21 @@ def test_run_writes_whole_output_with_provenance_and_halves_the_grid(world, tmp_
 
 def _spawn(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-c", "from hpredit.cli import main; main()", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from hpredit.cli import main; main()", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_signal_during_run_leaves_nothing(sig, code, word, world, tmp_path):
     out = tmp_path / "run"
-    proc = _spawn(["run", "--model", world["model"], "--data", world["csv"], "--epochs", "50", "--top-k", "2",
-                   "--out", str(out)])
+    proc = _spawn(
+        ["run", "--model", world["model"], "--data", world["csv"], "--epochs", "50", "--top-k", "2", "--out", str(out)]
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not _leftovers(tmp_path):
@@ -342,8 +464,18 @@ def test_default_store_dtype_handles_a_model_beyond_float16(tokenizer, world, tm
     loud = tmp_path / "loud"
     model.save_pretrained(loud)
     tokenizer.save_pretrained(loud)
-    base = ["fit", "--model", str(loud), "--pairs", world["pairs.jsonl"], "--top-k", "1", "--epochs", "1",
-            "--save-activations"]
+    base = [
+        "fit",
+        "--model",
+        str(loud),
+        "--pairs",
+        world["pairs.jsonl"],
+        "--top-k",
+        "1",
+        "--epochs",
+        "1",
+        "--save-activations",
+    ]
     code, _, err = _cli([*base, "--out", str(tmp_path / "f16"), "--store-dtype", "float16"], capsys)
     one_error_line(code, err, "float16")
     assert not (tmp_path / "f16").exists() and _leftovers(tmp_path) == []

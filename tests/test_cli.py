@@ -65,7 +65,9 @@ def test_generate_missing_editor(tmp_path, capsys):
 def test_fit_bad_layers_and_limit(tmp_path, capsys, truthfulqa_csv):
     code, _, err = run_cli(["fit", "--out", str(tmp_path / "o"), "--data", str(truthfulqa_csv), "--limit", "0"], capsys)
     _one_line_error(code, err, "must be positive")
-    code, _, err = run_cli(["fit", "--out", str(tmp_path / "o"), "--data", str(truthfulqa_csv), "--split", "dev"], capsys)
+    code, _, err = run_cli(
+        ["fit", "--out", str(tmp_path / "o"), "--data", str(truthfulqa_csv), "--split", "dev"], capsys
+    )
     _one_line_error(code, err, "unknown split 'dev'")
 
 
@@ -76,7 +78,20 @@ def test_generate_on_a_tiny_model(tmp_path, capsys, tokenizer):
     model.save_pretrained(tmp_path / "tiny-llama")  # the name the editor's fingerprint carries
     tokenizer.save_pretrained(tmp_path / "tiny-llama")
     random_hpr(model).save_pretrained(tmp_path / "editor")
-    code, out, err = run_cli(["generate", "Hello there", "--model", str(tmp_path / "tiny-llama"), "--editor",
-                              str(tmp_path / "editor"), "--max-new-tokens", "3", "--strength", "1.5"], capsys)
+    code, out, err = run_cli(
+        [
+            "generate",
+            "Hello there",
+            "--model",
+            str(tmp_path / "tiny-llama"),
+            "--editor",
+            str(tmp_path / "editor"),
+            "--max-new-tokens",
+            "3",
+            "--strength",
+            "1.5",
+        ],
+        capsys,
+    )
     assert code in (0, None), err
     assert "unedited" in out and "strength 1.5" in out

@@ -33,7 +33,10 @@ def test_norm_drift_is_one_at_hpr_layers_and_not_for_addition(model_tok):
     assert drift["at_edit"][1] == pytest.approx(1.0, abs=1e-5)
     assert abs(drift["drift"][2] - 1.0) > 1e-4  # ... and changes what comes after
     two = random_editor("hpr", model, layers=[0, 1])
-    assert all(v == pytest.approx(1.0, abs=1e-5) for v in norm_drift(model, text, lambda: two.attach(model))["at_edit"].values())
+    assert all(
+        v == pytest.approx(1.0, abs=1e-5)
+        for v in norm_drift(model, text, lambda: two.attach(model))["at_edit"].values()
+    )
     caa = random_editor("caa", model, layers=[1])
     caa_drift = norm_drift(model, text, lambda: caa.attach(model))
     assert abs(caa_drift["drift"][1] - 1.0) > 1e-3 and abs(caa_drift["at_edit"][1] - 1.0) > 1e-3
@@ -42,8 +45,19 @@ def test_norm_drift_is_one_at_hpr_layers_and_not_for_addition(model_tok):
 def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path):
     model, tok = model_tok
     methods = ["none", "hpr", "hpr-no-gate", "caa", "caa-norm", "iti"]
-    result = compare(model, tok, methods=methods, seeds=[0, 1], data=truthfulqa_csv, limit=2, kl_cap=50.0,
-                     strengths={m: (1.0,) for m in methods}, out=tmp_path / "cmp", progress=False, log=lambda s: None)
+    result = compare(
+        model,
+        tok,
+        methods=methods,
+        seeds=[0, 1],
+        data=truthfulqa_csv,
+        limit=2,
+        kl_cap=50.0,
+        strengths={m: (1.0,) for m in methods},
+        out=tmp_path / "cmp",
+        progress=False,
+        log=lambda s: None,
+    )
     files = sorted(p.name for p in (tmp_path / "cmp").iterdir())
     assert {"results.json", "table.md", "mc2_vs_kl.png"} <= set(files)
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
@@ -84,11 +98,25 @@ def test_merge_seeds_and_method_subsets():
     from hpredit.compare import merge
 
     def result(seed, mc2):
-        runs = [{"seed": seed, "method": m, "test": {"mc1": 0.1, "mc2": mc2 + i, "mc3": 0.2}, "kl": 0.0, "ppl": 2.0,
-                 "strength": 1.0} for i, m in enumerate(["none", "hpr", "caa"])]
+        runs = [
+            {
+                "seed": seed,
+                "method": m,
+                "test": {"mc1": 0.1, "mc2": mc2 + i, "mc3": 0.2},
+                "kl": 0.0,
+                "ppl": 2.0,
+                "strength": 1.0,
+            }
+            for i, m in enumerate(["none", "hpr", "caa"])
+        ]
         runs.append({"seed": seed, "split": {}})
-        return {"methods": {"none": "", "hpr": "", "caa": ""}, "model": {"name": "m"}, "runs": runs,
-                "seeds": [seed], "seconds": 1.0}
+        return {
+            "methods": {"none": "", "hpr": "", "caa": ""},
+            "model": {"name": "m"},
+            "runs": runs,
+            "seeds": [seed],
+            "seconds": 1.0,
+        }
 
     merged = merge([result(0, 0.2), result(1, 0.4)], methods=["none", "hpr"])
     assert list(merged["summary"]) == ["none", "hpr"] and merged["seeds"] == [0, 1]
@@ -109,7 +137,16 @@ def test_merge_seeds_and_method_subsets():
 
 def test_strength_grid_doubles_until_the_cap(model_tok, truthfulqa_csv):
     model, tok = model_tok
-    result = compare(model, tok, methods=["caa"], seeds=[0], data=truthfulqa_csv, limit=1, kl_cap=1e9,
-                     progress=False, log=lambda s: None)
+    result = compare(
+        model,
+        tok,
+        methods=["caa"],
+        seeds=[0],
+        data=truthfulqa_csv,
+        limit=1,
+        kl_cap=1e9,
+        progress=False,
+        log=lambda s: None,
+    )
     row = next(r for r in result["runs"] if r.get("method") == "caa")
     assert [t["strength"] for t in row["validation"]] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]

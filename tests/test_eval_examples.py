@@ -14,8 +14,13 @@ from .conftest import tiny_model
 def globs(tokenizer, truthfulqa_csv):
     model = tiny_model("llama", vocab=len(tokenizer))
     model.generation_config.eos_token_id = None
-    return {"model": model, "tok": tokenizer, "csv": truthfulqa_csv,
-            "evaluate": api.evaluate, "compare": harness.compare}
+    return {
+        "model": model,
+        "tok": tokenizer,
+        "csv": truthfulqa_csv,
+        "evaluate": api.evaluate,
+        "compare": harness.compare,
+    }
 
 
 @pytest.mark.parametrize("name, obj", [("evaluate", api.evaluate), ("compare", harness.compare)])

@@ -59,8 +59,9 @@ def test_mc3_counts_strict_wins_only():
 
 def test_mc_metrics_together_and_errors():
     m = mc_metrics([-1.0, -4.0], [-2.0], best=-1.0)
-    assert m == pytest.approx({"mc1": 1.0, "mc2": (math.exp(-1) + math.exp(-4)) / (math.exp(-1) + math.exp(-4) + math.exp(-2)),
-                               "mc3": 0.5})
+    assert m == pytest.approx(
+        {"mc1": 1.0, "mc2": (math.exp(-1) + math.exp(-4)) / (math.exp(-1) + math.exp(-4) + math.exp(-2)), "mc3": 0.5}
+    )
     with pytest.raises(ValueError, match="empty"):
         mc2([-1.0], [])
     with pytest.raises(ValueError, match="NaN"):

@@ -43,8 +43,11 @@ def tiny(tokenizer):
 
 def _max_diff(a, b):
     """Largest score difference, relative to float32 rounding of scores of size |s| (atol 1e-4)."""
-    return max(abs(x.scores[k] - y.scores[k]) / max(1.0, abs(y.scores[k]) / 100)
-               for x, y in zip(a.questions, b.questions) for k in x.scores)
+    return max(
+        abs(x.scores[k] - y.scores[k]) / max(1.0, abs(y.scores[k]) / 100)
+        for x, y in zip(a.questions, b.questions)
+        for k in x.scores
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])  # rotary, learned positions, sliding window
@@ -55,8 +58,11 @@ def test_cached_equals_uncached_with_and_without_editor(arch, tokenizer, two_que
     plain = score_truthfulqa_mc(model, tokenizer, questions, cached=False)
     assert _max_diff(cached, plain) < 1e-4
     assert cached.merged == 0 and cached.tokens > 0
-    assert set(cached.questions[0].scores) == {questions[0].best_answer, *questions[0].correct_answers,
-                                                *questions[0].incorrect_answers}
+    assert set(cached.questions[0].scores) == {
+        questions[0].best_answer,
+        *questions[0].correct_answers,
+        *questions[0].incorrect_answers,
+    }
     editor = random_hpr(model)
     with editor.attach(model, strength=1.0, scope="all"):
         cached_e = score_truthfulqa_mc(model, tokenizer, questions)
@@ -68,7 +74,9 @@ def test_cached_equals_uncached_with_and_without_editor(arch, tokenizer, two_que
 def _count_calls(model, fn):
     """Input shapes of every backbone call and every causal-LM call made by ``fn()``."""
     body, lm = [], []
-    h1 = model.model.register_forward_pre_hook(lambda m, a, k: body.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    h1 = model.model.register_forward_pre_hook(
+        lambda m, a, k: body.append(tuple(k["input_ids"].shape)), with_kwargs=True
+    )
     h2 = model.register_forward_pre_hook(lambda m, a, k: lm.append(tuple(k["input_ids"].shape)), with_kwargs=True)
     try:
         fn()
@@ -82,8 +90,9 @@ def test_primer_once_each_question_once(tiny, tokenizer, questions):
     n = len(questions)
     answers = [len(q.scores) for q in score_truthfulqa_mc(tiny, tokenizer, questions).questions]
     # one question at a time: the primer once, each question once, each question's answers in one batch
-    body, lm = _count_calls(tiny, lambda: score_truthfulqa_mc(tiny, tokenizer, questions, group_size=1,
-                                                              batch_tokens=10**6))
+    body, lm = _count_calls(
+        tiny, lambda: score_truthfulqa_mc(tiny, tokenizer, questions, group_size=1, batch_tokens=10**6)
+    )
     assert len(body) == 1 + 2 * n and len(lm) == n
     assert body[0][1] > 150  # the primer (and the shared "\n\nQ:") is the first call
     assert sorted(s[0] for s in lm) == sorted(answers)
@@ -133,9 +142,20 @@ def test_boundary_merge_is_scored_exactly_and_counted():
 def test_evaluate_with_editor_writes_everything(tiny, tokenizer, truthfulqa_csv, tmp_path):
     editor = random_hpr(tiny)
     out = tmp_path / "eval"
-    result = evaluate(model=tiny, tokenizer=tokenizer, editor=editor, task="truthfulqa-mc", split="fold0",
-                      seed=1, limit=2, strength=0.5, data=truthfulqa_csv, out=out, show=False,
-                      bootstrap_resamples=200)
+    result = evaluate(
+        model=tiny,
+        tokenizer=tokenizer,
+        editor=editor,
+        task="truthfulqa-mc",
+        split="fold0",
+        seed=1,
+        limit=2,
+        strength=0.5,
+        data=truthfulqa_csv,
+        out=out,
+        show=False,
+        bootstrap_resamples=200,
+    )
     m = result.metrics
     assert set(m) == {"unedited", "edited", "difference"}
     for name in ("mc1", "mc2", "mc3"):
@@ -157,8 +177,16 @@ def test_evaluate_with_editor_writes_everything(tiny, tokenizer, truthfulqa_csv,
     assert all(set(a["score"]) == {"unedited", "edited"} for a in rows[0]["answers"])
     assert len(json.loads((out / "split.json").read_text())["folds"]) == 2
     # the same questions scored again: identical numbers
-    again = evaluate(model=tiny, tokenizer=tokenizer, task="truthfulqa-mc", split="fold0", seed=1, limit=2,
-                     data=truthfulqa_csv, show=False)
+    again = evaluate(
+        model=tiny,
+        tokenizer=tokenizer,
+        task="truthfulqa-mc",
+        split="fold0",
+        seed=1,
+        limit=2,
+        data=truthfulqa_csv,
+        show=False,
+    )
     assert again.metrics["unedited"] == m["unedited"]
 
 
@@ -169,10 +197,20 @@ def test_generation_with_judges(tiny, tokenizer, truthfulqa_csv):
         seen.append((question, answer))
         return True
 
-    result = evaluate(model=tiny, tokenizer=tokenizer, editor=random_hpr(tiny), task="truthfulqa-gen",
-                      split="all", limit=2, data=truthfulqa_csv, max_new_tokens=4, show=False,
-                      scope="last-prompt-and-generated", judges={"truth": truth, "info": lambda q, a: 0.25},
-                      bootstrap_resamples=100)
+    result = evaluate(
+        model=tiny,
+        tokenizer=tokenizer,
+        editor=random_hpr(tiny),
+        task="truthfulqa-gen",
+        split="all",
+        limit=2,
+        data=truthfulqa_csv,
+        max_new_tokens=4,
+        show=False,
+        scope="last-prompt-and-generated",
+        judges={"truth": truth, "info": lambda q, a: 0.25},
+        bootstrap_resamples=100,
+    )
     m = result.metrics
     assert {"bleu_acc", "rougeL_acc", "judge_truth", "judge_info_acc", "truth_x_info"} <= set(m["unedited"])
     assert m["unedited"]["truth_x_info"] == 0.0 and m["edited"]["judge_truth"] == 1.0
@@ -195,8 +233,18 @@ def test_hf_judge(tiny, tokenizer):
 
 def test_a_failing_run_leaves_no_output(tiny, tokenizer, truthfulqa_csv, tmp_path):
     with pytest.raises(HpreditError, match="judge must return"):
-        evaluate(model=tiny, tokenizer=tokenizer, task="truthfulqa-gen", split="all", limit=1,
-                 data=truthfulqa_csv, max_new_tokens=2, judges=lambda q, a: 2.0, out=tmp_path / "o", show=False)
+        evaluate(
+            model=tiny,
+            tokenizer=tokenizer,
+            task="truthfulqa-gen",
+            split="all",
+            limit=1,
+            data=truthfulqa_csv,
+            max_new_tokens=2,
+            judges=lambda q, a: 2.0,
+            out=tmp_path / "o",
+            show=False,
+        )
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -242,16 +290,19 @@ def _three_questions(truthfulqa_csv, tmp_path):
     return small
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing-column", "missing column(s) 'Correct Answers'"),
-    ("unknown-split", "unknown split 'dev'"),
-    ("empty-split-name", "unknown split ''"),
-    ("empty-split", "split 'val' has no questions"),
-    ("limit-0", "--limit must be a positive integer, got 0"),
-    ("other-model-editor", "editor does not match this model: architecture LlamaForCausalLM"),
-    ("mc-scope", "only --scope all applies"),
-    ("unknown-task", "unknown task 'truthfulqa'"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing-column", "missing column(s) 'Correct Answers'"),
+        ("unknown-split", "unknown split 'dev'"),
+        ("empty-split-name", "unknown split ''"),
+        ("empty-split", "split 'val' has no questions"),
+        ("limit-0", "--limit must be a positive integer, got 0"),
+        ("other-model-editor", "editor does not match this model: architecture LlamaForCausalLM"),
+        ("mc-scope", "only --scope all applies"),
+        ("unknown-task", "unknown task 'truthfulqa'"),
+    ],
+)
 def test_bad_input_cli_and_api(case, pattern, saved, truthfulqa_csv, tmp_path, capsys):
     out = tmp_path / "out"
     data = truthfulqa_csv
@@ -300,8 +351,10 @@ def test_out_not_empty_needs_force(saved, truthfulqa_csv, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    code, err = run_cli(["eval", "--model", str(saved / "model"), "--data", str(truthfulqa_csv),
-                         "--limit", "1", "--out", str(out)], capsys)
+    code, err = run_cli(
+        ["eval", "--model", str(saved / "model"), "--data", str(truthfulqa_csv), "--limit", "1", "--out", str(out)],
+        capsys,
+    )
     one_line_error(code, err, "--force")
     assert (out / "keep.txt").read_text() == "precious"
 
@@ -309,8 +362,21 @@ def test_out_not_empty_needs_force(saved, truthfulqa_csv, tmp_path, capsys):
 def test_cli_eval_runs(saved, truthfulqa_csv, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "--model", str(saved / "model"), "--data", str(truthfulqa_csv), "--split", "fold1",
-              "--limit", "1", "--out", str(out)])
+        main(
+            [
+                "eval",
+                "--model",
+                str(saved / "model"),
+                "--data",
+                str(truthfulqa_csv),
+                "--split",
+                "fold1",
+                "--limit",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     assert exc.value.code == 0
     captured = capsys.readouterr().out
     assert "mc2" in captured and "unedited" in captured

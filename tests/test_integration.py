@@ -58,8 +58,17 @@ def test_cli_run_and_generate(truthfulqa_csv, tmp_path, capsys, smol_dir):
     assert {"unedited", "edited", "difference"} <= set(ev["test"])
     assert (tmp_path / "run" / "eval" / "summary.json").is_file()
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "Is the Earth flat?", "--qa", "--editor", str(tmp_path / "run" / "editor"),
-              "--max-new-tokens", "5"])
+        main(
+            [
+                "generate",
+                "Is the Earth flat?",
+                "--qa",
+                "--editor",
+                str(tmp_path / "run" / "editor"),
+                "--max-new-tokens",
+                "5",
+            ]
+        )
     assert exc.value.code in (0, None)
     shown = capsys.readouterr().out
     assert "unedited" in shown and "edited" in shown

@@ -41,8 +41,9 @@ def setup(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(root / "model")
     editor = random_hpr(model, layers=[0, 1])
     # fitted on "the model at this path", the name lm-eval's loader will give it
-    editor.model_fingerprint = type(editor.model_fingerprint)(**{**editor.model_fingerprint.to_dict(),
-                                                                 "name": str(root / "model")})
+    editor.model_fingerprint = type(editor.model_fingerprint)(
+        **{**editor.model_fingerprint.to_dict(), "name": str(root / "model")}
+    )
     editor.save_pretrained(root / "editor")
     (root / "tasks").mkdir()
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -56,9 +57,16 @@ def _loglikelihoods(root, model_args: str) -> list[float]:
 
     import hpredit.evaluation.lm_eval_backend  # noqa: F401  (registers "hpredit")
 
-    out = simple_evaluate(model="hpredit", model_args=model_args, tasks=["hpredit_local_mc"], device="cpu",
-                          batch_size=2, log_samples=True, bootstrap_iters=0,
-                          task_manager=TaskManager(include_path=str(root / "tasks")))
+    out = simple_evaluate(
+        model="hpredit",
+        model_args=model_args,
+        tasks=["hpredit_local_mc"],
+        device="cpu",
+        batch_size=2,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(root / "tasks")),
+    )
     samples = sorted(out["samples"]["hpredit_local_mc"], key=lambda s: s["doc_id"])
     return [float(r[0]) for s in samples for r in s["filtered_resps"]]
 
@@ -109,10 +117,26 @@ def test_backend_refuses_a_bad_editor(setup, tmp_path):
 def test_cli_passes_through_to_lm_eval(setup, tmp_path, capsys):
     root, _, _ = setup
     with pytest.raises(SystemExit) as done:
-        main(["lm-eval", "run", "--model", "hpredit", "--model_args",
-              f"pretrained={root / 'model'},dtype=float32,editor={root / 'editor'},strength=0.5",
-              "--tasks", "hpredit_local_mc", "--include_path", str(root / "tasks"), "--device", "cpu",
-              "--batch_size", "2", "--output_path", str(tmp_path / "results")])
+        main(
+            [
+                "lm-eval",
+                "run",
+                "--model",
+                "hpredit",
+                "--model_args",
+                f"pretrained={root / 'model'},dtype=float32,editor={root / 'editor'},strength=0.5",
+                "--tasks",
+                "hpredit_local_mc",
+                "--include_path",
+                str(root / "tasks"),
+                "--device",
+                "cpu",
+                "--batch_size",
+                "2",
+                "--output_path",
+                str(tmp_path / "results"),
+            ]
+        )
     assert done.value.code in (0, None)
     results = list((tmp_path / "results").rglob("results_*.json"))
     assert results, capsys.readouterr().err[-2000:]
