@@ -333,41 +333,11 @@ def test_fit_force_replaces_a_previous_run_whole_and_cleans_stale_temporaries(wo
     (out / "editor" / "old.bin").write_text("old")
     (tmp_path / ".run.tmp-abc123").mkdir()  # what an interrupted earlier write left
     (tmp_path / ".run.tmp-abc123" / "partial").write_text("x")
-    code, _, err = _cli(
-        [
-            "fit",
-            "--model",
-            world["model"],
-            "--pairs",
-            world["pairs.jsonl"],
-            "--top-k",
-            "1",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capsys,
-    )
+    argv = f"fit --model {world['model']} --pairs {world['pairs.jsonl']} --top-k 1 --epochs 1 --out {out}".split()
+    code, _, err = _cli(argv, capsys)
     one_error_line(code, err, "--force")
     assert (out / "summary.json").exists()  # refused: untouched
-    code, _, err = _cli(
-        [
-            "fit",
-            "--model",
-            world["model"],
-            "--pairs",
-            world["pairs.jsonl"],
-            "--top-k",
-            "1",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--force",
-        ],
-        capsys,
-    )
+    code, _, err = _cli([*argv, "--force"], capsys)
     assert code in (0, None), err
     assert sorted(p.name for p in out.iterdir()) == ["editor"]
     assert not (out / "editor" / "old.bin").exists()
