@@ -18,10 +18,25 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .errors import HpreditError
 
-__all__ = ["active", "gather", "init", "is_main", "launched", "mine", "owns", "rank", "step", "world_size"]
+__all__ = [
+    "active",
+    "all_gather",
+    "broadcast",
+    "gather",
+    "init",
+    "is_main",
+    "launched",
+    "mine",
+    "owns",
+    "progress",
+    "rank",
+    "step",
+    "world_size",
+]
 
 T = TypeVar("T")
 
@@ -92,6 +107,58 @@ def gather(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank, in rank order (``[obj]`` in a single process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (e.g. an editor fitted on rank 0); ``obj`` itself in a single process."""
+    if not active():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Progress:
+    """A progress bar of the work of all ranks, drawn by rank 0 only.
+
+    Each rank adds what it finished to a counter in the process group's key-value store (one small
+    request per update, no collective), and rank 0 shows the sum against the total of all ranks.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str, disable: bool):
+        global _bars
+        _bars += 1
+        self.key = f"hpredit/progress/{_bars}"
+        self.store = dist.distributed_c10d._get_default_store() if active() else None
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=disable or not is_main())
+
+    def update(self, n: int = 1) -> None:
+        if self.store is None:
+            self.bar.update(n)
+            return
+        done = int(self.store.add(self.key, n))
+        if is_main():
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+_bars = 0
+
+
+def progress(total: int, desc: str, unit: str = "it", disable: bool = False) -> _Progress:
+    """A tqdm-like bar (``update(n)``, ``close()``) counting the work of every rank, shown on rank 0."""
+    return _Progress(total, desc, unit, disable)
 
 
 def _exchange(failure: str | None) -> None:

@@ -15,6 +15,15 @@ def main(scenario: str, out: str) -> None:
     if scenario == "gather":
         units = list(range(7))
         result = dist.gather({"rank": dist.rank(), "mine": dist.mine(units), "owns": [u for u in units if dist.owns(u)]})
+        everyone = dist.all_gather(dist.rank() * 10)
+        same = dist.broadcast({"from": dist.rank()})
+        bar = dist.progress(len(units), "units", disable=True)
+        for _ in dist.mine(units):
+            bar.update(1)
+        counted = dist.all_gather(None)  # both ranks have posted their counts
+        total = int(bar.store.add(bar.key, 0))
+        bar.close()
+        assert everyone == [0, 10] and same == {"from": 0} and total == len(units) and counted == [None, None]
         if dist.is_main():
             with open(out, "w") as f:
                 json.dump(result, f)
