@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -21,8 +22,10 @@ __all__ = [
     "attention_output",
     "decoder_layers",
     "embedded_default_path",
+    "execution_device",
     "fingerprint",
     "load_model",
+    "parse_device_map",
 ]
 
 #: Name of the embedded default model (what ``load_model()`` with no name loads).
@@ -100,21 +103,82 @@ def embedded_default_path(progress: bool = True) -> Path:
     return target
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(spec: str | os.PathLike | dict | None) -> str | dict | None:
+    """A ``device_map`` for ``from_pretrained``: a strategy (``auto``, ``balanced``, ``balanced_low_0``,
+    ``sequential``), a ``{module: device}`` dict, JSON text of one, or a JSON file holding one."""
+    if spec is None or isinstance(spec, dict):
+        mapping = spec
+    elif str(spec) in DEVICE_MAP_STRATEGIES:
+        return str(spec)
+    else:
+        text = str(spec).strip()
+        if not text.startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise HpreditError(
+                    f"--device-map {text!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}), "
+                    "a JSON object nor a JSON file"
+                )
+            text = path.read_text(encoding="utf-8")
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HpreditError(f"--device-map is not valid JSON ({e.msg})") from None
+    if mapping is None:
+        return None
+    if not isinstance(mapping, dict) or not mapping or not all(
+        isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in mapping.items()
+    ):
+        raise HpreditError('--device-map must map module names to devices, e.g. {"model.layers.0": "cuda:0"}')
+    return mapping
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device where its hooks place the
+    weights (offloaded weights sit on the meta device), else the device of its first parameter."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device | None = None,
+    device_map: str | os.PathLike | dict | None = None,
     **kwargs,
 ):
     """Load a causal LM and its tokenizer: a hub id, a local directory, or (no name) the default.
 
     Returns ``(model, tokenizer)`` with the model in eval mode and the tokenizer ready for batched
     input (a pad token set). ``dtype``: ``"float32"`` (default), ``"float16"``, ``"bfloat16"`` or
-    ``"auto"`` (the checkpoint's own). Extra keyword arguments go to ``from_pretrained``.
+    ``"auto"`` (the checkpoint's own). ``device_map`` spreads a model too large for one device over
+    several (and CPU / disk offload) with accelerate: see :func:`parse_device_map`; it excludes
+    ``device``. Extra keyword arguments (e.g. ``offload_folder``) go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
+    device_map = parse_device_map(device_map)
+    if device_map is not None:
+        if device is not None:
+            raise HpreditError("give either --device or --device-map, not both")
+        kwargs["device_map"] = device_map
+        if kwargs.get("offload_folder") is None:
+            kwargs.pop("offload_folder", None)
+            if isinstance(device_map, dict) and "disk" in device_map.values():
+                kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
+    else:
+        kwargs.pop("offload_folder", None)
     if name_or_path is None:
         source, name = embedded_default_path(), DEFAULT_MODEL
     else:

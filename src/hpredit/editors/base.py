@@ -23,7 +23,7 @@ from torch import nn
 from ..artifacts import atomic_directory, read_json, sha256_file
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
-from ..models import ModelFingerprint, fingerprint
+from ..models import ModelFingerprint, decoder_layers, execution_device, fingerprint
 
 __all__ = ["ARTIFACT_FORMAT_VERSION", "Editor", "load_editor", "register_editor", "train_val_masks"]
 
@@ -111,8 +111,11 @@ class Editor(ABC):
         unknown = [i for i in active if i not in self.available_layers()]
         if unknown:
             raise HpreditError(f"editor has no module for layer(s) {unknown}: fitted layers are {self.available_layers()}")
-        param = next(model.parameters())
-        edits = {i: self.layer_edit(i, param.device, param.dtype) for i in active}
+        _, blocks = decoder_layers(model, layers_path)
+        edits = {}
+        for i in active:  # each edit's constants on its own block's device and dtype (device maps, offload)
+            dtype = next(blocks[i].parameters()).dtype
+            edits[i] = self.layer_edit(i, execution_device(blocks[i]), dtype)
         return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site)
 
     def available_layers(self) -> list[int]:
