@@ -124,6 +124,20 @@ def num_attention_heads(model: nn.Module) -> int:
     return int(text_config(model).num_attention_heads)
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device where its hooks place the
+    weights (a device map, CPU or disk offload: offloaded weights sit on the meta device), else the
+    device of its first parameter."""
+    for m in module.modules():
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
 def backbone(model: nn.Module, layers_path: str) -> nn.Module:
     """The module that owns the decoder blocks (e.g. ``model.model`` for Llama)."""
     parent = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""

@@ -18,6 +18,7 @@ from .architecture import (
     attention_output,
     backbone,
     decoder_layers,
+    execution_device,
     fingerprint,
     hidden_size,
     num_attention_heads,
@@ -40,6 +41,7 @@ __all__ = [  # the model-structure helpers live in .architecture and are re-expo
     "check_model_source",
     "decoder_layers",
     "embedded_default_path",
+    "execution_device",
     "fingerprint",
     "fingerprint_from_config",
     "hidden_size",
@@ -47,6 +49,7 @@ __all__ = [  # the model-structure helpers live in .architecture and are re-expo
     "num_attention_heads",
     "num_layers",
     "pad_token_id",
+    "parse_device_map",
     "text_config",
     "weight_signature",
 ]
@@ -376,10 +379,48 @@ def pad_token_id(tok: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(spec: str | os.PathLike | dict | None) -> str | dict | None:
+    """A ``device_map`` for ``from_pretrained``: a strategy (``auto``, ``balanced``, ``balanced_low_0``,
+    ``sequential``), a ``{module: device}`` dict, JSON text of one, or a JSON file holding one."""
+    if spec is None or isinstance(spec, dict):
+        mapping: Any = spec
+    elif str(spec) in DEVICE_MAP_STRATEGIES:
+        return str(spec)
+    else:
+        text = str(spec).strip()
+        if not text.startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise HpreditError(
+                    f"--device-map {text!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}), "
+                    "a JSON object nor a JSON file"
+                )
+            text = path.read_text(encoding="utf-8")
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HpreditError(f"--device-map is not valid JSON ({e.msg})") from None
+    if mapping is None:
+        return None
+    if (
+        not isinstance(mapping, dict)
+        or not mapping
+        or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in mapping.items()
+        )
+    ):
+        raise HpreditError('--device-map must map module names to devices, e.g. {"model.layers.0": "cuda:0"}')
+    return mapping
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device | None = None,
+    device_map: str | os.PathLike | dict | None = None,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: a hub id, a local directory, or (no name) the default.
@@ -395,6 +436,9 @@ def load_model(
             own) or a ``torch.dtype``.
         device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``); ``None``
             leaves it where transformers loads it (the CPU).
+        device_map: spread a model too large for one device over several, with CPU or disk
+            offload, through accelerate (see :func:`parse_device_map`); excludes ``device``. A map
+            with ``"disk"`` entries and no ``offload_folder`` offloads into a temporary directory.
         **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
 
     Returns:
@@ -410,6 +454,15 @@ def load_model(
 
     torch_dtype = _resolve_dtype(dtype)
     target = None if device is None else check_device(device)
+    device_map = parse_device_map(device_map)
+    if kwargs.get("offload_folder") is None:
+        kwargs.pop("offload_folder", None)
+    if device_map is not None:
+        if target is not None:
+            raise HpreditError("give either --device or --device-map, not both")
+        kwargs["device_map"] = device_map
+        if isinstance(device_map, dict) and "disk" in device_map.values() and "offload_folder" not in kwargs:
+            kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
     check_model_source(name_or_path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
     source: str | Path
     if name_or_path is None:

@@ -14,7 +14,9 @@ def main(scenario: str, out: str) -> None:
     assert dist.init(timeout_s=60)
     if scenario == "gather":
         units = list(range(7))
-        result = dist.gather({"rank": dist.rank(), "mine": dist.mine(units), "owns": [u for u in units if dist.owns(u)]})
+        result = dist.gather(
+            {"rank": dist.rank(), "mine": dist.mine(units), "owns": [u for u in units if dist.owns(u)]}
+        )
         everyone = dist.all_gather(dist.rank() * 10)
         same = dist.broadcast({"from": dist.rank()})
         bar = dist.progress(len(units), "units", disable=True)

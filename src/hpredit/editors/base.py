@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
-from ..architecture import ModelFingerprint, fingerprint
+from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
 from ..artifacts import atomic_directory, read_json, sha256_file
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
@@ -286,8 +286,10 @@ class Editor(ABC):
             raise HpreditError(
                 f"editor has no module for layer(s) {unknown}: fitted layers are {self.available_layers()}"
             )
-        param = next(model.parameters())
-        edits = {i: self.layer_edit(i, param.device, param.dtype) for i in active}
+        _, blocks = decoder_layers(model, layers_path)
+        edits = {}
+        for i in active:  # each edit's constants on its own block's device and dtype (device maps, offload)
+            edits[i] = self.layer_edit(i, execution_device(blocks[i]), next(blocks[i].parameters()).dtype)
         return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site)
 
     def available_layers(self) -> list[int]:
