@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
+from . import distributed
 from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint
 from .artifacts import atomic_directory, file_digest, read_json
 from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs
@@ -376,6 +376,31 @@ class _Buffer:
                     if t is not None:
                         row[i] = t.float().to(dtype)
 
+    def share(self) -> None:
+        """Under data parallelism, give every rank every rank's rows (each text ran on one rank).
+
+        Where ``auto`` switched to bfloat16 on some rank, every row follows it, as in one process.
+        """
+        if not distributed.active():
+            return
+        mine = {
+            s: [{i: t for i, t in enumerate(row) if t is not None} for row in rows] for s, rows in self.rows.items()
+        }
+        gathered = distributed.all_gather((mine, self.dtype, self.note))
+        for theirs, _, _ in gathered:
+            for s, rows in theirs.items():
+                for r, filled in enumerate(rows):
+                    for i, t in filled.items():
+                        self.rows[s][r][i] = t
+        notes = {dtype: note for _, dtype, note in reversed(gathered)}  # the first rank's note per dtype
+        self.dtype = torch.bfloat16 if len(notes) > 1 else gathered[0][1]  # two dtypes: auto switched somewhere
+        self.note = notes[self.dtype]
+        for rows in self.rows.values():  # rows of ranks that had not switched
+            for row in rows:
+                for i, t in enumerate(row):
+                    if t is not None and t.dtype != self.dtype:
+                        row[i] = t.float().to(self.dtype)
+
     def assemble(self, site: str, offsets: torch.Tensor) -> torch.Tensor:
         """``(n_layers, n_tokens, d)`` of one site, freeing the rows as it goes."""
         per_layer = self.rows[site]
@@ -405,10 +430,16 @@ def _run_on_prompt_caches(
     prompt_ids = {p: data.encoded[m[0]][0][: min(data.encoded[i][1] for i in m)] for p, m in by_prompt.items()}
     shared_len = common_prefix_length(list(prompt_ids.values()))
     root = PrefixCache(runner, list(prompt_ids[data.texts[0][0]][:shared_len]))
+    unit = -1  # (prompt, batch) units in a fixed order: each rank runs its share (data parallelism)
     for prompt, members in by_prompt.items():
         ids_of_prompt = prompt_ids[prompt]
-        cache = root.extend(ids_of_prompt[shared_len:])
+        cache = None
         for b in range(0, len(members), batch_size):
+            unit += 1
+            if not distributed.owns(unit):
+                continue
+            if cache is None:
+                cache = root.extend(ids_of_prompt[shared_len:])
             batch = members[b : b + batch_size]
             ids, mask = pad_right([data.encoded[i][0][len(ids_of_prompt) :] for i in batch], pad_id)
             cache.run(ids, mask)
@@ -423,7 +454,9 @@ def _run_whole_texts(
     """Whole texts in right-padded batches sorted by length; the forward stops after the last recorded block."""
     device = next(runner.parameters()).device
     order = sorted(range(len(data.texts)), key=lambda i: len(data.encoded[i][0]))
-    for b in range(0, len(order), batch_size):
+    for unit, b in enumerate(range(0, len(order), batch_size)):
+        if not distributed.owns(unit):
+            continue
         batch = order[b : b + batch_size]
         ids, mask = pad_right([data.encoded[i][0] for i in batch], pad_id)
         with contextlib.suppress(StopForward):
@@ -511,8 +544,8 @@ def collect_activations(
     data = _unique_texts(tok, pairs)
     buffer = _Buffer(sites, layers, len(data.texts), start_dtype, auto)
     runner = backbone(model, path)
-    bar = tqdm(total=len(data.texts), desc="collecting activations", unit="text", disable=not progress)
-    with contextlib.ExitStack() as stack:
+    bar = distributed.progress(len(data.texts), "collecting activations", unit="text", disable=not progress)
+    with distributed.step("collecting activations"), contextlib.ExitStack() as stack:
         stack.callback(bar.close)
         captured = {
             s: stack.enter_context(record(model, layers, s, layers_path, stop=not prefix_cache and s == sites[-1]))
@@ -520,6 +553,7 @@ def collect_activations(
         }
         run = _run_on_prompt_caches if prefix_cache else _run_whole_texts
         run(runner, data, batch_size, pad_token_id(tok), captured, buffer, bar)
+    buffer.share()
 
     lengths = torch.tensor([len(ids) - start for ids, start in data.encoded])
     offsets = torch.zeros(len(data.texts) + 1, dtype=torch.long)

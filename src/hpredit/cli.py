@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import distributed
 from .errors import HpreditError
 
 app = typer.Typer(
@@ -67,6 +69,14 @@ StoreDtypeOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: cpu).")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Spread the model over devices with accelerate: auto, balanced, sequential, or a JSON "
+        '{module: device} map (text or file; "disk" offloads). Excludes --device.',
+    ),
+]
 
 
 # --------------------------------------------------------------------------- checks before any work
@@ -146,11 +156,14 @@ def _check_store_dtype(store_dtype: str) -> str:
     return store_dtype
 
 
-def _check_model(model: str | None, device: str | None) -> Any:
-    """The device exists and the model's config is a causal LM (no weights loaded); the config."""
-    from .models import check_device, check_model_source
+def _check_model(model: str | None, device: str | None, device_map: str | None = None) -> Any:
+    """The device (or device map) is valid and the model's config is a causal LM (no weights
+    loaded); the config."""
+    from .models import check_device, check_model_source, parse_device_map
 
     check_device(device)
+    if parse_device_map(device_map) is not None and device is not None:
+        raise HpreditError("give either --device or --device-map, not both")
     return check_model_source(model)
 
 
@@ -217,11 +230,12 @@ def _fit_and_save(
     t0 = time.perf_counter()
     acts = cast(ActivationStore, collect_activations(model, tok, pairs, batch_size=batch_size, dtype=store_dtype))
     t1 = time.perf_counter()
-    editor = HPREditor.fit(acts, **config_overrides)
+    editor = distributed.on_main(lambda: HPREditor.fit(acts, **config_overrides), "fitting HPR")
     t2 = time.perf_counter()
-    editor.save_pretrained(out / "editor")
-    if save_acts:
-        acts.save(out / "activations")
+    if distributed.is_main():
+        editor.save_pretrained(out / "editor")
+        if save_acts:
+            acts.save(out / "activations")
     timing = {"collect_s": round(t1 - t0, 1), "fit_s": round(t2 - t1, 1)}
     return acts, editor, timing
 
@@ -236,6 +250,10 @@ def _whole_output(out: Path) -> Iterator[Path]:
     removed on any error or signal."""
     from .artifacts import atomic_directory
 
+    if not distributed.is_main():  # under data parallelism rank 0 writes; the others' writes go nowhere
+        with tempfile.TemporaryDirectory(prefix="hpredit-rank-") as scratch:
+            yield Path(scratch)
+        return
     with atomic_directory(out) as tmp:
         yield tmp
 
@@ -263,6 +281,7 @@ def fit(
     dtype: DtypeOpt = "float32",
     store_dtype: StoreDtypeOpt = "auto",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out (as a whole).")] = False,
 ) -> None:
     """Fit an HPR editor on contrastive pairs (JSONL) or TruthfulQA and save it."""
@@ -275,7 +294,7 @@ def fit(
     _at_least("--batch-size", batch_size, 1)
     _check_limit(limit)
     _check_store_dtype(store_dtype)
-    config = _check_model(model, device)
+    config = _check_model(model, device, device_map)
     _check_layers(chosen, _n_layers(config))
     _check_top_k(top_k, _n_layers(config))
     if pairs is not None:
@@ -283,7 +302,7 @@ def fit(
     else:
         data_mod.check_truthfulqa_source(data)
         contrastive = data_mod.truthfulqa_pairs(split=split, seed=seed, path=data, limit=limit)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     overrides = {"layers": chosen, "top_k": top_k, "epochs": epochs, "seed": train_seed}
     with _whole_output(out) as tmp:
         _, editor, timing = _fit_and_save(
@@ -311,6 +330,7 @@ def generate(
     strict: Annotated[bool, typer.Option(help="Refuse a model whose name differs from the editor's.")] = True,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Generate greedily with and without the editor and show both side by side."""
     from . import load_model
@@ -324,9 +344,9 @@ def generate(
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _check_strength(strength)
     check_scope(scope)
-    config = _check_model(model, device)
+    config = _check_model(model, device, device_map)
     ed = _check_editor(editor, config, model, strict)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     texts = [qa_prompt(p) if qa else p for p in prompt]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True).to(m.device)
@@ -373,6 +393,7 @@ def run(
     dtype: DtypeOpt = "float32",
     store_dtype: StoreDtypeOpt = "auto",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out (as a whole).")] = False,
 ) -> None:
     """The main job: fit HPR on the TruthfulQA train split (layers by val probe accuracy), choose the
@@ -389,12 +410,12 @@ def run(
     grid = _parse_strengths(strengths)
     _check_kl_cap(kl_cap)
     _check_store_dtype(store_dtype)
-    config = _check_model(model, device)
+    config = _check_model(model, device, device_map)
     _check_top_k(top_k, _n_layers(config))
     check_truthfulqa_source(data)
     start = time.perf_counter()
     pairs = truthfulqa_pairs(split="train+val", seed=seed, path=data, limit=limit)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     t_load = time.perf_counter() - start
     with _whole_output(out) as tmp:
         acts, editor, timing = _fit_and_save(
@@ -562,6 +583,7 @@ def eval_(
     strict: Annotated[bool, typer.Option(help="Refuse a model whose name differs from the editor's.")] = True,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
 ) -> None:
     """Evaluate on a task (TruthfulQA MC or generation, BBQ, ToxiGen, refusal, A/B), unedited and,
@@ -578,7 +600,7 @@ def eval_(
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-new-tokens", max_new_tokens, 1)
     check_eval_args(task, limit, scope, strength, editor, batch_size, max_new_tokens, 1)
-    config = _check_model(model, device)
+    config = _check_model(model, device, device_map)
     _check_data(task, data)
     if editor is not None:
         _check_editor(editor, config, model, strict)
@@ -586,8 +608,13 @@ def eval_(
     for name, judge_model, template in (("truth", truth_judge, TRUTH_TEMPLATE), ("info", info_judge, INFO_TEMPLATE)):
         if judge_model:
             judges[name] = HFJudge.from_pretrained(judge_model, template, dtype=dtype, device=device)
+    loaded: dict[str, Any] = {"model": model}
+    if device_map is not None:  # evaluate() loads plain models itself; a spread one is loaded here
+        from .models import load_model
+
+        loaded["model"], loaded["tokenizer"] = load_model(model, dtype=dtype, device_map=device_map)
     evaluate(
-        model=model,
+        **loaded,
         editor=editor,
         task=task,
         split=split,
@@ -645,6 +672,7 @@ def compare(
     dtype: DtypeOpt = "float32",
     store_dtype: StoreDtypeOpt = "auto",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out.")] = False,
 ) -> None:
     """Fit every method on train, choose its strength on validation, compare on test (task metrics, KL, perplexity)."""
@@ -660,9 +688,9 @@ def compare(
     _at_least("--refine", refine, 0)
     _check_store_dtype(store_dtype)
     check_compare_args(method_list, seed_list, kl_cap, limit, refine, task)
-    _check_model(model, device)
+    _check_model(model, device, device_map)
     _check_data(task, data)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     result = run_compare(
         m,
         tok,
@@ -785,6 +813,8 @@ def main(argv: list[str] | None = None) -> None:
     _argv = None if argv is None else list(argv)
     code: Any = 0
     try:
+        if distributed.init() and not distributed.is_main():  # torchrun / accelerate launch: rank 0 speaks
+            console.quiet = err.quiet = True
         with _signals():
             code = app(args=argv, standalone_mode=False, prog_name="hpredit")
     except HpreditError as e:

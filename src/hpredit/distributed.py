@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ __all__ = [
     "is_main",
     "launched",
     "mine",
+    "on_main",
     "owns",
     "progress",
     "rank",
@@ -122,9 +123,9 @@ def broadcast(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (e.g. an editor fitted on rank 0); ``obj`` itself in a single process."""
     if not active():
         return obj
-    box = [obj if is_main() else None]
+    box: list[Any] = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return cast(T, box[0])
 
 
 class _Progress:
@@ -159,6 +160,18 @@ _bars = 0
 def progress(total: int, desc: str, unit: str = "it", disable: bool = False) -> _Progress:
     """A tqdm-like bar (``update(n)``, ``close()``) counting the work of every rank, shown on rank 0."""
     return _Progress(total, desc, unit, disable)
+
+
+def on_main(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` run on rank 0 only (e.g. fitting an editor: small, and one result for all) and its
+    result sent to every rank; a failure there stops every rank. In one process: ``fn()``."""
+    if not active():
+        return fn()
+    result: Any = None
+    with step(what):
+        if is_main():
+            result = fn()
+    return broadcast(result)
 
 
 def _exchange(failure: str | None) -> None:

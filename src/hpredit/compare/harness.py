@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .. import distributed
 from .._version import __version__
 from ..activations import ActivationStore, collect_activations
 from ..data import ContrastivePairs, split_questions
@@ -139,11 +140,12 @@ def _run_method(
     chosen: Editor | None = None
     strength, flagged, tried = 0.0, False, []
     with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
-        if m.fit is not None:
+        fit = m.fit
+        if fit is not None:
             pick = choose_strength(
                 model,
                 run.tok,
-                m.fit(stores, model, shared),
+                distributed.on_main(lambda: fit(stores, model, shared), f"fitting {name}"),
                 grid or m.strengths,
                 split.val,
                 neutral,
@@ -242,6 +244,8 @@ def compare(
     items = the_task.load(data)
     groups = sorted({the_task.group(it) for it in items})
     started = time.time()
+    if not distributed.is_main():  # under data parallelism rank 0 speaks for all
+        log, progress = (lambda s: None), False
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
     run = _Run(model, tok, the_task, neutral, kl_cap, max_doublings, refine, log, progress)
@@ -278,7 +282,7 @@ def compare(
         "summary": _summarise(runs, methods, the_task.metrics),
         "seconds": round(time.time() - started, 1),
     }
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_results(result, Path(out))
     return result
 

@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .. import distributed
 from ..artifacts import check_output_dir, sha256_file
 from ..data import QA_PRIMER, Question
 from ..errors import HpreditError
@@ -378,9 +379,9 @@ def evaluate(
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
     result = EvalResult(summary, per_question, selection.record)
-    if out_path is not None:
+    if out_path is not None and distributed.is_main():
         result.save(out_path)
-    if show:
+    if show and distributed.is_main():
         from rich.console import Console
 
         console = Console()

@@ -24,9 +24,9 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .. import distributed
 from ..errors import HpreditError
 from ..models import backbone, decoder_layers, pad_token_id, text_config
 from ..prefix import PrefixCache, cache_kwarg, common_prefix_length, pad_right
@@ -176,22 +176,38 @@ def score_continuations(
         return ContinuationScores([], 0, 0)
     merged = sum(s < len(e.context) for e in encoded for s in e.starts)
     tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
-    bar = tqdm(total=len(encoded), desc="scoring", unit="question", disable=not progress)
+    bar = distributed.progress(len(encoded), "scoring", unit="question", disable=not progress)
     try:
-        if cached:
-            results = _CachedScorer(model, tok, encoded, layers_path).run(group_size, batch_tokens, bar)
-        else:
-            results = _score_uncached(model, encoded, bar)
+        with distributed.step("scoring"):
+            if cached:
+                results = _CachedScorer(model, tok, encoded, layers_path).run(group_size, batch_tokens, bar)
+            else:
+                results = _score_uncached(model, encoded, bar)
     finally:
         bar.close()
-    return ContinuationScores(results, merged, tokens)
+    return ContinuationScores(_from_every_rank(results), merged, tokens)
+
+
+def _from_every_rank(results: list) -> list:
+    """Under data parallelism each rank filled the items of its own work units (the others stay
+    ``None``): give every rank all of them. In one process: ``results`` as they are."""
+    if not distributed.active():
+        return results
+    merged = list(results)
+    for theirs in distributed.all_gather({k: r for k, r in enumerate(results) if r is not None}):
+        for k, r in theirs.items():
+            merged[k] = r
+    return merged
 
 
 def _score_uncached(model: nn.Module, encoded: list[_Encoded], bar) -> list[list[float]]:
     """The reference: each full text in its own forward pass."""
     device = next(model.parameters()).device
-    results: list[list[float]] = [[] for _ in encoded]
+    results: list = [None] * len(encoded)
     for k, e in enumerate(encoded):
+        if not distributed.owns(k):
+            continue
+        results[k] = []
         for f, s in zip(e.full, e.starts):
             ids = torch.tensor([f], dtype=torch.long)
             logits = model(input_ids=ids[:, :-1].to(device), use_cache=False).logits
@@ -222,9 +238,11 @@ class _CachedScorer:
     def run(self, group_size: int, batch_tokens: int, bar) -> list[list[float]]:
         if not _gaps_are_exact(self.model, self.longest):
             group_size = 1
-        results: list[list[float]] = [[] for _ in self.encoded]
+        results: list = [None] * len(self.encoded)  # filled for this rank's groups
         order = sorted(range(len(self.encoded)), key=lambda k: len(self.cached_context[k]))
-        for g in range(0, len(order), group_size):
+        for unit, g in enumerate(range(0, len(order), group_size)):
+            if not distributed.owns(unit):
+                continue
             members = order[g : g + group_size]
             for k, scores in zip(members, self._score_group(members, batch_tokens)):
                 results[k] = scores
@@ -308,20 +326,28 @@ def generate_texts(
         stop_strings=list(stop_strings) if stop_strings else None,
     )
     device = next(model.parameters()).device
-    texts: list[str] = [""] * len(prompts)
+    texts: list = [None] * len(prompts)  # filled for this rank's batches
     side = tok.padding_side
     tok.padding_side = "left"
-    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
+    bar = distributed.progress(len(prompts), "generating", unit="prompt", disable=not progress)
     try:
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-            out = cast(Any, model).generate(**enc, generation_config=config, tokenizer=tok if stop_strings else None)
-            new = out[:, enc["input_ids"].shape[1] :]
-            for i, row in zip(batch, new):
-                texts[i] = str(tok.decode(row, skip_special_tokens=True))
-            bar.update(len(batch))
+        with distributed.step("generating"):
+            _generate_batches(model, tok, prompts, order, batch_size, config, stop_strings, device, texts, bar)
     finally:
         tok.padding_side = side
         bar.close()
-    return texts
+    return _from_every_rank(texts)
+
+
+def _generate_batches(model, tok, prompts, order, batch_size, config, stop_strings, device, texts, bar) -> None:
+    """This rank's batches of :func:`generate_texts` (every batch in one process)."""
+    for unit, b in enumerate(range(0, len(order), batch_size)):
+        if not distributed.owns(unit):
+            continue
+        batch = order[b : b + batch_size]
+        enc = tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+        out = cast(Any, model).generate(**enc, generation_config=config, tokenizer=tok if stop_strings else None)
+        new = out[:, enc["input_ids"].shape[1] :]
+        for i, row in zip(batch, new):
+            texts[i] = str(tok.decode(row, skip_special_tokens=True))
+        bar.update(len(batch))
