@@ -30,7 +30,7 @@ from pathlib import Path
 from _before import REVISION, fast_edit_15fad2c
 from _common import emit, run_record
 
-#: ATen ops that launch no kernel (views, metadata, allocation)
+#: ATen ops that launch no kernel (views, metadata, allocation) unless they copy (see ``_copies``)
 NO_KERNEL = {f"aten::{n}" for n in ("view", "reshape", "_reshape_alias", "_unsafe_view", "as_strided", "t",
                                      "transpose", "expand", "broadcast_to", "unsqueeze", "squeeze", "select",
                                      "slice", "detach", "alias", "empty", "empty_like", "empty_strided",
@@ -90,12 +90,17 @@ def count_ops(fn, hidden) -> dict[str, int]:
     aten = [e for e in events if e.name.startswith("aten::")]
     direct = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name == "edit_call"
               and (e.name.startswith("aten::") or e.name.startswith("triton::"))]
-    launching = [e for e in direct if e.name not in NO_KERNEL]
+    launching = [e for e in direct if e.name not in NO_KERNEL or _copies(e)]
     out = {"launches": len(launching), "aten_ops_direct": len(direct), "aten_ops_all": len(aten),
            "triton_kernels": sum(e.name.startswith("triton::") for e in direct)}
     if hidden.is_cuda:
         out["cuda_kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return out
+
+
+def _copies(event) -> bool:
+    """Whether a view-like op (``to``, ``reshape``, ``contiguous``) did copy data, i.e. launched a kernel."""
+    return any(c.name in ("aten::copy_", "aten::_to_copy", "aten::clone") or _copies(c) for c in event.cpu_children)
 
 
 def cuda_graph(fn, hidden):
