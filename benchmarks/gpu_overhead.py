@@ -1,7 +1,7 @@
 """What an attached editor costs at 8B scale: unedited vs additive hook vs HPR, alternating, one process.
 
     python benchmarks/gpu_overhead.py --out benchmarks/results/gpu_overhead-H100.json   # on the GPU
-    python benchmarks/gpu_overhead.py --tiny --rounds 2                               # debug on CPU
+    python benchmarks/gpu_overhead.py --tiny --rounds 2 --compile-backend aot_eager   # debug on CPU
     python benchmarks/gpu_overhead.py --model embedded --dtype float32 --layers 15,16,17,18,19 \
         --out benchmarks/results/edit_overhead_cpu_smollm2.json                      # the same, a real model, CPU
 
@@ -13,12 +13,17 @@ random activations (relative error per token, norm ratio) and on greedy generati
 Then, ``--rounds`` times in the order none, add, hpr, hpr-reference, it times:
 
 - decode at batch 1 and 16: ``generate()`` with KV cache, ``--new`` tokens after a 128-token prompt;
-- prefill: one forward pass over 4 × 512 tokens (logits of the last position only, as generate does).
+- prefill: one forward pass over 4 × 512 tokens (logits of the last position only, as generate does);
+- decode again with ``cache_implementation="static"``, unedited and with HPR attached: transformers
+  then compiles the decode step (on CUDA with CUDA graphs, ``mode="reduce-overhead"``). These two run
+  as blocks of ``--rounds`` (HPR attached once): each attach compiles anew.
 
 Reported per scenario: tokens/s of each variant (median) and the median over rounds of the ratio
 variant / unedited of the same round (decode at batch 1 is host-bound and noisy: read the spread).
 On CUDA also the GPU time of the edit itself (CUDA events around 200 calls of the 5 layers' edits on
-tensors of the scenario's shape) against the model's GPU time per step.
+tensors of the scenario's shape) against the model's GPU time per step. Last, one layer's edit per
+call (``benchmarks/edit_ops.py``): additive, HPR's fast path as of 15fad2c, the fused edit (Triton
+kernel on CUDA), ``torch.compile`` of it and a CUDA graph of it, with the ATen ops / kernels each launches.
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new", type=int, default=64, help="tokens generated per decode run")
     parser.add_argument("--layers", default="10,12,14,16,18", help="edited decoder layers")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: quick on CPU)")
+    parser.add_argument("--per-call-rounds", type=int, default=9, help="rounds of the per-call table (0: skip it)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
     from hpredit.editors import CAAEditor, HPRConfig, HPREditor
     from hpredit.editors.additive import AdditiveConfig
@@ -158,12 +165,21 @@ def main() -> None:
         "add": lambda: add.attach(model, strength=1.0),
         "hpr": lambda: hpr.attach(model, strength=1.0),
         "hpr-reference": lambda: reference_attach(model, 1.0),
+        "none-static": None,  # static cache: generate() compiles the decode step
+        "hpr-static": lambda: hpr.attach(model, strength=1.0),
     }
+    compile_config = None
+    if device.type != "cuda" or args.compile_backend != "inductor":  # else transformers' default (CUDA graphs)
+        compile_config = CompileConfig(
+            backend=args.compile_backend, mode=None if device.type != "cuda" else "reduce-overhead"
+        )
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
 
     @torch.no_grad()
-    def run(scenario: str) -> tuple[float, int]:
+    def run(scenario: str, static: bool = False) -> tuple[float, int]:
         batch, length = shapes[scenario]
         ids = torch.randint(10, config.vocab_size, (batch, length), device=device)
+        extra = dict(cache_implementation="static", compile_config=compile_config) if static else {}
         sync()
         start = time.perf_counter()
         if scenario.startswith("prefill"):
@@ -176,6 +192,7 @@ def main() -> None:
                 max_new_tokens=args.new,
                 min_new_tokens=args.new,
                 do_sample=False,
+                **extra,
             )
             tokens = batch * args.new
         sync()
@@ -183,17 +200,32 @@ def main() -> None:
 
     results = {}
     for scenario in shapes:
-        for make in variants.values():  # warm-up: compile, allocate, autotune
-            handle = make() if make else None
+        static = [] if scenario.startswith("prefill") else ["none-static", "hpr-static"]
+        names = [k for k in variants if not k.endswith("-static")]
+        for name in names:  # warm-up: allocate, autotune
+            handle = variants[name]() if variants[name] else None
             try:
                 run(scenario)
             finally:
                 if handle:
                     handle.remove()
-        rates: dict[str, list[float]] = {k: [] for k in variants}
+        rates: dict[str, list[float]] = {k: [] for k in names + static}
         failed: dict[str, str] = {}
+        # Static cache + compile in two blocks, one attach for all rounds: every attach compiles anew
+        # (dynamo guards on the hooks), so alternating would time compilation.
+        for name in static:
+            handle = variants[name]() if variants[name] else None
+            try:
+                run(scenario, True)  # warm-up: compile, capture CUDA graphs
+                for _ in range(args.rounds):
+                    seconds, tokens = run(scenario, True)
+                    rates[name].append(tokens / seconds)
+            finally:
+                if handle:
+                    handle.remove()
         for _ in range(args.rounds):
-            for name, make in variants.items():
+            for name in names:
+                make = variants[name]
                 if name in failed:
                     continue
                 handle = make() if make else None
@@ -208,10 +240,11 @@ def main() -> None:
                         handle.remove()
         row = {"tokens_per_second": {k: statistics.median(v) for k, v in rates.items() if v}, "failed": failed}
         ratios = {}
-        for name in variants:
-            if name == "none" or not rates[name]:
+        for name in names + static:
+            if name.startswith("none") or not rates[name]:
                 continue
-            per_round = [rates["none"][i] / rates[name][i] for i in range(len(rates[name]))]  # time ratio
+            base = "none-static" if name.endswith("-static") else "none"
+            per_round = [rates[base][i] / rates[name][i] for i in range(len(rates[name]))]  # time ratio
             ratios[name] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
         row["time_ratio_vs_unedited"] = ratios
         if device.type == "cuda":
@@ -224,10 +257,18 @@ def main() -> None:
         results[scenario] = row
         print(scenario, json.dumps(row, indent=1), flush=True)
 
-    lines = ["| scenario | unedited tok/s | add | HPR (fast) | HPR (reference) |", "|---|---|---|---|---|"]
+    lines = [
+        "| scenario | unedited tok/s | add | HPR (fused) | HPR (reference) | unedited tok/s, static cache + compile "
+        "| HPR, static cache + compile |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for scenario, row in results.items():
         cells = []
-        for name in ("add", "hpr", "hpr-reference"):
+        for name in ("add", "hpr", "hpr-reference", "none-static", "hpr-static"):
+            if name == "none-static":
+                tps = row["tokens_per_second"].get(name)
+                cells.append(f"{tps:.1f}" if tps else "-")
+                continue
             r = row["time_ratio_vs_unedited"].get(name)
             cells.append(
                 f"{(r['median'] - 1) * 100:+.1f}% [{(r['min'] - 1) * 100:+.1f}, {(r['max'] - 1) * 100:+.1f}]"
@@ -237,6 +278,23 @@ def main() -> None:
         lines.append(f"| {scenario} | {row['tokens_per_second']['none']:.1f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
+
+    per_call, per_call_table = {}, ""
+    if args.per_call_rounds:  # one layer's edit per call, shapes of decode b1/b16 and prefill 4x512
+        import edit_ops
+
+        per_call = edit_ops.measure(
+            d,
+            args.dtype,
+            device.type,
+            args.per_call_rounds,
+            before=True,
+            compiled=True,
+            graphs=True,
+            backend=args.compile_backend,
+        )
+        per_call_table = edit_ops.per_call_table(per_call)
+        print(per_call_table)
     record = {
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "command": command_line(),
@@ -251,6 +309,8 @@ def main() -> None:
         "exactness": exact,
         "results": results,
         "table": table,
+        "per_call": per_call,
+        "per_call_table": per_call_table,
     }
     out = args.out or (Path(os.environ["OUT"]) / "gpu_overhead.json" if os.environ.get("OUT") else None)
     if out:

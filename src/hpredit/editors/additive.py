@@ -15,7 +15,7 @@ import torch
 from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..errors import HpreditError
-from ..hooks import LayerEdit
+from ..hooks import LayerEdit, token_strength
 from .base import Editor, EditorConfig, TokenPairs, choose_layers, fitted_layers_from, register_editor
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
@@ -64,9 +64,12 @@ class _AdditiveEditor(Editor):
         v = self.vector(layer).to(device=device, dtype=torch.float32)
         restore = self.restore_norm
 
-        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
+            mask, s = token_strength(hidden, mask, strength)
+            if s is None:
+                return hidden
             x = hidden.float()
-            out = x + strength * v
+            out = x + s * v
             if restore:
                 out = out * (x.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
             out = out.to(hidden.dtype)
@@ -75,7 +78,7 @@ class _AdditiveEditor(Editor):
         return edit
 
     def edit(
-        self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None
+        self, layer: int, x: torch.Tensor, strength: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Edit activations ``x`` (..., d) of ``layer`` as attach() does."""
         return self.layer_edit(layer, x.device)(x, mask, strength)

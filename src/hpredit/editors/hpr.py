@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..errors import HpreditError
-from ..geometry import angle_between, fallback_axis, pseudo_rotate, pseudo_rotate_coefficients, rotate_toward
-from ..hooks import LayerEdit
+from ..geometry import angle_between, fallback_axis, pseudo_rotate, rotate_toward
+from ..hooks import LayerEdit, broadcast_strength
+from ..kernels import hpr_edit
 from .base import (
     Editor,
     EditorConfig,
@@ -95,6 +96,9 @@ class HPREditor(Editor):
 
     method = "hpr"
     config_class = HPRConfig
+    #: the fast path's row-wise step: ``auto`` (Triton kernel on CUDA when available), ``triton`` or
+    #: ``torch`` (see :data:`hpredit.kernels.BACKENDS`); set per instance to compare them
+    kernel_backend: str = "auto"
 
     def __init__(
         self,
@@ -139,7 +143,12 @@ class HPREditor(Editor):
         return math.pi * torch.sigmoid(out).reshape(x.shape[:-1])
 
     def edit(
-        self, layer: int, x: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None, fast: bool = True
+        self,
+        layer: int,
+        x: torch.Tensor,
+        strength: float | torch.Tensor = 1.0,
+        mask: torch.Tensor | None = None,
+        fast: bool = True,
     ) -> torch.Tensor:
         """Edit activations ``x`` (..., d) of ``layer`` as attach() does (``fast=False``: the reference path)."""
         return self.layer_edit(layer, x.device, x.dtype, fast=fast)(x, mask, strength)
@@ -149,12 +158,14 @@ class HPREditor(Editor):
     ) -> LayerEdit:
         """The edit of one layer for activations of ``dtype`` on ``device``.
 
-        ``fast`` (default): every constant prepared here once, the angle MLP in the activations'
-        dtype, the rotation as ``a·x + b·ŵ + c·u`` from two float32 reductions (see
-        :func:`~hpredit.geometry.pseudo_rotate_coefficients`), no host sync and no data-dependent
-        Python branch. ``fast=False``: the reference — everything in float32 through
-        :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of ``dtype`` (tested).
-        The probe-bias ablation always takes the reference path.
+        ``fast`` (default): the fused edit of :func:`hpredit.kernels.hpr_edit` — every constant
+        prepared here once, the angle MLP in the activations' dtype, the rotation as
+        ``a·x + b·ŵ + c·u`` from two float32 reductions (see
+        :func:`~hpredit.geometry.pseudo_rotate_coefficients`) in one Triton kernel on a GPU, no
+        host sync and no data-dependent Python branch. ``fast=False``: the reference — everything
+        in float32 through :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of
+        ``dtype`` (tested). The probe-bias ablation always takes the reference path. ``strength``
+        may be a number or per-token strengths broadcastable to ``hidden.shape[:-1]``.
         """
         if fast and self.probe_bias is None:
             return self._fast_edit(layer, device, dtype)
@@ -168,12 +179,15 @@ class HPREditor(Editor):
         cfg = self.config
         bias = None if self.probe_bias is None else float(self.probe_bias[r])
 
-        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
             x = hidden.float()
             score = x @ w if bias is None else x @ w + bias
             gate = score < 0 if cfg.gate else torch.ones_like(score, dtype=torch.bool)  # p(x) < 0.5
             if mask is not None:
                 gate = gate & mask
+            if isinstance(strength, torch.Tensor):  # per token; strength 0 leaves the token as it is
+                strength = broadcast_strength(strength, x.shape[:-1], x.device)
+                gate = gate & (strength != 0)
             if cfg.fixed_angle is not None:
                 theta = torch.full_like(score, float(cfg.fixed_angle))
             else:
@@ -192,43 +206,16 @@ class HPREditor(Editor):
         r = self._row(layer)
         w = self.probe[r].to(device=device, dtype=torch.float32)
         w_hat = w / w.norm().clamp_min(1e-12)
-        basis = torch.stack([w_hat, fallback_axis(w_hat)])  # (2, d) float32
-        mlp_dtype = dtype if dtype.is_floating_point else torch.float32
-        layers = [
-            (m[r].to(device=device, dtype=mlp_dtype).t().contiguous(), b[r].to(device=device, dtype=mlp_dtype))
-            for m, b in zip(self.weights, self.biases)
-        ]
-        gated, fixed = self.config.gate, self.config.fixed_angle
-        one = torch.ones((), device=device)
-        zero = torch.zeros((), device=device)
-
-        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
-            d = hidden.shape[-1]
-            h = hidden.reshape(-1, d)
-            x = h.float()  # (n, d)
-            score = x @ w_hat  # (n,)
-            sq_norm = torch.linalg.vecdot(x, x)
-            gamma: torch.Tensor | float
-            if fixed is None:
-                z = h.to(mlp_dtype)
-                for j, (wt, b) in enumerate(layers):
-                    z = torch.addmm(b, z, wt)
-                    if j < len(layers) - 1:
-                        z = F.gelu(z)
-                gamma = (strength * math.pi) * torch.sigmoid(z.reshape(-1).float())
-            else:
-                gamma = strength * float(fixed)
-            a, b, c = pseudo_rotate_coefficients(score, sq_norm, gamma)
-            gate = score < 0 if gated else None
-            if mask is not None:
-                m = mask.reshape(-1)
-                gate = m if gate is None else gate & m
-            if gate is not None:  # untouched rows: a = 1, b = c = 0, so they come back bit for bit
-                a, b, c = torch.where(gate, a, one), torch.where(gate, b, zero), torch.where(gate, c, zero)
-            out = torch.addmm(x * a.unsqueeze(-1), torch.stack([b, c], dim=-1), basis)
-            return out.to(hidden.dtype).reshape(hidden.shape)
-
-        return edit
+        return hpr_edit(
+            w_hat,
+            fallback_axis(w_hat),
+            [m[r] for m in self.weights],
+            [b[r] for b in self.biases],
+            fixed_angle=self.config.fixed_angle,
+            gated=self.config.gate,
+            dtype=dtype,
+            backend=self.kernel_backend,
+        )
 
     # ------------------------------------------------------------------ artifact
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..errors import HpreditError
-from ..hooks import LayerEdit
+from ..hooks import LayerEdit, token_strength
 from .base import Editor, EditorConfig, is_int, is_number, register_editor, train_val_masks
 
 __all__ = ["ITIConfig", "ITIEditor"]
@@ -90,7 +90,7 @@ class ITIEditor(Editor):
     def layer_edit(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32) -> LayerEdit:
         cached: dict[int, torch.Tensor] = {}
 
-        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
             width = hidden.shape[-1]
             if width != self.num_attention_heads * self.head_dim:
                 expected = self.num_attention_heads * self.head_dim
@@ -100,7 +100,10 @@ class ITIEditor(Editor):
                 )
             if width not in cached:
                 cached[width] = self.shift(layer, width).to(device=hidden.device, dtype=torch.float32)
-            out = (hidden.float() + strength * cached[width]).to(hidden.dtype)
+            mask, s = token_strength(hidden, mask, strength)
+            if s is None:
+                return hidden
+            out = (hidden.float() + s * cached[width]).to(hidden.dtype)
             return out if mask is None else torch.where(mask.unsqueeze(-1), out, hidden)
 
         return edit

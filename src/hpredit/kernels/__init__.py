@@ -1,0 +1,10 @@
+"""The HPR edit at kernel speed: a fused edit built once per attach, with a Triton kernel on GPUs.
+
+No model code here: :func:`hpr_edit` turns one layer's prepared parameters (unit probe normal,
+fallback axis, angle MLP) into the layer's edit ``(hidden, mask, strength) -> hidden``, the one
+function HF hooks, the vLLM module and the compiled path all call.
+"""
+
+from .hpr import BACKENDS, hpr_edit, triton_available
+
+__all__ = ["BACKENDS", "hpr_edit", "triton_available"]
