@@ -391,3 +391,21 @@ def test_loaded_metrics_always_give_probe_accuracy(fitted, tmp_path):
     assert back.probe_accuracy == {}
     back = HPREditor.from_pretrained(_saved(fitted, tmp_path, lambda c: None))
     assert back.probe_accuracy == pytest.approx(fitted.probe_accuracy)
+
+
+def test_fit_on_a_device_gives_the_same_editor_as_the_default(tmp_path):
+    """fit(device=...) trains on that device from the same initial values and batches; on this
+    CPU-only machine the check is the plumbing (device "cpu" equals the default to the bit) and the
+    refusal of a missing GPU; the same test on a GPU machine compares CUDA against the CPU."""
+    store = synthetic_store()
+    base = HPREditor.fit(store, epochs=2, angle_depth=2, top_k=2, progress=False)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        other = HPREditor.fit(store, epochs=2, angle_depth=2, top_k=2, progress=False, device=device)
+        assert other.layers == base.layers and other.probe.device.type == "cpu"
+        for name, t in base.tensors().items():
+            tol = 0 if device == "cpu" else 1e-4
+            torch.testing.assert_close(other.tensors()[name], t, rtol=tol, atol=tol)
+    if not torch.cuda.is_available():
+        with pytest.raises(HpreditError, match="cuda"):
+            HPREditor.fit(store, epochs=1, progress=False, device="cuda")

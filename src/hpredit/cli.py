@@ -221,7 +221,15 @@ def _accuracy_table(editor, title: str) -> Table:
 
 
 def _fit_and_save(
-    model, tok, pairs, out: Path, config_overrides: dict, batch_size: int, save_acts: bool, store_dtype: str
+    model,
+    tok,
+    pairs,
+    out: Path,
+    config_overrides: dict,
+    batch_size: int,
+    save_acts: bool,
+    store_dtype: str,
+    device: str | None = None,
 ) -> tuple:
     from . import collect_activations
     from .activations import ActivationStore
@@ -230,7 +238,7 @@ def _fit_and_save(
     t0 = time.perf_counter()
     acts = cast(ActivationStore, collect_activations(model, tok, pairs, batch_size=batch_size, dtype=store_dtype))
     t1 = time.perf_counter()
-    editor = distributed.on_main(lambda: HPREditor.fit(acts, **config_overrides), "fitting HPR")
+    editor = distributed.on_main(lambda: HPREditor.fit(acts, device=device, **config_overrides), "fitting HPR")
     t2 = time.perf_counter()
     if distributed.is_main():
         editor.save_pretrained(out / "editor")
@@ -306,7 +314,7 @@ def fit(
     overrides = {"layers": chosen, "top_k": top_k, "epochs": epochs, "seed": train_seed}
     with _whole_output(out) as tmp:
         _, editor, timing = _fit_and_save(
-            m, tok, contrastive, tmp, overrides, batch_size, save_activations, store_dtype
+            m, tok, contrastive, tmp, overrides, batch_size, save_activations, store_dtype, device
         )
         if contrastive.split is not None:
             contrastive.split.save(tmp / "split.json")
@@ -419,7 +427,7 @@ def run(
     t_load = time.perf_counter() - start
     with _whole_output(out) as tmp:
         acts, editor, timing = _fit_and_save(
-            m, tok, pairs, tmp, {"top_k": top_k, "epochs": epochs}, batch_size, save_activations, store_dtype
+            m, tok, pairs, tmp, {"top_k": top_k, "epochs": epochs}, batch_size, save_activations, store_dtype, device
         )
         split = cast(QuestionSplit, pairs.split)  # TruthfulQA pairs always carry their split
         split.save(tmp / "split.json")

@@ -21,6 +21,7 @@ from ..errors import HpreditError
 from ..geometry import angle_between, fallback_axis, pseudo_rotate, rotate_toward
 from ..hooks import LayerEdit, broadcast_strength
 from ..kernels import hpr_edit
+from ..models import check_device
 from .base import (
     Editor,
     EditorConfig,
@@ -286,7 +287,12 @@ class HPREditor(Editor):
 
     @classmethod
     def fit(
-        cls, acts: ActivationStore, config: HPRConfig | None = None, progress: bool = True, **overrides: Any
+        cls,
+        acts: ActivationStore,
+        config: HPRConfig | None = None,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+        **overrides: Any,
     ) -> HPREditor:
         """Train probes and angle predictors on collected activations, then pick the layers.
 
@@ -304,6 +310,9 @@ class HPREditor(Editor):
             acts: residual activations from :func:`~hpredit.collect_activations`.
             config: hyper-parameters (default: the reference implementation's, :class:`HPRConfig`).
             progress: show progress bars.
+            device: where to train (default: the CPU); e.g. ``"cuda"``. The store stays where it is
+                and each step's token pairs are copied over; the initial parameters and batch orders
+                are drawn on the CPU, so every device starts from the same values.
             **overrides: fields of ``config`` to change, e.g. ``epochs=2`` or ``layers=[10, 12]``.
 
         Returns:
@@ -318,6 +327,7 @@ class HPREditor(Editor):
         config = cls.fit_config(acts, config, overrides)
         pairs = TokenPairs.of(acts, config.val_fraction, config.seed)
         start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
+        start.to(check_device(device) if device is not None else torch.device("cpu"))
         probes = _fit_probes(acts.acts, pairs, start, config, progress)
         accuracy = {layer: float(probes.accuracy[r]) for r, layer in enumerate(acts.layers)}
         layers = choose_layers(accuracy, config.layers, config.top_k)
@@ -332,11 +342,11 @@ class HPREditor(Editor):
             layers,
             acts.fingerprint,
             fitted,
-            probes.probe[rows],
-            weights,
-            biases,
+            probes.probe[rows].cpu(),
+            [w.cpu() for w in weights],
+            [b.cpu() for b in biases],
             metrics,
-            probes.bias[rows] if config.probe_bias else None,
+            probes.bias[rows].cpu() if config.probe_bias else None,
         )
 
 
@@ -353,6 +363,12 @@ class _Start:
     biases: list[torch.Tensor]  # [(L, out)]
     orders: list[torch.Tensor]  # one permutation of the training token pairs per epoch
     steps: int  # optimiser steps over all epochs
+
+    def to(self, device: torch.device) -> None:
+        """Move the parameters (not the batch orders, which index the CPU store) to ``device``."""
+        self.probe, self.bias = self.probe.to(device), self.bias.to(device)
+        self.weights = [w.to(device) for w in self.weights]
+        self.biases = [b.to(device) for b in self.biases]
 
 
 def _initial_parameters(L: int, d: int, n_pairs: int, config: HPRConfig) -> _Start:
@@ -386,11 +402,12 @@ class _Probes:
 def _fit_probes(X: torch.Tensor, pairs: TokenPairs, start: _Start, config: HPRConfig, progress: bool) -> _Probes:
     """Phase 1: the probes of every layer; each layer's loss is divided by L as in the joint mean."""
     L = X.shape[0]
-    ones = torch.ones(config.batch_size)
+    device = start.probe.device
+    ones = torch.ones(config.batch_size, device=device)
 
     def probe_loss(z: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, params) -> torch.Tensor:
         n = len(idx)
-        y = torch.cat([ones[:n], torch.zeros(n)]).expand(z.shape[0], -1)
+        y = torch.cat([ones[:n], torch.zeros(n, device=device)]).expand(z.shape[0], -1)
         logits = torch.einsum("lnd,ld->ln", z, params[0])
         if config.probe_bias:
             logits = logits + params[1].unsqueeze(1)
@@ -398,7 +415,7 @@ def _fit_probes(X: torch.Tensor, pairs: TokenPairs, start: _Start, config: HPRCo
 
     history: list[torch.Tensor] = []
     best_probe, best_bias = start.probe.clone(), start.bias.clone()
-    best_acc = torch.full((L,), -1.0)
+    best_acc = torch.full((L,), -1.0, device=device)
 
     def after_epoch(epoch: int, params) -> str:
         nonlocal best_acc
@@ -445,7 +462,8 @@ def _fit_angle_predictors(
     L = X.shape[0]
     if config.fixed_angle is not None:  # ablation: no angle predictor at all
         return [], [], [0.0] * config.epochs
-    target = torch.stack([_pair_angles(X[r], pairs.tp, pairs.tn) for r in rows.tolist()])  # (k, M)
+    device = start.probe.device
+    target = torch.stack([_pair_angles(X[r], pairs.tp, pairs.tn, device) for r in rows.tolist()])  # (k, M)
     mlp_w = [w[rows].clone() for w in start.weights]
     mlp_b = [b[rows].clone() for b in start.biases]
     best_w = [w.clone() for w in mlp_w]
@@ -456,7 +474,7 @@ def _fit_angle_predictors(
         n = len(idx)
         depth = len(params) // 2
         theta = math.pi * torch.sigmoid(_mlp(z, params[:depth], params[depth:]))
-        tgt = torch.cat([torch.zeros(z.shape[0], n), target[:, idx]], dim=1)
+        tgt = torch.cat([torch.zeros(z.shape[0], n, device=device), target[:, idx.to(device)]], dim=1)
         return ((theta - tgt) ** 2).mean(1).sum() / L
 
     def after_epoch(epoch: int, params) -> str:
@@ -536,14 +554,15 @@ def _train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     Xr = X[rows] if len(rows) != X.shape[0] else X
+    device = params[0].device
     losses = []
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
     for epoch, order in enumerate(orders):
-        running = torch.zeros(())
+        running = torch.zeros((), device=device)
         n_steps = 0
         for s in range(0, len(order), config.batch_size):
             idx = order[s : s + config.batch_size]
-            z = torch.cat([Xr[:, tp[idx]], Xr[:, tn[idx]]], dim=1).float()  # (k, 2B, d)
+            z = torch.cat([Xr[:, tp[idx]], Xr[:, tn[idx]]], dim=1).to(device, non_blocking=True).float()  # (k, 2B, d)
             loss = loss_fn(z, idx, rows, params)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -561,17 +580,20 @@ def _train(
     return losses
 
 
-def _pair_angles(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """∠(negative, positive) per token pair, the angle target of the negative tokens."""
+def _pair_angles(
+    x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, device: torch.device | None = None, chunk: int = 65536
+) -> torch.Tensor:
+    """∠(negative, positive) per token pair, the angle target of the negative tokens (on ``device``)."""
+    device = device or x.device
     return (
         torch.cat(
             [
-                angle_between(x[neg[i : i + chunk]].float(), x[pos[i : i + chunk]].float())
+                angle_between(x[neg[i : i + chunk]].to(device).float(), x[pos[i : i + chunk]].to(device).float())
                 for i in range(0, len(pos), chunk)
             ]
         )
         if len(pos)
-        else torch.zeros(0)
+        else torch.zeros(0, device=device)
     )
 
 
@@ -585,10 +607,11 @@ def _probe_accuracy(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-layer probe accuracy: positives on ``w·x (+ b) > 0``, negatives on ``< 0``."""
-    correct = torch.zeros(X.shape[0])
-    b = torch.zeros(X.shape[0]) if bias is None else bias
+    device = probe.device
+    correct = torch.zeros(X.shape[0], device=device)
+    b = torch.zeros(X.shape[0], device=device) if bias is None else bias
     for i in range(0, len(pos), chunk):
-        p = torch.einsum("lnd,ld->ln", X[:, pos[i : i + chunk]].float(), probe) + b[:, None]
-        n = torch.einsum("lnd,ld->ln", X[:, neg[i : i + chunk]].float(), probe) + b[:, None]
+        p = torch.einsum("lnd,ld->ln", X[:, pos[i : i + chunk]].to(device).float(), probe) + b[:, None]
+        n = torch.einsum("lnd,ld->ln", X[:, neg[i : i + chunk]].to(device).float(), probe) + b[:, None]
         correct += (p > 0).sum(1) + (n < 0).sum(1)
     return correct / (2 * len(pos))
