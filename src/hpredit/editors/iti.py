@@ -17,6 +17,7 @@ from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..errors import HpreditError
 from ..hooks import LayerEdit, token_strength
+from ..models import check_device
 from .base import Editor, EditorConfig, is_int, is_number, register_editor, train_val_masks
 
 __all__ = ["ITIConfig", "ITIEditor"]
@@ -146,13 +147,15 @@ class ITIEditor(Editor):
         config: ITIConfig | None = None,
         num_attention_heads: int | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
         **overrides,
     ) -> ITIEditor:
         """Fit on head activations (``collect_activations(..., site="heads")``).
 
         ``num_attention_heads`` (``hpredit.models.num_attention_heads(model)``) splits the
         ``(…, heads·head_dim)`` activations into heads. Probes: one logistic regression per head on
-        standardised last-token activations, full-batch Adam, all heads at once.
+        standardised last-token activations, full-batch Adam, all heads at once, on ``device``
+        (default: the CPU; the initial weights are drawn on the CPU, so every device starts alike).
         """
         config = cls.fit_config(acts, config, overrides)
         H = num_attention_heads
@@ -179,11 +182,13 @@ class ITIEditor(Editor):
             x = acts.acts[:, last[idx]].float().reshape(L, len(idx), H, hd)
             return x.permute(0, 2, 1, 3).reshape(L * H, len(idx), hd)
 
-        xt, xv = features(tr_idx), features(va_idx)
+        dev = check_device(device) if device is not None else torch.device("cpu")
+        xt, xv = features(tr_idx).to(dev), features(va_idx).to(dev)
+        tr_y, va_y = tr_y.to(dev), va_y.to(dev)
         mu, sd = xt.mean(1, keepdim=True), xt.std(1, keepdim=True).clamp_min(1e-6)
         gen = torch.Generator().manual_seed(config.seed)
-        w = (torch.randn(L * H, hd, generator=gen) * 0.01).requires_grad_(True)
-        b = torch.zeros(L * H, requires_grad=True)
+        w = (torch.randn(L * H, hd, generator=gen) * 0.01).to(dev).requires_grad_(True)
+        b = torch.zeros(L * H, device=dev, requires_grad=True)
         opt = torch.optim.Adam([w, b], lr=config.probe_lr)
         zt = (xt - mu) / sd
         for _ in range(config.probe_steps):
@@ -219,8 +224,8 @@ class ITIEditor(Editor):
             sorted({h[0] for h in heads}),
             acts.fingerprint,
             [t[0] for t in ranked],
-            torch.stack([t[1] for t in ranked]),
-            torch.stack([t[2] for t in ranked]),
+            torch.stack([t[1] for t in ranked]).cpu(),
+            torch.stack([t[2] for t in ranked]).cpu(),
             H,
             metrics,
         )
