@@ -72,6 +72,13 @@ def hpredit(*args: str, ranks: int = 1, timeout: float = 600) -> subprocess.Comp
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def on_one_and_two_ranks(args: list[str], out: Path) -> None:
+    """Run ``hpredit *args`` in one process (``--out`` ``{out}1``) and on 2 ranks (``{out}2``)."""
+    for ranks in (1, 2):
+        r = hpredit(*args, "--out", f"{out}{ranks}", ranks=ranks)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     from .conftest import saved_tiny_model
@@ -120,9 +127,7 @@ def test_two_ranks_collect_fit_and_evaluate_as_one_process(tiny_dir, truthfulqa_
         "4",
         "--save-activations",
     ]
-    for ranks in (1, 2):
-        r = hpredit(*fit, "--out", str(tmp_path / f"fit{ranks}"), ranks=ranks)
-        assert r.returncode == 0, r.stderr[-3000:]
+    on_one_and_two_ranks(fit, tmp_path / "fit")
     _same_store(tmp_path / "fit1" / "activations", tmp_path / "fit2" / "activations")
     _same_editor(tmp_path / "fit1" / "editor", tmp_path / "fit2" / "editor")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left by either rank
@@ -142,9 +147,7 @@ def test_two_ranks_collect_fit_and_evaluate_as_one_process(tiny_dir, truthfulqa_
         "--strength",
         "0.5",
     ]
-    for ranks in (1, 2):
-        r = hpredit(*ev, "--out", str(tmp_path / f"eval{ranks}"), ranks=ranks)
-        assert r.returncode == 0, r.stderr[-3000:]
+    on_one_and_two_ranks(ev, tmp_path / "eval")
     rows = [[json.loads(line) for line in (tmp_path / f"eval{n}" / "per_question.jsonl").open()] for n in (1, 2)]
     assert [q["index"] for q in rows[0]] == [q["index"] for q in rows[1]] and len(rows[0]) == 20
     for q1, q2 in zip(*rows):
@@ -169,9 +172,7 @@ def test_two_ranks_compare_as_one_process(tiny_dir, truthfulqa_csv, tmp_path):
         "--limit",
         "6",
     ]
-    for ranks in (1, 2):
-        r = hpredit(*args, "--out", str(tmp_path / f"cmp{ranks}"), ranks=ranks)
-        assert r.returncode == 0, r.stderr[-3000:]
+    on_one_and_two_ranks(args, tmp_path / "cmp")
     one, two = (json.loads((tmp_path / f"cmp{n}" / "results.json").read_text()) for n in (1, 2))
     for r1, r2 in zip(one["runs"], two["runs"]):
         if "method" in r1:
@@ -212,8 +213,6 @@ def test_a_rank_failing_on_its_share_stops_the_run_with_one_error(tmp_path, toke
 @pytest.mark.slow
 def test_two_ranks_on_smollm2_collect_and_fit_as_one_process(smol_dir, truthfulqa_csv, tmp_path):
     args = ["fit", "--data", str(truthfulqa_csv), "--limit", "4", "--epochs", "1", "--save-activations"]
-    for ranks in (1, 2):
-        r = hpredit(*args, "--out", str(tmp_path / f"fit{ranks}"), ranks=ranks)
-        assert r.returncode == 0, r.stderr[-3000:]
+    on_one_and_two_ranks(args, tmp_path / "fit")
     _same_store(tmp_path / "fit1" / "activations", tmp_path / "fit2" / "activations")
     _same_editor(tmp_path / "fit1" / "editor", tmp_path / "fit2" / "editor")
