@@ -66,8 +66,10 @@ class _AdditiveEditor(Editor):
         v = self.vector(layer).to(device=device, dtype=torch.float32)
         restore = self.restore_norm
 
-        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
             x = hidden.float()
+            if isinstance(strength, torch.Tensor):  # per token, broadcastable to hidden.shape[:-1]
+                strength = strength.to(torch.float32).unsqueeze(-1)
             out = x + strength * v
             if restore:
                 out = out * (x.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))

@@ -183,10 +183,12 @@ class HPREditor(Editor):
         one = torch.ones((), device=device)
         zero = torch.zeros((), device=device)
 
-        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+        def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
             d = hidden.shape[-1]
             h = hidden.reshape(-1, d)
             x = h.float()  # (n, d)
+            if isinstance(strength, torch.Tensor):  # per token, broadcastable to hidden.shape[:-1]
+                strength = strength.to(torch.float32).expand(hidden.shape[:-1]).reshape(-1)
             score = x @ w_hat  # (n,)
             sq_norm = torch.linalg.vecdot(x, x)
             if fixed is None:
