@@ -144,7 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         editor = str(make_editor(Path(tmp) / "editor"))
         for kind in args.engines.split(","):
-            cmd = [sys.executable, __file__, "--engine", kind, "--editor", editor, "--new", str(args.new),
+            cmd = [sys.executable, os.path.abspath(__file__), "--engine", kind, "--editor", editor, "--new", str(args.new),
                    "--repeats", str(args.repeats)] + (["--eager"] if args.eager else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -149,7 +149,7 @@ def main() -> None:
         model_dir = write_model(Path(tmp) / "model", shape, args.dtype)
         editor = write_editor(Path(tmp) / "editor", model_dir, shape, layers)
         for kind in ("vllm", "vllm-hpr"):
-            cmd = [sys.executable, __file__, "--engine", kind, "--model-dir", str(model_dir), "--editor", str(editor),
+            cmd = [sys.executable, os.path.abspath(__file__), "--engine", kind, "--model-dir", str(model_dir), "--editor", str(editor),
                    "--batches", ",".join(map(str, args.batches)), "--prompt", str(args.prompt), "--new", str(args.new),
                    "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else [])
             if args.gpu_memory_utilization:

