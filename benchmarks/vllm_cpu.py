@@ -154,6 +154,7 @@ def main() -> None:
             print(f"{kind}: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in results[-1].items()
                                           if isinstance(v, dict)), file=sys.stderr)
     record["results"] = results
+    record["machine"]["load_average_after"] = os.getloadavg()  # run_record took it at the start
     emit(record, args.out)
 
 

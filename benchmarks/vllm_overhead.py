@@ -161,6 +161,7 @@ def main() -> None:
             results.append(json.loads(line[len("RESULT "):]))
     base, hpr = results
     record["results"] = results
+    record["machine"]["load_average_after"] = os.getloadavg()  # run_record took it at the start
     record["hpr_over_unedited"] = {k: hpr[k]["tokens_per_s"] / base[k]["tokens_per_s"]
                                    for k in base if isinstance(base[k], dict)}
     emit(record, args.out)
