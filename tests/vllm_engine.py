@@ -65,8 +65,10 @@ def main() -> None:
     else:
         engine = LLM(model=str(embedded_default_path()), **kwargs)
     start = time.time() - t0
-    if args.record_norms:
-        engine.apply_model(_record)
+    if args.record_norms:  # by reference to this file as a module, which the workers can import
+        import vllm_engine
+
+        engine.apply_model(vllm_engine._record)
     jobs = json.load(open(args.jobs))
     results = []
     for job in jobs:
@@ -83,7 +85,7 @@ def main() -> None:
         })
     out = {"start_seconds": start, "results": results}
     if args.record_norms:
-        out["norms"] = engine.apply_model(_collect)[0]
+        out["norms"] = engine.apply_model(vllm_engine._collect)[0]
     json.dump(out, open(args.out, "w"))
 
 
