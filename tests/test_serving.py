@@ -1,0 +1,158 @@
+"""Serving without an engine: request arguments, per-token strengths, `hpredit serve` start-up errors.
+
+These need no vLLM (the checks run before vLLM is imported); the engine tests are in test_vllm.py.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hpredit.cli import main
+from hpredit.serving import serve_argv
+from hpredit.serving.params import resolve_request, validate_extra_args
+
+from .conftest import random_editor, tiny_model
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"strength": float("nan")}, "finite number ≥ 0"),
+        ({"strength": float("inf")}, "finite number ≥ 0"),
+        ({"strength": -0.5}, "finite number ≥ 0"),
+        ({"strength": "0.5"}, "must be a number"),
+        ({"strength": True}, "must be a number"),
+        ({"strength": [1.0]}, "must be a number"),
+        ({"scope": "prompt"}, "'scope' must be one of"),
+        ({"strenght": 1.0}, "unknown extra argument(s) ['strenght']"),
+    ],
+)
+def test_bad_request_arguments(extra, message):
+    with pytest.raises(
+        ValueError, match=".*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
+        validate_extra_args(extra)
+
+
+def test_request_arguments_and_defaults():
+    assert resolve_request(None, 0.5, "all") == (0.5, "all")
+    assert resolve_request({"strength": 2}, 0.5, "all") == (2.0, "all")
+    assert resolve_request({"strength": 0, "scope": "generated"}, 1.0, "all") == (0.0, "generated")
+    assert resolve_request({"kv_transfer_params": {"x": 1}}, 1.0, "all") == (1.0, "all")  # vLLM's own key passes
+
+
+@pytest.mark.parametrize("kind", ["hpr", "hpr-no-gate", "caa", "caa-norm"])
+def test_per_token_strength_tensor(kind):
+    """A tensor of per-token strengths edits each token as that float strength does; 0 is untouched."""
+    model = tiny_model("llama")
+    ed = random_editor(kind, model, layers=[1])
+    fn = ed.layer_edit(1, torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    s = torch.tensor([[0.0, 0.5, 1.0, 0.0, 2.0], [1.0, 0.0, 0.25, 0.5, 0.0]])
+    out = fn(x, s != 0, s)
+    for b in range(2):
+        for t in range(5):
+            ref = fn(x[b : b + 1, t : t + 1], None, float(s[b, t]))[0, 0]
+            if s[b, t] == 0:
+                assert torch.equal(out[b, t], x[b, t])
+            else:
+                torch.testing.assert_close(out[b, t], ref, atol=1e-5, rtol=1e-5)
+    flat = fn(x.reshape(10, 64), (s != 0).reshape(10), s.reshape(10))  # the (tokens, d) layout vLLM uses
+    torch.testing.assert_close(flat, out.reshape(10, 64), atol=0, rtol=0)
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def _one_line_error(code, err, pattern):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and pattern in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def smol_editor(tmp_path_factory, smol_dir):
+    """A random HPR editor with the embedded SmolLM2's fingerprint (no weights loaded)."""
+    from hpredit.editors.hpr import HPRConfig, HPREditor
+    from hpredit.models import ModelFingerprint
+
+    fp = ModelFingerprint("LlamaForCausalLM", 576, 30, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    cfg = HPRConfig(angle_depth=2)
+    g = torch.Generator().manual_seed(0)
+    ed = HPREditor(
+        cfg,
+        [3],
+        fp,
+        [3],
+        torch.randn(1, 576, generator=g),
+        [torch.randn(1, 288, 576, generator=g) * 0.01, torch.randn(1, 1, 288, generator=g) * 0.01],
+        [torch.zeros(1, 288), torch.zeros(1, 1)],
+        {},
+    )
+    return ed.save_pretrained(tmp_path_factory.mktemp("serve") / "editor")
+
+
+def test_serve_missing_editor(tmp_path, capsys):
+    code, _, err = run_cli(["serve", "--editor", str(tmp_path / "nope"), "--port", "1"], capsys)
+    _one_line_error(code, err, "does not exist")
+
+
+def test_serve_damaged_editor(tmp_path, capsys, smol_editor):
+    import shutil
+
+    bad = tmp_path / "editor"
+    shutil.copytree(smol_editor, bad)
+    (bad / "editor.safetensors").write_bytes((bad / "editor.safetensors").read_bytes()[:100])
+    code, _, err = run_cli(["serve", "--editor", str(bad)], capsys)
+    _one_line_error(code, err, "does not match the checksum")
+    (bad / "config.json").write_text("{not json")
+    code, _, err = run_cli(["serve", "--editor", str(bad)], capsys)
+    _one_line_error(code, err, "config.json")
+
+
+def test_serve_fingerprint_mismatch(tmp_path, capsys, smol_editor):
+    import shutil
+
+    other = tmp_path / "editor"
+    shutil.copytree(smol_editor, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model"]["num_layers"] = 24
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["serve", "--editor", str(other)], capsys)
+    _one_line_error(code, err, "num_layers 30 (editor fitted on 24)")
+    cfg["model"]["num_layers"], cfg["model"]["name"] = 30, "meta-llama/Llama-3-8B"
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["serve", "--editor", str(other)], capsys)
+    _one_line_error(code, err, "name")
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--strength", "nan"], "--strength must be a finite number ≥ 0"),
+        (["--strength", "-1"], "--strength must be a finite number ≥ 0"),
+        (["--scope", "prompt"], "unknown scope 'prompt'"),
+        (["--hf-overrides", "{}"], "--hf-overrides is set by hpredit serve"),
+    ],
+)
+def test_serve_bad_options(args, pattern, capsys, smol_editor):
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), *args], capsys)
+    _one_line_error(code, err, pattern)
+
+
+def test_serve_argv(smol_editor, smol_dir):
+    argv = serve_argv(smol_editor, None, 0.5, "all", ["--port", "8123", "--enforce-eager"])
+    assert argv[:2] == ["serve", str(smol_dir)]
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides["architectures"] == ["HPREditLlamaForCausalLM"] and overrides["hpredit_strength"] == 0.5
+    assert "--no-enable-prefix-caching" in argv and argv[-3:] == ["--port", "8123", "--enforce-eager"]
+    assert argv[argv.index("--served-model-name") + 1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert not math.isnan(overrides["hpredit_strength"])
