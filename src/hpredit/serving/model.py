@@ -18,6 +18,7 @@ outer, uncompiled ``forward`` from the batch rows kept by ``plugin.RequestParams
 from __future__ import annotations
 
 import functools
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,15 +80,15 @@ class HPREditLlamaForCausalLM(LlamaForCausalLM):
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=EditedLlamaDecoderLayer)
         editor = _editor(path)
-        device = vllm_config.device_config.device
-        dtype = vllm_config.model_config.dtype
+        device = torch.device(cast(torch.device, vllm_config.device_config.device))  # resolved by vLLM by now
+        dtype = cast(torch.dtype, vllm_config.model_config.dtype)
         self.hpr_strength = torch.zeros(
             vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.float32, device=device
         )
         self.hpr_layers = list(editor.layers)
         for i, layer in enumerate(self.model.layers):  # global indices (PPMissingLayer off this rank)
             if i in editor.layers and not isinstance(layer, PPMissingLayer):
-                layer.hpr_edit = editor.layer_edit(i, torch.device(device), dtype)
+                layer.hpr_edit = editor.layer_edit(i, device, dtype)
                 layer.hpr_strength = self.hpr_strength
 
     def get_model_state_cls(self):
@@ -102,7 +103,7 @@ class HPREditLlamaForCausalLM(LlamaForCausalLM):
         """Per-token strengths ``(tokens,)`` from the batch rows (V1 runner; eager Python)."""
         n_all = positions.shape[-1]
         buf = self.hpr_strength[:n_all]
-        metadata = get_forward_context().attn_metadata
+        metadata: Any = get_forward_context().attn_metadata
         if isinstance(metadata, list):
             metadata = metadata[0] if metadata else None
         md = next(iter(metadata.values()), None) if isinstance(metadata, dict) else None
