@@ -17,7 +17,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
 
-__all__ = ["DEFAULT_CSV", "ROOT", "command_line", "cpu_name", "emit", "run_record"]
+#: The Llama-3-8B shape (config fields) of the GPU benchmarks, built with random or dummy weights.
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+__all__ = ["DEFAULT_CSV", "LLAMA3_8B", "ROOT", "command_line", "cpu_name", "emit", "run_record"]
 
 
 def run_record(load_before: tuple[float, float, float] | None = None) -> dict:

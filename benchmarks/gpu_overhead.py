@@ -37,7 +37,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from _common import command_line, cpu_name
+from _common import LLAMA3_8B, command_line, cpu_name
 
 
 def main() -> None:
@@ -86,17 +86,7 @@ def main() -> None:
         )
         shapes = {"decode batch 1": (1, 32), "decode batch 16": (16, 32), "prefill 4x512": (4, 512)}
     else:
-        config = LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            tie_word_embeddings=False,
-        )
+        config = LlamaConfig(**LLAMA3_8B)
         shapes = {"decode batch 1": (1, 128), "decode batch 16": (16, 128), "prefill 4x512": (4, 512)}
     torch.manual_seed(0)
     if not args.model:
