@@ -28,7 +28,7 @@ from .data import (
     offline,
     read_records,
 )
-from .errors import HpreditError
+from .errors import HpreditError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -156,7 +156,7 @@ def _hub_rows(repo: str, what: str, **kwargs) -> list[dict]:
     try:
         return [dict(r) for r in datasets.load_dataset(repo, **kwargs)]
     except Exception as e:  # noqa: BLE001  (network, missing repo, …: one line for the user)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise HpreditError(
             f"could not load {what} from the hub ({repo}): {first}; pass a local file with --data "
             "(or its environment variable), or connect to the network"

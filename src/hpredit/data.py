@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts import read_json, write_json_atomic, write_text_atomic
-from .errors import HpreditError
+from .errors import HpreditError, first_line
 
 __all__ = [
     "ContrastivePair",
@@ -310,7 +310,7 @@ def _load_truthfulqa_hub() -> list[Question]:
     try:
         ds = datasets.load_dataset(*TRUTHFULQA_HUB)["validation"]
     except Exception as e:  # noqa: BLE001  (network, missing repo, …: one line for the user)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise HpreditError(f"could not load TruthfulQA from the hub ({first}); {_NO_TRUTHFULQA}") from None
     return [
         Question(

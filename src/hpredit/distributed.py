@@ -2,8 +2,8 @@
 
 Each rank takes a deterministic share of the work units (batches of texts, groups of questions):
 unit ``i`` belongs to rank ``i % world_size``, so the units are the same ones a single process would
-run, and rank 0 gathers the pieces and writes the same files. A failure on any rank reaches every
-rank at the next synchronisation point (:func:`step`), so all ranks stop with the same one-line
+run, and every rank receives all the pieces, so rank 0 writes the same files. A failure on any rank
+reaches every rank at the next synchronisation point (:func:`step`), so all ranks stop with the same one-line
 error; a collective that waits longer than the process group's timeout ends the run instead of
 hanging it. Without a launcher (``WORLD_SIZE`` unset or 1) every function is a no-op for one process.
 """
@@ -13,24 +13,22 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .errors import HpreditError
+from .errors import HpreditError, first_line
 
 __all__ = [
     "active",
     "all_gather",
     "broadcast",
-    "gather",
     "init",
     "is_main",
     "launched",
-    "mine",
     "on_main",
     "owns",
     "progress",
@@ -91,23 +89,6 @@ def is_main() -> bool:
 def owns(unit: int) -> bool:
     """Whether work unit ``unit`` (an index in a sequence every rank enumerates alike) is this rank's."""
     return unit % world_size() == rank()
-
-
-def mine(units: Sequence[T]) -> list[T]:
-    """This rank's share of ``units``: every ``world_size``-th item starting at its rank."""
-    return list(units[rank() :: world_size()])
-
-
-def gather(obj: Any) -> list[Any] | None:
-    """Collect one picklable object from every rank on rank 0 (in rank order); ``None`` elsewhere.
-
-    In a single process: ``[obj]``.
-    """
-    if not active():
-        return [obj]
-    out: list[Any] | None = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -197,7 +178,7 @@ def step(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         if not isinstance(e, HpreditError):
             message = f"{what} failed: {type(e).__name__}: {message}"
         _exchange(message)

@@ -6,3 +6,10 @@ class HpreditError(Exception):
 
     Its message says what is wrong and what to do; the CLI shows it without a traceback.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a
+    one-line ``error:`` shows of a failure from another library."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

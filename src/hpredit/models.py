@@ -26,7 +26,7 @@ from .architecture import (
     text_config,
     weight_signature,
 )
-from .errors import HpreditError
+from .errors import HpreditError, first_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -299,7 +299,7 @@ def check_model_source(name_or_path: str | os.PathLike | None, trust_remote_code
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise HpreditError(f"could not read the config of model {name!r}: {_first_line(e)}") from None
+        raise HpreditError(f"could not read the config of model {name!r}: {first_line(e)}") from None
     _check_causal(config, name)
     if isinstance(source, Path):
         problem = _weights_problem(source)
@@ -334,11 +334,6 @@ def _check_causal(config: PretrainedConfig, name: str) -> None:
             f"model {name} is a {model_type} encoder{what} without a causal LM head: hpredit edits "
             "causal (decoder-only) language models"
         )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -474,7 +469,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or "auto", **kwargs)
     except (OSError, ValueError) as e:
-        raise HpreditError(f"could not load model {name!r}: {_first_line(e)}") from None
+        raise HpreditError(f"could not load model {name!r}: {first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config._name_or_path = name

@@ -14,13 +14,12 @@ def main(scenario: str, out: str) -> None:
     assert dist.init(timeout_s=60)
     if scenario == "gather":
         units = list(range(7))
-        result = dist.gather(
-            {"rank": dist.rank(), "mine": dist.mine(units), "owns": [u for u in units if dist.owns(u)]}
-        )
+        owned = [u for u in units if dist.owns(u)]
+        result = dist.all_gather({"rank": dist.rank(), "owns": owned})
         everyone = dist.all_gather(dist.rank() * 10)
         same = dist.broadcast({"from": dist.rank()})
         bar = dist.progress(len(units), "units", disable=True)
-        for _ in dist.mine(units):
+        for _ in owned:
             bar.update(1)
         counted = dist.all_gather(None)  # both ranks have posted their counts
         total = int(bar.store.add(bar.key, 0))
