@@ -90,3 +90,8 @@ def test_device_map_from_json_text_and_file(saved_tiny, tmp_path):
 def test_bad_device_maps_are_one_clear_error(saved_tiny, spec, message):
     with pytest.raises(HpreditError, match=message):
         _load(saved_tiny, spec)
+
+
+def test_device_and_device_map_together_are_one_clear_error(saved_tiny):
+    with pytest.raises(HpreditError, match="either --device or --device-map"):
+        hpredit.load_model(saved_tiny, device="cpu", device_map="auto")

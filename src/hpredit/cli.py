@@ -159,11 +159,9 @@ def _check_store_dtype(store_dtype: str) -> str:
 def _check_model(model: str | None, device: str | None, device_map: str | None = None) -> Any:
     """The device (or device map) is valid and the model's config is a causal LM (no weights
     loaded); the config."""
-    from .models import check_device, check_model_source, parse_device_map
+    from .models import check_model_source, check_placement
 
-    check_device(device)
-    if parse_device_map(device_map) is not None and device is not None:
-        raise HpreditError("give either --device or --device-map, not both")
+    check_placement(device, device_map)
     return check_model_source(model)
 
 

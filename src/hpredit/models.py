@@ -39,6 +39,7 @@ __all__ = [  # the model-structure helpers live in .architecture and are re-expo
     "cache_dir",
     "check_device",
     "check_model_source",
+    "check_placement",
     "decoder_layers",
     "embedded_default_path",
     "execution_device",
@@ -411,6 +412,17 @@ def parse_device_map(spec: str | os.PathLike | dict | None) -> str | dict | None
     return mapping
 
 
+def check_placement(
+    device: str | torch.device | None, device_map: str | os.PathLike | dict | None
+) -> tuple[torch.device | None, str | dict | None]:
+    """``(device, device_map)`` checked: the device exists, the map parses, and not both are given."""
+    target = None if device is None else check_device(device)
+    mapping = parse_device_map(device_map)
+    if target is not None and mapping is not None:
+        raise HpreditError("give either --device or --device-map, not both")
+    return target, mapping
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
@@ -448,13 +460,10 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
-    target = None if device is None else check_device(device)
-    device_map = parse_device_map(device_map)
+    target, device_map = check_placement(device, device_map)
     if kwargs.get("offload_folder") is None:
         kwargs.pop("offload_folder", None)
     if device_map is not None:
-        if target is not None:
-            raise HpreditError("give either --device or --device-map, not both")
         kwargs["device_map"] = device_map
         if isinstance(device_map, dict) and "disk" in device_map.values() and "offload_folder" not in kwargs:
             kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
