@@ -95,3 +95,15 @@ def test_bad_device_maps_are_one_clear_error(saved_tiny, spec, message):
 def test_device_and_device_map_together_are_one_clear_error(saved_tiny):
     with pytest.raises(HpreditError, match="either --device or --device-map"):
         hpredit.load_model(saved_tiny, device="cpu", device_map="auto")
+
+
+def test_eval_command_with_a_device_map_equals_the_model_in_one_piece(saved_tiny, truthfulqa_csv, tmp_path):
+    from hpredit.cli import main
+
+    base = ["eval", "--model", str(saved_tiny), "--data", str(truthfulqa_csv), "--limit", "3"]
+    for name, extra in (("whole", []), ("spread", ["--device-map", json.dumps({**MAP, "model.layers.1": "cpu"})])):
+        with pytest.raises(SystemExit) as stop:
+            main([*base, *extra, "--out", str(tmp_path / name)])
+        assert stop.value.code == 0
+    whole, spread = (json.loads((tmp_path / n / "summary.json").read_text())["metrics"] for n in ("whole", "spread"))
+    assert spread["unedited"] == pytest.approx(whole["unedited"], abs=1e-6)

@@ -614,13 +614,8 @@ def eval_(
     for name, judge_model, template in (("truth", truth_judge, TRUTH_TEMPLATE), ("info", info_judge, INFO_TEMPLATE)):
         if judge_model:
             judges[name] = HFJudge.from_pretrained(judge_model, template, dtype=dtype, device=device)
-    loaded: dict[str, Any] = {"model": model}
-    if device_map is not None:  # evaluate() loads plain models itself; a spread one is loaded here
-        from .models import load_model
-
-        loaded["model"], loaded["tokenizer"] = load_model(model, dtype=dtype, device_map=device_map)
     evaluate(
-        **loaded,
+        model=model,
         editor=editor,
         task=task,
         split=split,
@@ -636,6 +631,7 @@ def eval_(
         strict=strict,
         dtype=dtype,
         device=device,
+        device_map=device_map,
         force=force,
         progress=True,
         show=True,

@@ -64,11 +64,13 @@ def _load_editor(editor):
     raise HpreditError(f"editor must be an Editor or a directory, got {type(editor).__name__}")
 
 
-def _load_model(model, tokenizer, dtype: str, device: str | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_model(
+    model, tokenizer, dtype: str, device: str | None, device_map: str | dict | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from ..models import load_model
 
     if model is None or isinstance(model, (str, os.PathLike)):
-        return load_model(model, dtype=dtype, device=device)
+        return load_model(model, dtype=dtype, device=device, device_map=device_map)
     if not isinstance(model, nn.Module):
         raise HpreditError(f"model must be a name, a path or a loaded model, got {type(model).__name__}")
     if tokenizer is None:
@@ -268,6 +270,7 @@ def evaluate(
     strict: bool = True,
     dtype: str = "float32",
     device: str | None = None,
+    device_map: str | dict | None = None,
     bootstrap_resamples: int = 10_000,
     force: bool = False,
     progress: bool = False,
@@ -299,7 +302,7 @@ def evaluate(
         max_new_tokens: generation: tokens per answer at most.
         batch_size: questions per batch (MC: whose answers share forward passes; generation:
             prompts per ``generate`` call); it does not change the MC numbers.
-        dtype, device: for loading ``model`` by name.
+        dtype, device, device_map: for loading ``model`` by name (see :func:`hpredit.load_model`).
         bootstrap_resamples: resamples of the paired-bootstrap CI of each difference (TruthfulQA).
         progress, show: progress bars; print the table.
         command: the command line to record (default: the equivalent ``hpredit.evaluate(...)`` call).
@@ -327,7 +330,7 @@ def evaluate(
     selection = _select(the_task, data, split, seed, limit)
     editor_obj, editor_path = _load_editor(editor)
     t0 = time.perf_counter()
-    lm, tokenizer = _load_model(model, tokenizer, dtype, device)
+    lm, tokenizer = _load_model(model, tokenizer, dtype, device, device_map)
     if editor_obj is not None:
         editor_obj.check_model(lm, strict=strict)
     timing = {"load": time.perf_counter() - t0}
