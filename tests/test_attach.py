@@ -248,8 +248,11 @@ def test_bad_scope_strength_and_layers():
     editor = random_hpr(model, layers=[0, 1])
     with pytest.raises(HpreditError, match="unknown scope 'everything'"):
         editor.attach(model, scope="everything")
-    with pytest.raises(HpreditError, match="strength must be finite"):
-        editor.attach(model, strength=float("nan"))
+    for bad in (float("nan"), float("inf"), 1e39, -100.5, True, None):
+        with pytest.raises(HpreditError, match=r"strength must be a number between -100 and 100"):
+            editor.attach(model, strength=bad)
+    with editor.attach(model, strength=-100.0) as handle:  # the bound itself, either sign
+        assert handle.strength == -100.0
     with pytest.raises(HpreditError, match="strength must be a number"):
         editor.attach(model, strength="strong")
     with pytest.raises(HpreditError, match=r"no module for layer\(s\) \[2\]"):

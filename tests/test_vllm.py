@@ -32,8 +32,10 @@ HERE = Path(__file__).resolve().parent
 LAYERS = [10, 14, 18, 22, 26]
 N_PROMPTS = 24
 MAX_TOKENS = 8
-#: first-token log-probabilities: vLLM's distance to the float64 truth may exceed Hugging Face
-#: float32's by this much (besides a factor 3)
+#: first-token log-probabilities: vLLM's distance to the float64 truth may be this many times Hugging
+#: Face float32's largest distance over the prompts, plus LOGPROB_TOL (both float32 engines round
+#: differently: other kernels, another order of reductions; neither is nearer the truth by design)
+ROUNDING_FACTOR = 3
 LOGPROB_TOL = 5e-4
 ENV = {
     **os.environ,
@@ -189,22 +191,48 @@ def _agreement(vllm_result: dict, reference: list) -> dict:
 @pytest.mark.parametrize("strength, job", [(None, None), (1.0, 1), (0.5, 2)])
 def test_matches_hugging_face_with_the_editor(runs, hf_reference, strength, job, capsys):
     """vLLM + editor vs Hugging Face generate() + editor: the same greedy tokens, and first-token
-    log-probabilities as close to the float64 truth as Hugging Face's own float32 (an edit can amplify
-    rounding: the angle of a rotation is a function of the activations)."""
+    log-probabilities within float32's rounding of the float64 truth.
+
+    The bound is float32's rounding scale on *this* machine and prompt set: the largest distance of
+    Hugging Face float32 from float64 over all prompts (an edit amplifies rounding — the angle of a
+    rotation is a function of the activations — and how much depends on the CPU's kernels). A
+    per-prompt bound broke on a CPU where one prompt's HF float32 happened to round well. The bound
+    is useful only if a wrong edit exceeds it: the edit's own effect (edited vs unedited, float64)
+    must be far larger, which is asserted too."""
     result = runs["plain"]["results"][0] if job is None else runs["eager"]["results"][job]
     rows = _agreement(result, hf_reference[strength])
     same = sum(r["same"] for r in rows)
     d32 = sorted(r["vllm_hf32"] for r in rows)
+    scale, bound = _rounding_bound(rows)
     with capsys.disabled():
         print(
             f"\n[vllm vs HF, strength {strength}] tokens identical {same}/{len(rows)}; first-token |Δlogp| vs HF "
             f"float32: median {d32[len(d32) // 2]:.1e}, max {d32[-1]:.1e}; vs float64 max "
-            f"{max(r['vllm_hf64'] for r in rows):.1e} "
-            f"(HF float32 vs float64 max {max(r['hf32_hf64'] for r in rows):.1e})"
+            f"{max(r['vllm_hf64'] for r in rows):.1e} (bound {bound:.1e}; HF float32 vs float64 max {scale:.1e})"
         )
     for i, r in enumerate(rows):
-        assert r["vllm_hf64"] <= 3 * r["hf32_hf64"] + LOGPROB_TOL, (i, r)
+        assert r["vllm_hf64"] <= bound, (i, r, bound)
+    if strength is not None:  # the bound must tell a wrong edit from rounding
+        effect = _edit_effect(hf_reference[strength], hf_reference[None])
+        assert effect > 10 * bound, (effect, bound)
     assert same >= len(rows) - 2  # a greedy path may split where two tokens tie to float32 rounding
+
+
+def _rounding_bound(rows: list) -> tuple[float, float]:
+    """Float32's rounding scale here (HF float32 vs float64, largest over the prompts) and the
+    bound any float32 engine's first-token log-probabilities must keep to."""
+    scale = max(r["hf32_hf64"] for r in rows)
+    return scale, ROUNDING_FACTOR * scale + LOGPROB_TOL
+
+
+def _edit_effect(edited: list, unedited: list) -> float:
+    """The median over prompts of the largest first-token log-probability change the edit makes
+    (float64, over the unedited model's top 5): what an edit that was not applied would be off by."""
+    per_prompt = sorted(
+        float((e["lp64"][u["lp64"].topk(5).indices] - u["lp64"][u["lp64"].topk(5).indices]).abs().max())
+        for e, u in zip(edited, unedited)
+    )
+    return per_prompt[len(per_prompt) // 2]
 
 
 def test_strength_zero_is_unedited_vllm_bit_for_bit(runs):
@@ -238,15 +266,15 @@ def test_norms_kept_at_edited_layers(runs):
 
 def test_compiled_equals_eager_and_edits(runs, hf_reference):
     """With torch.compile (no enforce_eager) the edit still acts and gives the eager result: the same
-    tokens, log-probabilities within the fused kernels' rounding as the edit amplifies it (measured by
-    Hugging Face float32 against float64 on the same prompt)."""
+    tokens, log-probabilities within float32's rounding as the edit amplifies it (the bound of
+    test_matches_hugging_face_with_the_editor)."""
     compiled, eager = runs["compiled"]["results"], runs["eager"]["results"]
     assert compiled[0]["tokens"] == eager[1]["tokens"]
     assert compiled[0]["tokens"] != compiled[1]["tokens"]
     assert compiled[1]["tokens"] == runs["plain"]["results"][0]["tokens"]
-    rows = _agreement(eager[1], hf_reference[1.0])
+    _, bound = _rounding_bound(_agreement(eager[1], hf_reference[1.0]))
     for i, (a, b) in enumerate(zip(compiled[0]["first_logprobs"], eager[1]["first_logprobs"])):
-        assert max(abs(a[k] - b[k]) for k in a if k in b) <= 3 * rows[i]["hf32_hf64"] + LOGPROB_TOL, i
+        assert max(abs(a[k] - b[k]) for k in a if k in b) <= bound, i
 
 
 # --------------------------------------------------------------------------- the server
@@ -370,7 +398,7 @@ def test_server_64_concurrent_mixed_strengths(server, prompts):
     [
         ('{"strength": NaN}', ""),
         ('{"strength": Infinity}', ""),
-        ('{"strength": -1}', "finite number"),
+        ('{"strength": 1e39}', "between -100 and 100"),
         ('{"strength": "strong"}', "must be a number"),
         ('{"strength": 1, "temperature_boost": 2}', "unknown extra argument"),
     ],

@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import distributed
+from .checks import MAX_STRENGTH, check_strength
 from .errors import HpreditError
 
 app = typer.Typer(
@@ -37,9 +38,6 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-#: The largest |strength| accepted: far beyond any useful edit (HPR's useful range is about 0–2,
-#: additive methods' 0–16), so a larger value is a typo (1e30) rather than an experiment.
-MAX_STRENGTH = 100.0
 STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 _argv: list[str] | None = None  #: the arguments main() was called with (None: sys.argv)
 
@@ -120,11 +118,7 @@ def _check_top_k(top_k: int, n_layers: int | None) -> None:
 
 
 def _check_strength(value: float, name: str = "--strength") -> float:
-    if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
-        raise HpreditError(
-            f"{name} must be a finite number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}, got {value}"
-        )
-    return value
+    return check_strength(value, name)
 
 
 def _parse_list(text: str, option: str, kind: Callable[[str], Any], what: str) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .architecture import attention_output, backbone, decoder_layers
+from .checks import check_strength
 from .errors import HpreditError
 
 __all__ = [
@@ -155,16 +155,6 @@ def check_scope(scope: str) -> str:
     if scope not in SCOPES:
         raise HpreditError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
     return scope
-
-
-def check_strength(strength: float) -> float:
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise HpreditError(f"strength must be a number, got {strength!r}") from None
-    if not math.isfinite(value):
-        raise HpreditError(f"strength must be finite, got {strength!r}")
-    return value
 
 
 def refresh_compiled_graphs() -> None:

@@ -22,9 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..artifacts import check_output_dir, sha256_file
+from ..checks import check_strength
 from ..data import QA_PRIMER, Question
 from ..errors import HpreditError
-from ..hooks import check_scope, check_strength
+from ..hooks import check_scope
 from ..provenance import machine, versions
 from .judges import Judge, judge_value, resolve_judges
 from .metrics import paired_bootstrap, reference_acc

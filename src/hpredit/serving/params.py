@@ -7,9 +7,10 @@ Pure Python, no vLLM import: the frontend validates with it, the model runner re
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from ..checks import check_strength
+from ..errors import HpreditError
 from ..hooks import SCOPES
 
 __all__ = [
@@ -32,12 +33,10 @@ VLLM_KEYS = ("kv_transfer_params", "ec_transfer_params")
 
 
 def _strength(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"hpredit: 'strength' must be a number ≥ 0, got {value!r} ({type(value).__name__})")
-    s = float(value)
-    if not math.isfinite(s) or s < 0:
-        raise ValueError(f"hpredit: 'strength' must be a finite number ≥ 0, got {value!r}")
-    return s
+    try:
+        return check_strength(value, "'strength'")
+    except HpreditError as e:
+        raise ValueError(f"hpredit: {e}") from None
 
 
 def _scope(value: Any) -> str:
