@@ -109,7 +109,7 @@ def test_bad_inputs(model_tok):
     model, tok = model_tok
     with pytest.raises(HpreditError, match="no contrastive pairs"):
         collect_activations(model, tok, [], progress=False)
-    with pytest.raises(HpreditError, match=r"out of range: the model has 3 blocks"):
+    with pytest.raises(HpreditError, match=r"out of range: the model has 3 layers"):
         collect_activations(model, tok, PAIRS, layers=[5], progress=False)
 
 

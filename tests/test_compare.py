@@ -62,15 +62,15 @@ def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path)
     assert {"results.json", "table.md", "mc2_vs_kl.png"} <= set(files)
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert saved["summary"].keys() == result["summary"].keys()
-    rows = [r for r in result["runs"] if "method" in r]
-    assert len(rows) == 12
+    rows = result.runs  # one row per (seed, method); each seed's split is in result.splits
+    assert len(rows) == 12 and all("method" in r for r in rows) and saved["runs"] == json.loads(json.dumps(rows))
     none = [r for r in rows if r["method"] == "none"]
     assert all(r["kl"] < 1e-6 for r in none)
     for r in rows:
         assert set(r["test"]) == {"mc1", "mc2", "mc3"} and 0 <= r["test"]["mc2"] <= 1
         if r["method"] == "hpr":
             assert all(abs(r["norm_drift"]["at_edit"][layer] - 1) < 1e-5 for layer in r["layers"])
-    splits = [r["split"] for r in result["runs"] if "split" in r]
+    splits = [r["split"] for r in result.splits]
     assert [s["seed"] for s in splits] == [0, 1] and splits[0]["groups"]["test"] != splits[1]["groups"]["test"]
     assert "| hpr |" in markdown_table(result)
 
@@ -122,7 +122,7 @@ def test_merge_seeds_and_method_subsets():
     assert list(merged["summary"]) == ["none", "hpr"] and merged["seeds"] == [0, 1]
     assert merged["summary"]["hpr"]["mc2"]["mean"] == pytest.approx(1.3)
     assert merged["summary"]["hpr"]["mc2"]["std"] == pytest.approx(0.1414, abs=1e-4)
-    assert len([r for r in merged["runs"] if "split" in r]) == 2
+    assert len(merged.splits) == 2 and all("method" in r for r in merged.runs)  # old files: split rows among runs
     with pytest.raises(HpreditError, match="cannot merge: no run for iti seed 0"):
         merge([result(0, 0.2)], methods=["iti"])
     # other methods from another process, for the same seeds: the union, in order of appearance

@@ -297,7 +297,7 @@ def _three_questions(truthfulqa_csv, tmp_path):
         ("unknown-split", "unknown split 'dev'"),
         ("empty-split-name", "unknown split ''"),
         ("empty-split", "split 'val' has no questions"),
-        ("limit-0", "--limit must be a positive integer, got 0"),
+        ("limit-0", "limit must be positive, got 0"),
         ("other-model-editor", "editor does not match this model: architecture LlamaForCausalLM"),
         ("mc-scope", "only --scope all applies"),
         ("unknown-task", "unknown task 'truthfulqa'"),

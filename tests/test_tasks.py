@@ -382,7 +382,7 @@ def test_compare_on_toxigen_tiny(model_tok, tmp_path):
     assert {"results.json", "table.md", "acc_vs_kl.png"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
     table = markdown_table(result)
     assert table.splitlines()[0].startswith("| method | acc | KL")
-    split = next(r["split"] for r in result["runs"] if "split" in r)
+    split = result.splits[0]["split"]
     assert sorted(sum(split["groups"].values(), [])) == list(range(20))
     test_rows = [r for r in result["runs"] if r.get("method") == "none"]
     assert 0 <= test_rows[0]["test"]["acc"] <= 1

@@ -1,6 +1,6 @@
 """hpredit: activation editing for Hugging Face causal LMs, centred on Householder Pseudo-Rotation."""
 
-from . import data, geometry
+from . import data, geometry, pipeline, results
 from ._version import __version__
 from .activations import ActivationStore, collect_activations
 from .data import ContrastivePair, ContrastivePairs
@@ -9,6 +9,8 @@ from .errors import HpreditError
 from .evaluation import evaluate
 from .hooks import SCOPES, EditHandle
 from .models import DEFAULT_MODEL, decoder_layers, fingerprint, load_model
+from .pipeline import run
+from .results import load_result
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,4 +32,8 @@ __all__ = [
     "geometry",
     "load_editor",
     "load_model",
+    "load_result",
+    "pipeline",
+    "results",
+    "run",
 ]

@@ -18,6 +18,7 @@ from torch import nn
 from . import distributed
 from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint
 from .artifacts import atomic_directory, file_digest, read_json
+from .checks import check_layers
 from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs
 from .errors import HpreditError
 from .hooks import StopForward, record
@@ -475,15 +476,8 @@ def _check_sites(site: str | Sequence[str]) -> list[str]:
 
 
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    if any(not _is_int(i) for i in layers):
-        raise HpreditError(f"layers must be integers, got {list(layers)}")
-    chosen = sorted(set(layers))
-    bad = [i for i in chosen if not 0 <= i < n_layers]
-    if bad or not chosen:
-        raise HpreditError(f"layers {bad or chosen} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
-    return chosen
+    chosen = check_layers(layers, n_layers)
+    return list(range(n_layers)) if chosen is None else sorted(chosen)
 
 
 @torch.no_grad()

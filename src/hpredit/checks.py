@@ -9,11 +9,32 @@ its message are the same everywhere and only the name differs.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from .errors import HpreditError
 
-__all__ = ["MAX_STRENGTH", "check_strength"]
+__all__ = [
+    "MAX_STRENGTH",
+    "SCOPES",
+    "STORE_DTYPES",
+    "check_count",
+    "check_editor_matches",
+    "check_kl_cap",
+    "check_layers",
+    "check_limit",
+    "check_scope",
+    "check_seed",
+    "check_store_dtype",
+    "check_strength",
+    "check_strengths",
+    "check_top_k",
+    "named",
+    "option_names",
+]
 
 #: The largest |strength| accepted anywhere (``attach``, the CLI, each served request). HPR's useful
 #: range is about 0–2 and the additive methods' a few units; a bound keeps every per-token strength
@@ -21,9 +42,10 @@ __all__ = ["MAX_STRENGTH", "check_strength"]
 MAX_STRENGTH = 100.0
 
 
-def check_strength(value: Any, name: str = "strength") -> float:
+def check_strength(value: Any, name: str | None = None) -> float:
     """An edit strength: a real number (not a bool or a string) with ``|value| ≤ MAX_STRENGTH``;
     negative strengths turn the edit the other way and are allowed everywhere."""
+    name = named(name or "strength")
     rule = f"{name} must be a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}, got {value!r}"
     if value is None or isinstance(value, (bool, str, bytes)):
         raise HpreditError(rule)
@@ -34,3 +56,140 @@ def check_strength(value: Any, name: str = "strength") -> float:
     if not math.isfinite(s) or abs(s) > MAX_STRENGTH:
         raise HpreditError(rule)
     return s
+
+
+# ------------------------------------------------------------------ the values of a job
+# Layers, counts, the item limit, the token scope, seeds, the KL cap, the store dtype and the
+# editor-vs-model match: each a function used by the library's own checks (run, fit, evaluate,
+# compare, attach, collect_activations) and so, through them, by the CLI. ``name`` defaults to the
+# value's name as the caller spells it (:func:`named`): ``top_k`` in Python, ``--top-k`` under the CLI.
+
+_OPTION_NAMES: ContextVar[bool] = ContextVar("hpredit_option_names", default=False)
+
+#: Which token positions an attached editor may edit (applied by :mod:`hpredit.hooks`).
+#: ``all``: every token (each still gated by the editor); ``last-prompt-and-generated``: the last
+#: real prompt token of each row and every generated token; ``generated``: generated tokens only.
+SCOPES = ("all", "last-prompt-and-generated", "generated")
+#: How activations may be stored (``auto``: float16, or bfloat16 where float16 would overflow).
+STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@contextmanager
+def option_names() -> Iterator[None]:
+    """Inside this block messages name values as command-line options (``--top-k``): the CLI's spelling."""
+    token = _OPTION_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _OPTION_NAMES.reset(token)
+
+
+def named(name: str) -> str:
+    """``name`` as the caller spells it: ``top_k`` in Python, ``--top-k`` inside :func:`option_names`
+    (a name already spelled, such as ``"--top-k"`` or ``"'strength'"``, is kept)."""
+    if not _OPTION_NAMES.get() or not name.isidentifier():
+        return name
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(value: Any, name: str, low: int = 1) -> int:
+    """A whole number of at least ``low`` (epochs, batch sizes, steps, tokens)."""
+    if not _is_int(value) or value < low:
+        raise HpreditError(f"{named(name)} must be at least {low} (a whole number), got {value!r}")
+    return int(value)
+
+
+def check_limit(value: Any, name: str | None = None) -> int | None:
+    """The number of items (questions, groups) to keep: None for all, else a positive whole number."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise HpreditError(f"{named(name or 'limit')} must be positive, got {value!r} (a whole number of items)")
+    return int(value)
+
+
+def check_seed(value: Any, name: str | None = None) -> int:
+    """A seed (of a split, of training, of the bootstrap): a whole number ≥ 0."""
+    if not _is_int(value) or value < 0:
+        raise HpreditError(f"{named(name or 'seed')} must be a whole number ≥ 0, got {value!r}")
+    return int(value)
+
+
+def check_layers(
+    layers: Sequence[int] | None, n_layers: int | None = None, name: str | None = None
+) -> list[int] | None:
+    """Layer indices: None (the default choice), else distinct whole numbers, each below the
+    model's ``n_layers`` when it is known; the list, in the order given."""
+    if layers is None:
+        return None
+    name = named(name or "layers")
+    chosen = list(layers)
+    if not all(_is_int(i) for i in chosen):
+        raise HpreditError(f"{name} must be integers, got {chosen}")
+    if not chosen:
+        raise HpreditError(f"{name} is empty: give at least one layer")
+    dupes = sorted({i for i in chosen if chosen.count(i) > 1})
+    if dupes:
+        raise HpreditError(f"{name} lists layer(s) {dupes} more than once")
+    bad = [] if n_layers is None else [i for i in chosen if not 0 <= i < n_layers]
+    if bad and n_layers is not None:
+        raise HpreditError(f"{name} {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return [int(i) for i in chosen]
+
+
+def check_top_k(top_k: Any, n_layers: int | None = None, name: str | None = None) -> int:
+    """How many layers to edit: at least 1 and at most the model's ``n_layers`` when it is known."""
+    name = named(name or "top_k")
+    k = check_count(top_k, name)
+    if n_layers is not None and k > n_layers:
+        raise HpreditError(f"{name} {k} is more than the model's {n_layers} layers")
+    return k
+
+
+def check_kl_cap(value: Any, name: str | None = None) -> float:
+    """The largest fluency cost (KL nats/token on neutral text) a chosen strength may have: > 0, finite."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise HpreditError(f"{named(name or 'kl_cap')} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_strengths(values: Sequence[Any], name: str | None = None) -> list[float]:
+    """A grid of strengths to try: at least one, each a valid strength (:func:`check_strength`)."""
+    name = named(name or "strengths")
+    grid = list(values)
+    if not grid:
+        raise HpreditError(f"{name} needs at least one value")
+    return [check_strength(s, f"each of {name}") for s in grid]
+
+
+def check_scope(scope: Any) -> str:
+    """A token scope: one of :data:`SCOPES`."""
+    if scope not in SCOPES:
+        raise HpreditError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    return scope
+
+
+def check_store_dtype(value: Any, name: str | None = None) -> Any:
+    """An activation store type by name (:data:`STORE_DTYPES`); a ``torch.dtype`` passes through."""
+    if isinstance(value, str) and value not in STORE_DTYPES or value is None or isinstance(value, (int, float)):
+        raise HpreditError(f"{named(name or 'store_dtype')} must be one of {', '.join(STORE_DTYPES)}, got {value!r}")
+    return value
+
+
+def check_editor_matches(editor_fingerprint: Any, model_fingerprint: Any, strict: bool = True) -> None:
+    """The editor was fitted on this kind of model: architecture, sizes (and, with ``strict``, the
+    name) agree. Both are :class:`~hpredit.architecture.ModelFingerprint` s: the model's may come
+    from a loaded model or from its config alone (before loading)."""
+    problems = editor_fingerprint.mismatches(model_fingerprint, check_name=strict)
+    if problems:
+        hint = (
+            f" (pass {'--no-strict' if _OPTION_NAMES.get() else 'strict=False'} to ignore the name)"
+            if strict and len(problems) == 1 and problems[0].startswith("name")
+            else ""
+        )
+        raise HpreditError("editor does not match this model: " + "; ".join(problems) + hint)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts import read_json, write_json_atomic, write_text_atomic
+from .checks import check_limit
 from .errors import HpreditError, first_line
 
 __all__ = [
@@ -432,9 +433,7 @@ def truthfulqa_pairs(
     chosen = _parse_splits(split)
     which = qsplit.name_of()
     selected = sorted(i for s in chosen for i in qsplit.indices(s))
-    if limit is not None:
-        if limit <= 0:
-            raise HpreditError(f"--limit must be positive, got {limit}")
+    if check_limit(limit) is not None:
         selected = selected[:limit]
     if not selected:
         raise HpreditError(f"split {'+'.join(chosen)!r} has no questions")

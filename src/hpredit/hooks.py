@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .architecture import attention_output, backbone, decoder_layers
-from .checks import check_strength
+from .checks import SCOPES, check_layers, check_scope, check_strength
 from .errors import HpreditError
 
 __all__ = [
@@ -27,16 +27,12 @@ __all__ = [
     "LayerEdit",
     "StopForward",
     "broadcast_strength",
+    "check_scope",
     "record",
     "refresh_compiled_graphs",
     "token_strength",
     "untuple",
 ]
-
-#: Which token positions an attached editor may edit.
-#: ``all``: every token (each still gated by the editor); ``last-prompt-and-generated``: the last
-#: real prompt token of each row and every generated token; ``generated``: generated tokens only.
-SCOPES = ("all", "last-prompt-and-generated", "generated")
 
 #: ``edit(hidden (batch, seq, d), mask (batch, seq) bool or None, strength) -> hidden``, built once
 #: per attach. ``strength``: a number, or a tensor of per-token strengths broadcastable to
@@ -113,10 +109,7 @@ def record(
     if site not in RECORD_SITES:
         raise HpreditError(f"unknown record site {site!r}: use residual or attn_in")
     _, blocks = decoder_layers(model, layers_path)
-    chosen = list(range(len(blocks))) if layers is None else list(layers)
-    bad = [i for i in chosen if not 0 <= i < len(blocks)]
-    if bad:
-        raise HpreditError(f"layers {bad} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    chosen = check_layers(layers, len(blocks)) or list(range(len(blocks)))
     keep = transform or (lambda t: t)
     out: dict[int, Any] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -149,12 +142,6 @@ def record(
     finally:
         for h in handles:
             h.remove()
-
-
-def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise HpreditError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-    return scope
 
 
 def refresh_compiled_graphs() -> None:

@@ -18,15 +18,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
-from .._version import __version__
 from ..activations import ActivationStore, collect_activations
+from ..checks import check_count, check_kl_cap, check_limit, check_seed, check_store_dtype, named
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
 from ..evaluation.side_effects import NeutralText, neutral_text, norm_drift
 from ..evaluation.tasks import Task, get_task, mean_metrics
 from ..models import fingerprint
-from ..provenance import command_line, machine, versions
+from ..preflight import check_model, check_out
+from ..results import CompareResult, Provenance
 from .methods import METHODS, SeedFits
 from .report import write_results
 from .strength import choose_strength, fluency_with, score_with
@@ -47,14 +48,13 @@ def check_compare_args(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise HpreditError(f"unknown method(s) {unknown or list(methods)}: choose from {', '.join(METHODS)}")
-    if limit is not None and (isinstance(limit, bool) or limit <= 0):
-        raise HpreditError(f"--limit must be positive, got {limit}")
+    check_limit(limit)
     if not seeds:
-        raise HpreditError("give at least one split seed")
-    if not (kl_cap > 0) or kl_cap == float("inf"):
-        raise HpreditError(f"--kl-cap must be positive and finite, got {kl_cap}")
-    if refine < 0:
-        raise HpreditError(f"--refine must be 0 or more, got {refine}")
+        raise HpreditError(f"give at least one split seed ({named('seeds')})")
+    for seed in seeds:
+        check_seed(seed, f"each of {named('seeds')}")
+    check_kl_cap(kl_cap)
+    check_count(refine, "refine", 0)
     return the_task
 
 
@@ -190,8 +190,8 @@ def _run_method(
 
 
 def compare(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
+    model: nn.Module | str | Path | None,
+    tok: PreTrainedTokenizerBase | None = None,
     methods: Sequence[str] = ("none", "hpr", "caa", "caa-norm", "iti"),
     seeds: Sequence[int] = (0, 1, 2),
     task: str = "truthfulqa-mc",
@@ -205,7 +205,13 @@ def compare(
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     store_dtype: str | torch.dtype | None = None,
-) -> dict:
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    force: bool = False,
+    command: str | None = None,
+) -> CompareResult:
     """Fit every method on the same train split, choose its strength on val, report it on test.
 
     For each split seed the task's groups are split 40/10/50; activations are collected once
@@ -215,7 +221,9 @@ def compare(
     perplexity on neutral text, norm drift.
 
     Args:
-        model, tok: a loaded causal LM and its tokenizer.
+        model, tok: a loaded causal LM and its tokenizer, or a hub id / local directory / None (the
+            embedded default) with ``tok`` None: checked, then loaded with ``dtype``, ``device``,
+            ``device_map`` (see :func:`hpredit.load_model`).
         methods: names from :data:`~hpredit.compare.METHODS` (``none`` is the unedited model).
         seeds: split seeds; the summary gives mean ± std over them.
         task: a task name from :func:`hpredit.evaluation.tasks.task_names`; ``data`` a local file for it.
@@ -226,51 +234,91 @@ def compare(
         max_doublings: how often a grid may double past its top (or halve below its bottom)
             while it is entirely under (over) the cap.
         refine: bisection steps toward the cap.
-        out: write ``results.json``, ``table.md`` and a figure there atomically.
+        out: write ``results.json``, ``table.md`` and a figure there atomically (a non-empty
+            directory is refused unless ``force``).
         progress, log: progress bars while collecting; where progress lines go.
         store_dtype: the activation store's type (``"auto"``, ``"float16"``, …; None: the default).
+        command: the command line to record (default: this process's).
 
     Returns:
-        The results: ``runs`` (one row per seed and method, plus each seed's split), ``summary``
-        (per method, mean and std of each metric over seeds), and the run's provenance.
+        A :class:`~hpredit.results.CompareResult`: ``runs`` (one row per seed and method),
+        ``splits`` (each seed's split), ``summary`` (per method, mean and std of each metric over
+        seeds), and the run's provenance.
 
     Example:
         >>> result = compare(model, tok, methods=["none", "caa"], seeds=[0], data=csv, limit=2,
         ...                  strengths={"caa": (1.0,)}, progress=False, log=lambda s: None)
-        >>> sorted(result["summary"])
+        >>> sorted(result.summary)
         ['caa', 'none']
     """
     the_task = check_compare_args(methods, seeds, kl_cap, limit, refine, task)
+    if store_dtype is not None:
+        check_store_dtype(store_dtype)
+    if out is not None:
+        check_out(out, force)
+    model, tok = _model(model, tok, the_task, data, dtype, device, device_map)
+    provenance = Provenance.now(command)
     items = the_task.load(data)
-    groups = sorted({the_task.group(it) for it in items})
     started = time.time()
     if not distributed.is_main():  # under data parallelism rank 0 speaks for all
         log, progress = (lambda s: None), False
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
     run = _Run(model, tok, the_task, neutral, kl_cap, max_doublings, refine, log, progress)
-    runs = []
+    runs, splits = [], []
     for seed in seeds:
-        split = _SeedSplit.make(the_task, items, groups, seed, limit, tok)
-        stores = _collect(model, tok, methods, split, store_dtype, progress, log)
-        shared = SeedFits()
-        for name in methods:
-            runs.append(_run_method(run, name, split, stores, shared, (strengths or {}).get(name)))
-        runs.append(
-            {"seed": seed, "split": split.record, "val_questions": len(split.val), "test_questions": len(split.test)}
-        )
-    result = {
-        "command": command_line(),
-        "hpredit_version": __version__,
-        "torch_version": torch.__version__,
-        "versions": versions(),
-        "machine": machine(),
+        seed_runs, split_row = _run_seed(run, methods, items, seed, limit, store_dtype, strengths or {})
+        runs += seed_runs
+        splits.append(split_row)
+    setting = _setting(model, the_task, data, methods, seeds, kl_cap, refine, limit, neutral)
+    result = CompareResult(
+        provenance, setting, runs, splits, _summarise(runs, methods, the_task.metrics), round(time.time() - started, 1)
+    )
+    if out is not None and distributed.is_main():
+        write_results(result, Path(out))
+    return result
+
+
+def _model(model, tok, task: Task, data, dtype: str, device, device_map) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A loaded model as given, or one named: its config and the task's data source checked before it loads."""
+    if isinstance(model, nn.Module):
+        if tok is None:
+            raise HpreditError("pass the tokenizer together with a loaded model")
+        return model, tok
+    from ..models import load_model
+
+    check_model(model, device, device_map)
+    task.check_source(data)
+    return load_model(model, dtype=dtype, device=device, device_map=device_map)
+
+
+def _run_seed(
+    run: _Run, methods: Sequence[str], items: list, seed: int, limit: int | None, store_dtype, strengths: dict
+) -> tuple[list[dict], dict]:
+    """One split seed: split the groups → collect once → fit, choose and measure every method;
+    the method rows and the split's row."""
+    groups = sorted({run.task.group(it) for it in items})
+    split = _SeedSplit.make(run.task, items, groups, seed, limit, run.tok)
+    stores = _collect(run.model, run.tok, methods, split, store_dtype, run.progress, run.log)
+    shared = SeedFits()
+    rows = [_run_method(run, name, split, stores, shared, strengths.get(name)) for name in methods]
+    return rows, {
+        "seed": seed,
+        "split": split.record,
+        "val_questions": len(split.val),
+        "test_questions": len(split.test),
+    }
+
+
+def _setting(model, task: Task, data, methods, seeds, kl_cap: float, refine: int, limit, neutral) -> dict:
+    """What a comparison was run with (the top of ``results.json`` besides provenance and rows)."""
+    return {
         "model": fingerprint(model).to_dict(),
-        "task": task,
-        "task_note": the_task.note,
-        "data": str(data) if data else the_task.data_note,
-        "metrics": list(the_task.metrics),
-        "primary": the_task.primary,
+        "task": task.name,
+        "task_note": task.note,
+        "data": str(data) if data else task.data_note,
+        "metrics": list(task.metrics),
+        "primary": task.primary,
         "methods": {m: METHODS[m].note for m in methods},
         "seeds": list(seeds),
         "kl_cap": kl_cap,
@@ -278,46 +326,45 @@ def compare(
         "limit": limit,
         "neutral_text": "the model's own greedy continuations of hpredit.evaluation.side_effects.NEUTRAL_PROMPTS "
         f"({int(neutral.scored.sum())} tokens)",
-        "runs": runs,
-        "summary": _summarise(runs, methods, the_task.metrics),
-        "seconds": round(time.time() - started, 1),
     }
-    if out is not None and distributed.is_main():
-        write_results(result, Path(out))
-    return result
 
 
-def merge(results: Sequence[dict], methods: Sequence[str] | None = None) -> dict:
+def merge(results: Sequence[CompareResult | dict], methods: Sequence[str] | None = None) -> CompareResult:
     """Combine results run in several processes (other seeds, other methods) of one model and task.
 
     ``methods`` (default: every method found, in order of appearance) must each have a run for
     every seed found; a later result overrides an earlier one for the same seed and method.
+    Results may be :class:`~hpredit.results.CompareResult` s or ``results.json`` dicts (also of
+    earlier versions).
     """
     if not results:
         raise HpreditError("nothing to merge")
-    first = results[0]
+    typed = [r if isinstance(r, CompareResult) else CompareResult.from_json(r) for r in results]
+    first = typed[0]
     if any(
-        r["model"] != first["model"] or r.get("task", "truthfulqa-mc") != first.get("task", "truthfulqa-mc")
-        for r in results
+        r.setting["model"] != first.setting["model"]
+        or r.setting.get("task", "truthfulqa-mc") != first.setting.get("task", "truthfulqa-mc")
+        for r in typed
     ):
         raise HpreditError("cannot merge: the results are of different models or tasks")
-    found = list(dict.fromkeys(m for r in results for m in r["methods"]))
+    found = list(dict.fromkeys(m for r in typed for m in r.setting["methods"]))
     methods = list(methods or found)
-    latest: dict[tuple, dict] = {}
-    for r in results:
-        for row in r["runs"]:
-            latest[(row["seed"], row.get("method", "split"))] = row
-    seeds = sorted({s for r in results for s in r["seeds"]})
+    latest: dict[tuple, dict] = {(row["seed"], row["method"]): row for r in typed for row in r.runs}
+    split_of: dict[int, dict] = {row["seed"]: row for r in typed for row in r.splits}
+    seeds = sorted({s for r in typed for s in r.setting["seeds"]})
     missing = [f"{m} seed {s}" for m in methods for s in seeds if (s, m) not in latest]
     if missing:
         raise HpreditError("cannot merge: no run for " + ", ".join(missing))
-    merged = dict(first)
-    merged["methods"] = {m: METHODS[m].note for m in methods}
-    merged["runs"] = [row for (s, m), row in latest.items() if m in (*methods, "split")]
-    merged["seeds"] = seeds
-    merged["seconds"] = round(sum(r["seconds"] for r in results), 1)
-    merged["summary"] = _summarise(merged["runs"], methods, list(first.get("metrics", ["mc1", "mc2", "mc3"])))
-    return merged
+    runs = [row for (s, m), row in latest.items() if m in methods]
+    setting = {**first.setting, "methods": {m: METHODS[m].note for m in methods}, "seeds": seeds}
+    return CompareResult(
+        first.provenance,
+        setting,
+        runs,
+        [split_of[s] for s in seeds if s in split_of],
+        _summarise(runs, methods, first.metrics),
+        round(sum(r.seconds for r in typed), 1),
+    )
 
 
 def _summarise(runs: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:

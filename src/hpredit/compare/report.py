@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..artifacts import atomic_directory
-from ..evaluation.results import to_jsonable
+from ..results import CompareResult, write_json
 
 __all__ = ["figure", "markdown_table", "write_results"]
 
 _MARKERS = "osD^vP*Xph<>"
 
 
-def _metrics_of(result: dict) -> list[str]:
-    return list(result.get("metrics", ["mc1", "mc2", "mc3"]))
+def _typed(result: CompareResult | dict) -> CompareResult:
+    return result if isinstance(result, CompareResult) else CompareResult.from_json(result)
 
 
-def markdown_table(result: dict) -> str:
+def markdown_table(result: CompareResult | dict) -> str:
     """The summary as a markdown table (mean ± std over seeds; – where a metric is undefined)."""
-    metrics = _metrics_of(result)
+    result = _typed(result)
+    metrics = result.metrics
     lines = [
         "| method | "
         + " | ".join(m.upper() if m.startswith("mc") else m for m in metrics)
@@ -31,7 +31,7 @@ def markdown_table(result: dict) -> str:
         v = e.get(k) or {}
         return "–" if v.get("mean") is None else f"{v['mean']:{f}} ± {v['std']:{f}}"
 
-    for name, e in result["summary"].items():
+    for name, e in result.summary.items():
         lines.append(
             f"| {name} | "
             + " | ".join(cell(e, m) for m in metrics)
@@ -40,7 +40,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def figure(result: dict, path: Path) -> bool:
+def figure(result: CompareResult | dict, path: Path) -> bool:
     """The primary metric (test) against the fluency cost, one point per method with its std.
 
     Methods with equal results do not hide each other: each has its own hollow marker, drawn
@@ -54,11 +54,12 @@ def figure(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    key = result.get("primary", "mc2")
-    points = {n: (e["kl"]["mean"], e[key]["mean"]) for n, e in result["summary"].items() if e[key]["mean"] is not None}
+    result = _typed(result)
+    key = result.setting.get("primary", "mc2")
+    points = {n: (e["kl"]["mean"], e[key]["mean"]) for n, e in result.summary.items() if e[key]["mean"] is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, (x, y)) in enumerate(points.items()):
-        e = result["summary"][name]
+        e = result.summary[name]
         ax.errorbar(
             x,
             y,
@@ -72,9 +73,9 @@ def figure(result: dict, path: Path) -> bool:
             markeredgewidth=1.4,
         )
     ax.set_xlabel("fluency cost: KL(unedited ‖ edited) on neutral text, nats/token")
-    ax.set_ylabel(f"{result.get('task', 'truthfulqa-mc')} {key} (test)")
+    ax.set_ylabel(f"{result.setting.get('task', 'truthfulqa-mc')} {key} (test)")
     ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_title(f"{result['model']['name']}, seeds {result['seeds']}")
+    ax.set_title(f"{result.setting['model']['name']}, seeds {result.setting['seeds']}")
     ax.autoscale_view()
     for xy, names in _near_groups(ax, points):
         ax.annotate(" / ".join(names), xy, xytext=(7, 4), textcoords="offset points", fontsize=7)
@@ -99,9 +100,10 @@ def _near_groups(ax, points: dict[str, tuple[float, float]], pixels: float = 12.
     return [(xy, names) for xy, names, _ in groups]
 
 
-def write_results(result: dict, out: Path) -> None:
+def write_results(result: CompareResult | dict, out: Path) -> None:
     """Write results.json, table.md and (with matplotlib) ``<primary metric>_vs_kl.png`` to ``out`` atomically."""
+    result = _typed(result)
     with atomic_directory(out) as tmp:
-        (tmp / "results.json").write_text(json.dumps(result, indent=1, default=to_jsonable) + "\n")
+        write_json(tmp / "results.json", result.to_json())
         (tmp / "table.md").write_text(markdown_table(result) + "\n")
-        figure(result, tmp / f"{result.get('primary', 'mc2')}_vs_kl.png")
+        figure(result, tmp / f"{result.setting.get('primary', 'mc2')}_vs_kl.png")

@@ -25,6 +25,7 @@ from torch import nn
 from .._version import __version__
 from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
 from ..artifacts import atomic_directory, read_json, sha256_file
+from ..checks import check_editor_matches
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
 
@@ -236,17 +237,7 @@ class Editor(ABC):
         Architecture, hidden size and layer count must match; with ``strict`` the model name must
         match too (compared by its last path component, so a local copy of a hub model matches).
         """
-        problems = self.model_fingerprint.mismatches(fingerprint(model, layers_path), check_name=strict)
-        if problems:
-            raise HpreditError(
-                "editor does not match this model: "
-                + "; ".join(problems)
-                + (
-                    " (pass strict=False / --no-strict to ignore the name)"
-                    if strict and len(problems) == 1 and problems[0].startswith("name")
-                    else ""
-                )
-            )
+        check_editor_matches(self.model_fingerprint, fingerprint(model, layers_path), strict)
 
     def attach(
         self,

@@ -21,15 +21,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
-from ..artifacts import check_output_dir, sha256_file
-from ..checks import check_strength
+from ..artifacts import sha256_file
+from ..checks import check_count, check_limit, check_scope, check_seed, check_strength
 from ..data import QA_PRIMER, Question
 from ..errors import HpreditError
-from ..hooks import check_scope
-from ..provenance import machine, versions
+from ..preflight import check_editor_for, check_model, check_out
+from ..results import EvalResult, Provenance, to_jsonable
 from .judges import Judge, judge_value, resolve_judges
 from .metrics import paired_bootstrap, reference_acc
-from .results import EvalResult, to_jsonable
 from .splits import SPLITS, resolve_split
 from .tasks import Task, get_task, task_names
 from .truthfulqa import MCScores, generate_answers, score_truthfulqa_mc
@@ -47,36 +46,22 @@ _GENERATING = ("truthfulqa-gen", "refusal")
 # --------------------------------------------------------------------------- checks and loading
 
 
-def check_limit(limit: int | None) -> None:
-    """``limit`` must be None or a positive integer."""
-    if limit is None:
-        return
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise HpreditError(f"--limit must be a positive integer, got {limit!r}")
-
-
-def _load_editor(editor):
-    from ..editors import Editor, load_editor
-
-    if editor is None or isinstance(editor, Editor):
-        return editor, None
-    if isinstance(editor, (str, os.PathLike)):
-        return load_editor(editor), str(editor)
-    raise HpreditError(f"editor must be an Editor or a directory, got {type(editor).__name__}")
-
-
 def _load_model(
-    model, tokenizer, dtype: str, device: str | None, device_map: str | dict | None = None
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    model, tokenizer, editor, strict: bool, dtype: str, device: str | None, device_map: str | dict | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, float]]:
+    """The model (loaded by name, or as given with its tokenizer), checked against the editor; the load's seconds."""
     from ..models import load_model
 
+    t0 = time.perf_counter()
     if model is None or isinstance(model, (str, os.PathLike)):
-        return load_model(model, dtype=dtype, device=device, device_map=device_map)
-    if not isinstance(model, nn.Module):
+        model, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    elif not isinstance(model, nn.Module):
         raise HpreditError(f"model must be a name, a path or a loaded model, got {type(model).__name__}")
-    if tokenizer is None:
+    elif tokenizer is None:
         raise HpreditError("pass tokenizer= together with a loaded model")
-    return model, tokenizer
+    if editor is not None:
+        editor.check_model(model, strict=strict)
+    return model, tokenizer, {"load": time.perf_counter() - t0}
 
 
 @dataclass
@@ -265,7 +250,7 @@ def evaluate(
     out: str | os.PathLike | None = None,
     *,
     primer: str = QA_PRIMER,
-    judges: Judge | Mapping[str, Judge] | None = None,
+    judges: Judge | Mapping[str, Judge | str | os.PathLike] | None = None,
     max_new_tokens: int = 50,
     batch_size: int = 16,
     strict: bool = True,
@@ -299,7 +284,9 @@ def evaluate(
         out: write ``summary.json``, ``per_question.jsonl`` and ``split.json`` there atomically
             (refused if non-empty unless ``force``).
         primer: the few-shot QA primer (TruthfulQA).
-        judges: generation only: a callable ``judge(question, answer)`` or ``{"truth": ..., "info": ...}``.
+        judges: generation only: a callable ``judge(question, answer)`` or ``{"truth": ..., "info": ...}``
+            (a judge given as a model's name or directory is loaded, after every check, as an
+            :class:`~hpredit.evaluation.judges.HFJudge` with the template of its name).
         max_new_tokens: generation: tokens per answer at most.
         batch_size: questions per batch (MC: whose answers share forward passes; generation:
             prompts per ``generate`` call); it does not change the MC numbers.
@@ -319,55 +306,140 @@ def evaluate(
         >>> sorted(result.metrics["unedited"])
         ['mc1', 'mc2', 'mc3']
     """
-    the_task = check_eval_args(task, limit, scope, strength, editor, batch_size, max_new_tokens, bootstrap_resamples)
+    the_task = check_eval_args(
+        task, limit, scope, strength, editor, batch_size, max_new_tokens, bootstrap_resamples, seed, judges is not None
+    )
     strength = check_strength(strength)
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        check_output_dir(out_path, force)
-    judge_fns = resolve_judges(judges)
-    if judge_fns and task != "truthfulqa-gen":
-        raise HpreditError("judges apply to truthfulqa-gen only")
-
+    out_path = None if out is None else check_out(out, force)
+    editor_obj, editor_path = _check_sources(the_task, model, editor, data, strict, device, device_map)
+    judge_fns = _load_judges(judges, dtype, device)
     selection = _select(the_task, data, split, seed, limit)
-    editor_obj, editor_path = _load_editor(editor)
-    t0 = time.perf_counter()
-    lm, tokenizer = _load_model(model, tokenizer, dtype, device, device_map)
-    if editor_obj is not None:
-        editor_obj.check_model(lm, strict=strict)
-    timing = {"load": time.perf_counter() - t0}
+    lm, tokenizer, timing = _load_model(model, tokenizer, editor_obj, strict, dtype, device, device_map)
+    passes = _passes(
+        the_task,
+        lm,
+        tokenizer,
+        selection,
+        editor_obj,
+        strength,
+        scope,
+        strict,
+        timing,
+        primer,
+        max_new_tokens,
+        batch_size,
+        progress,
+    )
+    metrics, per_question, extra = _metrics(the_task, passes, selection, split, judge_fns, bootstrap_resamples, seed)
+    if task == "truthfulqa-gen":
+        extra = {"max_new_tokens": max_new_tokens, **extra}
+    command = command or _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj)
+    editor_record = None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, scope)
+    summary = _summary(
+        the_task, command, lm, editor_record, data, primer, split, seed, limit, selection, metrics, extra, timing
+    )
+    result = EvalResult(summary, per_question, selection.record)
+    _write_and_show(result, out_path, show)
+    return result
+
+
+def _check_sources(task: Task, model, editor, data, strict: bool, device, device_map) -> tuple[Any, str | None]:
+    """Before anything loads: the model's config (by name), the task's data source and the editor
+    against the model's config; the editor (loaded from its directory) and its path."""
+    from ..editors import Editor, load_editor
+
+    config = check_model(model, device, device_map) if model is None or isinstance(model, (str, os.PathLike)) else None
+    task.check_source(data)
+    if editor is None:
+        return None, None
+    if not isinstance(editor, (Editor, str, os.PathLike)):
+        raise HpreditError(f"editor must be an Editor or a directory, got {type(editor).__name__}")
+    path = None if isinstance(editor, Editor) else str(editor)
+    if config is not None:
+        return check_editor_for(editor, config, model, strict), path
+    return (editor if isinstance(editor, Editor) else load_editor(editor)), path
+
+
+def _load_judges(judges, dtype: str, device: str | None) -> dict[str, Judge]:
+    """Judges as callables: a judge model given by name (``{"truth": "path"}``) is loaded here,
+    with the template of its name (``truth``: ends ``True:``, ``info``: ends ``Helpful:``)."""
+    from .judges import INFO_TEMPLATE, TRUTH_TEMPLATE, HFJudge
+
+    if isinstance(judges, Mapping) and any(isinstance(j, (str, os.PathLike)) for j in judges.values()):
+        templates = {"truth": TRUTH_TEMPLATE, "info": INFO_TEMPLATE}
+        judges = {
+            name: HFJudge.from_pretrained(j, templates.get(name, TRUTH_TEMPLATE), dtype=dtype, device=device)
+            if isinstance(j, (str, os.PathLike))
+            else j
+            for name, j in judges.items()
+        }
+    return resolve_judges(judges)
+
+
+def _passes(
+    task: Task,
+    lm,
+    tokenizer,
+    selection: _Selection,
+    editor,
+    strength: float,
+    scope: str,
+    strict: bool,
+    timing: dict[str, float],
+    primer: str,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The task scored unedited and (with an editor) edited; each pass's seconds go to ``timing``."""
 
     def run(variant: str) -> Any:
         start = time.perf_counter()
         result: Any
-        if task == "truthfulqa-mc":
+        if task.name == "truthfulqa-mc":
             result = score_truthfulqa_mc(
                 lm, tokenizer, selection.items, primer, group_size=batch_size, progress=progress
             )
-        elif task == "truthfulqa-gen":
+        elif task.name == "truthfulqa-gen":
             result = generate_answers(lm, tokenizer, selection.items, primer, max_new_tokens, batch_size, progress)
         else:
-            result = the_task.score(lm, tokenizer, selection.items)
+            result = task.score(lm, tokenizer, selection.items)
         timing[variant] = time.perf_counter() - start
         return result
 
     passes = {"unedited": run("unedited")}
-    if editor_obj is not None:
-        with editor_obj.attach(lm, strength=strength, scope=scope, strict=strict):
+    if editor is not None:
+        with editor.attach(lm, strength=strength, scope=scope, strict=strict):
             passes["edited"] = run("edited")
-    metrics, per_question, extra = _metrics(the_task, passes, selection, split, judge_fns, bootstrap_resamples, seed)
-    if task == "truthfulqa-gen":
-        extra = {"max_new_tokens": max_new_tokens, **extra}
+    return passes
 
-    summary = {
-        "task": task,
-        "command": command
-        or _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+
+def _summary(
+    task: Task,
+    command: str,
+    lm,
+    editor_record,
+    data,
+    primer: str,
+    split: str,
+    seed: int,
+    limit: int | None,
+    selection: _Selection,
+    metrics: dict,
+    extra: dict,
+    timing: dict[str, float],
+) -> dict:
+    """``summary.json``: the task, the provenance, model, editor, data, split, metrics and timing."""
+    provenance = Provenance.now(command)
+    return {
+        "task": task.name,
+        "command": provenance.command,
+        "created": provenance.created,
         "model": _model_record(lm),
-        "editor": None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, scope),
-        "versions": versions(),
-        "machine": machine(),
-        "data": _data_record(the_task, data),
+        "editor": editor_record,
+        "versions": provenance.versions,
+        "machine": provenance.machine,
+        "data": _data_record(task, data),
         "primer_sha256": hashlib.sha256(primer.encode()).hexdigest(),
         "split": {
             "name": split,
@@ -377,34 +449,49 @@ def evaluate(
             "indices": selection.indices,
         },
         "questions": len(selection.indices),
-        "headline": list(the_task.metrics),
+        "headline": list(task.metrics),
         "metrics": metrics,
         **extra,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
-    result = EvalResult(summary, per_question, selection.record)
-    if out_path is not None and distributed.is_main():
-        result.save(out_path)
+
+
+def _write_and_show(result: EvalResult, out: Path | None, show: bool) -> None:
+    """Rank 0 writes ``out`` (atomically) and prints the table."""
+    if out is not None and distributed.is_main():
+        result.save(out)
     if show and distributed.is_main():
         from rich.console import Console
 
         console = Console()
         console.print(result.table())
-        if out_path is not None:
-            console.print(f"results written to {out_path}")
-    return result
+        if out is not None:
+            console.print(f"results written to {out}")
 
 
 def check_eval_args(
-    task: str, limit, scope: str, strength, editor, batch_size: int, max_new_tokens: int, bootstrap_resamples: int
+    task: str,
+    limit,
+    scope: str,
+    strength,
+    editor,
+    batch_size: int,
+    max_new_tokens: int,
+    bootstrap_resamples: int,
+    seed: int = 0,
+    judges: bool = False,
 ) -> Task:
     """Every check of :func:`evaluate`'s arguments that needs no data and no model; the task."""
     the_task = get_task(task)
     check_limit(limit)
+    check_seed(seed)
     check_scope(scope)
     check_strength(strength)
     if task not in _GENERATING and editor is not None and scope != "all":
         raise HpreditError(f"{task} scores whole answers in one pass, so only --scope all applies (got {scope!r})")
-    if batch_size < 1 or max_new_tokens < 1 or bootstrap_resamples < 1:
-        raise HpreditError("batch_size, max_new_tokens and bootstrap_resamples must be at least 1")
+    check_count(batch_size, "batch_size")
+    check_count(max_new_tokens, "max_new_tokens")
+    check_count(bootstrap_resamples, "bootstrap_resamples")
+    if judges and task != "truthfulqa-gen":
+        raise HpreditError("judges apply to truthfulqa-gen only")
     return the_task

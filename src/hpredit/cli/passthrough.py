@@ -1,0 +1,91 @@
+"""Commands that hand their arguments to another program: ``lm-eval`` and ``serve``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import HpreditError
+from . import options as o
+from .app import app
+
+
+def _lm_eval_model_args(args: list[str]) -> dict[str, str]:
+    """``--model_args k=v,k=v`` of an lm-eval command line, as a dict."""
+    for i, a in enumerate(args):
+        if a == "--model_args" and i + 1 < len(args):
+            text = args[i + 1]
+        elif a.startswith("--model_args="):
+            text = a.split("=", 1)[1]
+        else:
+            continue
+        return dict(kv.split("=", 1) for kv in text.split(",") if "=" in kv)
+    return {}
+
+
+def _check_hpredit_model_args(model_args: dict[str, str]) -> None:
+    """The ``hpredit`` model type's arguments, checked before lm-eval loads anything."""
+    from ..checks import check_strength
+    from ..preflight import check_editor_for, check_model
+
+    pretrained = model_args.get("pretrained") or None
+    config = check_model(pretrained, model_args.get("device"))
+    if model_args.get("strength"):
+        try:
+            check_strength(float(model_args["strength"]), "strength")
+        except ValueError:
+            raise HpreditError(f"strength must be a number, got {model_args['strength']!r}") from None
+    if model_args.get("editor"):
+        strict = model_args.get("strict", "true").lower() not in ("false", "0", "no")
+        check_editor_for(Path(model_args["editor"]), config, pretrained, strict)
+
+
+@app.command(
+    "lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+)
+def lm_eval_(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own command line, with the model type `hpredit` registered.
+
+    Every argument goes to lm-eval, for example: hpredit lm-eval run --model hpredit --model_args
+    pretrained=HuggingFaceTB/SmolLM2-135M-Instruct,editor=out/run/editor,strength=0.5 --tasks
+    truthfulqa_mc2. Needs the lm-eval extra: pip install "hpredit[lm-eval]".
+    """
+    args = list(ctx.args)
+    if "hpredit" in args:  # our model type
+        _check_hpredit_model_args(_lm_eval_model_args(args))
+    from lm_eval.__main__ import cli_evaluate
+
+    from ..evaluation import lm_eval_backend  # noqa: F401  (registers the model type)
+
+    argv = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    editor: Annotated[Path, typer.Option("--editor", help="Editor directory (from fit/run).")],
+    model: o.Model = None,
+    strength: Annotated[float, typer.Option("--strength", help="Default strength; a request may set its own.")] = 1.0,
+    scope: Annotated[
+        str, typer.Option("--scope", help="Default token scope: all, last-prompt-and-generated, generated.")
+    ] = "all",
+    no_strict: Annotated[
+        bool, typer.Option("--no-strict", help="Do not require the model name to match the editor's.")
+    ] = False,
+) -> None:
+    """vLLM's OpenAI-compatible server with the editor inside the engine (see docs/serving.md).
+
+    Any other option goes to `vllm serve` (e.g. --port 8000 --dtype float32 --enforce-eager). Requests
+    choose their own strength with the extra body {"vllm_xargs": {"strength": 0.5}}.
+    """
+    from ..serving import serve as run_server
+
+    run_server(editor, model, strength, scope, list(ctx.args), strict=not no_strict)

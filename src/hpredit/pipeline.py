@@ -1,0 +1,531 @@
+"""The main job as a library function, and the other jobs the command line runs.
+
+:func:`run` (``hpredit run``): fit HPR on the TruthfulQA train split → choose the strength on the
+validation questions under a fluency-cost cap → test unedited vs edited → one
+:class:`~hpredit.results.RunResult`, written whole. :func:`fit` (``hpredit fit``) is its first
+half on any contrastive pairs; :func:`generate` (``hpredit generate``) shows an editor's effect
+on a few prompts. Every argument, the model's config, the data source and any editor are checked
+before the model loads; outputs appear whole when the job ends or not at all.
+
+From Python, with ``hpredit run``'s defaults::
+
+    result = hpredit.run(out="out/run", data="TruthfulQA.csv")     # hpredit.pipeline.run
+    result.evaluation.choice.strength, result.evaluation.test["edited"]["mc2"]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from . import distributed
+from .activations import ActivationStore
+from .checks import (
+    check_count,
+    check_kl_cap,
+    check_limit,
+    check_scope,
+    check_seed,
+    check_store_dtype,
+    check_strength,
+    check_strengths,
+)
+from .data import ContrastivePairs, Question, QuestionSplit
+from .editors import Editor, HPREditor
+from .errors import HpreditError
+from .preflight import check_editor_for, check_model, check_out, check_top_k_and_layers
+from .results import Provenance, RunEvaluation, RunResult, StrengthChoice
+
+__all__ = [
+    "RUN_MAX_DOUBLINGS",
+    "FitResult",
+    "Fitted",
+    "SideBySide",
+    "check_run_args",
+    "choose_strength_on_val",
+    "fit",
+    "fit_editor",
+    "generate",
+    "run",
+]
+
+#: ``run`` does not double its grid past the top (``compare`` does, up to 3 times): the published
+#: main-job numbers were made with a grid that only halves while all of it is over the cap.
+RUN_MAX_DOUBLINGS = 0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+@contextmanager
+def _whole_output(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into; renamed to ``out`` (replacing it) at the end,
+    removed on any error or signal. Under data parallelism rank 0 writes; the others write nowhere."""
+    from .artifacts import atomic_directory
+
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix="hpredit-rank-") as scratch:
+            yield Path(scratch)
+        return
+    with atomic_directory(out) as tmp:
+        yield tmp
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Fitted:
+    """An editor fitted on collected activations: the store, the editor, and the seconds of each step."""
+
+    store: ActivationStore
+    editor: HPREditor
+    timing: dict[str, float]
+
+
+def fit_editor(
+    model: Any,
+    tok: Any,
+    pairs: ContrastivePairs,
+    out: Path,
+    *,
+    layers: list[int] | None = None,
+    top_k: int = 5,
+    epochs: int = 5,
+    train_seed: int | None = None,
+    batch_size: int = 16,
+    store_dtype: str = "auto",
+    save_activations: bool = False,
+    device: str | None = None,
+) -> Fitted:
+    """Collect activations of ``pairs`` → fit HPR (rank 0) → save ``out/editor`` (and ``out/activations``)."""
+    from . import collect_activations
+
+    t0 = time.perf_counter()
+    store = cast(ActivationStore, collect_activations(model, tok, pairs, batch_size=batch_size, dtype=store_dtype))
+    t1 = time.perf_counter()
+    config: dict[str, Any] = {"top_k": top_k, "epochs": epochs}
+    if layers is not None:
+        config["layers"] = layers
+    if train_seed is not None:
+        config["seed"] = train_seed
+    editor = distributed.on_main(lambda: HPREditor.fit(store, device=device, **config), "fitting HPR")
+    t2 = time.perf_counter()
+    if distributed.is_main():
+        editor.save_pretrained(out / "editor")
+        if save_activations:
+            store.save(out / "activations")
+    return Fitted(store, editor, {"collect_s": round(t1 - t0, 1), "fit_s": round(t2 - t1, 1)})
+
+
+def choose_strength_on_val(
+    model: Any,
+    tok: Any,
+    editor: Editor,
+    val: list[Question],
+    grid: Sequence[float],
+    kl_cap: float,
+    max_halvings: int,
+    progress: bool = True,
+) -> StrengthChoice:
+    """The main job's strength: the best validation MC2 among the grid's strengths whose fluency
+    cost (KL on neutral text) is under ``kl_cap``, halving the grid while all of it is over (the
+    one step to swap for another rule; :func:`hpredit.compare.choose_strength` does the search)."""
+    from tqdm.auto import tqdm
+
+    from .compare import choose_strength
+    from .evaluation.side_effects import neutral_text
+
+    bar = tqdm(desc="strength on val: neutral text", unit="step", disable=not progress)
+    try:
+        neutral = neutral_text(model, tok)
+
+        def step(what: str) -> None:
+            bar.set_description(f"strength on val ({len(val)} questions): {what}")
+            bar.update()
+
+        pick = choose_strength(
+            model,
+            tok,
+            [editor],
+            list(grid),
+            val,
+            neutral,
+            kl_cap,
+            max_doublings=RUN_MAX_DOUBLINGS,
+            max_halvings=max_halvings,
+            log=lambda text: bar.write(f"validation: {text}"),
+            progress=step,
+        )
+    finally:
+        bar.close()
+    return StrengthChoice(pick["strength"], pick["over_kl_cap"], pick["tried"], kl_cap)
+
+
+def _evaluate_run(
+    model: Any,
+    tok: Any,
+    editor: Editor,
+    pairs: ContrastivePairs,
+    data: str | os.PathLike | None,
+    seed: int,
+    limit: int | None,
+    grid: Sequence[float],
+    kl_cap: float,
+    max_halvings: int,
+    out: Path,
+    progress: bool,
+    show: bool,
+    command: str | None,
+) -> tuple[RunEvaluation, float]:
+    """Choose the strength on val, then evaluate unedited vs edited on test (written to ``out``);
+    the evaluation and its seconds."""
+    from .data import load_truthfulqa
+    from .evaluation import evaluate
+
+    t0 = time.perf_counter()
+    questions = load_truthfulqa(data)
+    split = cast(QuestionSplit, pairs.split)
+    val = [questions[i] for i in split.val[: limit or None]]
+    choice = choose_strength_on_val(model, tok, editor, val, grid, kl_cap, max_halvings, progress)
+    if show:
+        _stderr(f"test: unedited and edited (strength {choice.strength}) …")
+    result = evaluate(
+        model=model,
+        tokenizer=tok,
+        editor=editor,
+        task="truthfulqa-mc",
+        split="test",
+        seed=seed,
+        limit=limit,
+        strength=choice.strength,
+        scope="all",
+        data=data,
+        out=out,
+        show=show,
+        progress=progress,
+        command=command,
+    )
+    return RunEvaluation(choice, result.metrics), round(time.perf_counter() - t0, 1)
+
+
+# --------------------------------------------------------------------------- the jobs
+
+
+def check_run_args(
+    out: str | os.PathLike,
+    model: str | os.PathLike | None,
+    data: str | os.PathLike | None,
+    seed: int,
+    limit: int | None,
+    top_k: int,
+    epochs: int,
+    batch_size: int,
+    strengths: Sequence[float],
+    kl_cap: float,
+    max_halvings: int,
+    store_dtype: str,
+    device: str | None,
+    device_map: Any,
+    force: bool,
+) -> list[float]:
+    """Every check of :func:`run` before anything loads (the model's config is read, no weights); the grid."""
+    from .data import check_truthfulqa_source
+
+    check_out(out, force)
+    check_seed(seed)
+    check_count(epochs, "epochs")
+    check_count(batch_size, "batch_size")
+    check_limit(limit)
+    check_count(max_halvings, "max_halvings", 0)
+    grid = check_strengths(strengths)
+    check_kl_cap(kl_cap)
+    check_store_dtype(store_dtype)
+    config = check_model(model, device, device_map)
+    check_top_k_and_layers(config, top_k)
+    check_truthfulqa_source(data)
+    return grid
+
+
+def run(
+    out: str | os.PathLike = "out/run",
+    model: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    top_k: int = 5,
+    epochs: int = 5,
+    batch_size: int = 16,
+    save_activations: bool = True,
+    evaluate: bool = True,
+    strengths: Sequence[float] = (0.25, 0.5, 1.0),
+    kl_cap: float = 0.5,
+    max_halvings: int = 3,
+    dtype: str = "float32",
+    store_dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    force: bool = False,
+    progress: bool = True,
+    show: bool = True,
+    command: str | None = None,
+) -> RunResult:
+    """The main job: fit HPR on TruthfulQA, choose the strength on val, report unedited vs edited on test.
+
+    Fits HPR on the train split (``seed``-ed 40/10/50 split of the questions; the ``top_k``
+    layers by validation probe accuracy), saves the editor, the activation store (with
+    ``save_activations``) and the split to ``out``; then (with ``evaluate``) picks the strength
+    among ``strengths`` by validation MC2 among those whose KL on neutral text is ≤ ``kl_cap``
+    (halving the smallest at most ``max_halvings`` times while all are over) and evaluates MC1/MC2/MC3
+    unedited vs edited on the test split (``out/eval``). ``limit`` keeps the first N questions of
+    each split (quick runs). The defaults are ``hpredit run``'s.
+
+    Args:
+        out: the output directory, written whole at the end (``force`` replaces a non-empty one).
+        model: a hub id, a local directory or None (the embedded SmolLM2-135M-Instruct).
+        data: the TruthfulQA CSV (default ``$HPREDIT_TRUTHFULQA``, else the hub).
+        dtype, device, device_map: how the model loads (:func:`hpredit.load_model`).
+        store_dtype: the activation store's type (``auto``: float16 unless it would overflow).
+        progress, show: progress bars on stderr; print the test table.
+        command: the command line to record (default: this process's).
+
+    Returns:
+        A :class:`~hpredit.results.RunResult` (also ``out/summary.json``); ``result.editor`` is the
+        fitted editor.
+    """
+    from .data import truthfulqa_pairs
+    from .models import load_model
+
+    out = Path(out)
+    grid = check_run_args(
+        out,
+        model,
+        data,
+        seed,
+        limit,
+        top_k,
+        epochs,
+        batch_size,
+        strengths,
+        kl_cap,
+        max_halvings,
+        store_dtype,
+        device,
+        device_map,
+        force,
+    )
+    provenance = Provenance.now(command)
+    start = time.perf_counter()
+    pairs = truthfulqa_pairs(split="train+val", seed=seed, path=data, limit=limit)
+    lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    t_load = time.perf_counter() - start
+    with _whole_output(out) as tmp:
+        fitted = fit_editor(
+            lm,
+            tok,
+            pairs,
+            tmp,
+            top_k=top_k,
+            epochs=epochs,
+            batch_size=batch_size,
+            store_dtype=store_dtype,
+            save_activations=save_activations,
+            device=device,
+        )
+        cast(QuestionSplit, pairs.split).save(tmp / "split.json")  # TruthfulQA pairs always carry their split
+        evaluation, timing = None, dict(fitted.timing)
+        if evaluate:
+            evaluation, timing["eval_s"] = _evaluate_run(
+                lm,
+                tok,
+                fitted.editor,
+                pairs,
+                data,
+                seed,
+                limit,
+                grid,
+                kl_cap,
+                max_halvings,
+                tmp / "eval",
+                progress,
+                show,
+                provenance.command,
+            )
+        result = _run_result(provenance, fitted, pairs, seed, store_dtype, save_activations, tmp, evaluation)
+        result.timing_s = {"load": round(t_load, 1), **timing, "total": round(time.perf_counter() - start, 1)}
+        if distributed.is_main():
+            result.save(tmp)
+    return result
+
+
+def _run_result(
+    provenance: Provenance,
+    fitted: Fitted,
+    pairs: ContrastivePairs,
+    seed: int,
+    store_dtype: str,
+    save_activations: bool,
+    tmp: Path,
+    evaluation: RunEvaluation | None,
+) -> RunResult:
+    editor, store = fitted.editor, fitted.store
+    return RunResult(
+        provenance=provenance,
+        model=editor.model_fingerprint.to_dict(),
+        split_seed=seed,
+        questions={s: len({p.group for p in pairs if p.split == s}) for s in ("train", "val")},
+        pairs=len(pairs),
+        texts=len(store.texts),
+        completion_tokens=store.n_tokens,
+        store_dtype=store_dtype,
+        layers_edited=editor.layers,
+        val_probe_accuracy=editor.probe_accuracy,
+        timing_s={},
+        activation_store_bytes=_dir_size(tmp / "activations") if save_activations else store.nbytes(),
+        editor_bytes=_dir_size(tmp / "editor"),
+        evaluation=evaluation,
+        editor=editor,
+    )
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the editor (saved to ``out/editor``) and the seconds of each step."""
+
+    editor: HPREditor
+    out: Path
+    timing: dict[str, float]
+
+
+def fit(
+    out: str | os.PathLike,
+    pairs: str | os.PathLike | ContrastivePairs | None = None,
+    model: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    split: str = "train+val",
+    seed: int = 0,
+    limit: int | None = None,
+    layers: list[int] | None = None,
+    top_k: int = 5,
+    epochs: int = 5,
+    train_seed: int = 42,
+    batch_size: int = 16,
+    save_activations: bool = False,
+    dtype: str = "float32",
+    store_dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    force: bool = False,
+) -> FitResult:
+    """Fit an HPR editor on contrastive pairs (a JSONL file or :class:`ContrastivePairs`) or on
+    TruthfulQA's ``split`` (``seed``-ed, the first ``limit`` questions) and save it to ``out/editor``
+    (with ``split.json`` for TruthfulQA, ``activations/`` with ``save_activations``). The defaults
+    are ``hpredit fit``'s."""
+    from . import data as data_mod
+    from .models import load_model
+
+    out = Path(out)
+    check_out(out, force)
+    check_seed(seed)
+    check_seed(train_seed, "train_seed")
+    check_count(epochs, "epochs")
+    check_count(batch_size, "batch_size")
+    check_limit(limit)
+    check_store_dtype(store_dtype)
+    config = check_model(model, device, device_map)
+    check_top_k_and_layers(config, top_k, layers)
+    if isinstance(pairs, ContrastivePairs):
+        contrastive = pairs
+    elif pairs is not None:
+        contrastive = data_mod.ContrastivePairs.from_jsonl(pairs)
+    else:
+        data_mod.check_truthfulqa_source(data)
+        contrastive = data_mod.truthfulqa_pairs(split=split, seed=seed, path=data, limit=limit)
+    lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    with _whole_output(out) as tmp:
+        fitted = fit_editor(
+            lm,
+            tok,
+            contrastive,
+            tmp,
+            layers=layers,
+            top_k=top_k,
+            epochs=epochs,
+            train_seed=train_seed,
+            batch_size=batch_size,
+            store_dtype=store_dtype,
+            save_activations=save_activations,
+            device=device,
+        )
+        if contrastive.split is not None:
+            contrastive.split.save(tmp / "split.json")
+    return FitResult(fitted.editor, out, fitted.timing)
+
+
+@dataclass
+class SideBySide:
+    """Greedy continuations without and with an editor: ``rows`` of ``(prompt, unedited, edited)``."""
+
+    editor: Editor
+    strength: float
+    scope: str
+    rows: list[tuple[str, str, str]]
+
+
+def generate(
+    prompts: Sequence[str],
+    editor: str | os.PathLike | Editor,
+    model: str | os.PathLike | None = None,
+    *,
+    strength: float = 1.0,
+    scope: str = "last-prompt-and-generated",
+    max_new_tokens: int = 40,
+    qa: bool = False,
+    strict: bool = True,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+) -> SideBySide:
+    """Greedy continuations of ``prompts`` without and with ``editor`` (``qa``: each prompt wrapped
+    in the TruthfulQA QA format and cut at the first blank line)."""
+    from .data import qa_prompt
+    from .models import load_model, pad_token_id
+
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise HpreditError(f"prompt {empty[0]} is empty: give some text to continue")
+    check_count(max_new_tokens, "max_new_tokens")
+    check_strength(strength)
+    check_scope(scope)
+    config = check_model(model, device, device_map)
+    ed = check_editor_for(editor, config, model, strict)
+    lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    tok.padding_side = "left"
+    enc = tok([qa_prompt(p) if qa else p for p in prompts], return_tensors="pt", padding=True).to(lm.device)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
+    if qa:  # a QA answer ends at the first blank line, before the next "Q:"
+        kwargs.update(stop_strings=["\n\n"], tokenizer=tok)
+    generate_ = cast(Any, lm).generate
+    plain = generate_(**enc, **kwargs)
+    with ed.attach(lm, strength=strength, scope=scope, strict=strict):
+        edited = generate_(**enc, **kwargs)
+    n = enc["input_ids"].shape[1]
+
+    def text(ids: Any) -> str:
+        return str(tok.decode(ids[n:], skip_special_tokens=True)).strip()
+
+    return SideBySide(ed, strength, scope, [(p, text(a), text(b)) for p, a, b in zip(prompts, plain, edited)])

@@ -1,0 +1,391 @@
+"""What every job returns and writes: typed results, one provenance record, one writer, one reader.
+
+- :class:`Provenance`: the command, the time, the library versions and the machine, recorded the
+  same way by ``run``, ``eval`` and ``compare`` (flattened into each file's top level).
+- :class:`RunResult` (``hpredit run``: ``summary.json``), :class:`EvalResult` (``hpredit eval``:
+  ``summary.json``, ``per_question.jsonl``, ``split.json``) and :class:`CompareResult`
+  (``hpredit compare``: ``results.json``).
+- :func:`write_json` is the one writer of a result file (atomic: a temporary sibling renamed into
+  place); :func:`load_result` the one reader, which also reads the files of earlier versions.
+
+The JSON schema of each file is described once, in ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import atomic_directory, read_json, write_text_atomic
+from .errors import HpreditError
+
+__all__ = [
+    "CompareResult",
+    "EvalResult",
+    "Provenance",
+    "RunResult",
+    "StrengthChoice",
+    "load_result",
+    "to_jsonable",
+    "write_json",
+]
+
+#: The keys of a provenance record, flattened into every result file's top level.
+PROVENANCE_KEYS = ("command", "created", "versions", "machine")
+#: Keys of earlier files, now inside ``versions`` (read, never written).
+_OLD_PROVENANCE_KEYS = ("hpredit_version", "torch_version")
+
+
+def to_jsonable(x: Any) -> Any:
+    """A JSON-ready form of ``x``: dataclasses as dicts, numpy scalars as Python numbers.
+
+    Usable as ``json.dumps(..., default=to_jsonable)``; other objects raise ``TypeError``.
+    """
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    """The one JSON layout of result files: indented by 1, UTF-8 kept, a final newline."""
+    return json.dumps(obj, indent=1, ensure_ascii=False, default=to_jsonable) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write one result file atomically (the old version or the new one, never half of it)."""
+    return write_text_atomic(path, dumps(obj))
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+@dataclass
+class Provenance:
+    """What a result was made with: the command line, when, the library versions and the machine.
+
+    Figures computed on a CPU depend on its kernels, the thread count and the library versions
+    (the order of float reductions), not only on the seeds; every result records this.
+    """
+
+    command: str
+    created: str | None = None  #: local time, ``%Y-%m-%dT%H:%M:%S%z`` (None in files that predate it)
+    versions: dict[str, str] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def now(cls, command: str | None = None) -> Provenance:
+        """The record of a result made now (``command``: default, this process's command line)."""
+        from .provenance import command_line, machine, versions
+
+        return cls(
+            command=command_line() if command is None else command,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            versions=versions(),
+            machine=machine(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": self.command, "created": self.created, "versions": self.versions, "machine": self.machine}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Provenance:
+        """From a file's top level; older files' ``hpredit_version`` / ``torch_version`` fill ``versions``."""
+        versions = dict(d.get("versions") or {})
+        if "hpredit_version" in d:
+            versions.setdefault("hpredit", d["hpredit_version"])
+        if "torch_version" in d:
+            versions.setdefault("torch", d["torch_version"])
+        return cls(str(d.get("command", "")), d.get("created"), versions, dict(d.get("machine") or {}))
+
+
+def _without_provenance(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in (*PROVENANCE_KEYS, *_OLD_PROVENANCE_KEYS)}
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class StrengthChoice:
+    """The strength a job chose on validation under the fluency-cost cap.
+
+    ``tried``: one row per setting measured, ``{strength, k, kl, val}`` (``val`` None when the
+    setting's KL is over the cap, so its validation score was not computed).
+    """
+
+    strength: float
+    over_kl_cap: bool  #: no setting was under the cap: the lowest-KL one was taken
+    tried: list[dict[str, Any]]
+    kl_cap: float
+
+
+@dataclass
+class RunEvaluation:
+    """The evaluation half of ``hpredit run``: the strength chosen on val, then test unedited vs edited."""
+
+    choice: StrengthChoice
+    test: dict[str, Any]  #: the test metrics: ``unedited``, ``edited``, ``difference`` (as :class:`EvalResult`)
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.choice
+        return {
+            "validation_sweep": c.tried,
+            "kl_cap": c.kl_cap,
+            "strength": c.strength,
+            "over_kl_cap": c.over_kl_cap,
+            "test": self.test,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunEvaluation:
+        choice = StrengthChoice(d["strength"], bool(d["over_kl_cap"]), list(d["validation_sweep"]), d["kl_cap"])
+        return cls(choice, d["test"])
+
+
+@dataclass
+class RunResult:
+    """What :func:`hpredit.pipeline.run` returns and writes as ``summary.json``.
+
+    The editor itself is saved beside it (``editor/``); ``editor`` holds it in memory (not written
+    here; None when read back from a file).
+    """
+
+    provenance: Provenance
+    model: dict[str, Any]  #: the fitted model's fingerprint
+    split_seed: int
+    questions: dict[str, int]  #: questions per split fitted on (``train``, ``val``)
+    pairs: int
+    texts: int
+    completion_tokens: int
+    store_dtype: str
+    layers_edited: list[int]
+    val_probe_accuracy: dict[int, float]
+    timing_s: dict[str, float]
+    activation_store_bytes: int
+    editor_bytes: int
+    evaluation: RunEvaluation | None = None
+    editor: Any = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.provenance.to_json()
+        return {
+            "command": p["command"],
+            "created": p["created"],
+            "versions": p["versions"],
+            "machine": p["machine"],
+            "model": self.model,
+            "split_seed": self.split_seed,
+            "questions": self.questions,
+            "pairs": self.pairs,
+            "texts": self.texts,
+            "completion_tokens": self.completion_tokens,
+            "store_dtype": self.store_dtype,
+            "layers_edited": self.layers_edited,
+            "val_probe_accuracy": self.val_probe_accuracy,
+            "timing_s": self.timing_s,
+            "activation_store_bytes": self.activation_store_bytes,
+            "editor_bytes": self.editor_bytes,
+            "evaluation": None if self.evaluation is None else self.evaluation.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunResult:
+        ev = d.get("evaluation")
+        return cls(
+            provenance=Provenance.from_json(d),
+            model=d["model"],
+            split_seed=d["split_seed"],
+            questions=d["questions"],
+            pairs=d["pairs"],
+            texts=d["texts"],
+            completion_tokens=d["completion_tokens"],
+            store_dtype=d.get("store_dtype", "float16"),
+            layers_edited=list(d["layers_edited"]),
+            val_probe_accuracy={int(k): float(v) for k, v in d["val_probe_accuracy"].items()},
+            timing_s=d["timing_s"],
+            activation_store_bytes=d["activation_store_bytes"],
+            editor_bytes=d["editor_bytes"],
+            evaluation=None if ev is None else RunEvaluation.from_json(ev),
+        )
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write ``summary.json`` into the directory ``out`` (atomically)."""
+        return write_json(Path(out) / "summary.json", self.to_json())
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalResult:
+    """What :func:`~hpredit.evaluation.evaluate` returns: ``summary`` (as in ``summary.json``) and
+    ``per_question`` rows (as in ``per_question.jsonl``). ``result["metrics"]`` reads the summary like a dict."""
+
+    summary: dict
+    per_question: list[dict] = field(default_factory=list)
+    split: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.summary[key]
+
+    @property
+    def metrics(self) -> dict:
+        """``{"unedited": {...}, "edited": {...}, "difference": {name: {"mean", "ci", ...}}}``."""
+        return self.summary["metrics"]
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance.from_json(self.summary)
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary, "per_question": self.per_question}
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write ``summary.json``, ``per_question.jsonl`` and ``split.json`` to ``out`` atomically."""
+        out = Path(out)
+        with atomic_directory(out) as tmp:
+            write_json(tmp / "summary.json", self.summary)
+            lines = (json.dumps(row, ensure_ascii=False, default=to_jsonable) + "\n" for row in self.per_question)
+            write_text_atomic(tmp / "per_question.jsonl", "".join(lines))
+            write_json(tmp / "split.json", self.split)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> EvalResult:
+        """Read back what :meth:`save` wrote."""
+        directory = Path(directory)
+        summary = read_json(directory / "summary.json", "evaluation summary")
+        rows_path = directory / "per_question.jsonl"
+        text = rows_path.read_text(encoding="utf-8") if rows_path.is_file() else ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        split_path = directory / "split.json"
+        split = read_json(split_path, "split record") if split_path.exists() else {}
+        return cls(summary, rows, split)
+
+    def table(self):
+        """A rich table: each headline metric unedited, edited, difference and its CI."""
+        from rich.table import Table
+
+        m = self.metrics
+        s = self.summary
+        name = str(s["model"]["name"]).rstrip("/").rsplit("/", 1)[-1]
+        title = f"{s['task']} · {name}"
+        caption = f"split {s['split']['name']} (seed {s['split']['seed']}), {s['questions']} questions"
+        if s.get("editor"):
+            e = s["editor"]
+            caption += f"; {e['method']} layers {e['layers']}, strength {e['strength']}, scope {e['scope']}"
+        table = Table(title=title, caption=caption)
+        table.add_column("metric")
+        table.add_column("unedited", justify="right")
+        names = [k for k in s.get("headline", m["unedited"]) if m["unedited"].get(k) is not None]
+        names += [k for k in m["unedited"] if (k.startswith("judge_") or k == "truth_x_info") and k not in names]
+        if "edited" in m:
+            table.add_column("edited", justify="right")
+            table.add_column("edited − unedited", justify="right")
+            ci = next(
+                (m["difference"][n].get("confidence") for n in names if m["difference"].get(n, {}).get("confidence")),
+                0.95,
+            )
+            table.add_column(f"{ci:.0%} CI (paired bootstrap)", justify="right")
+        for name in names:
+            row = [name, f"{m['unedited'][name]:.4f}"]
+            if "edited" in m:
+                d = m["difference"][name]
+                ci_text = "–" if d.get("ci") is None else f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+                edited = m["edited"].get(name)
+                row += [
+                    "–" if edited is None else f"{edited:.4f}",
+                    "–" if d.get("mean") is None else f"{d['mean']:+.4f}",
+                    ci_text,
+                ]
+            table.add_row(*row)
+        return table
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass
+class CompareResult:
+    """What :func:`hpredit.compare.compare` returns and writes as ``results.json``.
+
+    ``runs``: one row per (seed, method): strength, layers, test metrics, KL, perplexity, norm
+    drift, the validation sweep. ``splits``: one row per seed: the groups of each split and how
+    many val/test items they hold. ``summary``: per method, mean and std over seeds.
+    ``setting`` holds everything else the file records (model, task, metrics, methods, seeds, the
+    cap, …) under the file's own keys; ``result["key"]`` reads any top-level key of the file.
+    """
+
+    provenance: Provenance
+    setting: dict[str, Any]
+    runs: list[dict[str, Any]]
+    splits: list[dict[str, Any]]
+    summary: dict[str, Any]
+    seconds: float
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.setting.get("metrics", ["mc1", "mc2", "mc3"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.provenance.to_json(),
+            **self.setting,
+            "runs": self.runs,
+            "splits": self.splits,
+            "summary": self.summary,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CompareResult:
+        """From ``results.json``; earlier files kept the split rows among ``runs``: they are separated here."""
+        rows = list(d.get("runs", []))
+        runs = [r for r in rows if "method" in r]
+        splits = list(d.get("splits", [])) + [r for r in rows if "method" not in r]
+        setting = {k: v for k, v in _without_provenance(d).items() if k not in ("runs", "splits", "summary", "seconds")}
+        return cls(Provenance.from_json(d), setting, runs, splits, d.get("summary", {}), d.get("seconds", 0.0))
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def load_result(path: str | os.PathLike) -> RunResult | EvalResult | CompareResult:
+    """Read a result back: a directory written by ``run``, ``eval`` or ``compare``, or its main file.
+
+    Files written by earlier versions load too (their provenance keys are mapped, compare's split
+    rows separated from the method rows).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("summary.json", "results.json"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise HpreditError(f"{path} holds no summary.json or results.json (not a run, eval or compare output)")
+    d = read_json(path, "result file")
+    if not isinstance(d, dict):
+        raise HpreditError(f"{path}: a result file holds a JSON object")
+    try:
+        if "runs" in d and "summary" in d:
+            return CompareResult.from_json(d)
+        if "layers_edited" in d:
+            return RunResult.from_json(d)
+        if "metrics" in d and "split" in d:
+            return EvalResult.load(path.parent)
+    except (KeyError, TypeError, ValueError) as e:
+        raise HpreditError(f"{path}: not a readable result file ({type(e).__name__}: {e})") from None
+    raise HpreditError(f"{path}: not a run, eval or compare result")
