@@ -256,30 +256,31 @@ def test_hub_reachable_uses_the_endpoint(monkeypatch):
 
 def test_behaviour_check_source(tmp_path, monkeypatch):
     from hpredit import behaviour_data as bd
+    from hpredit.evaluation.tasks import get_task
 
-    bd.check_source("bbq")  # offline (conftest): the installed package copies
-    bd.check_source("ab:sycophancy")
+    bd.BBQ_SOURCE.check()  # offline (conftest): the installed package copies
+    bd.ab_source("sycophancy").check()
     (tmp_path / "t.json").write_text("[]")
-    bd.check_source("toxigen", tmp_path / "t.json")
+    bd.TOXIGEN_SOURCE.check(tmp_path / "t.json")
     with pytest.raises(HpreditError, match="no such file"):
-        bd.check_source("toxigen", tmp_path / "none.json")
+        bd.TOXIGEN_SOURCE.check(tmp_path / "none.json")
     with pytest.raises(HpreditError, match="is a directory"):
-        bd.check_source("refusal", tmp_path)
-    with pytest.raises(HpreditError, match="unknown behaviour task 'bbq2'"):
-        bd.check_source("bbq2")
+        bd.REFUSAL_SOURCE.check(tmp_path)
+    with pytest.raises(HpreditError, match="unknown task 'bbq2'"):
+        get_task("bbq2")
     with pytest.raises(HpreditError, match="unknown A/B behaviour set 'greed'"):
-        bd.check_source("ab:greed")
+        bd.ab_source("greed")
     monkeypatch.setattr(bd, "_package_file", lambda package, rel: None)
     with pytest.raises(HpreditError, match=r"no BBQ data offline: pass a local file with --data \(or \$HPREDIT_BBQ\)"):
-        bd.check_source("bbq")
+        bd.BBQ_SOURCE.check()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(bd, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(HpreditError, match=r"no ToxiGen data: the hub is unreachable; pass a local file with --data"):
-        bd.check_source("toxigen")
+        bd.TOXIGEN_SOURCE.check()
     with pytest.raises(HpreditError, match="'hallucination' is not on the hub"):
-        bd.check_source("ab:hallucination")
+        bd.ab_source("hallucination").check()
     monkeypatch.setattr(bd, "hub_reachable", lambda timeout=3.0: True)
-    bd.check_source("refusal")
+    bd.REFUSAL_SOURCE.check()
 
 
 def test_split_file_errors(tmp_path):

