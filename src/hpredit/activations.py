@@ -537,7 +537,28 @@ def collect_activations(
     start_dtype, auto = _store_dtype(dtype, model)
     data = _unique_texts(tok, pairs)
     buffer = _Buffer(sites, layers, len(data.texts), start_dtype, auto)
-    runner = backbone(model, path)
+    _run_recording(
+        model, backbone(model, path), tok, data, sites, layers, layers_path, prefix_cache, batch_size, buffer, progress
+    )
+    buffer.share()
+    stores = _stores(fingerprint(model, layers_path), pairs, data, buffer, sites, layers)
+    return stores[sites[0]] if isinstance(site, str) else stores
+
+
+def _run_recording(
+    model: nn.Module,
+    runner: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    data: _Texts,
+    sites: list[str],
+    layers: list[int],
+    layers_path: str | None,
+    prefix_cache: bool,
+    batch_size: int,
+    buffer: _Buffer,
+    progress: bool,
+) -> None:
+    """Run every unique text once (this rank's share) with the sites' recorders on; into ``buffer``."""
     bar = distributed.progress(len(data.texts), "collecting activations", unit="text", disable=not progress)
     with distributed.step("collecting activations"), contextlib.ExitStack() as stack:
         stack.callback(bar.close)
@@ -547,13 +568,16 @@ def collect_activations(
         }
         run = _run_on_prompt_caches if prefix_cache else _run_whole_texts
         run(runner, data, batch_size, pad_token_id(tok), captured, buffer, bar)
-    buffer.share()
 
+
+def _stores(
+    fp: ModelFingerprint, pairs: list[ContrastivePair], data: _Texts, buffer: _Buffer, sites: list[str], layers
+) -> dict[str, ActivationStore]:
+    """One store per site: the completion tokens' activations with the texts' offsets and the pairs."""
     lengths = torch.tensor([len(ids) - start for ids, start in data.encoded])
     offsets = torch.zeros(len(data.texts) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(lengths, 0)
-    fp = fingerprint(model, layers_path)
-    stores = {
+    return {
         s: ActivationStore(
             acts=buffer.assemble(s, offsets),
             layers=layers,
@@ -568,4 +592,3 @@ def collect_activations(
         )
         for s in sites
     }
-    return stores[sites[0]] if isinstance(site, str) else stores

@@ -164,55 +164,16 @@ class ITIEditor(Editor):
         L, width = len(acts.layers), acts.acts.shape[-1]
         if width % H:
             raise HpreditError(f"activation width {width} is not divisible by {H} heads")
-        hd = width // H
         train, val = train_val_masks(acts, config.val_fraction, config.seed)
-
-        def texts_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            pos = torch.unique(acts.pairs[mask, 0])
-            neg = torch.unique(acts.pairs[mask, 1])
-            neg = neg[~torch.isin(neg, pos)]
-            idx = torch.cat([pos, neg])
-            return idx, torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-
-        tr_idx, tr_y = texts_of(train)
-        va_idx, va_y = texts_of(val) if val.any() else (tr_idx, tr_y)
-        last = acts.offsets[1:] - 1  # the last completion token of each text
-
-        def features(idx: torch.Tensor) -> torch.Tensor:  # (L*H, n, hd)
-            x = acts.acts[:, last[idx]].float().reshape(L, len(idx), H, hd)
-            return x.permute(0, 2, 1, 3).reshape(L * H, len(idx), hd)
-
+        tr_idx, tr_y = _labelled_texts(acts, train)
+        va_idx, va_y = _labelled_texts(acts, val) if val.any() else (tr_idx, tr_y)
         dev = check_device(device) if device is not None else torch.device("cpu")
-        xt, xv = features(tr_idx).to(dev), features(va_idx).to(dev)
+        xt, xv = _head_features(acts, tr_idx, H).to(dev), _head_features(acts, va_idx, H).to(dev)
         tr_y, va_y = tr_y.to(dev), va_y.to(dev)
-        mu, sd = xt.mean(1, keepdim=True), xt.std(1, keepdim=True).clamp_min(1e-6)
-        gen = torch.Generator().manual_seed(config.seed)
-        w = (torch.randn(L * H, hd, generator=gen) * 0.01).to(dev).requires_grad_(True)
-        b = torch.zeros(L * H, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=config.probe_lr)
-        zt = (xt - mu) / sd
-        for _ in range(config.probe_steps):
-            logits = torch.einsum("hnd,hd->hn", zt, w) + b[:, None]
-            loss = F.binary_cross_entropy_with_logits(logits, tr_y.expand_as(logits))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            pred = (torch.einsum("hnd,hd->hn", (xv - mu) / sd, w) + b[:, None]) > 0
-            accuracy = (pred == va_y.bool()).float().mean(1)  # (L*H,)
-        if config.num_heads is not None and config.num_heads > L * H:
-            raise HpreditError(f"num_heads {config.num_heads} is more than the {L * H} heads of the collected layers")
-        K = config.num_heads or max(1, round(48 * L * H / 1024))
-        K = min(K, L * H)
-        order = sorted(range(L * H), key=lambda i: (-float(accuracy[i]), i))[:K]
-        pos_mask = tr_y.bool()
-        directions, sigma, heads = [], [], []
-        for i in order:
-            v = xt[i, pos_mask].mean(0) - xt[i, ~pos_mask].mean(0)
-            v = v / v.norm().clamp_min(1e-12)
-            directions.append(v)
-            sigma.append((xt[i] @ v).std())
-            heads.append((acts.layers[i // H], i % H))
+        probe = _HeadProbes.train(xt, tr_y, config.seed, config.probe_lr, config.probe_steps)
+        accuracy = probe.accuracy(xv, va_y)  # (L*H,)
+        order = _best_heads(accuracy, config.num_heads, L * H)
+        heads, directions, sigma = _mass_mean_shifts(xt, tr_y.bool(), order, acts.layers, H)
         ranked = sorted(zip(heads, directions, sigma), key=lambda t: t[0])
         metrics = {
             "val_probe_accuracy": {f"{acts.layers[i // H]}.{i % H}": float(accuracy[i]) for i in range(L * H)},
@@ -229,3 +190,80 @@ class ITIEditor(Editor):
             H,
             metrics,
         )
+
+
+# --------------------------------------------------------------------------- the steps of ITIEditor.fit
+
+
+def _labelled_texts(acts: ActivationStore, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The texts of the pairs in ``mask``: positives (label 1), then negatives that are no positive (0)."""
+    pos = torch.unique(acts.pairs[mask, 0])
+    neg = torch.unique(acts.pairs[mask, 1])
+    neg = neg[~torch.isin(neg, pos)]
+    idx = torch.cat([pos, neg])
+    return idx, torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+
+
+def _head_features(acts: ActivationStore, idx: torch.Tensor, H: int) -> torch.Tensor:
+    """Each text's last completion token, per head of every collected layer: ``(L*H, n, head_dim)``."""
+    L, width = len(acts.layers), acts.acts.shape[-1]
+    last = acts.offsets[1:] - 1  # the last completion token of each text
+    x = acts.acts[:, last[idx]].float().reshape(L, len(idx), H, width // H)
+    return x.permute(0, 2, 1, 3).reshape(L * H, len(idx), width // H)
+
+
+@dataclass
+class _HeadProbes:
+    """One logistic regression per head on standardised features, all heads at once."""
+
+    w: torch.Tensor  #: (L*H, head_dim)
+    b: torch.Tensor  #: (L*H,)
+    mu: torch.Tensor
+    sd: torch.Tensor
+
+    @classmethod
+    def train(cls, xt: torch.Tensor, y: torch.Tensor, seed: int, lr: float, steps: int) -> _HeadProbes:
+        """Full-batch Adam; the initial weights are drawn on the CPU, so every device starts alike."""
+        dev, (n_heads, _, hd) = xt.device, xt.shape
+        mu, sd = xt.mean(1, keepdim=True), xt.std(1, keepdim=True).clamp_min(1e-6)
+        gen = torch.Generator().manual_seed(seed)
+        w = (torch.randn(n_heads, hd, generator=gen) * 0.01).to(dev).requires_grad_(True)
+        b = torch.zeros(n_heads, device=dev, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=lr)
+        zt = (xt - mu) / sd
+        for _ in range(steps):
+            logits = torch.einsum("hnd,hd->hn", zt, w) + b[:, None]
+            loss = F.binary_cross_entropy_with_logits(logits, y.expand_as(logits))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return cls(w, b, mu, sd)
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each head's accuracy on ``x`` ``(L*H, n, head_dim)`` with labels ``y``: ``(L*H,)``."""
+        pred = (torch.einsum("hnd,hd->hn", (x - self.mu) / self.sd, self.w) + self.b[:, None]) > 0
+        return (pred == y.bool()).float().mean(1)
+
+
+def _best_heads(accuracy: torch.Tensor, num_heads: int | None, n_heads: int) -> list[int]:
+    """The ``num_heads`` heads of best probe accuracy (default: 48 per 1024 heads, at least 1)."""
+    if num_heads is not None and num_heads > n_heads:
+        raise HpreditError(f"num_heads {num_heads} is more than the {n_heads} heads of the collected layers")
+    K = min(num_heads or max(1, round(48 * n_heads / 1024)), n_heads)
+    return sorted(range(n_heads), key=lambda i: (-float(accuracy[i]), i))[:K]
+
+
+def _mass_mean_shifts(
+    xt: torch.Tensor, positive: torch.Tensor, order: list[int], layers: list[int], H: int
+) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[torch.Tensor]]:
+    """Per chosen head: ``(layer, head)``, the unit mass-mean direction (positive − negative mean)
+    and the standard deviation of the training activations along it."""
+    directions, sigma, heads = [], [], []
+    for i in order:
+        v = xt[i, positive].mean(0) - xt[i, ~positive].mean(0)
+        v = v / v.norm().clamp_min(1e-12)
+        directions.append(v)
+        sigma.append((xt[i] @ v).std())
+        heads.append((layers[i // H], i % H))
+    return heads, directions, sigma
