@@ -46,6 +46,7 @@ from .results import Provenance, RunEvaluation, RunResult, StrengthChoice
 __all__ = [
     "RUN_MAX_DOUBLINGS",
     "FitResult",
+    "RunConfig",
     "Fitted",
     "SideBySide",
     "check_run_args",
@@ -180,11 +181,7 @@ def _evaluate_run(
     editor: Editor,
     pairs: ContrastivePairs,
     data: str | os.PathLike | None,
-    seed: int,
-    limit: int | None,
-    grid: Sequence[float],
-    kl_cap: float,
-    max_halvings: int,
+    cfg: RunConfig,
     out: Path,
     progress: bool,
     show: bool,
@@ -197,9 +194,8 @@ def _evaluate_run(
 
     t0 = time.perf_counter()
     questions = load_truthfulqa(data)
-    split = cast(QuestionSplit, pairs.split)
-    val = [questions[i] for i in split.val[: limit or None]]
-    choice = choose_strength_on_val(model, tok, editor, val, grid, kl_cap, max_halvings, progress)
+    val = [questions[i] for i in cast(QuestionSplit, pairs.split).val[: cfg.limit or None]]
+    choice = choose_strength_on_val(model, tok, editor, val, cfg.strengths, cfg.kl_cap, cfg.max_halvings, progress)
     if show:
         _stderr(f"test: unedited and edited (strength {choice.strength}) …")
     result = evaluate(
@@ -208,8 +204,8 @@ def _evaluate_run(
         editor=editor,
         task="truthfulqa-mc",
         split="test",
-        seed=seed,
-        limit=limit,
+        seed=cfg.seed,
+        limit=cfg.limit,
         strength=choice.strength,
         scope="all",
         data=data,
@@ -224,39 +220,45 @@ def _evaluate_run(
 # --------------------------------------------------------------------------- the jobs
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """The main job's settings (:func:`run`'s defaults), checked on construction (:mod:`hpredit.checks`)."""
+
+    seed: int = 0
+    limit: int | None = None
+    top_k: int = 5
+    epochs: int = 5
+    batch_size: int = 16
+    save_activations: bool = True
+    evaluate: bool = True
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
+    kl_cap: float = 0.5
+    max_halvings: int = 3
+    store_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        check_count(self.epochs, "epochs")
+        check_count(self.batch_size, "batch_size")
+        check_limit(self.limit)
+        check_count(self.max_halvings, "max_halvings", 0)
+        object.__setattr__(self, "strengths", tuple(check_strengths(self.strengths)))
+        check_kl_cap(self.kl_cap)
+        check_store_dtype(self.store_dtype)
+        check_count(self.top_k, "top_k")
+
+
 def check_run_args(
-    out: str | os.PathLike,
-    model: str | os.PathLike | None,
-    data: str | os.PathLike | None,
-    seed: int,
-    limit: int | None,
-    top_k: int,
-    epochs: int,
-    batch_size: int,
-    strengths: Sequence[float],
-    kl_cap: float,
-    max_halvings: int,
-    store_dtype: str,
-    device: str | None,
-    device_map: Any,
-    force: bool,
-) -> list[float]:
-    """Every check of :func:`run` before anything loads (the model's config is read, no weights); the grid."""
+    out: Path, model: Any, data: Any, cfg: RunConfig, device: str | None, device_map: Any, force: bool
+) -> None:
+    """What :func:`run` checks besides its settings before anything loads: the output directory, the
+    model's config (no weights) and top-k against its layers, the TruthfulQA source."""
     from .data import check_truthfulqa_source
 
     check_out(out, force)
-    check_seed(seed)
-    check_count(epochs, "epochs")
-    check_count(batch_size, "batch_size")
-    check_limit(limit)
-    check_count(max_halvings, "max_halvings", 0)
-    grid = check_strengths(strengths)
-    check_kl_cap(kl_cap)
-    check_store_dtype(store_dtype)
     config = check_model(model, device, device_map)
-    check_top_k_and_layers(config, top_k)
+    check_top_k_and_layers(config, cfg.top_k)
     check_truthfulqa_source(data)
-    return grid
 
 
 def run(
@@ -310,23 +312,20 @@ def run(
     from .models import load_model
 
     out = Path(out)
-    grid = check_run_args(
-        out,
-        model,
-        data,
+    cfg = RunConfig(
         seed,
         limit,
         top_k,
         epochs,
         batch_size,
-        strengths,
+        save_activations,
+        evaluate,
+        tuple(strengths),
         kl_cap,
         max_halvings,
         store_dtype,
-        device,
-        device_map,
-        force,
     )
+    check_run_args(out, model, data, cfg, device, device_map, force)
     provenance = Provenance.now(command)
     start = time.perf_counter()
     pairs = truthfulqa_pairs(split="train+val", seed=seed, path=data, limit=limit)
@@ -349,22 +348,9 @@ def run(
         evaluation, timing = None, dict(fitted.timing)
         if evaluate:
             evaluation, timing["eval_s"] = _evaluate_run(
-                lm,
-                tok,
-                fitted.editor,
-                pairs,
-                data,
-                seed,
-                limit,
-                grid,
-                kl_cap,
-                max_halvings,
-                tmp / "eval",
-                progress,
-                show,
-                provenance.command,
+                lm, tok, fitted.editor, pairs, data, cfg, tmp / "eval", progress, show, provenance.command
             )
-        result = _run_result(provenance, fitted, pairs, seed, store_dtype, save_activations, tmp, evaluation)
+        result = _run_result(provenance, fitted, pairs, cfg, tmp, evaluation)
         result.timing_s = {"load": round(t_load, 1), **timing, "total": round(time.perf_counter() - start, 1)}
         if distributed.is_main():
             result.save(tmp)
@@ -372,29 +358,22 @@ def run(
 
 
 def _run_result(
-    provenance: Provenance,
-    fitted: Fitted,
-    pairs: ContrastivePairs,
-    seed: int,
-    store_dtype: str,
-    save_activations: bool,
-    tmp: Path,
-    evaluation: RunEvaluation | None,
+    provenance: Provenance, fitted: Fitted, pairs: ContrastivePairs, cfg: RunConfig, tmp: Path, evaluation
 ) -> RunResult:
     editor, store = fitted.editor, fitted.store
     return RunResult(
         provenance=provenance,
         model=editor.model_fingerprint.to_dict(),
-        split_seed=seed,
+        split_seed=cfg.seed,
         questions={s: len({p.group for p in pairs if p.split == s}) for s in ("train", "val")},
         pairs=len(pairs),
         texts=len(store.texts),
         completion_tokens=store.n_tokens,
-        store_dtype=store_dtype,
+        store_dtype=cfg.store_dtype,
         layers_edited=editor.layers,
         val_probe_accuracy=editor.probe_accuracy,
         timing_s={},
-        activation_store_bytes=_dir_size(tmp / "activations") if save_activations else store.nbytes(),
+        activation_store_bytes=_dir_size(tmp / "activations") if cfg.save_activations else store.nbytes(),
         editor_bytes=_dir_size(tmp / "editor"),
         evaluation=evaluation,
         editor=editor,

@@ -135,36 +135,12 @@ def _run_method(
 
     With ``run.progress``, a bar says which step runs (fit, each strength's KL and val score, test).
     """
-    m, model, task, neutral = METHODS[name], run.model, run.task, run.neutral
     t0 = time.time()
-    chosen: Editor | None = None
-    strength, flagged, tried = 0.0, False, []
     with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
-        fit = m.fit
-        if fit is not None:
-            pick = choose_strength(
-                model,
-                run.tok,
-                distributed.on_main(lambda: fit(stores, model, shared), f"fitting {name}"),
-                grid or m.strengths,
-                split.val,
-                neutral,
-                run.kl_cap,
-                0 if grid else run.max_doublings,
-                log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
-                task=task,
-                refine=0 if grid else run.refine,
-                progress=lambda what: step(f"strength search, {what}"),
-            )
-            chosen, strength, flagged, tried = pick["editor"], pick["strength"], pick["over_kl_cap"], pick["tried"]
-        step(f"test {task.primary} (strength {strength})")
-        test = score_with(model, run.tok, task, split.test, chosen, strength)
-        cost = fluency_with(model, neutral, chosen, strength)
-        drift = (
-            norm_drift(model, neutral, lambda: chosen.attach(model, strength=strength, scope="all"))
-            if chosen is not None
-            else {}
-        )
+        pick = _fit_and_choose(run, name, split, stores, shared, grid, step)
+        chosen, strength = pick["editor"], pick["strength"]
+        step(f"test {run.task.primary} (strength {strength})")
+        test, cost, drift = _measure(run, split.test, chosen, strength)
     row = {
         "seed": split.seed,
         "method": name,
@@ -176,17 +152,53 @@ def _run_method(
         "ppl": cost["ppl"],
         "ppl_unedited": cost["ppl_unedited"],
         "norm_drift": drift,
-        "over_kl_cap": flagged,
-        "validation": tried,
+        "over_kl_cap": pick["over_kl_cap"],
+        "validation": pick["tried"],
         "config": dataclasses.asdict(chosen.config) if chosen else None,
         "seconds": round(time.time() - t0, 1),
     }
-    shown = " ".join(f"{k} {test[k]:.4f}" for k in task.metrics if test.get(k) is not None)
+    shown = " ".join(f"{k} {test[k]:.4f}" for k in run.task.metrics if test.get(k) is not None)
     run.log(
         f"seed {split.seed} {name}: test {shown} KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} "
         f"(strength {strength}, layers {row['layers']})"
     )
     return row
+
+
+def _fit_and_choose(
+    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None, step
+) -> dict:
+    """Fit the method (rank 0) and choose its strength on val under the KL cap: the method's own grid
+    grows toward the cap (``run.max_doublings``, ``run.refine``); a given ``grid`` is tried as is.
+    ``none`` (nothing to fit) is the unedited model at strength 0."""
+    method = METHODS[name]
+    fit = method.fit
+    if fit is None:
+        return {"editor": None, "strength": 0.0, "over_kl_cap": False, "tried": []}
+    return choose_strength(
+        run.model,
+        run.tok,
+        distributed.on_main(lambda: fit(stores, run.model, shared), f"fitting {name}"),
+        grid or method.strengths,
+        split.val,
+        run.neutral,
+        run.kl_cap,
+        0 if grid else run.max_doublings,
+        log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
+        task=run.task,
+        refine=0 if grid else run.refine,
+        progress=lambda what: step(f"strength search, {what}"),
+    )
+
+
+def _measure(run: _Run, items: list, editor: Editor | None, strength: float) -> tuple[dict, dict, dict]:
+    """On test: the task's metrics, the fluency cost on neutral text and the norm drift (none unedited)."""
+    model = run.model
+    test = score_with(model, run.tok, run.task, items, editor, strength)
+    cost = fluency_with(model, run.neutral, editor, strength)
+    if editor is None:
+        return test, cost, {}
+    return test, cost, norm_drift(model, run.neutral, lambda: editor.attach(model, strength=strength, scope="all"))
 
 
 def compare(
