@@ -161,7 +161,7 @@ def evaluate(
         command: the command line to record (default: the equivalent ``hpredit.evaluate(...)`` call).
 
     Returns:
-        An :class:`~hpredit.evaluation.results.EvalResult`: ``result.metrics`` holds
+        An :class:`~hpredit.results.EvalResult`: ``result.metrics`` holds
         ``unedited``, with an editor ``edited`` and ``difference`` (mean and, for TruthfulQA,
         a paired-bootstrap CI), per metric; ``result.summary`` also records the model, editor,
         split, data, versions and machine.
