@@ -12,11 +12,13 @@ from .judges import HFJudge, Judge
 from .metrics import BootstrapCI, mc1, mc2, mc3, mc_metrics, paired_bootstrap, reference_acc
 from .scoring import generate_texts, score_continuations
 from .splits import SPLITS, resolve_split
+from .tasks import Task, get_task, register_task, task_names
 from .truthfulqa import generate_answers, score_truthfulqa_mc, truncate_answer
 
 __all__ = [
     "SPLITS",
     "TASKS",
+    "Task",
     "BootstrapCI",
     "EvalResult",
     "HFJudge",
@@ -24,14 +26,17 @@ __all__ = [
     "evaluate",
     "generate_answers",
     "generate_texts",
+    "get_task",
     "mc1",
     "mc2",
     "mc3",
     "mc_metrics",
     "paired_bootstrap",
     "reference_acc",
+    "register_task",
     "resolve_split",
     "score_continuations",
     "score_truthfulqa_mc",
+    "task_names",
     "truncate_answer",
 ]
