@@ -100,6 +100,10 @@ class HPREditor(Editor):
     #: the fast path's row-wise step: ``auto`` (Triton kernel on CUDA when available), ``triton`` or
     #: ``torch`` (see :data:`hpredit.kernels.BACKENDS`); set per instance to compare them
     kernel_backend: str = "auto"
+    #: the fast path's angle MLP for 16-bit activations: ``float32`` (default; the reference's
+    #: error) or ``model`` (in the activations' dtype: cheaper, ~10× the error at the worst token;
+    #: see :data:`hpredit.kernels.PRECISIONS`)
+    mlp_precision: str = "float32"
 
     def __init__(
         self,
@@ -160,13 +164,14 @@ class HPREditor(Editor):
         """The edit of one layer for activations of ``dtype`` on ``device``.
 
         ``fast`` (default): the fused edit of :func:`hpredit.kernels.hpr_edit` — every constant
-        prepared here once, the angle MLP in the activations' dtype, the rotation as
+        prepared here once, the angle MLP in float32 (:attr:`mlp_precision`), the rotation as
         ``a·x + b·ŵ + c·u`` from two float32 reductions (see
         :func:`~hpredit.geometry.pseudo_rotate_coefficients`) in one Triton kernel on a GPU, no
-        host sync and no data-dependent Python branch. ``fast=False``: the reference — everything
-        in float32 through :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of
-        ``dtype`` (tested). The probe-bias ablation always takes the reference path. ``strength``
-        may be a number or per-token strengths broadcastable to ``hidden.shape[:-1]``.
+        host sync and no data-dependent Python branch; under ``torch.compile`` that kernel stays one
+        custom op. ``fast=False``: the reference — everything in float32 through
+        :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of ``dtype`` (tested).
+        The probe-bias ablation always takes the reference path. ``strength`` may be a number or
+        per-token strengths broadcastable to ``hidden.shape[:-1]``.
         """
         if fast and self.probe_bias is None:
             return self._fast_edit(layer, device, dtype)
@@ -216,6 +221,7 @@ class HPREditor(Editor):
             gated=self.config.gate,
             dtype=dtype,
             backend=self.kernel_backend,
+            precision=self.mlp_precision,
         )
 
     # ------------------------------------------------------------------ artifact
