@@ -1,8 +1,9 @@
 """The fused HPR edit of one layer: the angle MLP's matmuls, then one pass over each token.
 
-Per call: the hidden layers of the angle MLP as ``addmm`` + GELU (in float32 by default, see
-:data:`PRECISIONS`), then one row-wise step that reads ``x`` once and computes ``‖x‖²``, the probe
-score ``ŵ·x``, the last MLP layer (GELU, dot, bias), ``γ = strength·π·sigmoid(·)``, the
+Per call: the hidden layers of the angle MLP as ``addmm`` + GELU (for 16-bit activations in
+float16 by default, see :data:`PRECISIONS`), then one row-wise step that reads ``x`` once and
+computes in float32 ``‖x‖²``, the probe score ``ŵ·x``, the last MLP layer (GELU, dot, bias),
+``γ = strength·π·sigmoid(·)``, the
 coefficients ``a, b, c`` of :func:`~hpredit.geometry.pseudo_rotate_coefficients`, the gate and
 ``a·x + b·ŵ + c·u``. That step is one Triton kernel on a GPU (:mod:`hpredit.kernels._triton`) and
 plain PyTorch elsewhere. It is also the custom op ``hpredit::hpr_rows``, which ``torch.compile``
@@ -30,12 +31,15 @@ __all__ = ["BACKENDS", "PRECISIONS", "hpr_edit", "hpr_rows", "triton_available"]
 #: (and under ``torch.compile`` the PyTorch step inline, for inductor to fuse, instead of the custom op).
 BACKENDS = ("auto", "triton", "torch")
 
-#: The angle MLP's arithmetic for 16-bit activations. ``float32`` (default): weights, activations
-#: and the last layer in float32, the error of the float32 reference path. ``model``: in the
-#: activations' dtype, cheaper, but every bfloat16 rounding inside the MLP (any layer's weights or
-#: inputs) moves the angle by ~1.5e-3 rad rms, ~10× the output's own rounding at the worst token
-#: (``benchmarks/edit_precision.py``).
-PRECISIONS = ("float32", "model")
+#: The hidden layers of the angle MLP for 16-bit activations (float32 activations keep float32; the
+#: last layer is always float32). ``float16`` (default): weights and activations in float16, the
+#: matmuls of bfloat16's speed on GPU tensor cores with 8× less rounding: every bfloat16 rounding
+#: inside the MLP (any layer's weights or inputs) moves the angle by ~1.5e-3 rad rms, and the
+#: bfloat16 MLP's worst token is ~10× the reference's error, the float16 one's ~1.5×
+#: (``benchmarks/edit_precision.py``). Inputs beyond float16's range are clamped to it.
+#: ``float32``: all in float32 (2× the weight bytes). ``model``: in the activations' dtype.
+PRECISIONS = ("float16", "float32", "model")
+_HALF_MAX = float(torch.finfo(torch.float16).max)
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,17 +61,16 @@ def hpr_edit(
     gated: bool = True,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
-    precision: str = "float32",
+    precision: str = "float16",
 ):
     """Build the edit ``(hidden (..., d), mask (...) bool or None, strength) -> hidden`` of one layer.
 
     ``w_hat`` (d,): the unit probe normal; ``axis`` (d,): :func:`~hpredit.geometry.fallback_axis`;
     ``weights[j]`` (out, in) and ``biases[j]`` (out,): the angle MLP (unused with ``fixed_angle``).
     Everything is prepared here once: the hidden MLP layers transposed in the MLP's dtype
-    (``precision``: float32, or ``dtype``, the activations' dtype, with ``"model"``), the last layer,
-    ŵ and u in float32. ``strength``: a number or a tensor of per-token strengths broadcastable to
-    ``hidden.shape[:-1]``; tokens outside the gate, outside ``mask`` or with strength 0 come back
-    bit for bit.
+    (``precision``, see :data:`PRECISIONS`), the last layer, ŵ and u in float32. ``strength``: a
+    number or a tensor of per-token strengths broadcastable to ``hidden.shape[:-1]``; tokens outside
+    the gate, outside ``mask`` or with strength 0 come back bit for bit.
     """
     if backend not in BACKENDS:
         raise HpreditError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -78,7 +81,7 @@ def hpr_edit(
     if fixed_angle is not None:  # a constant angle: no angle MLP at all
         weights, biases = [], []
     device = w_hat.device
-    mlp_dtype = dtype if precision == "model" and dtype.is_floating_point else torch.float32
+    mlp_dtype = _mlp_dtype(dtype, precision)
     w_hat = w_hat.to(device=device, dtype=torch.float32).contiguous()
     axis = axis.to(device=device, dtype=torch.float32).contiguous()
     basis = torch.stack([w_hat, axis])  # (2, d)
@@ -86,10 +89,11 @@ def hpr_edit(
         (w.to(device=device, dtype=mlp_dtype).t().contiguous(), b.to(device=device, dtype=mlp_dtype, copy=True))
         for w, b in zip(weights[:-1], biases[:-1])
     ]
-    # the last layer (width → 1), in the MLP's dtype like the others: (width,) and (1,). All copies,
-    # no views of the editor's stacked tensors: a compiled graph would guard on their base's shape.
-    w_last = weights[-1].reshape(-1).to(device=device, dtype=mlp_dtype, copy=True) if weights else None
-    b_last = biases[-1].reshape(1).to(device=device, dtype=mlp_dtype, copy=True) if weights else None
+    # the last layer (width → 1) in float32: (width,) and (1,). All copies, no views of the editor's
+    # stacked tensors: a compiled graph would guard on their base's shape.
+    w_last = weights[-1].reshape(-1).to(device=device, dtype=torch.float32, copy=True) if weights else None
+    b_last = biases[-1].reshape(1).to(device=device, dtype=torch.float32, copy=True) if weights else None
+    clamp = mlp_dtype == torch.float16 and dtype != torch.float16  # bfloat16 or float32 beyond ±65504
     gelu_last = len(weights) > 1  # the last layer's input is a hidden layer's pre-activation
     fixed = None if fixed_angle is None else float(fixed_angle)
 
@@ -97,7 +101,7 @@ def hpr_edit(
         """The last MLP layer's input (n, width), before its GELU: every hidden layer but the last activated."""
         if w_last is None:
             return None
-        z = h.to(mlp_dtype)
+        z = (h.clamp(-_HALF_MAX, _HALF_MAX) if clamp else h).to(mlp_dtype)
         for j, (wt, b) in enumerate(hidden_layers):
             if j:
                 z = F.gelu(z)
@@ -124,6 +128,15 @@ def hpr_edit(
         return out.reshape(hidden.shape)
 
     return edit
+
+
+def _mlp_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
+    """The hidden MLP layers' dtype for activations of ``dtype`` (see :data:`PRECISIONS`)."""
+    if not dtype.is_floating_point:
+        return torch.float32
+    if dtype.itemsize > 2 or precision == "model":
+        return dtype
+    return torch.float16 if precision == "float16" else torch.float32
 
 
 def hpr_rows(
@@ -166,16 +179,15 @@ def _hpr_rows_torch(
 ) -> torch.Tensor:
     """The row-wise step in plain PyTorch: ``h`` (n, d) → edited (n, d), same dtype; the Triton kernel's spec.
 
-    The last MLP layer runs in the MLP's dtype (its GELU, dot and bias rounded to it, as a matmul
-    would), the rest in float32."""
+    All in float32: the last MLP layer (GELU of ``z``, dot, bias), the angle, the coefficients."""
     x = h.float()
     score = x @ basis[0]
     sq_norm = torch.linalg.vecdot(x, x)
     if z is None:
         theta = torch.full_like(score, float(cast(float, fixed)))
     else:
-        logit = torch.addmv(b_last, F.gelu(z) if gelu_last else z, w_last)
-        theta = math.pi * torch.sigmoid(logit.float())
+        z = z.float()
+        theta = math.pi * torch.sigmoid(torch.addmv(b_last, F.gelu(z) if gelu_last else z, w_last))
     a, b, c = pseudo_rotate_coefficients(score, sq_norm, s * theta)
     gate = score < 0 if gated else None
     for extra in (m, s != 0 if isinstance(s, torch.Tensor) else None):
