@@ -100,10 +100,11 @@ class HPREditor(Editor):
     #: the fast path's row-wise step: ``auto`` (Triton kernel on CUDA when available), ``triton`` or
     #: ``torch`` (see :data:`hpredit.kernels.BACKENDS`); set per instance to compare them
     kernel_backend: str = "auto"
-    #: the fast path's hidden angle-MLP layers for 16-bit activations: ``float16`` (default; bfloat16's
-    #: speed on a GPU, ~1.5× the reference's error at the worst token), ``float32`` or ``model`` (the
-    #: activations' dtype: ~10× the error in bfloat16); see :data:`hpredit.kernels.PRECISIONS`
-    mlp_precision: str = "float16"
+    #: the fast path's hidden angle-MLP layers for 16-bit activations: ``auto`` (float16 on CUDA:
+    #: bfloat16's speed, ~1.2× the reference's error at the worst token; float32 elsewhere),
+    #: ``float16``, ``float32`` or ``model`` (the activations' dtype: ~10× the error in bfloat16);
+    #: see :data:`hpredit.kernels.PRECISIONS`
+    mlp_precision: str = "auto"
 
     def __init__(
         self,
@@ -164,7 +165,7 @@ class HPREditor(Editor):
         """The edit of one layer for activations of ``dtype`` on ``device``.
 
         ``fast`` (default): the fused edit of :func:`hpredit.kernels.hpr_edit` — every constant
-        prepared here once, the angle MLP in float16 (:attr:`mlp_precision`), the rotation as
+        prepared here once, the angle MLP in float16 on CUDA (:attr:`mlp_precision`), the rotation as
         ``a·x + b·ŵ + c·u`` from two float32 reductions (see
         :func:`~hpredit.geometry.pseudo_rotate_coefficients`) in one Triton kernel on a GPU, no
         host sync and no data-dependent Python branch; under ``torch.compile`` that kernel stays one

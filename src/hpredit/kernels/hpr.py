@@ -32,13 +32,14 @@ __all__ = ["BACKENDS", "PRECISIONS", "hpr_edit", "hpr_rows", "triton_available"]
 BACKENDS = ("auto", "triton", "torch")
 
 #: The hidden layers of the angle MLP for 16-bit activations (float32 activations keep float32; the
-#: last layer is always float32). ``float16`` (default): weights and activations in float16, the
-#: matmuls of bfloat16's speed on GPU tensor cores with 8× less rounding: every bfloat16 rounding
-#: inside the MLP (any layer's weights or inputs) moves the angle by ~1.5e-3 rad rms, and the
-#: bfloat16 MLP's worst token is ~10× the reference's error, the float16 one's ~1.5×
-#: (``benchmarks/edit_precision.py``). Inputs beyond float16's range are clamped to it.
-#: ``float32``: all in float32 (2× the weight bytes). ``model``: in the activations' dtype.
-PRECISIONS = ("float16", "float32", "model")
+#: last layer is always float32). ``float16``: weights and activations in float16, matmuls of
+#: bfloat16's speed on GPU tensor cores with 8× less rounding: every bfloat16 rounding inside the MLP
+#: (any layer's weights or inputs) moves the angle by ~1.5e-3 rad rms, so that the bfloat16 MLP's
+#: worst token is ~10× the float32 reference's error, the float16 one's ~1.2×
+#: (``benchmarks/edit_precision.py``); inputs beyond float16's range are clamped to it. ``float32``:
+#: all in float32 (2× the weight bytes). ``model``: in the activations' dtype. ``auto`` (default):
+#: ``float16`` on CUDA, ``float32`` elsewhere (CPUs rarely have fast float16 matmuls).
+PRECISIONS = ("auto", "float16", "float32", "model")
 _HALF_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -61,7 +62,7 @@ def hpr_edit(
     gated: bool = True,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
-    precision: str = "float16",
+    precision: str = "auto",
 ):
     """Build the edit ``(hidden (..., d), mask (...) bool or None, strength) -> hidden`` of one layer.
 
@@ -81,7 +82,7 @@ def hpr_edit(
     if fixed_angle is not None:  # a constant angle: no angle MLP at all
         weights, biases = [], []
     device = w_hat.device
-    mlp_dtype = _mlp_dtype(dtype, precision)
+    mlp_dtype = _mlp_dtype(dtype, precision, device)
     w_hat = w_hat.to(device=device, dtype=torch.float32).contiguous()
     axis = axis.to(device=device, dtype=torch.float32).contiguous()
     basis = torch.stack([w_hat, axis])  # (2, d)
@@ -130,12 +131,14 @@ def hpr_edit(
     return edit
 
 
-def _mlp_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
-    """The hidden MLP layers' dtype for activations of ``dtype`` (see :data:`PRECISIONS`)."""
+def _mlp_dtype(dtype: torch.dtype, precision: str, device: torch.device) -> torch.dtype:
+    """The hidden MLP layers' dtype for activations of ``dtype`` on ``device`` (see :data:`PRECISIONS`)."""
     if not dtype.is_floating_point:
         return torch.float32
     if dtype.itemsize > 2 or precision == "model":
         return dtype
+    if precision == "auto":
+        precision = "float16" if device.type == "cuda" else "float32"
     return torch.float16 if precision == "float16" else torch.float32
 
 
