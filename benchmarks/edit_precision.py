@@ -17,8 +17,8 @@ biases N(0, 0.01), as ``gpu_overhead.py``) on random activations ×4 in ``--dtyp
    in float32 (elsewhere) and in the activations' dtype (``model``), and each max as a multiple of
    the reference's.
 3. Time per call of the same paths at the shapes of decode b1, b16 and prefill 4×512 (median over
-   ``--rounds`` interleaved rounds, every path once per round) and per round the ratio to ``model``
-   (the cheapest: what the precision costs).
+   ``--rounds`` interleaved rounds, every path once per round; on CUDA each call a replay of a CUDA
+   graph of the edit) and per round the ratio to ``model`` (the cheapest: what precision costs).
 """
 
 from __future__ import annotations
@@ -123,6 +123,63 @@ def paths(ed, dtype, device) -> dict:
     return out
 
 
+def measure(d: int, tokens: int, dtype_name: str, device, rounds: int, sources_too: bool = True) -> dict:
+    """Sources (optional), each path's error vs float64 and, with ``rounds``, its time per call at
+    the shapes of :data:`edit_ops.SHAPES` (on CUDA each call a replay of a CUDA graph of the edit)."""
+    import torch
+
+    from edit_ops import cuda_graph
+
+    device = torch.device(device)
+    dtype = getattr(torch, dtype_name)
+    ed = make_editor(d)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(tokens, d, generator=g) * 4).to(dtype)
+    truth = float64_edit(ed, x)
+    norm = x.double().norm(dim=-1)
+    gated = (truth != x.double()).any(-1)
+    with torch.no_grad():
+        fns = paths(ed, dtype, device)
+        errors = {}
+        for name, fn in fns.items():
+            rel = (fn(x.to(device), None, 1.0).double().cpu() - truth).norm(dim=-1) / norm
+            errors[name] = {"max": float(rel.max()), "mean_edited": float(rel[gated].mean())}
+        for row in errors.values():
+            row["max_vs_reference"] = row["max"] / errors["reference"]["max"]
+    summary = {k: f"{v['max']:.2e} ({v['max_vs_reference']:.2f}x)" for k, v in errors.items()}
+    print("per-token error vs float64:", summary, flush=True)
+    found = sources(ed, x) if sources_too else {}
+    for name, rows in found.items():
+        print(" ", name, {k: f"{v['max']:.1e}/{v['rms']:.1e}" for k, v in rows.items()} if "max" not in rows else rows)
+    timing = {}
+    for shape_name, (batch, seq) in SHAPES.items() if rounds else ():
+        gen = torch.Generator(device).manual_seed(1)
+        hidden = (torch.randn(batch, seq, d, device=device, generator=gen) * 4).to(dtype)
+        timed = {k: cuda_graph(fn, hidden) for k, fn in fns.items()} if device.type == "cuda" else fns
+        timing[shape_name] = time_per_call(timed, hidden, rounds, baseline="fused (model)")
+        print(
+            shape_name,
+            {k: round(v, 1) for k, v in timing[shape_name]["us_per_call_median"].items()},
+            {k: round(v, 2) for k, v in timing[shape_name]["ratio_to_baseline_median"].items()},
+            flush=True,
+        )
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "timed_as": "CUDA graph replays" if device.type == "cuda" else "eager calls",
+        "d": d,
+        "tokens": tokens,
+        "dtype": dtype_name,
+        "edited_fraction": float(gated.float().mean()),
+        "angle_error_sources_rad": found,
+        "per_token_error_vs_float64": errors,
+        "time_per_call": timing,
+        "ratio_spread": {
+            shape: {k: [min(v), max(v)] for k, v in row["ratio_to_baseline_per_round"].items()}
+            for shape, row in timing.items()
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d", type=int, default=4096, help="hidden size")
@@ -138,56 +195,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    ed = make_editor(args.d)
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(args.tokens, args.d, generator=g) * 4).to(dtype)
-    truth = float64_edit(ed, x)
-    norm = x.double().norm(dim=-1)
-    gated = (truth != x.double()).any(-1)
-    with torch.no_grad():
-        fns = paths(ed, dtype, device)
-        errors = {}
-        for name, fn in fns.items():
-            rel = (fn(x.to(device), None, 1.0).double().cpu() - truth).norm(dim=-1) / norm
-            errors[name] = {"max": float(rel.max()), "mean_edited": float(rel[gated].mean())}
-        for row in errors.values():
-            row["max_vs_reference"] = row["max"] / errors["reference"]["max"]
-    found = sources(ed, x)
-    print("angle error (rad) from one rounding:")
-    for name, rows in found.items():
-        print(" ", name, {k: f"{v['max']:.1e}/{v['rms']:.1e}" for k, v in rows.items()} if "max" not in rows else rows)
-    summary = {k: f"{v['max']:.2e} ({v['max_vs_reference']:.2f}x)" for k, v in errors.items()}
-    print("per-token error vs float64:", summary)
-    timing = {}
-    if args.rounds:
-        for shape_name, (batch, seq) in SHAPES.items():
-            gen = torch.Generator(device).manual_seed(1)
-            hidden = (torch.randn(batch, seq, args.d, device=device, generator=gen) * 4).to(dtype)
-            timing[shape_name] = time_per_call(fns, hidden, args.rounds, baseline="fused (model)")
-            print(
-                shape_name,
-                {k: round(v, 1) for k, v in timing[shape_name]["us_per_call_median"].items()},
-                {k: round(v, 2) for k, v in timing[shape_name]["ratio_to_baseline_median"].items()},
-                flush=True,
-            )
-    record = {
-        **run_record(load),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "d": args.d,
-        "tokens": args.tokens,
-        "dtype": args.dtype,
-        "edited_fraction": float(gated.float().mean()),
-        "angle_error_sources_rad": found,
-        "per_token_error_vs_float64": errors,
-        "time_per_call": timing,
-        "median_ratio_spread": {
-            shape: {k: [min(v), max(v)] for k, v in row["ratio_to_baseline_per_round"].items()}
-            for shape, row in timing.items()
-        },
-    }
-    emit(record, args.out)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    record = measure(args.d, args.tokens, args.dtype, device, args.rounds)
+    emit({**run_record(load), **record}, args.out)
 
 
 if __name__ == "__main__":
