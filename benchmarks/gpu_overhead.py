@@ -400,7 +400,9 @@ def _static_ab(hpr, model, run, rounds: int, rates: dict) -> dict:
     return {
         "graphs_compiled_while_timing": counters["stats"]["unique_graphs"] - graphs,
         "graph_breaks": sum(counters["graph_break"].values()),
-        "fused_op_calls_in_inductor_code": sum(c.count("hpredit.hpr_rows") for c in code) if code else None,
+        "fused_op_calls_in_inductor_code": sum(c.count("= torch.ops.hpredit.hpr_rows.default(") for c in code)
+        if code
+        else None,  # (no inductor: aot_eager)
     }
 
 

@@ -101,7 +101,7 @@ class HPREditor(Editor):
     #: ``torch`` (see :data:`hpredit.kernels.BACKENDS`); set per instance to compare them
     kernel_backend: str = "auto"
     #: the fast path's hidden angle-MLP layers for 16-bit activations: ``auto`` (float16 on CUDA:
-    #: bfloat16's speed, ~1.2× the reference's error at the worst token; float32 elsewhere),
+    #: bfloat16's speed, ~1.4× the reference's error at the worst token; float32 elsewhere),
     #: ``float16``, ``float32`` or ``model`` (the activations' dtype: ~10× the error in bfloat16);
     #: see :data:`hpredit.kernels.PRECISIONS`
     mlp_precision: str = "auto"

@@ -35,7 +35,7 @@ BACKENDS = ("auto", "triton", "torch")
 #: last layer is always float32). ``float16``: weights and activations in float16, matmuls of
 #: bfloat16's speed on GPU tensor cores with 8× less rounding: every bfloat16 rounding inside the MLP
 #: (any layer's weights or inputs) moves the angle by ~1.5e-3 rad rms, so that the bfloat16 MLP's
-#: worst token is ~10× the float32 reference's error, the float16 one's ~1.2×
+#: worst token is ~10× the float32 reference's error, the float16 one's ~1.4×
 #: (``benchmarks/edit_precision.py``); inputs beyond float16's range are clamped to it. ``float32``:
 #: all in float32 (2× the weight bytes). ``model``: in the activations' dtype. ``auto`` (default):
 #: ``float16`` on CUDA, ``float32`` elsewhere (CPUs rarely have fast float16 matmuls).
