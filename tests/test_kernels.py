@@ -245,7 +245,7 @@ def _logit_and_rounding_spread(ed, x64):
         (torch.bfloat16, "float16", torch.float16),
         (torch.bfloat16, "float32", torch.float32),
         (torch.bfloat16, "model", torch.bfloat16),
-        (torch.float16, "auto", torch.float16),
+        (torch.float16, "model", torch.float16),
     ],
 )
 def test_16bit_error_within_rounding_bound(backend, dtype, precision, mlp_dtype):
@@ -260,7 +260,7 @@ def test_16bit_error_within_rounding_bound(backend, dtype, precision, mlp_dtype)
     bfloat16 MLP fails the bound of the float16 one (8× its rounding), and so does an angle 2% off."""
     if backend == "triton" and not triton_available():
         pytest.skip("triton not installed")
-    d, n, s = 1024, 256, 4.0
+    d, n, s = 1024, 256, 4.0  # a strong edit: the angle's error, not the output's rounding, dominates
     ed = _with_backend(_wide_hpr(d), backend)
     ed.mlp_precision = precision
     g = torch.Generator().manual_seed(7)
@@ -284,7 +284,9 @@ def test_16bit_error_within_rounding_bound(backend, dtype, precision, mlp_dtype)
     got = ed.edit(0, x, s)
     assert torch.equal(_bits(got[~gate]), _bits(x[~gate]))
     assert (error(got) <= bound(unit(mlp_dtype))).all(), float((error(got) / bound(unit(mlp_dtype))).max())
-    if mlp_dtype == torch.bfloat16:  # the bfloat16 MLP against the float16 MLP's bound: fails
+    if mlp_dtype == torch.bfloat16 and backend == "torch":  # the bfloat16 MLP against the float16
+        # MLP's bound: fails (the MLP is the same for both backends; the interpreter's truncating
+        # output cast loosens the Triton bound)
         assert (error(got) > bound(unit(torch.float16))).any()
     wrong = ed.edit(0, x, s * 1.02)  # an angle 2% off
     assert (error(wrong) > bound(unit(mlp_dtype))).any()
