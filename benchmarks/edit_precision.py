@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (0: no timing)")
+    parser.add_argument("--no-sources", action="store_true", help="skip part 1 (slow at many tokens)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -196,7 +197,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    record = measure(args.d, args.tokens, args.dtype, device, args.rounds)
+    record = measure(args.d, args.tokens, args.dtype, device, args.rounds, sources_too=not args.no_sources)
     emit({**run_record(load), **record}, args.out)
 
 
