@@ -1,7 +1,7 @@
 """What an attached editor costs at 8B scale: unedited vs additive hook vs HPR, alternating, one process.
 
-    python benchmarks/gpu_overhead.py --rounds 5 --new 32 --static-rounds 15 --per-call-rounds 5 \
-        --sections op,static,per-call,precision,exactness                            # on the GPU (issue 20)
+    python benchmarks/gpu_overhead.py --sections op,static --scenarios b1,b16 --new 32 --static-rounds 15 \
+        --out $OUT/gpu_static.json                                                     # on the GPU (issue 20)
     python benchmarks/gpu_overhead.py --tiny --rounds 2 --static-rounds 2 --per-call-rounds 2 \
         --compile-backend aot_eager --precision-tokens 128                           # debug on CPU
     python benchmarks/gpu_overhead.py --model embedded --dtype float32 --layers 15,16,17,18,19 \
@@ -68,9 +68,20 @@ def main() -> None:
         default="exactness,eager,static,per-call,precision,op",
         help="what to run, comma-separated (a GPU's time is short: choose)",
     )
+    parser.add_argument(
+        "--scenarios", default="b1,b16,prefill", help="eager/static scenarios: b1, b16, prefill (comma-separated)"
+    )
     parser.add_argument("--precision-tokens", type=int, default=2048, help="tokens of the bfloat16 error measurement")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+    chosen = {"b1": "decode batch 1", "b16": "decode batch 16", "prefill": "prefill 4x512"}
+    if set(args.scenarios.split(",")) - set(chosen):
+        parser.error(f"unknown scenarios in {args.scenarios!r}: choose from {', '.join(chosen)}")
+    scenarios = [chosen[k] for k in args.scenarios.split(",")]
 
     import torch
     from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
@@ -135,11 +146,6 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sections = set(args.sections.split(","))
-    unknown = sections - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
-    args.sections = sections
     exact: dict = {}
     op_check = _op_in_compiled_graphs(hpr, layers[0], d, dtype, device) if "op" in sections else {}
     if op_check:
@@ -195,7 +201,7 @@ def main() -> None:
         return time.perf_counter() - start, tokens
 
     results = {}
-    for scenario in shapes if sections & {"eager", "static"} else []:
+    for scenario in scenarios if sections & {"eager", "static"} else []:
         static = [] if scenario.startswith("prefill") else ["none-static", "hpr-static"]
         names = [k for k in variants if not k.endswith("-static")] if "eager" in sections else []
         if not names and not static:
