@@ -59,8 +59,11 @@ class _Graphs:
 
         self.backend = aot_autograd(fw_compiler=keep)
 
+    def nodes(self, target) -> list:
+        return [n for g in self.graphs for n in g.graph.nodes if n.op == "call_function" and n.target is target]
+
     def calls(self, target) -> int:
-        return sum(n.op == "call_function" and n.target is target for g in self.graphs for n in g.graph.nodes)
+        return len(self.nodes(target))
 
 
 def test_fast_edit_compiles_fullgraph_inductor():
@@ -109,6 +112,7 @@ def test_compiled_graph_keeps_the_fused_op(backend, dtype):
         if torch.is_tensor(strength):
             assert torch.equal(_bits(got[strength == 0]), _bits(x[strength == 0]))
     assert len(rec.graphs) == 4 and rec.calls(OP) == 4  # one graph per mask / strength kind, one op each
+    assert all(node.args[-1] is (backend == "triton") for node in rec.nodes(OP))  # the kernel, as eager
 
 
 def test_backend_torch_compiles_the_pytorch_step_inline():
