@@ -291,3 +291,39 @@ def test_16bit_error_within_rounding_bound(backend, dtype, precision, mlp_dtype)
     wrong = ed.edit(0, x, s * 1.02)  # an angle 2% off
     assert (error(wrong) > bound(unit(mlp_dtype))).any()
     assert logit.abs().max() > 1  # the angles are not all at the sigmoid's flat ends (nor its middle)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_mlp_beyond_its_range(backend):
+    """A bfloat16 token beyond float16's ±65504 (a massive activation in one dimension) overflows
+    the float16 MLP (inf, then NaN): the edit stays finite and equals the float32 MLP's (for this
+    editor both leave that token unrotated). In the row-wise step a NaN angle leaves its token as
+    it is, bit for bit, and an infinite logit is a valid angle (0 or π)."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton not installed")
+    from hpredit.geometry import fallback_axis
+    from hpredit.kernels import hpr_rows
+
+    ed = _with_backend(_wide_hpr(1024), backend)
+    ed.mlp_precision = "float16"
+    ed.config = dataclasses.replace(ed.config, gate=False)
+    x, _ = _inputs(1024, torch.bfloat16, seed=4, batch=1, seq=3)
+    x[0, 1, 3] = 3e5
+    out = ed.edit(0, x, 1.0)
+    precise = copy.copy(ed)
+    precise.mlp_precision = "float32"
+    rel = (out.double() - precise.edit(0, x, 1.0).double()).norm(dim=-1) / x.double().norm(dim=-1)
+    assert torch.isfinite(out).all() and rel.max() <= 2 * torch.finfo(torch.bfloat16).eps, rel
+    # the row-wise step with an overflowed last-layer input
+    g = torch.Generator().manual_seed(0)
+    w_hat = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    basis = torch.stack([w_hat, fallback_axis(w_hat)])
+    h = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    z = torch.randn(4, 8, generator=g).half()
+    z[1, 2], z[2, :] = float("inf"), float("-inf")  # GELU(inf)·w: ±inf; GELU(-inf) = NaN
+    z[3, 0] = float("nan")
+    rows = hpr_rows(
+        h, z, basis, torch.randn(8, generator=g), torch.zeros(1), True, None, False, 1.0, None, backend == "triton"
+    )
+    assert torch.isfinite(rows).all() and not torch.equal(rows[0], h[0])
+    assert torch.equal(_bits(rows[2:]), _bits(h[2:]))  # NaN angles: unedited

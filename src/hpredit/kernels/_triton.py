@@ -90,6 +90,8 @@ def _hpr_row_kernel(
         gate = gate & (tl.load(M + row) != 0)
     if PER_TOKEN:
         gate = gate & (s != 0)
+    if HAS_MLP:  # a NaN angle (the MLP overflowed float16): unedited, as the PyTorch step
+        gate = gate & (theta == theta)
     out = tl.where(gate, out, x_in)
     tl.store(OUT + row * stride_o + cols, out, mask=inside)
 

@@ -36,11 +36,11 @@ BACKENDS = ("auto", "triton", "torch")
 #: bfloat16's speed on GPU tensor cores with 8× less rounding: every bfloat16 rounding inside the MLP
 #: (any layer's weights or inputs) moves the angle by ~1.5e-3 rad rms, so that the bfloat16 MLP's
 #: worst token is ~10× the float32 reference's error, the float16 one's ~1.4×
-#: (``benchmarks/edit_precision.py``); inputs beyond float16's range are clamped to it. ``float32``:
+#: (``benchmarks/edit_precision.py``). A token whose MLP leaves float16's range (inputs or hidden
+#: values beyond ±65504: its angle is NaN) is left unedited. ``float32``:
 #: all in float32 (2× the weight bytes). ``model``: in the activations' dtype. ``auto`` (default):
 #: ``float16`` on CUDA, ``float32`` elsewhere (CPUs rarely have fast float16 matmuls).
 PRECISIONS = ("auto", "float16", "float32", "model")
-_HALF_MAX = float(torch.finfo(torch.float16).max)
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,7 +94,6 @@ def hpr_edit(
     # stacked tensors: a compiled graph would guard on their base's shape.
     w_last = weights[-1].reshape(-1).to(device=device, dtype=torch.float32, copy=True) if weights else None
     b_last = biases[-1].reshape(1).to(device=device, dtype=torch.float32, copy=True) if weights else None
-    clamp = mlp_dtype == torch.float16 and dtype != torch.float16  # bfloat16 or float32 beyond ±65504
     gelu_last = len(weights) > 1  # the last layer's input is a hidden layer's pre-activation
     fixed = None if fixed_angle is None else float(fixed_angle)
 
@@ -102,7 +101,7 @@ def hpr_edit(
         """The last MLP layer's input (n, width), before its GELU: every hidden layer but the last activated."""
         if w_last is None:
             return None
-        z = (h.clamp(-_HALF_MAX, _HALF_MAX) if clamp else h).to(mlp_dtype)
+        z = h.to(mlp_dtype)
         for j, (wt, b) in enumerate(hidden_layers):
             if j:
                 z = F.gelu(z)
@@ -182,7 +181,8 @@ def _hpr_rows_torch(
 ) -> torch.Tensor:
     """The row-wise step in plain PyTorch: ``h`` (n, d) → edited (n, d), same dtype; the Triton kernel's spec.
 
-    All in float32: the last MLP layer (GELU of ``z``, dot, bias), the angle, the coefficients."""
+    All in float32: the last MLP layer (GELU of ``z``, dot, bias), the angle, the coefficients. A
+    token whose angle is NaN (its MLP overflowed float16: hidden values beyond ±65504) stays as it is."""
     x = h.float()
     score = x @ basis[0]
     sq_norm = torch.linalg.vecdot(x, x)
@@ -193,7 +193,8 @@ def _hpr_rows_torch(
         theta = math.pi * torch.sigmoid(torch.addmv(b_last, F.gelu(z) if gelu_last else z, w_last))
     a, b, c = pseudo_rotate_coefficients(score, sq_norm, s * theta)
     gate = score < 0 if gated else None
-    for extra in (m, s != 0 if isinstance(s, torch.Tensor) else None):
+    finite = None if z is None else theta == theta  # NaN where the MLP overflowed (float16): unedited
+    for extra in (m, s != 0 if isinstance(s, torch.Tensor) else None, finite):
         if extra is not None:
             gate = extra if gate is None else gate & extra
     out = torch.addmm(x * a.unsqueeze(-1), torch.stack([b, c], dim=-1), basis).to(h.dtype)
