@@ -161,8 +161,9 @@ def cuda_graph(fn, hidden):
     return replay
 
 
-def time_per_call(edits: dict, hidden, rounds: int, min_seconds: float = 0.02) -> dict:
-    """Interleaved rounds: µs per call of each edit (median over rounds) and the ratio to ``before``."""
+def time_per_call(edits: dict, hidden, rounds: int, min_seconds: float = 0.02, baseline: str = "before") -> dict:
+    """Interleaved rounds: µs per call of each edit (median over rounds) and, when ``baseline`` is
+    among them, per round the ratio of each edit to it (and its median)."""
     import torch
 
     def sync():
@@ -193,12 +194,12 @@ def time_per_call(edits: dict, hidden, rounds: int, min_seconds: float = 0.02) -
         "us_per_call_min": {k: min(v) for k, v in per_call.items()},
         "calls_per_measurement": calls,
     }
-    if "before" in per_call:
-        out["ratio_to_before_median"] = {
-            k: statistics.median(a / b for a, b in zip(v, per_call["before"]))
-            for k, v in per_call.items()
-            if k != "before"
+    if baseline in per_call:
+        ratios = {k: [a / b for a, b in zip(v, per_call[baseline])] for k, v in per_call.items() if k != baseline}
+        out[f"ratio_to_{'before' if baseline == 'before' else 'baseline'}_median"] = {
+            k: statistics.median(v) for k, v in ratios.items()
         }
+        out["ratio_to_baseline_per_round"] = ratios
     return out
 
 

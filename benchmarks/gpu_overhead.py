@@ -1,34 +1,45 @@
 """What an attached editor costs at 8B scale: unedited vs additive hook vs HPR, alternating, one process.
 
-    python benchmarks/gpu_overhead.py --out benchmarks/results/gpu_overhead-H100.json   # on the GPU
-    python benchmarks/gpu_overhead.py --tiny --rounds 2 --compile-backend aot_eager   # debug on CPU
+    python benchmarks/gpu_overhead.py --sections op,static --scenarios b1,b16 --new 32 --static-rounds 15 \
+        --out $OUT/gpu_static.json                                                     # on the GPU (issue 20)
+    python benchmarks/gpu_overhead.py --tiny --rounds 2 --static-rounds 2 --per-call-rounds 2 \
+        --compile-backend aot_eager --precision-tokens 128                           # debug on CPU
     python benchmarks/gpu_overhead.py --model embedded --dtype float32 --layers 15,16,17,18,19 \
-        --out benchmarks/results/edit_overhead_cpu_smollm2.json                      # the same, a real model, CPU
+        --sections eager --out benchmarks/results/edit_overhead_cpu_smollm2.json     # a real model, CPU
 
 Builds a Llama-3-8B-shaped model from its config with random weights (no download), bfloat16,
 and random editors on 5 decoder layers: an additive hook (CAA, x + αv), HPR's fast path (what
 ``attach`` uses) and HPR's float32 reference path, with the reference angle predictor
-(d → d/2 → d/4 → d/8 → 1). First it checks exactness of the fast path against the reference on
-random activations (relative error per token, norm ratio) and on greedy generation (same tokens).
-Then, ``--rounds`` times in the order none, add, hpr, hpr-reference, it times:
+(d → d/2 → d/4 → d/8 → 1). ``--sections`` chooses what runs (all by default), in this order:
 
-- decode at batch 1 and 16: ``generate()`` with KV cache, ``--new`` tokens after a 128-token prompt;
-- prefill: one forward pass over 4 × 512 tokens (logits of the last position only, as generate does);
-- decode again with ``cache_implementation="static"``, unedited and with HPR attached: transformers
-  then compiles the decode step (on CUDA with CUDA graphs, ``mode="reduce-overhead"``). These two run
-  as blocks of ``--rounds`` (HPR attached once): each attach compiles anew.
+- ``op``: one layer's edit at decode shapes under ``torch.compile(fullgraph=True)``: graph breaks,
+  and the fused op ``hpredit::hpr_rows`` in the graph AOT dispatch hands to the compiler;
+- ``exactness``: the fast path against the reference on random activations (relative error per
+  token, norm ratio) and on greedy generation (same tokens);
+- ``eager``: ``--rounds`` times in the order none, add, hpr, hpr-reference: decode at batch 1 and 16
+  (``generate()`` with KV cache, ``--new`` tokens after a 128-token prompt) and prefill (one forward
+  over 4 × 512 tokens, logits of the last position only); on CUDA also the GPU time of the edits
+  (CUDA events around 200 calls of the 5 layers' edits) against the model's GPU time per step;
+- ``static``: decode with ``cache_implementation="static"``: transformers compiles the decode step
+  (on CUDA with CUDA graphs, ``mode="reduce-overhead"``). HPR is attached once; after compiling and
+  capturing the edited and the unedited step, ``--static-rounds`` interleaved A/B rounds (none, hpr,
+  none, …) switch its hooks off and on (the same hook objects: no recompilation, which is counted
+  and reported, as are graph breaks and the fused op's calls in inductor's code);
+- ``per-call``: one layer's edit per call (``benchmarks/edit_ops.py``): additive, HPR's fast path
+  as of 15fad2c, the fused edit (Triton kernel on CUDA), ``torch.compile`` of it and a CUDA graph of
+  it (the per-layer µs inside a CUDA graph at decode shapes), with the kernels each launches;
+- ``precision``: ``benchmarks/edit_precision.py`` on the device: each path's error against float64
+  (``--precision-tokens`` random tokens at d = 4096) and its µs per call in a CUDA graph, for the
+  angle MLP in float16 (the default on CUDA), float32 and the activations' dtype.
 
-Reported per scenario: tokens/s of each variant (median) and the median over rounds of the ratio
-variant / unedited of the same round (decode at batch 1 is host-bound and noisy: read the spread).
-On CUDA also the GPU time of the edit itself (CUDA events around 200 calls of the 5 layers' edits on
-tensors of the scenario's shape) against the model's GPU time per step. Last, one layer's edit per
-call (``benchmarks/edit_ops.py``): additive, HPR's fast path as of 15fad2c, the fused edit (Triton
-kernel on CUDA), ``torch.compile`` of it and a CUDA graph of it, with the ATen ops / kernels each launches.
+Reported: tokens/s of each variant (median) and the median over rounds of the time ratio variant /
+unedited of the same round, with [min, max] (decode at batch 1 is host-bound and noisy).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,8 +62,26 @@ def main() -> None:
     parser.add_argument("--layers", default="10,12,14,16,18", help="edited decoder layers")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: quick on CPU)")
     parser.add_argument("--per-call-rounds", type=int, default=9, help="rounds of the per-call table (0: skip it)")
+    parser.add_argument("--static-rounds", type=int, default=15, help="interleaved A/B rounds, static cache + compile")
+    parser.add_argument(
+        "--sections",
+        default="exactness,eager,static,per-call,precision,op",
+        help="what to run, comma-separated (a GPU's time is short: choose)",
+    )
+    parser.add_argument(
+        "--scenarios", default="b1,b16,prefill", help="eager/static scenarios: b1, b16, prefill (comma-separated)"
+    )
+    parser.add_argument("--precision-tokens", type=int, default=2048, help="tokens of the bfloat16 error measurement")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+    chosen = {"b1": "decode batch 1", "b16": "decode batch 16", "prefill": "prefill 4x512"}
+    if set(args.scenarios.split(",")) - set(chosen):
+        parser.error(f"unknown scenarios in {args.scenarios!r}: choose from {', '.join(chosen)}")
+    scenarios = [chosen[k] for k in args.scenarios.split(",")]
 
     import torch
     from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
@@ -117,30 +146,13 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # ---- exactness: fast path vs reference
-    x = torch.randn(4, 512, d, device=device, generator=torch.Generator(device).manual_seed(2)).to(dtype) * 4
-    exact = {}
-    for layer in layers[:2]:
-        fast = hpr.edit(layer, x, 1.0, fast=True).float()
-        ref = hpr.edit(layer, x, 1.0, fast=False).float()
-        rel = (fast - ref).norm(dim=-1) / x.float().norm(dim=-1)
-        norm_ratio = fast.norm(dim=-1) / x.float().norm(dim=-1)
-        exact[layer] = {
-            "max_rel_diff_vs_reference": float(rel.max()),
-            "max_norm_error_fast": float((norm_ratio - 1).abs().max()),
-            "edited_fraction": float((ref != x.float()).any(-1).float().mean()),
-            "dtype_eps": torch.finfo(dtype).eps,
-        }
-    ids = torch.randint(10, config.vocab_size, (2, 16), device=device, generator=torch.Generator(device).manual_seed(3))
-    seqs = {}
-    for fast in (True, False):
-        hpr.layer_edit = lambda layer, dev, dt, fast=fast: HPREditor.layer_edit(hpr, layer, dev, dt, fast=fast)
-        with torch.no_grad(), hpr.attach(model, strength=1.0):
-            seqs[fast] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
-    del hpr.layer_edit
-    exact["generation_same_tokens"] = bool(torch.equal(seqs[True], seqs[False]))
-    exact["generation_token_agreement"] = float((seqs[True] == seqs[False]).float().mean())
-    print("exactness:", json.dumps(exact, indent=1), flush=True)
+    exact: dict = {}
+    op_check = _op_in_compiled_graphs(hpr, layers[0], d, dtype, device) if "op" in sections else {}
+    if op_check:
+        print("custom op in compiled graphs:", json.dumps(op_check), flush=True)
+    if "exactness" in sections:
+        exact = _exactness(hpr, model, layers, config, d, dtype, device)
+        print("exactness:", json.dumps(exact, indent=1), flush=True)
 
     # ---- timing
     def reference_attach(model, strength):
@@ -189,9 +201,11 @@ def main() -> None:
         return time.perf_counter() - start, tokens
 
     results = {}
-    for scenario in shapes:
+    for scenario in scenarios if sections & {"eager", "static"} else []:
         static = [] if scenario.startswith("prefill") else ["none-static", "hpr-static"]
-        names = [k for k in variants if not k.endswith("-static")]
+        names = [k for k in variants if not k.endswith("-static")] if "eager" in sections else []
+        if not names and not static:
+            continue
         for name in names:  # warm-up: allocate, autotune
             handle = variants[name]() if variants[name] else None
             try:
@@ -201,18 +215,9 @@ def main() -> None:
                     handle.remove()
         rates: dict[str, list[float]] = {k: [] for k in names + static}
         failed: dict[str, str] = {}
-        # Static cache + compile in two blocks, one attach for all rounds: every attach compiles anew
-        # (dynamo guards on the hooks), so alternating would time compilation.
-        for name in static:
-            handle = variants[name]() if variants[name] else None
-            try:
-                run(scenario, True)  # warm-up: compile, capture CUDA graphs
-                for _ in range(args.rounds):
-                    seconds, tokens = run(scenario, True)
-                    rates[name].append(tokens / seconds)
-            finally:
-                if handle:
-                    handle.remove()
+        static_check = {}
+        if static and "static" in sections:
+            static_check = _static_ab(hpr, model, functools.partial(run, scenario, True), args.static_rounds, rates)
         for _ in range(args.rounds):
             for name in names:
                 make = variants[name]
@@ -228,16 +233,20 @@ def main() -> None:
                 finally:
                     if handle:
                         handle.remove()
-        row = {"tokens_per_second": {k: statistics.median(v) for k, v in rates.items() if v}, "failed": failed}
+        row = {
+            "tokens_per_second": {k: statistics.median(v) for k, v in rates.items() if v},
+            "failed": failed,
+            "static_compile": static_check,
+        }
         ratios = {}
         for name in names + static:
-            if name.startswith("none") or not rates[name]:
-                continue
             base = "none-static" if name.endswith("-static") else "none"
+            if name.startswith("none") or not rates[name] or not rates[base]:
+                continue
             per_round = [rates[base][i] / rates[name][i] for i in range(len(rates[name]))]  # time ratio
             ratios[name] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
         row["time_ratio_vs_unedited"] = ratios
-        if device.type == "cuda":
+        if device.type == "cuda" and names:
             row["edit_gpu_ms_per_step"] = _edit_gpu_ms(hpr, add, layers, shapes[scenario], scenario, d, dtype, device)
             row["model_ms_per_step"] = (
                 1000 * shapes[scenario][0] / row["tokens_per_second"]["none"]
@@ -265,12 +274,15 @@ def main() -> None:
                 if r
                 else row["failed"].get(name, "-")
             )
-        lines.append(f"| {scenario} | {row['tokens_per_second']['none']:.1f} | " + " | ".join(cells) + " |")
+        unedited = row["tokens_per_second"].get("none")
+        lines.append(f"| {scenario} | {f'{unedited:.1f}' if unedited else '-'} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
 
     per_call, per_call_table = {}, ""
-    if args.per_call_rounds:  # one layer's edit per call, shapes of decode b1/b16 and prefill 4x512
+    if (
+        args.per_call_rounds and "per-call" in sections
+    ):  # one layer's edit per call, shapes of decode b1/b16 and prefill 4x512
         import edit_ops
 
         per_call = edit_ops.measure(
@@ -285,6 +297,13 @@ def main() -> None:
         )
         per_call_table = edit_ops.per_call_table(per_call)
         print(per_call_table)
+    precision = {}
+    if "precision" in sections:  # bfloat16 error vs float64 and time per call of each MLP precision
+        import edit_precision
+
+        precision = edit_precision.measure(
+            d, args.precision_tokens, args.dtype, device, args.per_call_rounds or 5, sources_too=False
+        )
     record = {
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "command": command_line(),
@@ -301,11 +320,125 @@ def main() -> None:
         "table": table,
         "per_call": per_call,
         "per_call_table": per_call_table,
+        "custom_op_in_compiled_graphs": op_check,
+        "precision": precision,
     }
     out = args.out or (Path(os.environ["OUT"]) / "gpu_overhead.json" if os.environ.get("OUT") else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+SECTIONS = ("exactness", "eager", "static", "per-call", "precision", "op")
+
+
+def _exactness(hpr, model, layers, config, d, dtype, device) -> dict:
+    """The fast path against the reference on random activations, and on greedy generation."""
+    import torch
+
+    from hpredit.editors import HPREditor
+
+    x = torch.randn(4, 512, d, device=device, generator=torch.Generator(device).manual_seed(2)).to(dtype) * 4
+    exact = {}
+    for layer in layers[:2]:
+        fast = hpr.edit(layer, x, 1.0, fast=True).float()
+        ref = hpr.edit(layer, x, 1.0, fast=False).float()
+        rel = (fast - ref).norm(dim=-1) / x.float().norm(dim=-1)
+        norm_ratio = fast.norm(dim=-1) / x.float().norm(dim=-1)
+        exact[layer] = {
+            "max_rel_diff_vs_reference": float(rel.max()),
+            "max_norm_error_fast": float((norm_ratio - 1).abs().max()),
+            "edited_fraction": float((ref != x.float()).any(-1).float().mean()),
+            "dtype_eps": torch.finfo(dtype).eps,
+        }
+    ids = torch.randint(10, config.vocab_size, (2, 16), device=device, generator=torch.Generator(device).manual_seed(3))
+    seqs = {}
+    for fast in (True, False):
+        hpr.layer_edit = lambda layer, dev, dt, fast=fast: HPREditor.layer_edit(hpr, layer, dev, dt, fast=fast)
+        with torch.no_grad(), hpr.attach(model, strength=1.0):
+            seqs[fast] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    del hpr.layer_edit
+    exact["generation_same_tokens"] = bool(torch.equal(seqs[True], seqs[False]))
+    exact["generation_token_agreement"] = float((seqs[True] == seqs[False]).float().mean())
+    return exact
+
+
+class _HookToggle:
+    """Switch an attached editor's hooks off and on without new hook objects: dynamo guards on the
+    hooks, so the compiled graphs of both states stay valid and alternating recompiles nothing."""
+
+    def __init__(self, handle):
+        self.entries = [(h.hooks_dict_ref(), h.id) for h in handle._hooks]  # (hooks dict, key)
+        self.entries = [(hooks, key, hooks[key]) for hooks, key in self.entries]
+
+    def set(self, on: bool) -> None:
+        for hooks, key, fn in self.entries:
+            if on and key not in hooks:
+                hooks[key] = fn
+                hooks.move_to_end(key, last=False)  # attach puts its hooks first
+            elif not on and key in hooks:
+                del hooks[key]
+
+
+def _static_ab(hpr, model, run, rounds: int, rates: dict) -> dict:
+    """Static cache + compile, unedited vs HPR, interleaved (none, hpr, none, …) after compiling and
+    capturing both; appends tokens/s to ``rates["none-static"]`` / ``rates["hpr-static"]`` and
+    returns what was compiled while timing (nothing, or the timing is not of the compiled step) and
+    how often inductor's code calls the fused op."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    handle = hpr.attach(model, strength=1.0)
+    toggle = _HookToggle(handle)
+    try:
+        _, code = run_and_get_code(run)  # compile and capture the edited decode step
+        toggle.set(False)
+        run()  # … and the unedited one
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(rounds):
+            for name, on in (("none-static", False), ("hpr-static", True)):
+                toggle.set(on)
+                seconds, tokens = run()
+                rates[name].append(tokens / seconds)
+    finally:
+        toggle.set(True)
+        handle.remove()
+    return {
+        "graphs_compiled_while_timing": counters["stats"]["unique_graphs"] - graphs,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "fused_op_calls_in_inductor_code": sum(c.count("= torch.ops.hpredit.hpr_rows.default(") for c in code)
+        if code
+        else None,  # (no inductor: aot_eager)
+    }
+
+
+def _op_in_compiled_graphs(hpr, layer: int, d: int, dtype, device) -> dict:
+    """One layer's edit at decode shapes under torch.compile(fullgraph=True): graph breaks, and the
+    fused op ``hpredit::hpr_rows`` in the graph AOT dispatch hands to the compiler."""
+    import torch
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm
+
+    fn = hpr.layer_edit(layer, device, dtype)
+    out = {}
+    for batch in (1, 16):
+        x = (torch.randn(batch, 1, d, device=device) * 4).to(dtype)
+        explained = torch._dynamo.explain(fn)(x, None, 1.0)
+        graphs.clear()
+        got = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep))(x, None, 1.0)
+        op = torch.ops.hpredit.hpr_rows.default
+        out[f"decode b{batch}"] = {
+            "graph_breaks": explained.graph_break_count,
+            "fused_op_nodes": sum(n.target is op for g in graphs for n in g.graph.nodes),
+            "equal_to_eager": bool(torch.equal(got, fn(x, None, 1.0))),
+        }
+        torch._dynamo.reset()
+    return out
 
 
 def _edit_gpu_ms(hpr, add, layers, shape, scenario, d, dtype, device) -> dict[str, float]:

@@ -100,6 +100,11 @@ class HPREditor(Editor):
     #: the fast path's row-wise step: ``auto`` (Triton kernel on CUDA when available), ``triton`` or
     #: ``torch`` (see :data:`hpredit.kernels.BACKENDS`); set per instance to compare them
     kernel_backend: str = "auto"
+    #: the fast path's hidden angle-MLP layers for 16-bit activations: ``auto`` (float16 on CUDA:
+    #: bfloat16's speed, ~1.4× the reference's error at the worst token; float32 elsewhere),
+    #: ``float16``, ``float32`` or ``model`` (the activations' dtype: ~10× the error in bfloat16);
+    #: see :data:`hpredit.kernels.PRECISIONS`
+    mlp_precision: str = "auto"
 
     def __init__(
         self,
@@ -160,13 +165,14 @@ class HPREditor(Editor):
         """The edit of one layer for activations of ``dtype`` on ``device``.
 
         ``fast`` (default): the fused edit of :func:`hpredit.kernels.hpr_edit` — every constant
-        prepared here once, the angle MLP in the activations' dtype, the rotation as
+        prepared here once, the angle MLP in float16 on CUDA (:attr:`mlp_precision`), the rotation as
         ``a·x + b·ŵ + c·u`` from two float32 reductions (see
         :func:`~hpredit.geometry.pseudo_rotate_coefficients`) in one Triton kernel on a GPU, no
-        host sync and no data-dependent Python branch. ``fast=False``: the reference — everything
-        in float32 through :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of
-        ``dtype`` (tested). The probe-bias ablation always takes the reference path. ``strength``
-        may be a number or per-token strengths broadcastable to ``hidden.shape[:-1]``.
+        host sync and no data-dependent Python branch; under ``torch.compile`` that kernel stays one
+        custom op. ``fast=False``: the reference — everything in float32 through
+        :func:`~hpredit.geometry.pseudo_rotate`. Both agree to the rounding of ``dtype`` (tested).
+        The probe-bias ablation always takes the reference path. ``strength`` may be a number or
+        per-token strengths broadcastable to ``hidden.shape[:-1]``.
         """
         if fast and self.probe_bias is None:
             return self._fast_edit(layer, device, dtype)
@@ -216,6 +222,7 @@ class HPREditor(Editor):
             gated=self.config.gate,
             dtype=dtype,
             backend=self.kernel_backend,
+            precision=self.mlp_precision,
         )
 
     # ------------------------------------------------------------------ artifact

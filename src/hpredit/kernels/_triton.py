@@ -1,7 +1,7 @@
 """The row-wise HPR step as one Triton kernel (imported only when it runs).
 
 One program per token: reads ``x`` once for ``‖x‖²`` and ``ŵ·x``, the last angle-MLP layer from
-its input row, computes ``a, b, c`` exactly as :func:`~hpredit.geometry.pseudo_rotate_coefficients`
+its input row (float32), computes ``a, b, c`` exactly as :func:`~hpredit.geometry.pseudo_rotate_coefficients`
 (float32) and writes ``a·x + b·ŵ + c·u`` (or ``x`` itself where the gate is closed). Its
 specification is :func:`hpredit.kernels.hpr._hpr_rows_torch`; tested against it and the float64
 reference under ``TRITON_INTERPRET=1``.
@@ -59,11 +59,10 @@ def _hpr_row_kernel(
         k = tl.arange(0, BLOCK_W)
         z_in = tl.load(Z + row * stride_z + k, mask=k < width, other=0.0)
         z = z_in.to(tl.float32)
-        if GELU_LAST:  # rounded to the MLP's dtype, as the PyTorch path's GELU
-            z = (0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))).to(z_in.dtype).to(tl.float32)
-        w_last = tl.load(WLAST + k, mask=k < width, other=0.0).to(tl.float32)
-        logit = tl.sum(z * w_last, axis=0) + tl.load(BLAST).to(tl.float32)
-        logit = logit.to(z_in.dtype).to(tl.float32)
+        if GELU_LAST:
+            z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        w_last = tl.load(WLAST + k, mask=k < width, other=0.0)  # float32, as the bias
+        logit = tl.sum(z * w_last, axis=0) + tl.load(BLAST)
         theta = 3.141592653589793 / (1.0 + tl.exp(-logit))
     else:
         theta = fixed
@@ -91,6 +90,8 @@ def _hpr_row_kernel(
         gate = gate & (tl.load(M + row) != 0)
     if PER_TOKEN:
         gate = gate & (s != 0)
+    if HAS_MLP:  # a NaN angle (the MLP overflowed float16): unedited, as the PyTorch step
+        gate = gate & (theta == theta)
     out = tl.where(gate, out, x_in)
     tl.store(OUT + row * stride_o + cols, out, mask=inside)
 
