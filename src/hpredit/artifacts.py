@@ -9,14 +9,20 @@ KeyboardInterrupt, and SIGTERM once the CLI turns it into an exception).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; temporaries are then never taken for live ones
+    fcntl = None  # type: ignore[assignment]
 
 from .errors import HpreditError
 
@@ -71,6 +77,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     tmp = Path(tmp_name)
+    _lock(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -78,6 +85,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as e:
+        if _disk_full(e):
+            raise HpreditError(_disk_full_message(path, len(text.encode("utf-8")), exact=True)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -95,29 +106,120 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
 
     Returns what was removed. Used before overwriting ``target`` (``--force``).
     """
-    target = Path(target)
-    if not target.parent.is_dir():
-        return []
     removed = []
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for stale in target.parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-            removed.append(stale)
+    for stale in _temporaries(target):
+        if _in_use(stale):  # another process is writing it right now
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        removed.append(stale)
     return removed
 
 
-def check_output_dir(path: str | os.PathLike, force: bool = False) -> None:
+def _temporaries(target: str | os.PathLike) -> list[Path]:
+    target = Path(target)
+    if not target.name or not target.parent.is_dir():
+        return []
+    return [p for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*") for p in target.parent.glob(pattern)]
+
+
+def _lock(fd: int) -> bool:
+    """Hold an exclusive advisory lock on ``fd`` (released when it closes, or when the process dies,
+    even by SIGKILL): marks a temporary as being written. False where it cannot be taken."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live process holds the lock of temporary ``path`` (see :func:`_lock`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return not _lock(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (an OSError, or another library's error such as safetensors') says the disk is full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _disk_full_message(target: Path, needed: int, exact: bool = False) -> str:
+    try:
+        free = shutil.disk_usage(target.parent if target.parent.exists() else ".").free
+    except OSError:
+        free = 0
+    amount = _size(needed) if exact else f"more than {_size(needed)}"
+    return (
+        f"no space left on the device to write {target}: it needs {amount}, {_size(free)} free "
+        "(nothing was written): free some space or choose another place"
+    )
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for here, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(here, name)).st_size
+    return total
+
+
+def check_output_dir(
+    path: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+) -> None:
     """Refuse an output directory that cannot be written, before any work is done.
 
-    One :class:`HpreditError` each for: an existing path that is not a directory; a non-empty
-    directory without ``force``; a location where nothing can be created (probed by creating the
-    missing parents and a temporary file, both removed again).
+    One :class:`HpreditError` each for: an empty name, the current directory or one of its
+    parents (the output is replaced whole); a directory holding one of ``inputs`` (files or
+    directories the run reads); one another process is writing right now; an existing path that
+    is not a directory; a non-empty directory without ``force``; a location where nothing can be
+    created (probed by creating the missing parents and a temporary file, both removed again).
     """
     path = Path(path)
+    if not str(path).strip():
+        raise HpreditError("empty output directory name: choose an --out")
+    here, resolved = Path.cwd().resolve(), path.expanduser().resolve()
+    if here == resolved or here.is_relative_to(resolved):
+        what = "the current directory" if here == resolved else f"a parent of the current directory ({here})"
+        raise HpreditError(f"output directory {str(path)!r} is {what}: writing replaces it whole; choose a new one")
+    for given in inputs:
+        if given is None or not str(given).strip():
+            continue
+        source = Path(given).expanduser()
+        if source.exists() and source.resolve().is_relative_to(resolved):
+            raise HpreditError(
+                f"output directory {path} holds the input {source}: writing it would replace its own input; "
+                "choose another --out"
+            )
+    busy = [p for p in _temporaries(path) if _in_use(p)]
+    if busy:
+        raise HpreditError(
+            f"another process is writing {path} right now ({busy[0].name} is in use): wait for it or choose another"
+        )
     if path.exists() and not path.is_dir():
         raise HpreditError(f"output {path} exists and is not a directory: choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
@@ -181,21 +283,40 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise HpreditError(f"{target} exists and is not a directory")
+    remove_stale_temporaries(target)  # what a killed earlier write left (never a live writer's)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as e:
         raise HpreditError(f"cannot write {target}: {e.strerror or type(e).__name__}") from None
+    # What was there when we started is replaced; something another process wrote meanwhile is not.
+    replace = target.is_dir() and any(target.iterdir())
+    lock = os.open(tmp, os.O_RDONLY)
+    _lock(lock)
     old: Path | None = None
     try:
-        yield tmp
-        _finish_tree(tmp)
-        if target.exists():
+        try:
+            yield tmp
+            _finish_tree(tmp)
+        except Exception as e:
+            if _disk_full(e):
+                raise HpreditError(_disk_full_message(target, _tree_size(tmp))) from None
+            raise
+        if replace and target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "d")
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)  # fails on a non-empty directory: never replaces another process's output
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR) and not replace:
+                raise HpreditError(
+                    f"{target} was written by another process while this one worked: it is left as it is "
+                    "and this result was not saved (choose another output, or --force to replace)"
+                ) from None
+            raise
         _fsync_dir(target.parent)
     finally:
+        os.close(lock)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

@@ -34,3 +34,48 @@ def check_strength(value: Any, name: str = "strength") -> float:
     if not math.isfinite(s) or abs(s) > MAX_STRENGTH:
         raise HpreditError(rule)
     return s
+
+
+# --------------------------------------------------------------------------- reliability: seeds, lists, environment
+# (issue 21) Seeds, repeated list entries and the environment variables hpredit reads: one rule each.
+
+__all__ += ["MAX_SEED", "check_seed", "check_unique", "env_number"]
+
+#: The largest seed accepted: what NumPy's and Python's generators take alike (2**63 - 1).
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed of a split or a bootstrap: an integer in ``0..2**63-1`` (NumPy refuses negative seeds,
+    so they are refused everywhere, before any work)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise HpreditError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def check_unique(values: Any, name: str) -> list:
+    """A list without repeated entries (a method or seed given twice would count twice in a mean)."""
+    values = list(values)
+    seen: set = set()
+    repeated = [v for v in values if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
+    if repeated:
+        raise HpreditError(f"{name} lists {', '.join(repr(v) for v in dict.fromkeys(repeated))} more than once")
+    return values
+
+
+def env_number(name: str, default: float, low: float = 0.0, integer: bool = False) -> float:
+    """Environment variable ``name`` as a number ``> low`` (``default`` when unset or empty); anything
+    else is one :class:`HpreditError` naming the variable."""
+    import os
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= low:
+        kind = "an integer" if integer else "a number"
+        raise HpreditError(f"environment variable {name}={text!r} must be {kind} greater than {low:g}")
+    return value

@@ -87,6 +87,8 @@ def _parse_layers(text: str | None) -> list[int] | None:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise HpreditError(f"--layers must be comma-separated integers, got {text!r}") from None
+    if not layers:
+        raise HpreditError(f"--layers must be comma-separated integers, got {text!r}")
     dupes = sorted({i for i in layers if layers.count(i) > 1})
     if dupes:
         raise HpreditError(f"--layers lists layer(s) {dupes} more than once")
@@ -153,10 +155,9 @@ def _check_store_dtype(store_dtype: str) -> str:
 def _check_model(model: str | None, device: str | None, device_map: str | None = None) -> Any:
     """The device (or device map) is valid and the model's config is a causal LM (no weights
     loaded); the config."""
-    from .models import check_model_source, check_placement
+    from .models import check_model_and_placement
 
-    check_placement(device, device_map)
-    return check_model_source(model)
+    return check_model_and_placement(model, device, device_map)
 
 
 def _n_layers(config: Any) -> int | None:
@@ -165,12 +166,13 @@ def _n_layers(config: Any) -> int | None:
     return num_layers(config)
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """The output can be written (an existing file, a non-empty directory without --force and an
-    unwritable place are refused); with --force, leftovers of an interrupted earlier write go."""
+def _check_out(out: Path, force: bool, *inputs: Any) -> None:
+    """The output can be written (an existing file, a non-empty directory without --force, one
+    holding an input and an unwritable place are refused); with --force, leftovers of an
+    interrupted earlier write go."""
     from .artifacts import check_output_dir, remove_stale_temporaries
 
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs)
     if force:
         remove_stale_temporaries(out)
 
@@ -288,7 +290,7 @@ def fit(
     from . import data as data_mod
     from . import load_model
 
-    _check_out(out, force)
+    _check_out(out, force, pairs, data, model)
     chosen = _parse_layers(layers)
     _at_least("--epochs", epochs, 1)
     _at_least("--batch-size", batch_size, 1)
@@ -336,7 +338,7 @@ def generate(
     from . import load_model
     from .data import qa_prompt
     from .hooks import check_scope
-    from .models import pad_token_id
+    from .models import check_generation_length, pad_token_id
 
     empty = [i + 1 for i, p in enumerate(prompt) if not p.strip()]
     if empty:
@@ -345,6 +347,7 @@ def generate(
     _check_strength(strength)
     check_scope(scope)
     config = _check_model(model, device, device_map)
+    check_generation_length(max_new_tokens, config)
     ed = _check_editor(editor, config, model, strict)
     m, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     texts = [qa_prompt(p) if qa else p for p in prompt]
@@ -402,7 +405,7 @@ def run(
     from .data import QuestionSplit, check_truthfulqa_source, truthfulqa_pairs
     from .provenance import machine, versions
 
-    _check_out(out, force)
+    _check_out(out, force, data, model)
     _at_least("--epochs", epochs, 1)
     _at_least("--batch-size", batch_size, 1)
     _check_limit(limit)
@@ -523,10 +526,11 @@ def _run_evaluation(
         scope="all",
         data=data,
         out=out,
-        show=True,
+        show=False,  # its "results written to" would name the temporary directory; run names --out
         progress=True,
         command=_command(),
     )
+    console.print(result.table())
     return {
         "validation_sweep": pick["tried"],
         "kl_cap": kl_cap,
@@ -591,16 +595,18 @@ def eval_(
     from .evaluation import evaluate
     from .evaluation.api import check_eval_args
     from .evaluation.judges import INFO_TEMPLATE, TRUTH_TEMPLATE, HFJudge
+    from .models import check_generation_length
 
     if (truth_judge or info_judge) and task != "truthfulqa-gen":
         raise HpreditError("--truth-judge/--info-judge apply to --task truthfulqa-gen only")
     if out is not None:
-        _check_out(out, force)
+        _check_out(out, force, data, model, editor)
     _check_strength(strength)
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-new-tokens", max_new_tokens, 1)
     check_eval_args(task, limit, scope, strength, editor, batch_size, max_new_tokens, 1)
     config = _check_model(model, device, device_map)
+    check_generation_length(max_new_tokens, config)
     _check_data(task, data)
     if editor is not None:
         _check_editor(editor, config, model, strict)
@@ -676,7 +682,7 @@ def compare(
     from .compare import check_compare_args, markdown_table
     from .compare import compare as run_compare
 
-    _check_out(out, force)
+    _check_out(out, force, data, model)
     method_list = [x.strip() for x in methods.split(",") if x.strip()]
     seed_list = _parse_list(seeds, "--seeds", int, "integers")
     _check_kl_cap(kl_cap)
@@ -743,16 +749,9 @@ def lm_eval_(ctx: typer.Context) -> None:
                 model_args.get("pretrained") or None,
                 model_args.get("strict", "true").lower() not in ("false", "0", "no"),
             )
-    from lm_eval.__main__ import cli_evaluate
+    from .evaluation import lm_eval_backend  # registers the model type
 
-    from .evaluation import lm_eval_backend  # noqa: F401  (registers the model type)
-
-    argv = sys.argv
-    sys.argv = ["lm-eval", *args]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = argv
+    lm_eval_backend.run_cli(args)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from .. import distributed
 from .._version import __version__
 from ..activations import ActivationStore, collect_activations
+from ..checks import check_seed, check_unique
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
@@ -51,6 +52,8 @@ def check_compare_args(
         raise HpreditError(f"--limit must be positive, got {limit}")
     if not seeds:
         raise HpreditError("give at least one split seed")
+    check_unique(methods, "--methods")
+    check_unique([check_seed(s, "each of --seeds") for s in seeds], "--seeds")
     if not (kl_cap > 0) or kl_cap == float("inf"):
         raise HpreditError(f"--kl-cap must be positive and finite, got {kl_cap}")
     if refine < 0:

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..artifacts import check_output_dir, sha256_file
-from ..checks import check_strength
+from ..checks import check_seed, check_strength
 from ..data import QA_PRIMER, Question
 from ..errors import HpreditError
 from ..hooks import check_scope
@@ -321,6 +321,7 @@ def evaluate(
     """
     the_task = check_eval_args(task, limit, scope, strength, editor, batch_size, max_new_tokens, bootstrap_resamples)
     strength = check_strength(strength)
+    check_seed(seed)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_output_dir(out_path, force)
