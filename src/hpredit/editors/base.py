@@ -376,7 +376,7 @@ def check_contrast(acts: Any) -> int:
         warnings.warn(
             f"{same} of {len(rows)} pairs have the same positive and negative completion: they are kept, "
             "and teach nothing",
-            stacklevel=3,
+            stacklevel=4,
         )
     return same
 
