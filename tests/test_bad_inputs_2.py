@@ -383,6 +383,14 @@ def test_a_full_disk_is_one_line_naming_the_path_and_nothing_is_left(tmp_path):
         message = str(exc.value)
         assert "\n" not in message and str(target) in message and "needs more than 5.0 KB" in message
         assert list(tmp_path.iterdir()) == []
+    # a nested write (an editor or a store inside the output) names the output, with all written so far
+    with pytest.raises(HpreditError) as exc, atomic_directory(target) as tmp:
+        (tmp / "editor.bin").write_bytes(b"x" * 3000)
+        with atomic_directory(tmp / "activations") as inner:
+            fill(inner, OSError(errno.ENOSPC, "No space left on device"))
+    message = str(exc.value)
+    assert message.startswith(f"no space left on the device to write {target}: it needs more than 8.0 KB"), message
+    assert ".tmp-" not in message and list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_during_fit_is_one_error_line(world, tmp_path, capsys, monkeypatch):  # noqa: F811

@@ -27,6 +27,7 @@ except ImportError:  # Windows: no advisory locks; temporaries are then never ta
 from .errors import HpreditError
 
 __all__ = [
+    "DiskFullError",
     "atomic_directory",
     "check_output_dir",
     "file_digest",
@@ -87,7 +88,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         os.replace(tmp, path)
     except Exception as e:
         if _disk_full(e):
-            raise HpreditError(_disk_full_message(path, len(text.encode("utf-8")), exact=True)) from None
+            raise DiskFullError(path, len(text.encode("utf-8")), exact=True) from None
         raise
     finally:
         if tmp.exists():
@@ -167,16 +168,27 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _disk_full_message(target: Path, needed: int, exact: bool = False) -> str:
-    try:
-        free = shutil.disk_usage(target.parent if target.parent.exists() else ".").free
-    except OSError:
-        free = 0
-    amount = _size(needed) if exact else f"more than {_size(needed)}"
-    return (
-        f"no space left on the device to write {target}: it needs {amount}, {_size(free)} free "
-        "(nothing was written): free some space or choose another place"
-    )
+class DiskFullError(HpreditError):
+    """The disk filled while writing ``target``; ``written`` bytes had been written by then (a lower
+    bound of what the output needs). An enclosing :func:`atomic_directory` re-raises it naming its
+    own target, so the message names what the user asked for, not a temporary directory."""
+
+    def __init__(self, target: Path, written: int, exact: bool = False):
+        self.target, self.written = target, written
+        try:
+            free = shutil.disk_usage(target.parent if target.parent.exists() else ".").free
+        except OSError:
+            free = 0
+        if exact:
+            amount = _size(written)
+        elif written:
+            amount = f"more than {_size(written)} (written when the disk filled)"
+        else:
+            amount = f"more than the {_size(free)} free"
+        super().__init__(
+            f"no space left on the device to write {target}: it needs {amount}, {_size(free)} free; "
+            "nothing was kept: free some space or choose another place"
+        )
 
 
 def _tree_size(root: Path) -> int:
@@ -298,9 +310,11 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         try:
             yield tmp
             _finish_tree(tmp)
+        except DiskFullError as e:  # an inner write (a file, or a nested directory already removed)
+            raise DiskFullError(target, e.written + _tree_size(tmp)) from None
         except Exception as e:
             if _disk_full(e):
-                raise HpreditError(_disk_full_message(target, _tree_size(tmp))) from None
+                raise DiskFullError(target, _tree_size(tmp)) from None
             raise
         if replace and target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
