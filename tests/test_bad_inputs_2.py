@@ -148,6 +148,18 @@ CASES = [
         "cannot write the model cache",
         env={"HPREDIT_CACHE": "/proc/hpredit-cache"},
     ),
+    Case(
+        "env-truthfulqa-dev-null",
+        "run --model {model} --top-k 2 --out {out}",
+        "environment variable HPREDIT_TRUTHFULQA: /dev/null is not a regular file",
+        env={"HPREDIT_TRUTHFULQA": "/dev/null"},
+    ),
+    Case(
+        "env-truthfulqa-directory",
+        "eval --model {model}",
+        "environment variable HPREDIT_TRUTHFULQA:",
+        env={"HPREDIT_TRUTHFULQA": "{root}"},
+    ),
     # -- nonsense accepted before
     Case(
         "split-test-test",

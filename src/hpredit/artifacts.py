@@ -129,14 +129,17 @@ def _temporaries(target: str | os.PathLike) -> list[Path]:
 
 def _lock(fd: int) -> bool:
     """Hold an exclusive advisory lock on ``fd`` (released when it closes, or when the process dies,
-    even by SIGKILL): marks a temporary as being written. False where it cannot be taken."""
+    even by SIGKILL): marks a temporary as being written. False only when another process holds it
+    (a filesystem without locks counts as unlocked)."""
     if fcntl is None:
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
+    except BlockingIOError:
         return False
+    except OSError:  # no locks here (some network filesystems)
+        pass
+    return True
 
 
 def _in_use(path: Path) -> bool:
@@ -151,6 +154,15 @@ def _in_use(path: Path) -> bool:
         return not _lock(fd)
     finally:
         os.close(fd)
+
+
+def _hold(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its lock (None where locks do not exist, e.g. Windows)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    _lock(fd)
+    return fd
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -290,7 +302,11 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
     A crash or exception inside the block (KeyboardInterrupt and SIGTERM-turned-exception included)
     leaves ``target`` as it was (absent or the old version) and removes the temporary directory in
-    ``finally``, so readers never see a half-written artifact.
+    ``finally``, so readers never see a half-written artifact. The temporary directory is locked
+    while it is written: what a killed earlier write left (SIGKILL runs no ``finally``) is removed
+    on entry, a live writer's never. A non-empty ``target`` that was there on entry is replaced;
+    one another process wrote meanwhile is not (one :class:`HpreditError`). A full disk is one
+    :class:`DiskFullError` naming ``target``.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -303,10 +319,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise HpreditError(f"cannot write {target}: {e.strerror or type(e).__name__}") from None
     # What was there when we started is replaced; something another process wrote meanwhile is not.
     replace = target.is_dir() and any(target.iterdir())
-    lock = os.open(tmp, os.O_RDONLY)
-    _lock(lock)
+    lock: int | None = None
     old: Path | None = None
     try:
+        lock = _hold(tmp)
         try:
             yield tmp
             _finish_tree(tmp)
@@ -330,7 +346,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             raise
         _fsync_dir(target.parent)
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
@@ -332,13 +333,13 @@ def check_truthfulqa_source(path: str | os.PathLike | None = None) -> None:
     """Check, before any model is loaded, that TruthfulQA can be read: ``path`` (else
     ``$HPREDIT_TRUTHFULQA``) must be a UTF-8 CSV with the expected columns; without one, the hub
     must be usable (the ``hub`` extra installed, not offline, reachable). One :class:`HpreditError` otherwise."""
-    path = path or os.environ.get(TRUTHFULQA_ENV)
-    if path:
-        path = Path(path)
-        if not path.exists():
-            raise HpreditError(f"TruthfulQA file {path} does not exist")
-        header = read_text_file(path, "TruthfulQA CSV").split("\n", 1)[0]
-        _check_csv_header(path, next(csv.reader([header]), []))
+    if path or os.environ.get(TRUTHFULQA_ENV):
+        with _naming_env(path):
+            csv_path = Path(path or os.environ[TRUTHFULQA_ENV])
+            if not csv_path.exists():
+                raise HpreditError(f"TruthfulQA file {csv_path} does not exist")
+            header = read_text_file(csv_path, "TruthfulQA CSV").split("\n", 1)[0]
+            _check_csv_header(csv_path, next(csv.reader([header]), []))
         return
     if offline() or not hub_reachable():
         raise HpreditError(_NO_TRUTHFULQA)
@@ -370,10 +371,21 @@ def _load_truthfulqa_hub() -> list[Question]:
 
 def load_truthfulqa(path: str | os.PathLike | None = None) -> list[Question]:
     """The 817 TruthfulQA questions from ``path``, else ``$HPREDIT_TRUTHFULQA``, else the hub."""
-    path = path or os.environ.get(TRUTHFULQA_ENV)
-    if path:
-        return _read_truthfulqa_csv(Path(path))
+    if path or os.environ.get(TRUTHFULQA_ENV):
+        with _naming_env(path):
+            return _read_truthfulqa_csv(Path(path or os.environ[TRUTHFULQA_ENV]))
     return _load_truthfulqa_hub()
+
+
+@contextlib.contextmanager
+def _naming_env(path: str | os.PathLike | None) -> Iterator[None]:
+    """A problem with the CSV that ``$HPREDIT_TRUTHFULQA`` names (no ``path`` given) says so."""
+    try:
+        yield
+    except HpreditError as e:
+        if path:
+            raise
+        raise HpreditError(f"environment variable {TRUTHFULQA_ENV}: {e}") from None
 
 
 def qa_prompt(question: str, primer: str = QA_PRIMER) -> str:
