@@ -192,14 +192,14 @@ class DiskFullError(HpreditError):
         except OSError:
             free = 0
         if exact:
-            amount = _size(written)
+            need = f"it needs {_size(written)}, {_size(free)} free"
         elif written:
-            amount = f"more than {_size(written)} (written when the disk filled)"
+            need = f"it needs more than {_size(written)} (written when the disk filled), {_size(free)} free"
         else:
-            amount = f"more than the {_size(free)} free"
+            need = f"it needs more than the {_size(free)} free there"
         super().__init__(
-            f"no space left on the device to write {target}: it needs {amount}, {_size(free)} free; "
-            "nothing was kept: free some space or choose another place"
+            f"no space left on the device to write {target}: {need}; nothing was kept: "
+            "free some space or choose another place"
         )
 
 
