@@ -43,7 +43,7 @@ def test_write_text_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(HpreditError, match=f"no space left on the device to write {target}: it needs 3 bytes"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old"
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]

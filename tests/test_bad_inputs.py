@@ -347,7 +347,7 @@ def test_fit_force_replaces_a_previous_run_whole_and_cleans_stale_temporaries(wo
 
 def test_run_writes_whole_output_with_provenance_and_halves_the_grid(world, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = _cli(
+    code, printed, err = _cli(
         [
             "run",
             "--model",
@@ -374,6 +374,8 @@ def test_run_writes_whole_output_with_provenance_and_halves_the_grid(world, tmp_
         capsys,
     )
     assert code in (0, None), err
+    # the results path printed is --out, never the temporary directory that is gone when the run ends
+    assert ".tmp-" not in "".join(printed.split()) and "results written to" not in printed, printed
     assert sorted(p.name for p in out.iterdir()) == ["activations", "editor", "eval", "split.json", "summary.json"]
     assert _leftovers(tmp_path) == []
     summary = json.loads((out / "summary.json").read_text())

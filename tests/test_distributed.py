@@ -180,15 +180,21 @@ def test_two_ranks_compare_as_one_process(tiny_dir, truthfulqa_csv, tmp_path):
 
 
 def test_a_rank_failing_on_its_share_stops_the_run_with_one_error(tmp_path, tokenizer):
-    from .conftest import saved_tiny_model
+    from .conftest import tiny_model
 
+    # A vocabulary cut below the id of " zebra": only the pair that has it fails, inside the forward
+    # pass of the rank that owns it (a text longer than the positions is refused before any rank runs).
     model_dir = tmp_path / "gpt2"
-    saved_tiny_model(model_dir, tokenizer, arch="gpt2")  # learned positions: at most 256 tokens
+    (zebra,) = tokenizer(" zebra").input_ids
+    others = tokenizer("Q0: yes?\nA: yes no").input_ids
+    assert max(others) < 20_000 <= zebra
+    tiny_model("gpt2", vocab=20_000).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     pairs = tmp_path / "pairs.jsonl"
     with pairs.open("w") as f:
         for i in range(7):
-            long = " word" * 400 if i == 3 else " no"
-            f.write(json.dumps({"prompt": f"Q{i}: yes?\nA:", "positive": " yes", "negative": long}) + "\n")
+            negative = " zebra" if i == 3 else " no"
+            f.write(json.dumps({"prompt": f"Q{i}: yes?\nA:", "positive": " yes", "negative": negative}) + "\n")
     start = time.monotonic()
     r = hpredit(
         "fit",

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint
+from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint, max_positions
 from .artifacts import atomic_directory, file_digest, read_json
 from .checks import check_layers
-from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs
+from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs, as_pairs
 from .errors import HpreditError
 from .hooks import StopForward, record
 from .models import pad_token_id
@@ -308,6 +308,22 @@ def _unique_texts(tok: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair]
     return _Texts(texts, encoded, pair_rows)
 
 
+def _check_lengths(data: _Texts, limit: int | None) -> None:
+    """Every text fits the model's positions (a longer one would run past what the model was trained
+    on, or fail inside it): refused before any forward pass, naming the longest."""
+    if limit is None:
+        return
+    longest = max(range(len(data.encoded)), key=lambda i: len(data.encoded[i][0]))
+    n = len(data.encoded[longest][0])
+    if n > limit:
+        prompt, completion = data.texts[longest]
+        over = sum(len(ids) > limit for ids, _ in data.encoded)
+        raise HpreditError(
+            f"{over} text(s) are longer than the model's {limit} positions, the longest {n} tokens "
+            f"(prompt {prompt[:30]!r}…, completion {completion[:30]!r}…): shorten them"
+        )
+
+
 def _store_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> tuple[torch.dtype, bool]:
     """``(storage dtype to start with, auto)``: ``auto``/None starts with float16 (bfloat16 for a
     bfloat16 model) and may switch to bfloat16 where float16 would overflow."""
@@ -503,7 +519,10 @@ def collect_activations(
     Args:
         model: a causal LM (frozen; hooks are removed afterwards whatever happens).
         tok: its tokenizer.
-        pairs: contrastive pairs (:func:`hpredit.data.check_pairs` refuses degenerate ones).
+        pairs: contrastive pairs: :class:`~hpredit.data.ContrastivePair` objects or
+            ``(prompt, positive, negative)`` / ``(positive, negative)`` tuples of strings
+            (:func:`hpredit.data.check_pairs` refuses degenerate ones). A text longer than the
+            model's positions is refused before any forward pass.
         layers: block indices to keep (default: every decoder block).
         batch_size: texts per forward pass.
         dtype: storage type: ``"auto"`` (default: float16, or bfloat16 for a bfloat16 model, switching
@@ -527,7 +546,7 @@ def collect_activations(
         ([0, 1], torch.float16, True)
     """
     sites = _check_sites(site)
-    pairs = list(pairs)
+    pairs = as_pairs(pairs)
     if not pairs:
         raise HpreditError("no contrastive pairs to collect activations for")
     if not _is_int(batch_size) or batch_size < 1:
@@ -536,6 +555,7 @@ def collect_activations(
     layers = _check_layers(layers, len(blocks))
     start_dtype, auto = _store_dtype(dtype, model)
     data = _unique_texts(tok, pairs)
+    _check_lengths(data, max_positions(model))
     buffer = _Buffer(sites, layers, len(data.texts), start_dtype, auto)
     _run_recording(
         model, backbone(model, path), tok, data, sites, layers, layers_path, prefix_cache, batch_size, buffer, progress

@@ -6,6 +6,7 @@ config of multimodal models, and what an editor records about the model it was f
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "decoder_layers",
     "fingerprint",
     "hidden_size",
+    "max_positions",
     "num_attention_heads",
     "num_layers",
     "text_config",
@@ -44,6 +46,17 @@ def text_config(model_or_config: Any) -> PretrainedConfig:
     """
     config = getattr(model_or_config, "config", model_or_config)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def max_positions(config: Any) -> int | None:
+    """The most token positions a config or model was built for (``max_position_embeddings``,
+    ``n_positions``, …), or None when it names none."""
+    text = text_config(config)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        n = getattr(text, attr, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 def num_layers(config: Any) -> int | None:
@@ -235,21 +248,43 @@ def weight_signature(model: nn.Module, blocks: nn.ModuleList | None = None) -> t
     """A few fixed entries of the input embedding and the last block's first 2-D weight (see
     :class:`ModelFingerprint`); None where the weights cannot be read (meta device, no embedding)."""
     try:
-        emb = model.get_input_embeddings().weight  # type: ignore[operator]
+        emb_module = model.get_input_embeddings()  # type: ignore[operator]
+        emb_module.weight  # noqa: B018  (has a weight)
     except (AttributeError, NotImplementedError):
         return None
     if blocks is None:
         blocks = decoder_layers(model)[1]
-    last = next((p for _, p in blocks[-1].named_parameters() if p.dim() == 2), None)
+    last = next(
+        ((m, n) for m in blocks[-1].modules() for n, p in m.named_parameters(recurse=False) if p.dim() == 2), None
+    )
     out: list[float] = []
-    for w in (emb, last):
-        if w is None or w.device.type == "meta" or not w.dtype.is_floating_point:
+    for owner, name in ((emb_module, "weight"), last or (None, "")):
+        if owner is None:
+            return None
+        values = _signature_points(owner, name)
+        if values is None:
+            return None
+        out += values
+    return tuple(out)
+
+
+def _signature_points(module: nn.Module, name: str) -> list[float] | None:
+    """``_SIGNATURE_POINTS`` fixed entries of ``module``'s parameter ``name``; an offloaded parameter
+    (meta device under an accelerate device map) is read where accelerate keeps it."""
+    with contextlib.ExitStack() as stack:
+        w = getattr(module, name)
+        if w.device.type == "meta" and getattr(module, "_hf_hook", None) is not None:
+            from accelerate.utils import align_module_device, has_offloaded_params
+
+            if has_offloaded_params(module):
+                stack.enter_context(align_module_device(module))
+                w = getattr(module, name)
+        if w.device.type == "meta" or not w.dtype.is_floating_point:
             return None
         flat = w.detach().reshape(-1)
         n = flat.numel()
         idx = torch.tensor([(2 * k + 1) * n // (2 * _SIGNATURE_POINTS) for k in range(_SIGNATURE_POINTS)])
-        out += [float(f"{v:.4g}") for v in flat[idx.to(flat.device)].double().cpu().tolist()]
-    return tuple(out)
+        return [float(f"{v:.4g}") for v in flat[idx.to(flat.device)].double().cpu().tolist()]
 
 
 def fingerprint(model: nn.Module, layers_path: str | None = None) -> ModelFingerprint:

@@ -9,18 +9,25 @@ KeyboardInterrupt, and SIGTERM once the CLI turns it into an exception).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; temporaries are then never taken for live ones
+    fcntl = None  # type: ignore[assignment]
 
 from .errors import HpreditError
 
 __all__ = [
+    "DiskFullError",
     "atomic_directory",
     "check_output_dir",
     "file_digest",
@@ -71,6 +78,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     tmp = Path(tmp_name)
+    _lock(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -78,6 +86,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as e:
+        if _disk_full(e):
+            raise DiskFullError(path, len(text.encode("utf-8")), exact=True) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -95,29 +107,143 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
 
     Returns what was removed. Used before overwriting ``target`` (``--force``).
     """
-    target = Path(target)
-    if not target.parent.is_dir():
-        return []
     removed = []
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for stale in target.parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-            removed.append(stale)
+    for stale in _temporaries(target):
+        if _in_use(stale):  # another process is writing it right now
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        removed.append(stale)
     return removed
 
 
-def check_output_dir(path: str | os.PathLike, force: bool = False) -> None:
+def _temporaries(target: str | os.PathLike) -> list[Path]:
+    target = Path(target)
+    if not target.name or not target.parent.is_dir():
+        return []
+    return [p for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*") for p in target.parent.glob(pattern)]
+
+
+def _lock(fd: int) -> bool:
+    """Hold an exclusive advisory lock on ``fd`` (released when it closes, or when the process dies,
+    even by SIGKILL): marks a temporary as being written. False only when another process holds it
+    (a filesystem without locks counts as unlocked)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # no locks here (some network filesystems)
+        pass
+    return True
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live process holds the lock of temporary ``path`` (see :func:`_lock`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return not _lock(fd)
+    finally:
+        os.close(fd)
+
+
+def _hold(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its lock (None where locks do not exist, e.g. Windows)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    _lock(fd)
+    return fd
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (an OSError, or another library's error such as safetensors') says the disk is full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class DiskFullError(HpreditError):
+    """The disk filled while writing ``target``; ``written`` bytes had been written by then (a lower
+    bound of what the output needs). An enclosing :func:`atomic_directory` re-raises it naming its
+    own target, so the message names what the user asked for, not a temporary directory."""
+
+    def __init__(self, target: Path, written: int, exact: bool = False):
+        self.target, self.written = target, written
+        try:
+            free = shutil.disk_usage(target.parent if target.parent.exists() else ".").free
+        except OSError:
+            free = 0
+        if exact:
+            need = f"it needs {_size(written)}, {_size(free)} free"
+        elif written:
+            need = f"it needs more than {_size(written)} (written when the disk filled), {_size(free)} free"
+        else:
+            need = f"it needs more than the {_size(free)} free there"
+        super().__init__(
+            f"no space left on the device to write {target}: {need}; nothing was kept: "
+            "free some space or choose another place"
+        )
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for here, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(here, name)).st_size
+    return total
+
+
+def check_output_dir(
+    path: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+) -> None:
     """Refuse an output directory that cannot be written, before any work is done.
 
-    One :class:`HpreditError` each for: an existing path that is not a directory; a non-empty
-    directory without ``force``; a location where nothing can be created (probed by creating the
-    missing parents and a temporary file, both removed again).
+    One :class:`HpreditError` each for: an empty name, the current directory or one of its
+    parents (the output is replaced whole); a directory holding one of ``inputs`` (files or
+    directories the run reads); one another process is writing right now; an existing path that
+    is not a directory; a non-empty directory without ``force``; a location where nothing can be
+    created (probed by creating the missing parents and a temporary file, both removed again).
     """
     path = Path(path)
+    if not str(path).strip():
+        raise HpreditError("empty output directory name: choose an --out")
+    here, resolved = Path.cwd().resolve(), path.expanduser().resolve()
+    if here == resolved or here.is_relative_to(resolved):
+        what = "the current directory" if here == resolved else f"a parent of the current directory ({here})"
+        raise HpreditError(f"output directory {str(path)!r} is {what}: writing replaces it whole; choose a new one")
+    for given in inputs:
+        if given is None or not str(given).strip():
+            continue
+        source = Path(given).expanduser()
+        if source.exists() and source.resolve().is_relative_to(resolved):
+            raise HpreditError(
+                f"output directory {path} holds the input {source}: writing it would replace its own input; "
+                "choose another --out"
+            )
+    busy = [p for p in _temporaries(path) if _in_use(p)]
+    if busy:
+        raise HpreditError(
+            f"another process is writing {path} right now ({busy[0].name} is in use): wait for it or choose another"
+        )
     if path.exists() and not path.is_dir():
         raise HpreditError(f"output {path} exists and is not a directory: choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
@@ -176,26 +302,52 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
     A crash or exception inside the block (KeyboardInterrupt and SIGTERM-turned-exception included)
     leaves ``target`` as it was (absent or the old version) and removes the temporary directory in
-    ``finally``, so readers never see a half-written artifact.
+    ``finally``, so readers never see a half-written artifact. The temporary directory is locked
+    while it is written: what a killed earlier write left (SIGKILL runs no ``finally``) is removed
+    on entry, a live writer's never. A non-empty ``target`` that was there on entry is replaced;
+    one another process wrote meanwhile is not (one :class:`HpreditError`). A full disk is one
+    :class:`DiskFullError` naming ``target``.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise HpreditError(f"{target} exists and is not a directory")
+    remove_stale_temporaries(target)  # what a killed earlier write left (never a live writer's)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as e:
         raise HpreditError(f"cannot write {target}: {e.strerror or type(e).__name__}") from None
+    # What was there when we started is replaced; something another process wrote meanwhile is not.
+    replace = target.is_dir() and any(target.iterdir())
+    lock: int | None = None
     old: Path | None = None
     try:
-        yield tmp
-        _finish_tree(tmp)
-        if target.exists():
+        lock = _hold(tmp)
+        try:
+            yield tmp
+            _finish_tree(tmp)
+        except DiskFullError as e:  # an inner write (a file, or a nested directory already removed)
+            raise DiskFullError(target, e.written + _tree_size(tmp)) from None
+        except Exception as e:
+            if _disk_full(e):
+                raise DiskFullError(target, _tree_size(tmp)) from None
+            raise
+        if replace and target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "d")
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)  # fails on a non-empty directory: never replaces another process's output
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR) and not replace:
+                raise HpreditError(
+                    f"{target} was written by another process while this one worked: it is left as it is "
+                    "and this result was not saved (choose another output, or --force to replace)"
+                ) from None
+            raise
         _fsync_dir(target.parent)
     finally:
+        if lock is not None:
+            os.close(lock)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

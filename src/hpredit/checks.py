@@ -18,6 +18,7 @@ from typing import Any
 from .errors import HpreditError
 
 __all__ = [
+    "MAX_SEED",
     "MAX_STRENGTH",
     "SCOPES",
     "STORE_DTYPES",
@@ -40,6 +41,8 @@ __all__ = [
 #: range is about 0–2 and the additive methods' a few units; a bound keeps every per-token strength
 #: finite in float16/bfloat16/float32 buffers (1e39 would be ``inf`` there and the edit would write NaN).
 MAX_STRENGTH = 100.0
+#: The largest seed accepted: what NumPy's and Python's generators take alike (2**63 - 1).
+MAX_SEED = 2**63 - 1
 
 
 def check_strength(value: Any, name: str | None = None) -> float:
@@ -114,7 +117,7 @@ def check_limit(value: Any, name: str | None = None) -> int | None:
 
 def check_seed(value: Any, name: str | None = None) -> int:
     """A seed (of a split, of training, of the bootstrap): a whole number ≥ 0."""
-    if not _is_int(value) or value < 0:
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
         raise HpreditError(f"{named(name or 'seed')} must be a whole number ≥ 0, got {value!r}")
     return int(value)
 
@@ -193,3 +196,39 @@ def check_editor_matches(editor_fingerprint: Any, model_fingerprint: Any, strict
             else ""
         )
         raise HpreditError("editor does not match this model: " + "; ".join(problems) + hint)
+
+
+# ------------------------------------------------------------------ lists and the environment
+# Repeated list entries and the environment variables hpredit reads: one rule each.
+
+__all__ += ["check_unique", "env_number"]
+
+
+def check_unique(values: Any, name: str | None = None) -> list:
+    """A list without repeated entries (a method or seed given twice would count twice in a mean)."""
+    values = list(values)
+    seen: set = set()
+    repeated = [v for v in values if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
+    if repeated:
+        raise HpreditError(
+            f"{named(name or 'values')} lists {', '.join(repr(v) for v in dict.fromkeys(repeated))} more than once"
+        )
+    return values
+
+
+def env_number(name: str, default: float, low: float = 0.0, integer: bool = False) -> float:
+    """Environment variable ``name`` as a number ``> low`` (``default`` when unset or empty); anything
+    else is one :class:`HpreditError` naming the variable."""
+    import os
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= low:
+        kind = "an integer" if integer else "a number"
+        raise HpreditError(f"environment variable {name}={text!r} must be {kind} greater than {low:g}")
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
@@ -14,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts import read_json, write_json_atomic, write_text_atomic
-from .checks import check_limit
+from .checks import check_limit, check_seed
 from .errors import HpreditError, first_line
 
 __all__ = [
     "ContrastivePair",
     "ContrastivePairs",
     "Question",
+    "as_pairs",
     "QuestionSplit",
     "check_pairs",
     "check_truthfulqa_source",
@@ -139,12 +141,40 @@ def check_pairs(pairs: Iterable[ContrastivePair]) -> None:
             raise HpreditError(f"pair {i}: {_SAME_MESSAGE} ({p.positive!r})")
 
 
+def as_pairs(pairs: object) -> list[ContrastivePair]:
+    """``pairs`` as a list of :class:`ContrastivePair`: accepts those, ``(prompt, positive, negative)``
+    tuples and ``(positive, negative)`` tuples (an empty prompt), of strings; anything else is one
+    :class:`HpreditError` saying what is expected."""
+    expected = "pairs must be ContrastivePair objects or (prompt, positive, negative) / (positive, negative) tuples"
+    if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
+        raise HpreditError(f"{expected}, got {type(pairs).__name__}")
+    out = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, ContrastivePair):
+            out.append(p)
+        elif isinstance(p, (tuple, list)) and len(p) in (2, 3) and all(isinstance(x, str) for x in p):
+            prompt, positive, negative = ("", *p) if len(p) == 2 else p
+            if not positive or not negative:
+                raise HpreditError(f"pair {i}: the positive and negative completions must be non-empty strings")
+            out.append(ContrastivePair(prompt, positive, negative, group=i))
+        else:
+            raise HpreditError(f"{expected} of strings; item {i} is {type(p).__name__} {_short(p)}")
+    return out
+
+
+def _short(x: object) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
     """The UTF-8 text of ``path``; a missing file, a directory, binary or non-UTF-8 content is one
     :class:`HpreditError` naming the file."""
     path = Path(path)
     if path.is_dir():
         raise HpreditError(f"{path} is a directory: give the {what} itself")
+    if path.exists() and not path.is_file():
+        raise HpreditError(f"{path} is not a regular file (a device, pipe or socket): give the {what} itself")
     if not path.is_file():
         raise HpreditError(f"{path}: no such file")
     try:
@@ -162,7 +192,7 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
     if b"\x00" in data[: 1 << 16]:
         raise HpreditError(f"{path} is a binary file, not UTF-8 text: give the {what}")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark (as spreadsheets write) is dropped
     except UnicodeDecodeError as e:
         raise HpreditError(f"{path} is not UTF-8 text (byte {e.start}): save the {what} as UTF-8") from None
 
@@ -237,11 +267,16 @@ def _read_truthfulqa_csv(path: Path) -> list[Question]:
         raise HpreditError(f"TruthfulQA file {path} does not exist")
     text = read_text_file(path, "TruthfulQA CSV")
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise HpreditError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    _check_csv_header(path, reader.fieldnames or [])
+    n_fields = len(reader.fieldnames or [])
     questions = []
     for i, row in enumerate(reader):
+        if None in row.values() or None in row:
+            given = n_fields - sum(v is None for v in row.values()) + len(row.get(None) or [])
+            raise HpreditError(
+                f"{path}:{reader.line_num}: {given} field(s) where the header has {n_fields}: "
+                "a row cut short or with extra fields (quote fields holding commas)"
+            )
         q = Question(
             index=i,
             question=row["Question"].strip(),
@@ -257,6 +292,16 @@ def _read_truthfulqa_csv(path: Path) -> list[Question]:
     if not questions:
         raise HpreditError(f"{path}: no questions")
     return questions
+
+
+def _check_csv_header(path: Path, names: Sequence[str]) -> None:
+    """The TruthfulQA columns are all there, each once."""
+    missing = [c for c in _CSV_COLUMNS if c not in names]
+    if missing:
+        raise HpreditError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    repeated = sorted({c for c in names if names.count(c) > 1 and c.strip()})
+    if repeated:
+        raise HpreditError(f"{path}: column(s) {', '.join(repr(c) for c in repeated)} appear more than once")
 
 
 _NO_TRUTHFULQA = (
@@ -288,16 +333,13 @@ def check_truthfulqa_source(path: str | os.PathLike | None = None) -> None:
     """Check, before any model is loaded, that TruthfulQA can be read: ``path`` (else
     ``$HPREDIT_TRUTHFULQA``) must be a UTF-8 CSV with the expected columns; without one, the hub
     must be usable (the ``hub`` extra installed, not offline, reachable). One :class:`HpreditError` otherwise."""
-    path = path or os.environ.get(TRUTHFULQA_ENV)
-    if path:
-        path = Path(path)
-        if not path.exists():
-            raise HpreditError(f"TruthfulQA file {path} does not exist")
-        header = read_text_file(path, "TruthfulQA CSV").split("\n", 1)[0]
-        names = next(csv.reader([header]), [])
-        missing = [c for c in _CSV_COLUMNS if c not in names]
-        if missing:
-            raise HpreditError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    if path or os.environ.get(TRUTHFULQA_ENV):
+        with _naming_env(path):
+            csv_path = Path(path or os.environ[TRUTHFULQA_ENV])
+            if not csv_path.exists():
+                raise HpreditError(f"TruthfulQA file {csv_path} does not exist")
+            header = read_text_file(csv_path, "TruthfulQA CSV").split("\n", 1)[0]
+            _check_csv_header(csv_path, next(csv.reader([header]), []))
         return
     if offline() or not hub_reachable():
         raise HpreditError(_NO_TRUTHFULQA)
@@ -329,10 +371,21 @@ def _load_truthfulqa_hub() -> list[Question]:
 
 def load_truthfulqa(path: str | os.PathLike | None = None) -> list[Question]:
     """The 817 TruthfulQA questions from ``path``, else ``$HPREDIT_TRUTHFULQA``, else the hub."""
-    path = path or os.environ.get(TRUTHFULQA_ENV)
-    if path:
-        return _read_truthfulqa_csv(Path(path))
+    if path or os.environ.get(TRUTHFULQA_ENV):
+        with _naming_env(path):
+            return _read_truthfulqa_csv(Path(path or os.environ[TRUTHFULQA_ENV]))
     return _load_truthfulqa_hub()
+
+
+@contextlib.contextmanager
+def _naming_env(path: str | os.PathLike | None) -> Iterator[None]:
+    """A problem with the CSV that ``$HPREDIT_TRUTHFULQA`` names (no ``path`` given) says so."""
+    try:
+        yield
+    except HpreditError as e:
+        if path:
+            raise
+        raise HpreditError(f"environment variable {TRUTHFULQA_ENV}: {e}") from None
 
 
 def qa_prompt(question: str, primer: str = QA_PRIMER) -> str:
@@ -385,6 +438,7 @@ class QuestionSplit:
 
 def split_questions(n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.4, 0.1, 0.5)) -> QuestionSplit:
     """Shuffle ``n`` question indices with ``seed`` and cut them into train/val/test by ``fractions``."""
+    check_seed(seed, "seed")
     if n <= 0:
         raise HpreditError("cannot split an empty question set")
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -409,6 +463,9 @@ def _parse_splits(split: str | Sequence[str]) -> list[str]:
     bad = [s for s in names if s not in SPLIT_NAMES]
     if bad or not names:
         raise HpreditError(f"unknown split {'+'.join(names)!r}: use train, val, test, all or e.g. train+val")
+    repeated = sorted({s for s in names if names.count(s) > 1})
+    if repeated:
+        raise HpreditError(f"split {'+'.join(names)!r} names {', '.join(repeated)} more than once")
     return names
 
 
@@ -432,6 +489,14 @@ def truthfulqa_pairs(
     qsplit = split_questions(len(questions), seed, fractions)
     chosen = _parse_splits(split)
     which = qsplit.name_of()
+    whole = isinstance(split, str) and split == "all"  # everything there is, whatever the cut
+    empty = [] if whole else [s for s in chosen if not qsplit.indices(s)]
+    if empty:
+        sizes = "/".join(str(len(qsplit.indices(s))) for s in SPLIT_NAMES)
+        raise HpreditError(
+            f"the {' and '.join(empty)} split has no questions: {len(questions)} questions cut "
+            f"{'/'.join(f'{f:g}' for f in fractions)} give {sizes} train/val/test; use more questions"
+        )
     selected = sorted(i for s in chosen for i in qsplit.indices(s))
     if check_limit(limit) is not None:
         selected = selected[:limit]
@@ -461,6 +526,7 @@ def two_fold_split(n: int, seed: int = 0, val_fraction: float = 0.2, shuffle: bo
     ``val_fraction`` is held out for validation (ITI: 0.2). With ``shuffle`` (default) the order is
     a permutation seeded by ``seed``; ``shuffle=False`` keeps the file order, as ITI's code does.
     """
+    check_seed(seed, "seed")
     if n < 2:
         raise HpreditError(f"a 2-fold split needs at least 2 questions, got {n}")
     if not 0 <= val_fraction < 1:

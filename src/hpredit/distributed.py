@@ -20,12 +20,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checks import env_number
 from .errors import HpreditError, first_line
 
 __all__ = [
     "active",
     "all_gather",
     "broadcast",
+    "configured_timeout_s",
     "init",
     "is_main",
     "launched",
@@ -39,8 +41,32 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Seconds a rank waits in a collective (for the others to finish a step) before the run ends.
-DEFAULT_TIMEOUT_S = float(os.environ.get("HPREDIT_DIST_TIMEOUT", "1800"))
+#: Seconds a rank waits in a collective (for the others to finish a step, or to join) before the run
+#: ends, unless ``$HPREDIT_DIST_TIMEOUT`` says otherwise (read when a process group starts).
+DEFAULT_TIMEOUT_S = 1800.0
+TIMEOUT_ENV = "HPREDIT_DIST_TIMEOUT"
+
+
+def configured_timeout_s() -> float:
+    """``$HPREDIT_DIST_TIMEOUT`` (seconds, a positive number), else :data:`DEFAULT_TIMEOUT_S`."""
+    return env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def _launcher_env() -> tuple[int, int]:
+    """``(rank, world size)`` from the launcher's variables, each checked: ``WORLD_SIZE`` and ``RANK``
+    integers with ``0 ≤ RANK < WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set."""
+    size = int(env_number("WORLD_SIZE", 1, low=0, integer=True))
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
+    if missing:
+        raise HpreditError(
+            f"environment variable WORLD_SIZE={size} but {', '.join(missing)} not set: start the ranks with "
+            "torchrun or accelerate launch (or unset WORLD_SIZE for one process)"
+        )
+    text = os.environ["RANK"].strip()
+    if not text.isdigit() or int(text) >= size:
+        raise HpreditError(f"environment variable RANK={text!r} must be an integer from 0 to {size - 1} (WORLD_SIZE)")
+    env_number("MASTER_PORT", 0, low=0, integer=True)
+    return int(text), size
 
 
 def launched() -> bool:
@@ -56,16 +82,41 @@ def init(timeout_s: float | None = None) -> bool:
 
     Returns whether this process now runs as one rank of several. Safe to call repeatedly.
     """
+    if os.environ.get("WORLD_SIZE", "").strip():
+        env_number("WORLD_SIZE", 1, low=0, integer=True)  # a set WORLD_SIZE must be a count
     if not launched() or not dist.is_available():
         return False
     if not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        rank_, size = _launcher_env()
+        seconds = timeout_s if timeout_s is not None else configured_timeout_s()
+        local = int(env_number("LOCAL_RANK", 0, low=-1, integer=True))
         use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > local
         if use_cuda:
             torch.cuda.set_device(local)
-        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+        timeout = datetime.timedelta(seconds=seconds)
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+        except Exception as e:  # noqa: BLE001  (a peer that never came, a port in use: one line)
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise HpreditError(
+                f"rank {rank_} of {size}: could not join the other ranks at {where} within {seconds:g} s "
+                f"(${TIMEOUT_ENV}): {first_line(e)}"
+            ) from None
     return active()
+
+
+@contextlib.contextmanager
+def _contact(what: str) -> Iterator[None]:
+    """A collective's failure (a rank died, the connection broke, the timeout passed) as one line."""
+    try:
+        yield
+    except HpreditError:
+        raise
+    except Exception as e:  # noqa: BLE001  (gloo/NCCL errors: RuntimeError, DistBackendError, …)
+        raise HpreditError(
+            f"rank {rank()} of {world_size()}: lost contact with the other ranks while {what} "
+            f"(did one stop?): {first_line(e)}"
+        ) from None
 
 
 def active() -> bool:
@@ -96,7 +147,8 @@ def all_gather(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    with _contact("gathering results"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -105,7 +157,8 @@ def broadcast(obj: T) -> T:
     if not active():
         return obj
     box: list[Any] = [obj if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
+    with _contact("receiving rank 0's result"):
+        dist.broadcast_object_list(box, src=0)
     return cast(T, box[0])
 
 
@@ -127,7 +180,8 @@ class _Progress:
         if self.store is None:
             self.bar.update(n)
             return
-        done = int(self.store.add(self.key, n))
+        with _contact("counting progress"):
+            done = int(self.store.add(self.key, n))
         if is_main():
             self.bar.update(done - self.bar.n)
 
@@ -158,7 +212,8 @@ def on_main(fn: Callable[[], T], what: str) -> T:
 def _exchange(failure: str | None) -> None:
     """Share each rank's failure (or ``None``); if any rank failed, raise the first one everywhere."""
     statuses: list[str | None] = [None] * world_size()
-    dist.all_gather_object(statuses, failure)
+    with _contact(f"sharing each rank's status{'' if failure is None else ' after: ' + failure}"):
+        dist.all_gather_object(statuses, failure)
     failed = [(r, msg) for r, msg in enumerate(statuses) if msg is not None]
     if failed:
         r, msg = failed[0]

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from .architecture import (
     execution_device,
     fingerprint,
     hidden_size,
+    max_positions,
     num_attention_heads,
     num_layers,
     text_config,
@@ -38,6 +40,9 @@ __all__ = [  # the model-structure helpers live in .architecture and are re-expo
     "backbone",
     "cache_dir",
     "check_device",
+    "check_device_map_modules",
+    "check_generation_length",
+    "check_model_and_placement",
     "check_model_source",
     "check_placement",
     "decoder_layers",
@@ -47,6 +52,7 @@ __all__ = [  # the model-structure helpers live in .architecture and are re-expo
     "fingerprint_from_config",
     "hidden_size",
     "load_model",
+    "max_positions",
     "num_attention_heads",
     "num_layers",
     "pad_token_id",
@@ -70,8 +76,20 @@ _DTYPES = {
 
 
 def cache_dir() -> Path:
-    """Where converted models are kept: ``$HPREDIT_CACHE``, default ``~/.cache/hpredit``."""
-    return Path(os.environ.get("HPREDIT_CACHE") or Path.home() / ".cache" / "hpredit")
+    """Where converted models are kept: ``$HPREDIT_CACHE``, default ``~/.cache/hpredit``; a path
+    that exists and is not a directory is one :class:`HpreditError` naming the variable."""
+    given = os.environ.get(CACHE_ENV, "").strip()
+    path = Path(given).expanduser() if given else Path.home() / ".cache" / "hpredit"
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = f"environment variable {CACHE_ENV}={given!r}" if given else f"the model cache {path}"
+                raise HpreditError(f"{where}: {p} is not a directory: point {CACHE_ENV} at a directory")
+            break
+    return path
+
+
+CACHE_ENV = "HPREDIT_CACHE"
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -136,8 +154,14 @@ def _convert_embedded(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_source()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    except OSError as e:
+        raise HpreditError(
+            f"cannot write the model cache {target.parent} ({e.strerror or type(e).__name__}): the default model "
+            f"is converted there once; point {CACHE_ENV} at a writable directory"
+        ) from None
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -409,7 +433,51 @@ def parse_device_map(spec: str | os.PathLike | dict | None) -> str | dict | None
         )
     ):
         raise HpreditError('--device-map must map module names to devices, e.g. {"model.layers.0": "cuda:0"}')
+    for module, where in mapping.items():  # each device gets the checks of --device ("disk" offloads)
+        if where != "disk":
+            try:
+                check_device(f"cuda:{where}" if isinstance(where, int) else where)
+            except HpreditError as e:
+                raise HpreditError(f"--device-map entry {module or '(whole model)'!r}: {e}") from None
+    if all(where == "disk" for where in mapping.values()):
+        raise HpreditError(
+            '--device-map puts every module on "disk": at least one module (e.g. the embedding) must be on a '
+            'device such as "cpu", where the offloaded weights are brought to run'
+        )
     return mapping
+
+
+def check_device_map_modules(device_map: str | dict | None, config: PretrainedConfig) -> None:
+    """A ``{module: device}`` map names only modules of the model ``config`` describes and places
+    every parameter; checked on an empty (meta-device) model, before any weight is read."""
+    if not isinstance(device_map, dict):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001  (a model class we cannot build empty: accelerate checks the map later)
+        return
+    names = {name for name, _ in skeleton.named_modules()} | {name for name, _ in skeleton.named_parameters()}
+    unknown = [k for k in device_map if k and k not in names]
+    if unknown:
+        example = next((n for n, _ in skeleton.named_modules() if n.count(".") == 2), "model.layers.0")
+        raise HpreditError(
+            f"--device-map names module(s) {', '.join(repr(k) for k in unknown[:3])} that the model does not "
+            f"have (module names look like {example!r})"
+        )
+    unplaced = [
+        p
+        for p, _ in skeleton.named_parameters()
+        if not any(k == "" or p == k or p.startswith(k + ".") for k in device_map)
+    ]
+    if unplaced:
+        raise HpreditError(
+            f"--device-map places no device for {len(unplaced)} parameter(s), e.g. {unplaced[0]!r}: "
+            'add their modules (or "" for the rest)'
+        )
 
 
 def check_placement(
@@ -421,6 +489,33 @@ def check_placement(
     if target is not None and mapping is not None:
         raise HpreditError("give either --device or --device-map, not both")
     return target, mapping
+
+
+def check_generation_length(max_new_tokens: int, config: Any, name: str = "--max-new-tokens") -> int:
+    """``max_new_tokens`` below the model's context (its positions, from ``config`` or a model):
+    more could never be generated, and would run for very long before failing."""
+    limit = max_positions(config)
+    if limit is not None and max_new_tokens >= limit:
+        raise HpreditError(
+            f"{name} {max_new_tokens} does not fit the model's context of {limit} positions "
+            f"(prompt included): give at most {limit - 1}"
+        )
+    return max_new_tokens
+
+
+def check_model_and_placement(
+    name_or_path: str | os.PathLike | None,
+    device: str | torch.device | None = None,
+    device_map: str | os.PathLike | dict | None = None,
+    trust_remote_code: bool = False,
+) -> PretrainedConfig:
+    """Everything :func:`load_model` checks before reading a weight: the device or device map
+    (:func:`check_placement`, :func:`check_device_map_modules`) and the source
+    (:func:`check_model_source`); the model's config."""
+    _, mapping = check_placement(device, device_map)
+    config = check_model_source(name_or_path, trust_remote_code=trust_remote_code)
+    check_device_map_modules(mapping, config)
+    return config
 
 
 def load_model(
@@ -463,11 +558,13 @@ def load_model(
     target, device_map = check_placement(device, device_map)
     if kwargs.get("offload_folder") is None:
         kwargs.pop("offload_folder", None)
+    config = check_model_source(name_or_path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+    check_device_map_modules(device_map, config)
+    offload: str | None = None
     if device_map is not None:
         kwargs["device_map"] = device_map
         if isinstance(device_map, dict) and "disk" in device_map.values() and "offload_folder" not in kwargs:
-            kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
-    check_model_source(name_or_path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+            offload = kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
     source: str | Path
     if name_or_path is None:
         source, name = embedded_default_path(), DEFAULT_MODEL
@@ -478,7 +575,15 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or "auto", **kwargs)
     except (OSError, ValueError) as e:
+        if offload is not None:
+            shutil.rmtree(offload, ignore_errors=True)
         raise HpreditError(f"could not load model {name!r}: {first_line(e)}") from None
+    except BaseException:
+        if offload is not None:
+            shutil.rmtree(offload, ignore_errors=True)
+        raise
+    if offload is not None:  # our temporary offload folder lives as long as the model (or the process)
+        weakref.finalize(model, shutil.rmtree, offload, True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config._name_or_path = name

@@ -36,6 +36,7 @@ from .checks import (
     check_store_dtype,
     check_strength,
     check_strengths,
+    named,
 )
 from .data import ContrastivePairs, Question, QuestionSplit
 from .editors import Editor, HPREditor
@@ -210,10 +211,14 @@ def _evaluate_run(
         scope="all",
         data=data,
         out=out,
-        show=show,
+        show=False,  # its "results written to" would name the temporary directory; run names its --out
         progress=progress,
         command=command,
     )
+    if show and distributed.is_main():
+        from rich.console import Console
+
+        Console().print(result.table())
     return RunEvaluation(choice, result.metrics), round(time.perf_counter() - t0, 1)
 
 
@@ -255,7 +260,7 @@ def check_run_args(
     model's config (no weights) and top-k against its layers, the TruthfulQA source."""
     from .data import check_truthfulqa_source
 
-    check_out(out, force)
+    check_out(out, force, (data, model))
     config = check_model(model, device, device_map)
     check_top_k_and_layers(config, cfg.top_k)
     check_truthfulqa_source(data)
@@ -418,7 +423,7 @@ def fit(
     from .models import load_model
 
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force, (pairs, data, model))
     check_seed(seed)
     check_seed(train_seed, "train_seed")
     check_count(epochs, "epochs")
@@ -482,7 +487,7 @@ def generate(
     """Greedy continuations of ``prompts`` without and with ``editor`` (``qa``: each prompt wrapped
     in the TruthfulQA QA format and cut at the first blank line)."""
     from .data import qa_prompt
-    from .models import load_model, pad_token_id
+    from .models import check_generation_length, load_model, pad_token_id
 
     empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
     if empty:
@@ -491,6 +496,7 @@ def generate(
     check_strength(strength)
     check_scope(scope)
     config = check_model(model, device, device_map)
+    check_generation_length(max_new_tokens, config, named("max_new_tokens"))
     ed = check_editor_for(editor, config, model, strict)
     lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     tok.padding_side = "left"

@@ -7,6 +7,7 @@ so that a mismatched editor or a missing model is refused before minutes of load
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,9 @@ def check_model(
 ) -> Any:
     """The device (or device map) is valid and ``model`` (a hub id, a local directory, None for the
     embedded default) is a causal LM; its config (no weights read)."""
-    from .models import check_model_source, check_placement
+    from .models import check_model_and_placement
 
-    check_placement(device, device_map)
-    return check_model_source(model, trust_remote_code=trust_remote_code)
+    return check_model_and_placement(model, device, device_map, trust_remote_code=trust_remote_code)
 
 
 def check_top_k_and_layers(config: Any, top_k: int, layers: list[int] | None = None) -> None:
@@ -47,11 +47,12 @@ def check_editor_for(editor: Any, config: Any, model: str | os.PathLike | None, 
     return ed
 
 
-def check_out(out: str | os.PathLike, force: bool) -> Path:
-    """The output can be written (an existing file, a non-empty directory without ``force`` and an
-    unwritable place are refused); with ``force``, leftovers of an interrupted earlier write go."""
+def check_out(out: str | os.PathLike, force: bool, inputs: Iterable[Any] = ()) -> Path:
+    """The output can be written (an existing file, a non-empty directory without ``force``, the
+    current directory or a parent of it, one holding any of ``inputs`` and an unwritable place are
+    refused); with ``force``, leftovers of an interrupted earlier write go."""
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, [i for i in inputs if isinstance(i, (str, os.PathLike))])
     if force:
         remove_stale_temporaries(out)
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -56,16 +55,9 @@ def lm_eval_(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if "hpredit" in args:  # our model type
         _check_hpredit_model_args(_lm_eval_model_args(args))
-    from lm_eval.__main__ import cli_evaluate
+    from ..evaluation import lm_eval_backend  # registers the model type
 
-    from ..evaluation import lm_eval_backend  # noqa: F401  (registers the model type)
-
-    argv = sys.argv
-    sys.argv = ["lm-eval", *args]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = argv
+    lm_eval_backend.run_cli(args)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..activations import ActivationStore, collect_activations
-from ..checks import check_count, check_kl_cap, check_limit, check_seed, check_store_dtype, named
+from ..checks import check_count, check_kl_cap, check_limit, check_seed, check_store_dtype, check_unique, named
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
@@ -51,8 +51,8 @@ def check_compare_args(
     check_limit(limit)
     if not seeds:
         raise HpreditError(f"give at least one split seed ({named('seeds')})")
-    for seed in seeds:
-        check_seed(seed, f"each of {named('seeds')}")
+    check_unique(methods, named("methods"))
+    check_unique([check_seed(seed, f"each of {named('seeds')}") for seed in seeds], named("seeds"))
     check_kl_cap(kl_cap)
     check_count(refine, "refine", 0)
     return the_task
@@ -267,7 +267,7 @@ def compare(
     if store_dtype is not None:
         check_store_dtype(store_dtype)
     if out is not None:
-        check_out(out, force)
+        check_out(out, force, (data, model))
     model, tok = _model(model, tok, the_task, data, dtype, device, device_map)
     provenance = Provenance.now(command)
     items = the_task.load(data)

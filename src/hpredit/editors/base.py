@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,6 +213,7 @@ class Editor(ABC):
             )
         if hasattr(config, "top_k"):
             check_layer_request(acts.layers, config.layers, config.top_k, getattr(cls.config_class, "top_k", None))
+        check_contrast(acts)
         return config
 
     @classmethod
@@ -344,6 +346,32 @@ class Editor(ABC):
         return editor
 
 
+def check_contrast(acts: Any) -> int:
+    """How many of ``acts``' pairs have the same positive and negative text (up to whitespace).
+
+    Every pair alike is one :class:`HpreditError` (there is nothing to learn); some alike is a
+    warning only, and they are kept: TruthfulQA itself lists "Unknown." as both a correct and an
+    incorrect answer of two questions (347 and 354), and the published figures include those pairs
+    (the JSONL reader and :func:`hpredit.data.check_pairs` refuse such pairs in a user's own data).
+    """
+    texts, rows = getattr(acts, "texts", None), getattr(acts, "pairs", None)
+    if not texts or rows is None or len(rows) == 0:
+        return 0
+    same = sum(a == b or texts[a][1].split() == texts[b][1].split() for a, b in rows.tolist())
+    if same == len(rows):
+        raise HpreditError(
+            "every pair has the same positive and negative completion (up to whitespace): a pair must "
+            "contrast two texts"
+        )
+    if same:
+        warnings.warn(
+            f"{same} of {len(rows)} pairs have the same positive and negative completion: they are kept, "
+            "and teach nothing",
+            stacklevel=4,
+        )
+    return same
+
+
 def train_val_masks(acts, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair masks ``(train, val)``: the ``val`` split if any pair has it, else ``val_fraction`` of
     the groups (questions) held out with ``seed``; never cuts through a group."""
@@ -383,6 +411,11 @@ class TokenPairs:
         if len(tp) == 0:
             raise HpreditError("no training token pairs: every completion is empty")
         if len(vp) == 0:
+            warnings.warn(
+                "the pairs have fewer than 2 groups, so none can be held out: validating on the training "
+                "pairs (the recorded accuracies are training accuracies)",
+                stacklevel=3,
+            )
             vp, vn = tp, tn
         return cls(train_mask, val_mask, tp, tn, vp, vn)
 
@@ -433,6 +466,11 @@ def load_editor(directory: str | os.PathLike) -> Editor:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise HpreditError(f"{where}: {WEIGHTS_NAME} is missing")
+    if not isinstance(cfg.get("weights_sha256"), str) or not cfg["weights_sha256"]:
+        raise HpreditError(
+            f"{where}: config.json has no 'weights_sha256' entry (the checksum of {WEIGHTS_NAME}): "
+            "the artifact is incomplete or was edited; save the editor again"
+        )
     if sha256_file(weights) != cfg.get("weights_sha256"):
         raise HpreditError(
             f"{where}: {WEIGHTS_NAME} does not match the checksum in config.json (truncated or edited after saving)"

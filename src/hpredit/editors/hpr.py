@@ -524,7 +524,11 @@ def _fit_metrics(
     return {
         "val_probe_accuracy": {str(k): v for k, v in accuracy.items()},
         "best_epoch": {str(layer): int(probes.best_epoch[r]) + 1 for r, layer in enumerate(acts.layers)},
-        "validation": "val split" if any(s == "val" for s in acts.splits) else held_out,
+        "validation": "val split"
+        if any(s == "val" for s in acts.splits)
+        else held_out
+        if pairs.val_mask.any()
+        else "the training pairs (fewer than 2 groups: none held out)",
         "train_token_pairs": len(pairs.tp),
         "val_token_pairs": len(pairs.vp),
         "train_groups": n_groups(pairs.train_mask),

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..artifacts import sha256_file
-from ..checks import check_count, check_limit, check_scope, check_seed, check_strength
+from ..checks import check_count, check_limit, check_scope, check_seed, check_strength, named
 from ..data import QA_PRIMER
 from ..errors import HpreditError
 from ..preflight import check_editor_for, check_model, check_out
@@ -175,8 +175,8 @@ def evaluate(
         task, limit, scope, strength, editor, batch_size, max_new_tokens, bootstrap_resamples, seed, judges is not None
     )
     strength = check_strength(strength)
-    out_path = None if out is None else check_out(out, force)
-    editor_obj, editor_path = _check_sources(the_task, model, editor, data, strict, device, device_map)
+    out_path = None if out is None else check_out(out, force, (data, model, editor))
+    editor_obj, editor_path = _check_sources(the_task, model, editor, data, strict, device, device_map, max_new_tokens)
     judge_fns = _load_judges(judges, dtype, device)
     selection = the_task.select(the_task.load(data), split, seed, limit)
     lm, tokenizer, timing = _load_model(model, tokenizer, editor_obj, strict, dtype, device, device_map)
@@ -193,12 +193,17 @@ def evaluate(
     return result
 
 
-def _check_sources(task: Task, model, editor, data, strict: bool, device, device_map) -> tuple[Any, str | None]:
-    """Before anything loads: the model's config (by name), the task's data source and the editor
-    against the model's config; the editor (loaded from its directory) and its path."""
+def _check_sources(
+    task: Task, model, editor, data, strict: bool, device, device_map, max_new_tokens: int
+) -> tuple[Any, str | None]:
+    """Before anything loads: the model's config (by name), the generation length against its
+    context, the task's data source and the editor against the model's config; the editor (loaded
+    from its directory) and its path."""
     from ..editors import Editor, load_editor
+    from ..models import check_generation_length
 
     config = check_model(model, device, device_map) if model is None or isinstance(model, (str, os.PathLike)) else None
+    check_generation_length(max_new_tokens, config if config is not None else model, named("max_new_tokens"))
     task.check_source(data)
     if editor is None:
         return None, None

@@ -24,10 +24,28 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise HpreditError("lm-eval is not installed: pip install 'hpredit[lm-eval]'") from e
 
 from ..editors import load_editor
-from ..errors import HpreditError
+from ..errors import HpreditError, first_line
 from ..hooks import EditHandle
 
-__all__ = ["HpreditLM"]
+__all__ = ["HpreditLM", "run_cli"]
+
+
+def run_cli(args: list[str]) -> None:
+    """lm-eval's own command line (``lm-eval ARGS``) with the ``hpredit`` model type registered; its
+    argument errors (an unknown task, a bad option value, a missing config file) are one
+    :class:`HpreditError` instead of a traceback."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    except (ValueError, FileNotFoundError) as e:
+        raise HpreditError(f"lm-eval: {first_line(e)}") from None
+    finally:
+        sys.argv = argv
 
 
 def _flag(value, name: str) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..errors import HpreditError
-from ..models import backbone, decoder_layers, pad_token_id, text_config
+from ..models import backbone, decoder_layers, max_positions, pad_token_id, text_config
 from ..prefix import PrefixCache, cache_kwarg, common_prefix_length, pad_right
 
 __all__ = ["ContinuationScores", "encode_continuations", "generate_texts", "score_continuations"]
@@ -293,6 +294,22 @@ class _CachedScorer:
         return [[scores[(m, j)] for j in range(len(self.encoded[k].full))] for m, k in enumerate(members)]
 
 
+def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int | None) -> int:
+    """``max_new_tokens`` cut so that the longest prompt and its answer fit the model's context
+    (said once, as a warning); a prompt that fills the context alone is refused."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens
+    room = context - prompt_tokens
+    if room < 1:
+        raise HpreditError(f"a prompt of {prompt_tokens} tokens leaves no room in the model's {context} positions")
+    warnings.warn(
+        f"max_new_tokens {max_new_tokens}: the longest prompt ({prompt_tokens} tokens) leaves room for "
+        f"{room} in the model's {context} positions; generating at most {room}",
+        stacklevel=3,
+    )
+    return room
+
+
 @torch.no_grad()
 def generate_texts(
     model: nn.Module,
@@ -315,6 +332,7 @@ def generate_texts(
     if batch_size < 1:
         raise HpreditError(f"batch_size must be at least 1, got {batch_size}")
     lengths = [len(ids) for ids in _input_ids(tok, list(prompts))] if prompts else []
+    max_new_tokens = _fit_context(max_new_tokens, max(lengths, default=0), max_positions(model))
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     eos = getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
