@@ -98,16 +98,16 @@ CASES = [
     Case("out-holds-the-editor", "eval --model {model} --data {csv} --editor {editor} --out {root} --force", "holds"),
     Case("run-out-holds-the-data", "run --model {model} --data {three_rows} --out {root2} --force", "holds the input"),
     # -- seeds: checked first
-    Case("run-seed-negative", RUN + " --seed -7", "seed must be a non-negative integer, got -7"),
+    Case("run-seed-negative", RUN + " --seed -7", "--seed must be a whole number ≥ 0, got -7"),
     Case(
         "eval-seed-negative",
         EVAL + " --editor {editor} --no-strict --seed -1",
-        "seed must be a non-negative integer, got -1",
+        "--seed must be a whole number ≥ 0, got -1",
     ),
     Case(
-        "fit-seed-negative", "fit --model {model} --data {csv} --top-k 2 --out {out} --seed -3", "non-negative integer"
+        "fit-seed-negative", "fit --model {model} --data {csv} --top-k 2 --out {out} --seed -3", "must be a whole number ≥ 0"
     ),
-    Case("compare-seeds-negative", CMP + " --seeds 0,-1", "each of --seeds must be a non-negative integer"),
+    Case("compare-seeds-negative", CMP + " --seeds 0,-1", "each of --seeds must be a whole number ≥ 0"),
     # -- CSV shape
     Case(
         "csv-short-row",
@@ -173,7 +173,7 @@ CASES = [
     # -- unclear messages before
     Case("pairs-dev-null", "fit --model {model} --pairs /dev/null --top-k 2 --out {out}", "not a regular file"),
     Case("data-dev-null", "run --model {model} --data /dev/null --top-k 2 --out {out}", "not a regular file"),
-    Case("layers-only-commas", FIT + " --layers ,", "--layers must be comma-separated integers"),
+    Case("layers-only-commas", FIT + " --layers ,", "--layers needs at least one value"),
     Case("editor-without-checksum", "generate hi --model {model} --editor {editor_no_sha}", "no 'weights_sha256'"),
     # -- hangs before: generation bounded by the model's context (the tiny model has 256 positions)
     Case("generate-max-new-tokens-huge", GEN + " --max-new-tokens 100000", "context of 256 positions"),
@@ -232,7 +232,7 @@ def test_the_dist_timeout_variable_does_not_break_a_single_process(world, tmp_pa
 
 @pytest.mark.parametrize("bad", [-1, 2**63, 1.5, "3", True, None])
 def test_check_seed_refuses_what_numpy_and_python_do_not_both_take(bad):
-    with pytest.raises(HpreditError, match="must be a non-negative integer"):
+    with pytest.raises(HpreditError, match="must be a whole number ≥ 0"):
         check_seed(bad, "--seed")
 
 
