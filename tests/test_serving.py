@@ -6,12 +6,13 @@ These need no vLLM (the checks run before vLLM is imported); the engine tests ar
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hpredit.cli import main
 from hpredit.serving import serve_argv
-from hpredit.serving.params import resolve_request, validate_extra_args
+from hpredit.serving.params import RequestEdit, ServeSettings, token_strengths, validate_extra_args
 
 from .conftest import random_editor, tiny_model
 
@@ -38,10 +39,44 @@ def test_bad_request_arguments(extra, message):
 
 
 def test_request_arguments_and_defaults():
-    assert resolve_request(None, 0.5, "all") == (0.5, "all")
-    assert resolve_request({"strength": 2}, 0.5, "all") == (2.0, "all")
-    assert resolve_request({"strength": 0, "scope": "generated"}, 1.0, "all") == (0.0, "generated")
-    assert resolve_request({"kv_transfer_params": {"x": 1}}, 1.0, "all") == (1.0, "all")  # vLLM's own key passes
+    settings = ServeSettings((("a", "/a"), ("b", "/b")), 0.5, "all")
+    assert settings.resolve(None, 4) == RequestEdit(0, 0.5, 0)  # the first editor is the default
+    assert settings.resolve({"strength": 2}, 4) == RequestEdit(0, 2.0, 0)
+    assert settings.resolve({"strength": -1.5, "editor": "b"}, 4) == RequestEdit(1, -1.5, 0)
+    assert settings.resolve({"strength": 0, "scope": "generated"}, 4) == RequestEdit(0, 0.0, 4)
+    assert settings.resolve({"scope": "last-prompt-and-generated"}, 4) == RequestEdit(0, 0.5, 3)
+    assert settings.resolve({"kv_transfer_params": {"x": 1}}, 4) == RequestEdit(0, 0.5, 0)  # vLLM's own key
+    with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
+        settings.resolve({"editor": "c"}, 4)
+    with pytest.raises(ValueError, match="unknown editor 3"):
+        validate_extra_args({"editor": 3})
+
+
+def test_settings_round_trip_through_the_model_config():
+    from types import SimpleNamespace
+
+    settings = ServeSettings((("default", "/x"), ("refuse", "/y")), -0.25, "generated")
+    overrides = settings.overrides("Qwen2ForCausalLM")
+    assert overrides["architectures"] == ["HPREditQwen2ForCausalLM"]
+    config = SimpleNamespace(**json.loads(json.dumps(overrides)))  # as vLLM's processes see it
+    assert ServeSettings.from_config(config) == settings
+    with pytest.raises(ValueError, match="no editor configured"):
+        ServeSettings.from_config(SimpleNamespace())
+
+
+def test_token_strengths_per_editor_and_scope():
+    """The one function both model runners use: (requests, positions) → (editors, tokens) strengths."""
+    rows = [RequestEdit(1, 0.5, 0), RequestEdit(0, 2.0, 3), RequestEdit(2, -1.0, 2), RequestEdit(0, 0.0, 0)]
+    counts = np.array([2, 3, 1, 2])
+    positions = np.array([0, 1, 1, 2, 3, 5, 0, 1])  # request 1 is chunked: positions 1-3; request 2 decodes
+    out = token_strengths(rows, counts, positions, 3)
+    assert out.dtype == np.float32 and out.shape == (3, 8)
+    assert out.tolist() == [
+        [0, 0, 0, 0, 2.0, 0, 0, 0],  # request 1 from position 3 on
+        [0.5, 0.5, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, -1.0, 0, 0],
+    ]
+    assert token_strengths([], np.array([], dtype=np.int64), np.array([]), 2).shape == (2, 0)
 
 
 @pytest.mark.parametrize("kind", ["hpr", "hpr-no-gate", "caa", "caa-norm"])
