@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from ..checks import check_strength
 from ..errors import HpreditError
@@ -44,7 +44,7 @@ __all__ = [
 VLLM_VERSION = "0.32.0"
 
 #: one editor directory, or editor names → directories (the first is the default)
-Editors = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]]]
+Editors = str | os.PathLike | Mapping[str, str | os.PathLike]
 
 
 def _model_source(model: str | os.PathLike | None) -> tuple[str, str]:

@@ -89,11 +89,11 @@ class _EditedLayer:
     hpr_strength: torch.Tensor
 
     def forward(self, *args, **kwargs):
-        return edit_block_output(super().forward(*args, **kwargs), self.hpr_edits, self.hpr_strength)  # type: ignore[misc]
+        return edit_block_output(super().forward(*args, **kwargs), self.hpr_edits, self.hpr_strength)
 
 
 @functools.cache
-def _edited_layer_class(cls: type) -> type:
+def _edited_layer_class(cls: Any) -> type:
     return type(f"Edited{cls.__name__}", (_EditedLayer, cls), {"__module__": __name__})
 
 
@@ -120,6 +120,7 @@ class _EditedModel:
             len(editors), vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.float32, device=device
         )
         _, layers = decoder_layers(cast(nn.Module, self))
+        layer: Any
         for i, layer in enumerate(layers):  # global indices (PPMissingLayer off this rank)
             edits = tuple((k, ed.layer_edit(i, device, dtype)) for k, ed in enumerate(editors) if i in ed.layers)
             if edits and not isinstance(layer, PPMissingLayer):
@@ -134,7 +135,7 @@ class _EditedModel:
         if self.hpr_v1:
             positions = kwargs["positions"] if "positions" in kwargs else args[1]
             self._fill_strengths_v1(positions)
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return super().forward(*args, **kwargs)
 
     def _fill_strengths_v1(self, positions: torch.Tensor) -> None:
         """Per-token strengths from the batch rows (V1 runner; eager Python)."""
