@@ -124,7 +124,7 @@ class _EditedModel:
         for i, layer in enumerate(layers):  # global indices (PPMissingLayer off this rank)
             edits = tuple((k, ed.layer_edit(i, device, dtype)) for k, ed in enumerate(editors) if i in ed.layers)
             if edits and not isinstance(layer, PPMissingLayer):
-                layer.__class__ = _edited_layer_class(type(layer))
+                layer.__class__ = _edited_layer_class(layer.__class__)
                 layer.hpr_edits = edits
                 layer.hpr_strength = self.hpr_strength
 
