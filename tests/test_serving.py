@@ -192,3 +192,79 @@ def test_serve_argv(smol_editor, smol_dir):
     assert "--no-enable-prefix-caching" in argv and argv[-3:] == ["--port", "8123", "--enforce-eager"]
     assert argv[argv.index("--served-model-name") + 1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert not math.isnan(overrides["hpredit_strength"])
+
+
+def test_parse_editors(tmp_path):
+    from hpredit.serving import parse_editors
+
+    odd = tmp_path / "a=b"  # an existing directory with '=' in its name is a plain editor directory
+    odd.mkdir()
+    assert parse_editors(["x/ed"]) == {"default": "x/ed"}
+    assert parse_editors(["x/ed", "refusal=y/ed", "t_2=z"]) == {"default": "x/ed", "refusal": "y/ed", "t_2": "z"}
+    assert parse_editors([str(odd)]) == {"default": str(odd)}
+
+
+@pytest.mark.parametrize(
+    "specs, pattern",
+    [
+        (["a=x", "a=y"], "--editor 'a' is given twice"),
+        (["x", "y"], "--editor 'default' is given twice"),
+        (["no good=x"], "an editor name must be letters, digits"),
+        (["=x"], "an editor name must be letters, digits"),
+    ],
+)
+def test_serve_bad_editor_lists(specs, pattern, capsys):
+    argv = ["serve"]
+    for spec in specs:
+        argv += ["--editor", spec]
+    code, _, err = run_cli(argv, capsys)
+    _one_line_error(code, err, pattern)
+
+
+def test_serve_every_editor_must_fit_the_model(tmp_path, capsys, smol_editor):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(smol_editor, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model"]["num_layers"] = 24
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), "--editor", f"other={other}"], capsys)
+    _one_line_error(code, err, f"editor {other} does not match model")
+
+
+def test_serve_unsupported_architecture(tmp_path, capsys, tokenizer):
+    """An architecture vLLM serves only through its generic backend: refused before vLLM starts."""
+    import dataclasses
+
+    from .conftest import saved_tiny_model
+
+    model = saved_tiny_model(tmp_path / "model", tokenizer, arch="gpt_neox")
+    ed = random_editor("hpr", model, layers=[1])
+    ed.model_fingerprint = dataclasses.replace(ed.model_fingerprint, name=str(tmp_path / "model"))
+    ed.save_pretrained(tmp_path / "editor")
+    capsys.readouterr()  # transformers' progress bar while saving
+    code, _, err = run_cli(["serve", "--editor", str(tmp_path / "editor"), "--model", str(tmp_path / "model")], capsys)
+    _one_line_error(code, err, "serving GPTNeoXForCausalLM is not supported (supported: LlamaForCausalLM,")
+
+
+def test_serve_argv_with_several_editors(smol_editor, tmp_path):
+    import importlib
+    import shutil
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    from hpredit.serving.plugin import request_params_class, request_params_name
+
+    shutil.copytree(smol_editor, tmp_path / "b")
+    argv = serve_argv({"a": smol_editor, "b": tmp_path / "b"}, None, 1.0, "all", [])
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides["hpredit_editors"] == [["a", str(smol_editor.resolve())], ["b", str((tmp_path / "b").resolve())]]
+    validator = argv[argv.index("--logits-processors") + 1]
+    assert validator == request_params_name(("a", "b"))
+    module, name = validator.split(":")
+    cls = getattr(importlib.import_module(module), name)  # as vLLM loads it in each process
+    assert cls is request_params_class(("a", "b")) and cls.editor_names == ("a", "b")
+    cls.validate_params(SimpleNamespace(extra_args={"editor": "b", "strength": -3}))
+    with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
+        cls.validate_params(SimpleNamespace(extra_args={"editor": "c"}))
