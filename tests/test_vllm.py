@@ -225,36 +225,26 @@ def tiny_plan(tiny: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(prompts, editor_dir, tiny, tmp_path_factory):
-    """All offline engine runs, in two processes side by side: the compiled engines (SmolLM2, then
-    the tiny Gemma 2; minutes of torch.compile), and the eager ones one after the other (SmolLM2
-    plain, SmolLM2 edited with norms recorded, each tiny architecture plain and edited)."""
+def runs(prompts, editor_dir, tmp_path_factory):
+    """The SmolLM2 engine runs, in two processes side by side: compiled (minutes of torch.compile),
+    and eager (plain, then edited with norms recorded)."""
     tmp = tmp_path_factory.mktemp("engines")
     mixed_prompts = prompts[:9]
     mixed = [MIXED[i % 3] for i in range(9)]
     eager_jobs = [_uniform(prompts, strength=s) for s in (0.0, 1.0, 0.5)]
     eager_jobs.append(_job(mixed_prompts, [{"strength": s} for s in mixed]))
     eager_jobs += [_job([p], [{"strength": s}]) for p, s in zip(mixed_prompts, mixed)]
-    g2 = tiny["gemma2"]
+    editors = {"default": str(editor_dir)}
     compiled = start_engines(
         tmp,
         "compiled",
         [
             {
-                "name": "smol",
-                "editors": {"default": str(editor_dir)},
+                "name": "compiled",
+                "editors": editors,
                 "compile": True,
                 "jobs": [_uniform(prompts, strength=s) for s in (1.0, 0.0)],
-            },
-            {
-                "name": "gemma2",
-                "model": g2["path"],
-                "token_ids": True,
-                "max_model_len": TINY_MAX_LEN,
-                "editors": g2["dirs"],
-                "compile": True,
-                "jobs": tiny_jobs(g2["prompts"])[:5],
-            },
+            }
         ],
     )
     try:
@@ -264,19 +254,30 @@ def runs(prompts, editor_dir, tiny, tmp_path_factory):
                 "eager",
                 [
                     {"name": "plain", "jobs": [_job(prompts)]},
-                    {
-                        "name": "eager",
-                        "editors": {"default": str(editor_dir)},
-                        "record_norms": True,
-                        "jobs": eager_jobs,
-                    },
-                    *tiny_plan(tiny),
+                    {"name": "eager", "editors": editors, "record_norms": True, "jobs": eager_jobs},
                 ],
             )
         )
     finally:
         result = finish_engines(compiled)
-    return {**eager, "compiled": result["smol"], "compiled-gemma2": result["gemma2"]}
+    return {**eager, **result}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny, tmp_path_factory):
+    """The tiny models' engine runs, one process: each architecture plain then edited (eager), then
+    the tiny Gemma 2 edited and compiled."""
+    g2 = tiny["gemma2"]
+    compiled = {
+        "name": "compiled-gemma2",
+        "model": g2["path"],
+        "token_ids": True,
+        "max_model_len": TINY_MAX_LEN,
+        "editors": g2["dirs"],
+        "compile": True,
+        "jobs": tiny_jobs(g2["prompts"])[:5],
+    }
+    return finish_engines(start_engines(tmp_path_factory.mktemp("tiny-engines"), "tiny", [*tiny_plan(tiny), compiled]))
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +433,7 @@ def tiny_reference(tiny):
             ref[key] = [{} for _ in t["prompts"]]
             for dtype in (torch.float32, torch.float64):
                 model.to(dtype)
-                handle = editor.attach(model, strength=1.0) if editor is not None else None
+                handle = editor.attach(model, strength=1.0, strict=False) if editor is not None else None
                 try:
                     for row, p in zip(ref[key], t["prompts"]):
                         ids = torch.tensor([p])
@@ -447,50 +448,55 @@ def tiny_reference(tiny):
                     if handle is not None:
                         handle.remove()
                     model.to(torch.float32)
-        with t["editors"]["bad"].attach(model, strength=2.0), torch.no_grad():
+        with t["editors"]["bad"].attach(model, strength=2.0, strict=False), torch.no_grad():
             ref["bad_finite"] = bool(torch.isfinite(model(torch.tensor([t["prompts"][0]])).logits).all())
         out[arch] = ref
     return out
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_architecture_matches_hugging_face(runs, tiny_reference, arch, capsys):
+def test_architecture_matches_hugging_face(tiny_runs, tiny_reference, arch, capsys):
     """vLLM + each editor (HPR on every layer, CAA on two) = Hugging Face + attach, for a tiny random
-    model of the architecture saved by transformers; unedited vLLM = Hugging Face too. The bound is
-    the one of test_matches_hugging_face_with_the_editor, and must be far below the edit's effect."""
+    model of the architecture saved by transformers: the same greedy tokens, first-token
+    log-probabilities within a bound that must be far below the edit's effect.
+
+    The bound adds to the float32 one of test_matches_hugging_face_with_the_editor vLLM's own
+    distance from Hugging Face on the unedited model (the largest over the prompts): vLLM's Gemma 2
+    differs from Hugging Face's by ~2e-3 without any edit (tokens identical); the edit must not
+    add more than rounding to that."""
     ref = tiny_reference[arch]
-    for key, result in (
-        (None, runs[f"{arch}-plain"]["results"][0]),
-        ("a", runs[arch]["results"][0]),
-        ("b", runs[arch]["results"][1]),
-    ):
-        rows = _agreement(result, ref[key])
-        scale, bound = _rounding_bound(rows)
+    plain = _agreement(tiny_runs[f"{arch}-plain"]["results"][0], ref[None])
+    gap = max(r["vllm_hf64"] for r in plain)
+    assert sum(r["same"] for r in plain) >= len(plain) - 1
+    for key, job in (("a", 0), ("b", 1)):
+        rows = _agreement(tiny_runs[arch]["results"][job], ref[key])
+        scale, _ = _rounding_bound(rows)
+        bound = ROUNDING_FACTOR * (scale + gap) + LOGPROB_TOL
+        same = sum(r["same"] for r in rows)
         with capsys.disabled():
             print(
-                f"\n[{arch} {key}] tokens identical {sum(r['same'] for r in rows)}/{len(rows)}; max |Δlogp| vs "
-                f"float64 {max(r['vllm_hf64'] for r in rows):.1e} (bound {bound:.1e})"
+                f"\n[{arch} editor {key}] tokens identical {same}/{len(rows)}; max |Δlogp| vs float64 "
+                f"{max(r['vllm_hf64'] for r in rows):.1e} (bound {bound:.1e}; unedited vLLM vs HF {gap:.1e})"
             )
         for i, r in enumerate(rows):
             assert r["vllm_hf64"] <= bound, (key, i, r, bound)
-        assert sum(r["same"] for r in rows) >= len(rows) - 1, key
-        if key is not None:
-            effect = _edit_effect(ref[key], ref[None])
-            assert effect > 10 * bound, (key, effect, bound)
+        assert same >= len(rows) - 1, key
+        effect = _edit_effect(ref[key], ref[None])
+        assert effect > 10 * bound, (key, effect, bound)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_architecture_strength_zero_is_unedited_vllm_bit_for_bit(runs, arch):
-    plain, zero = runs[f"{arch}-plain"]["results"][0], runs[arch]["results"][2]
+def test_architecture_strength_zero_is_unedited_vllm_bit_for_bit(tiny_runs, arch):
+    plain, zero = tiny_runs[f"{arch}-plain"]["results"][0], tiny_runs[arch]["results"][2]
     assert zero["tokens"] == plain["tokens"]
     assert zero["first_logprobs"] == plain["first_logprobs"]  # exact floats
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_architecture_mixed_editors_and_strengths_equal_each_alone(runs, arch):
+def test_architecture_mixed_editors_and_strengths_equal_each_alone(tiny_runs, arch):
     """One batch mixing editors a and b, strengths 0, 0.5, 1 and the default (a at 1): each request
     gets what it gets alone, and what the uniform batch of its editor and strength gets."""
-    res = runs[arch]["results"]
+    res = tiny_runs[arch]["results"]
     mixed, alone = res[5], res[6:]
     for i, single in enumerate(alone):
         assert mixed["tokens"][i] == single["tokens"][0], i
@@ -504,20 +510,20 @@ def test_architecture_mixed_editors_and_strengths_equal_each_alone(runs, arch):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_architecture_non_finite_edit_harms_no_request(runs, tiny_reference, arch):
+def test_architecture_non_finite_edit_harms_no_request(tiny_runs, tiny_reference, arch):
     """A damaged editor whose edit is ±inf (NaN logits in Hugging Face): its tokens are left unedited
     (the batch equals strength 0 bit for bit), and the next batch equals the same batch before it."""
     assert not tiny_reference[arch]["bad_finite"]  # the edit is non-finite where nothing guards it
-    res = runs[arch]["results"]
+    res = tiny_runs[arch]["results"]
     assert res[3]["tokens"] == res[2]["tokens"] and res[3]["first_logprobs"] == res[2]["first_logprobs"]
     assert res[4]["tokens"] == res[0]["tokens"] and res[4]["first_logprobs"] == res[0]["first_logprobs"]
 
 
-def test_compiled_non_llama_architecture(runs, tiny_reference):
+def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):
     """Gemma 2 (extra norms around the residual) with torch.compile: the compiled edit gives the
     eager result (tokens; log-probabilities within the float32 bound), and the guard against a
     non-finite edit holds in the compiled graph too."""
-    compiled, eager = runs["compiled-gemma2"]["results"], runs["gemma2"]["results"]
+    compiled, eager = tiny_runs["compiled-gemma2"]["results"], tiny_runs["gemma2"]["results"]
     for job in (0, 1, 2):
         assert compiled[job]["tokens"] == eager[job]["tokens"], job
     _, bound = _rounding_bound(_agreement(eager[0], tiny_reference["gemma2"]["a"]))

@@ -35,13 +35,23 @@ _PREFIX = "RequestParams_"
 
 
 def register() -> None:
-    """Register hpredit's edited model classes with vLLM (lazily, by module path)."""
+    """Register hpredit's edited model classes with vLLM (lazily, by module path).
+
+    vLLM inspects a lazily registered class (which interfaces it has) in a new Python process,
+    10-60 s on a cold cache, in case importing it initialises CUDA; importing ours does not, so it
+    is inspected in the process that asks, when it asks (vLLM's own registry entry, otherwise).
+    """
     from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _LazyRegisteredModel, _ModelInfo
+
+    class InProcess(_LazyRegisteredModel):
+        def inspect_model_cls(self) -> _ModelInfo:
+            return _ModelInfo.from_model_cls(self.load_model_cls())
 
     for arch in SUPPORTED:
         name = edited_name(arch)
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"hpredit.serving.model:{name}")
+            ModelRegistry.models[name] = InProcess("hpredit.serving.model", name)
 
 
 class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
