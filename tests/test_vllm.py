@@ -506,7 +506,9 @@ def test_architecture_mixed_editors_and_strengths_equal_each_alone(tiny_runs, ar
     for i, key in enumerate(TINY_MIXED):
         if key in uniform:
             assert mixed["tokens"][i] == res[uniform[key]]["tokens"][i], (i, key)
-    assert res[0]["tokens"] != res[1]["tokens"] != res[2]["tokens"]
+    # the editors act, and differently (tokens may not move: Gemma's tiny model repeats one token)
+    lp = [res[j]["first_logprobs"] for j in (0, 1, 2)]
+    assert lp[0] != lp[1] and lp[1] != lp[2] and lp[0] != lp[2]
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
