@@ -87,7 +87,24 @@ def _editor_map(editors: Editors) -> dict[str, str]:
     return {DEFAULT_EDITOR: str(editors)}
 
 
-def check_editor(editor_dir: str | os.PathLike, model: str | os.PathLike | None = None, strict: bool = True):
+def _model_config(path: str, weights: bool):
+    """The model's config, checked (:func:`~hpredit.models.check_model_source`; ``weights``: also
+    that a local model has whole weights, which vLLM's ``load_format="dummy"`` does not need)."""
+    from ..models import check_model_source
+
+    if weights:
+        return check_model_source(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise HpreditError(f"could not read the config of model {path!r}: {e}") from None
+
+
+def check_editor(
+    editor_dir: str | os.PathLike, model: str | os.PathLike | None = None, strict: bool = True, weights: bool = True
+):
     """Load the editor and check it against the model's config (no weights loaded).
 
     Returns ``(editor, model_path, model_name)``; every problem is one :class:`HpreditError` line:
@@ -95,7 +112,7 @@ def check_editor(editor_dir: str | os.PathLike, model: str | os.PathLike | None 
     an architecture the server does not support.
     """
     from ..editors.base import load_editor
-    from ..models import check_model_source, fingerprint_from_config
+    from ..models import fingerprint_from_config
 
     editor = load_editor(editor_dir)
     if editor.site != "residual":
@@ -104,7 +121,7 @@ def check_editor(editor_dir: str | os.PathLike, model: str | os.PathLike | None 
             "editors (hpr, caa, mean-diff)"
         )
     path, name = _model_source(model)
-    config = check_model_source(path)  # a missing, damaged or non-causal model: one clear error
+    config = _model_config(path, weights)  # a missing, damaged or non-causal model: one clear error
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     found = fingerprint_from_config(config, name)
     problems = editor.model_fingerprint.mismatches(found, check_name=strict)
@@ -116,16 +133,14 @@ def check_editor(editor_dir: str | os.PathLike, model: str | os.PathLike | None 
 
 
 def check_editors(
-    editors: Editors, model: str | os.PathLike | None = None, strict: bool = True
+    editors: Editors, model: str | os.PathLike | None = None, strict: bool = True, weights: bool = True
 ) -> tuple[dict[str, str], str, str, str]:
     """Check every editor against the model (:func:`check_editor`): ``(name → absolute directory,
     model path, model name, architecture)``."""
-    from ..models import check_model_source
-
     named = _editor_map(editors)
     for directory in named.values():
-        _, path, name = check_editor(directory, model, strict=strict)
-    arch = (getattr(check_model_source(path), "architectures", None) or ["?"])[0]
+        _, path, name = check_editor(directory, model, strict=strict, weights=weights)
+    arch = (getattr(_model_config(path, weights=False), "architectures", None) or ["?"])[0]
     return {n: str(Path(p).resolve()) for n, p in named.items()}, path, name, arch
 
 
@@ -165,7 +180,8 @@ def llm(
     ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})``. Other keyword
     arguments go to ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts processes).
     """
-    named, path, _, arch = check_editors(editors, model, strict=strict)
+    weights = vllm_kwargs.get("load_format") != "dummy"  # vLLM's random weights: the config is enough
+    named, path, _, arch = check_editors(editors, model, strict=strict, weights=weights)
     kwargs = engine_kwargs(_settings(named, strength, scope), arch)
     clash = sorted(set(kwargs) & set(vllm_kwargs) - {"enable_prefix_caching"})
     if clash:
