@@ -14,6 +14,14 @@ of ``--new`` greedy tokens each (end of sequence ignored) after TruthfulQA promp
 generated tokens / wall time, median over repeats. ``vllm-hpr`` also runs a batch of 16 mixing
 strengths 0, 0.5 and 1. Engines start in ``--compile`` mode by default (vLLM's default); ``--eager``
 gives ``enforce_eager=True``.
+
+``--editors-cost 3``: what a 2nd and a 3rd editor loaded on the same server cost. Engines with 1, 2
+and 3 editors (HPR, the same shape and layers, other random weights), each in its own process and
+alive together; one run alternates timed ``generate`` calls between them (batch ``--batch``, every
+request to the first editor at strength 1, then a batch spread over all loaded editors), so the
+ratios compare engines under the same machine load::
+
+    OMP_NUM_THREADS=1 python benchmarks/vllm_cpu.py --editors-cost 3 --eager --new 32 --repeats 5
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from _common import DEFAULT_CSV, ROOT, emit, run_record
 LAYERS = [12, 14, 18, 21, 22]
 
 
-def make_editor(path: Path) -> Path:
+def make_editor(path: Path, seed: int = 0) -> Path:
     import torch
 
     from hpredit.editors.hpr import HPRConfig, HPREditor
@@ -43,7 +51,7 @@ def make_editor(path: Path) -> Path:
     fp = ModelFingerprint("LlamaForCausalLM", 576, 30, "HuggingFaceTB/SmolLM2-135M-Instruct")
     cfg = HPRConfig()
     widths = cfg.mlp_widths(576)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     n = len(LAYERS)
     w = [torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(len(widths) - 1)]
     b = [torch.zeros(n, widths[j + 1]) for j in range(len(widths) - 1)]
@@ -126,6 +134,106 @@ def run_engine(kind: str, editor: str, new: int, repeats: int, eager: bool) -> d
     return result
 
 
+def _engine_kwargs(eager: bool, batch: int) -> dict:
+    return dict(
+        dtype="float32",
+        enforce_eager=eager,
+        max_model_len=512,
+        max_num_seqs=max(16, batch),
+        seed=0,
+        enable_prefix_caching=False,
+    )
+
+
+def editors_engine(editors: list[str], new: int, batch: int, eager: bool) -> None:
+    """Child of ``--editors-cost``: an engine with these editors, timing one ``generate`` per ``go``
+    (all requests to the first editor) or ``mixed`` (requests spread over the editors) on stdin."""
+    from vllm import SamplingParams
+
+    from hpredit.serving import llm
+
+    engine = llm({f"e{i}": e for i, e in enumerate(editors)}, strength=1.0, **_engine_kwargs(eager, batch))
+    ps = prompts(batch)
+
+    def params(spread: bool):
+        return [
+            SamplingParams(
+                max_tokens=new,
+                min_tokens=new,
+                ignore_eos=True,
+                temperature=0,
+                extra_args={"editor": f"e{i % len(editors) if spread else 0}", "strength": 1.0},
+            )
+            for i in range(batch)
+        ]
+
+    engine.generate(ps, params(False), use_tqdm=False)  # warm-up
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        t = time.perf_counter()
+        engine.generate(ps, params(line.strip() == "mixed"), use_tqdm=False)
+        print(f"TIME {time.perf_counter() - t}", flush=True)
+
+
+def _read(proc, prefix: str, what: str) -> str:
+    """The next stdout line of ``proc`` starting with ``prefix`` (stderr goes to ``proc.log``)."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    sys.exit(f"{what} ended without {prefix!r}:\n" + Path(proc.log).read_text()[-3000:])
+
+
+def editors_cost(args) -> dict:
+    """Engines with 1..k editors alive together; timed generate calls alternating between them."""
+    counts = list(range(1, args.editors_cost + 1))
+    results: dict = {str(k): {"uniform": [], "mixed": []} for k in counts}
+    procs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        editors = [str(make_editor(Path(tmp) / f"editor{i}", seed=i)) for i in range(args.editors_cost)]
+        try:
+            for k in counts:  # one at a time: start-up is the heaviest part
+                cmd = [sys.executable, os.path.abspath(__file__), "--editors-engine", ",".join(editors[:k])]
+                cmd += ["--new", str(args.new), "--batch", str(args.batch)] + (["--eager"] if args.eager else [])
+                log = open(Path(tmp) / f"engine{k}.log", "w")  # closed with the process (stays unread otherwise)
+                procs[k] = subprocess.Popen(
+                    cmd, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+                )
+                procs[k].log = log.name  # type: ignore[attr-defined]
+                _read(procs[k], "READY", f"the engine with {k} editor(s)")
+            for r in range(args.repeats):
+                order = counts if r % 2 == 0 else counts[::-1]  # alternate, and balance any drift
+                for kind in ("uniform", "mixed"):
+                    for k in order:
+                        assert procs[k].stdin is not None
+                        procs[k].stdin.write("go\n" if kind == "uniform" else "mixed\n")
+                        procs[k].stdin.flush()
+                        results[str(k)][kind].append(float(_read(procs[k], "TIME", f"the engine with {k} editor(s)")))
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    try:
+                        assert proc.stdin is not None
+                        proc.stdin.write("quit\n")
+                        proc.stdin.flush()
+                        proc.wait(timeout=60)
+                    except (OSError, subprocess.TimeoutExpired):
+                        proc.kill()
+                        proc.wait()
+    tokens = args.batch * args.new
+    summary = {}
+    for k in counts:
+        for kind in ("uniform", "mixed"):
+            secs = results[str(k)][kind]
+            ratio = statistics.median(b / a for a, b in zip(secs, results["1"][kind]))
+            summary[f"{k}_editors_{kind}"] = {
+                "tokens_per_s": tokens / statistics.median(secs),
+                "throughput_vs_1_editor": ratio,
+            }
+    return {"seconds": results, "summary": summary}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new", type=int, default=64, help="generated tokens per sequence")
@@ -133,14 +241,36 @@ def main() -> None:
     p.add_argument("--eager", action="store_true", help="vLLM with enforce_eager=True")
     p.add_argument("--engines", default="vllm,vllm-hpr,hf-hpr")
     p.add_argument("--out", type=Path)
+    p.add_argument("--editors-cost", type=int, default=0, help="engines with 1..N editors, alternating")
+    p.add_argument("--batch", type=int, default=16, help="batch size of --editors-cost")
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--editor", help=argparse.SUPPRESS)
+    p.add_argument("--editors-engine", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.engine:  # child process: one engine
         print("RESULT " + json.dumps(run_engine(args.engine, args.editor, args.new, args.repeats, args.eager)))
         return
+    if args.editors_engine:  # child process of --editors-cost
+        editors_engine(args.editors_engine.split(","), args.new, args.batch, args.eager)
+        return
     load = os.getloadavg()
     record = run_record(load)
+    if args.editors_cost:
+        import vllm
+
+        record["versions"]["vllm"] = vllm.__version__
+        record["setup"] = {
+            "model": "SmolLM2-135M-Instruct (embedded), float32",
+            "editors": f"1..{args.editors_cost} HPR editors, each on layers {LAYERS}",
+            "batch": args.batch,
+            "new_tokens": args.new,
+            "repeats": args.repeats,
+            "vllm_mode": "eager" if args.eager else "compiled (vLLM default)",
+        }
+        record["results"] = editors_cost(args)
+        record["machine"]["load_average_after"] = os.getloadavg()
+        emit(record, args.out)
+        return
     record["setup"] = {
         "model": "SmolLM2-135M-Instruct (embedded), float32",
         "edited_layers": LAYERS,

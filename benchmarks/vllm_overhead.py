@@ -12,6 +12,10 @@ of ``--new`` tokens after a ``--prompt``-token prompt (end of sequence ignored);
 generated tokens / wall time, median. The HPR engine also runs a batch mixing strengths 0, 0.5, 1.
 Target (issue 11): HPR costs ≤ 1% of vLLM's decode throughput. ``--tiny``: a 4-layer, d=256 Llama
 in float32, for checking the script where there is no GPU.
+
+``--editors 3``: also engines with 2 and 3 editors loaded (``vllm-hpr-x2``, ``vllm-hpr-x3``: HPR
+editors of the same shape on the same layers, other random weights; requests all to the first
+editor), so ``hpr_over_unedited`` shows what a 2nd and a 3rd editor on one server cost.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def write_model(directory: Path, shape: dict, dtype: str) -> Path:
     return directory
 
 
-def write_editor(directory: Path, model_dir: Path, shape: dict, layers: list[int]) -> Path:
+def write_editor(directory: Path, model_dir: Path, shape: dict, layers: list[int], seed: int = 0) -> Path:
     import torch
 
     from hpredit.editors.hpr import HPRConfig, HPREditor
@@ -62,7 +66,7 @@ def write_editor(directory: Path, model_dir: Path, shape: dict, layers: list[int
     fp = ModelFingerprint("LlamaForCausalLM", d, shape["num_hidden_layers"], str(model_dir))
     cfg = HPRConfig()
     widths = cfg.mlp_widths(d)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     n = len(layers)
     w = [torch.randn(n, widths[j + 1], widths[j], generator=g) / math.sqrt(widths[j]) for j in range(len(widths) - 1)]
     b = [torch.zeros(n, widths[j + 1]) for j in range(len(widths) - 1)]
@@ -93,7 +97,8 @@ def run_engine(kind: str, model_dir: str, editor: str, args) -> dict:
     else:
         from hpredit.serving import llm
 
-        engine = llm(editor, model=model_dir, strength=1.0, **kwargs)
+        editors = {f"e{i}": e for i, e in enumerate(editor.split(","))}  # the first is the default
+        engine = llm(editors, model=model_dir, strength=1.0, **kwargs)
     result: dict = {"engine": kind, "start_seconds": time.perf_counter() - t}
     rng = random.Random(0)
     vocab = args.vocab
@@ -112,7 +117,7 @@ def run_engine(kind: str, model_dir: str, editor: str, args) -> dict:
         )
 
     cases = [(f"batch{b}", b, [None] * b) for b in args.batches]
-    if kind == "vllm-hpr":
+    if kind.startswith("vllm-hpr"):
         b = max(args.batches)
         cases.append((f"batch{b}_mixed", b, [(0.0, 0.5, 1.0)[i % 3] for i in range(b)]))
     for name, b, strengths in cases:
@@ -137,6 +142,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="enforce_eager=True (no compile, no CUDA graphs)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--editors", type=int, default=1, help="also engines with 2..N editors loaded")
     p.add_argument("--out", type=Path)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -172,8 +178,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp) / "model", shape, args.dtype)
-        editor = write_editor(Path(tmp) / "editor", model_dir, shape, layers)
-        for kind in ("vllm", "vllm-hpr"):
+        editors = [
+            write_editor(Path(tmp) / f"editor{i}", model_dir, shape, layers, seed=i) for i in range(args.editors)
+        ]
+        kinds = {"vllm": "", "vllm-hpr": str(editors[0])}
+        kinds.update({f"vllm-hpr-x{k}": ",".join(map(str, editors[:k])) for k in range(2, args.editors + 1)})
+        for kind, editor in kinds.items():
             cmd = (
                 [
                     sys.executable,
@@ -203,11 +213,12 @@ def main() -> None:
             if line is None:
                 sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
             results.append(json.loads(line[len("RESULT ") :]))
-    base, hpr = results
+    base = results[0]
     record["results"] = results
     record["machine"]["load_average_after"] = os.getloadavg()  # run_record took it at the start
     record["hpr_over_unedited"] = {
-        k: hpr[k]["tokens_per_s"] / base[k]["tokens_per_s"] for k in base if isinstance(base[k], dict)
+        r["engine"]: {k: r[k]["tokens_per_s"] / base[k]["tokens_per_s"] for k in base if isinstance(base[k], dict)}
+        for r in results[1:]
     }
     emit(record, args.out)
 

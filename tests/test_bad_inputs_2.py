@@ -105,7 +105,9 @@ CASES = [
         "--seed must be a whole number ≥ 0, got -1",
     ),
     Case(
-        "fit-seed-negative", "fit --model {model} --data {csv} --top-k 2 --out {out} --seed -3", "must be a whole number ≥ 0"
+        "fit-seed-negative",
+        "fit --model {model} --data {csv} --top-k 2 --out {out} --seed -3",
+        "must be a whole number ≥ 0",
     ),
     Case("compare-seeds-negative", CMP + " --seeds 0,-1", "each of --seeds must be a whole number ≥ 0"),
     # -- CSV shape

@@ -6,12 +6,13 @@ These need no vLLM (the checks run before vLLM is imported); the engine tests ar
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hpredit.cli import main
 from hpredit.serving import serve_argv
-from hpredit.serving.params import resolve_request, validate_extra_args
+from hpredit.serving.params import RequestEdit, ServeSettings, token_strengths, validate_extra_args
 
 from .conftest import random_editor, tiny_model
 
@@ -38,10 +39,44 @@ def test_bad_request_arguments(extra, message):
 
 
 def test_request_arguments_and_defaults():
-    assert resolve_request(None, 0.5, "all") == (0.5, "all")
-    assert resolve_request({"strength": 2}, 0.5, "all") == (2.0, "all")
-    assert resolve_request({"strength": 0, "scope": "generated"}, 1.0, "all") == (0.0, "generated")
-    assert resolve_request({"kv_transfer_params": {"x": 1}}, 1.0, "all") == (1.0, "all")  # vLLM's own key passes
+    settings = ServeSettings((("a", "/a"), ("b", "/b")), 0.5, "all")
+    assert settings.resolve(None, 4) == RequestEdit(0, 0.5, 0)  # the first editor is the default
+    assert settings.resolve({"strength": 2}, 4) == RequestEdit(0, 2.0, 0)
+    assert settings.resolve({"strength": -1.5, "editor": "b"}, 4) == RequestEdit(1, -1.5, 0)
+    assert settings.resolve({"strength": 0, "scope": "generated"}, 4) == RequestEdit(0, 0.0, 4)
+    assert settings.resolve({"scope": "last-prompt-and-generated"}, 4) == RequestEdit(0, 0.5, 3)
+    assert settings.resolve({"kv_transfer_params": {"x": 1}}, 4) == RequestEdit(0, 0.5, 0)  # vLLM's own key
+    with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
+        settings.resolve({"editor": "c"}, 4)
+    with pytest.raises(ValueError, match="unknown editor 3"):
+        validate_extra_args({"editor": 3})
+
+
+def test_settings_round_trip_through_the_model_config():
+    from types import SimpleNamespace
+
+    settings = ServeSettings((("default", "/x"), ("refuse", "/y")), -0.25, "generated")
+    overrides = settings.overrides("Qwen2ForCausalLM")
+    assert overrides["architectures"] == ["HPREditQwen2ForCausalLM"]
+    config = SimpleNamespace(**json.loads(json.dumps(overrides)))  # as vLLM's processes see it
+    assert ServeSettings.from_config(config) == settings
+    with pytest.raises(ValueError, match="no editor configured"):
+        ServeSettings.from_config(SimpleNamespace())
+
+
+def test_token_strengths_per_editor_and_scope():
+    """The one function both model runners use: (requests, positions) → (editors, tokens) strengths."""
+    rows = [RequestEdit(1, 0.5, 0), RequestEdit(0, 2.0, 3), RequestEdit(2, -1.0, 2), RequestEdit(0, 0.0, 0)]
+    counts = np.array([2, 3, 1, 2])
+    positions = np.array([0, 1, 1, 2, 3, 5, 0, 1])  # request 1 is chunked: positions 1-3; request 2 decodes
+    out = token_strengths(rows, counts, positions, 3)
+    assert out.dtype == np.float32 and out.shape == (3, 8)
+    assert out.tolist() == [
+        [0, 0, 0, 0, 2.0, 0, 0, 0],  # request 1 from position 3 on
+        [0.5, 0.5, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, -1.0, 0, 0],
+    ]
+    assert token_strengths([], np.array([], dtype=np.int64), np.array([]), 2).shape == (2, 0)
 
 
 @pytest.mark.parametrize("kind", ["hpr", "hpr-no-gate", "caa", "caa-norm"])
@@ -157,3 +192,79 @@ def test_serve_argv(smol_editor, smol_dir):
     assert "--no-enable-prefix-caching" in argv and argv[-3:] == ["--port", "8123", "--enforce-eager"]
     assert argv[argv.index("--served-model-name") + 1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert not math.isnan(overrides["hpredit_strength"])
+
+
+def test_parse_editors(tmp_path):
+    from hpredit.serving import parse_editors
+
+    odd = tmp_path / "a=b"  # an existing directory with '=' in its name is a plain editor directory
+    odd.mkdir()
+    assert parse_editors(["x/ed"]) == {"default": "x/ed"}
+    assert parse_editors(["x/ed", "refusal=y/ed", "t_2=z"]) == {"default": "x/ed", "refusal": "y/ed", "t_2": "z"}
+    assert parse_editors([str(odd)]) == {"default": str(odd)}
+
+
+@pytest.mark.parametrize(
+    "specs, pattern",
+    [
+        (["a=x", "a=y"], "--editor 'a' is given twice"),
+        (["x", "y"], "--editor 'default' is given twice"),
+        (["no good=x"], "an editor name must be letters, digits"),
+        (["=x"], "an editor name must be letters, digits"),
+    ],
+)
+def test_serve_bad_editor_lists(specs, pattern, capsys):
+    argv = ["serve"]
+    for spec in specs:
+        argv += ["--editor", spec]
+    code, _, err = run_cli(argv, capsys)
+    _one_line_error(code, err, pattern)
+
+
+def test_serve_every_editor_must_fit_the_model(tmp_path, capsys, smol_editor):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(smol_editor, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model"]["num_layers"] = 24
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), "--editor", f"other={other}"], capsys)
+    _one_line_error(code, err, f"editor {other} does not match model")
+
+
+def test_serve_unsupported_architecture(tmp_path, capsys, tokenizer):
+    """An architecture vLLM serves only through its generic backend: refused before vLLM starts."""
+    import dataclasses
+
+    from .conftest import saved_tiny_model
+
+    model = saved_tiny_model(tmp_path / "model", tokenizer, arch="gpt_neox")
+    ed = random_editor("hpr", model, layers=[1])
+    ed.model_fingerprint = dataclasses.replace(ed.model_fingerprint, name=str(tmp_path / "model"))
+    ed.save_pretrained(tmp_path / "editor")
+    capsys.readouterr()  # transformers' progress bar while saving
+    code, _, err = run_cli(["serve", "--editor", str(tmp_path / "editor"), "--model", str(tmp_path / "model")], capsys)
+    _one_line_error(code, err, "serving GPTNeoXForCausalLM is not supported (supported: LlamaForCausalLM,")
+
+
+def test_serve_argv_with_several_editors(smol_editor, tmp_path):
+    import importlib
+    import shutil
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    from hpredit.serving.plugin import request_params_class, request_params_name
+
+    shutil.copytree(smol_editor, tmp_path / "b")
+    argv = serve_argv({"a": smol_editor, "b": tmp_path / "b"}, None, 1.0, "all", [])
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides["hpredit_editors"] == [["a", str(smol_editor.resolve())], ["b", str((tmp_path / "b").resolve())]]
+    validator = argv[argv.index("--logits-processors") + 1]
+    assert validator == request_params_name(("a", "b"))
+    module, name = validator.split(":")
+    cls = getattr(importlib.import_module(module), name)  # as vLLM loads it in each process
+    assert cls is request_params_class(("a", "b")) and cls.editor_names == ("a", "b")
+    cls.validate_params(SimpleNamespace(extra_args={"editor": "b", "strength": -3}))
+    with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
+        cls.validate_params(SimpleNamespace(extra_args={"editor": "c"}))

@@ -73,27 +73,63 @@ def editor_dir(smol, tmp_path_factory):
     return smol_hpr(smol[0]).save_pretrained(tmp_path_factory.mktemp("vllm") / "editor")
 
 
-def start_engine(tmp: Path, name: str, jobs: list[dict], *args: str) -> tuple:
-    (tmp / f"{name}.jobs.json").write_text(json.dumps(jobs))
+def caa(model, layers: list[int], scale: float, seed: int = 1):
+    """A CAA editor with random vectors of norm ``scale``·√d on ``layers``."""
+    from hpredit.editors import CAAEditor
+    from hpredit.editors.additive import AdditiveConfig
+
+    fp = fingerprint(model)
+    v = torch.randn(len(layers), fp.hidden_size, generator=torch.Generator().manual_seed(seed)) * scale
+    return CAAEditor(AdditiveConfig(), layers, fp, layers, v, {})
+
+
+def broken(model, layer: int):
+    """A damaged editor: a CAA vector of 2e38 per coordinate, finite in float32, so that the edit at
+    strength 2 is ±inf (Hugging Face + attach then computes NaN logits: checked where it is used)."""
+    ed = caa(model, [layer], 1.0)
+    ed.vectors = torch.full_like(ed.vectors, 2e38)
+    return ed
+
+
+@pytest.fixture(scope="module")
+def second_dir(smol, tmp_path_factory):
+    return caa(smol[0], [12, 20], 0.2).save_pretrained(tmp_path_factory.mktemp("vllm") / "second")
+
+
+@pytest.fixture(scope="module")
+def bad_dir(smol, tmp_path_factory):
+    return broken(smol[0], 16).save_pretrained(tmp_path_factory.mktemp("vllm") / "bad")
+
+
+def _job(prompts: list, args: list | None = None) -> dict:
+    return {"prompts": prompts, "args": args, "max_tokens": MAX_TOKENS}
+
+
+def _uniform(prompts: list, **extra) -> dict:
+    return _job(prompts, [dict(extra)] * len(prompts))
+
+
+def start_engines(tmp: Path, name: str, plan: list[dict]) -> tuple:
+    """One process running ``plan``'s engines one after the other (tests/vllm_engine.py)."""
+    (tmp / f"{name}.plan.json").write_text(json.dumps(plan))
     log = open(tmp / f"{name}.log", "w")
     proc = subprocess.Popen(
         [
             sys.executable,
             str(HERE / "vllm_engine.py"),
-            "--jobs",
-            str(tmp / f"{name}.jobs.json"),
+            "--plan",
+            str(tmp / f"{name}.plan.json"),
             "--out",
             str(tmp / f"{name}.out.json"),
-            *args,
         ],
-        env=ENV,
+        env={**ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},  # the engine in this process: several in turn
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     return proc, log, tmp / f"{name}.out.json"
 
 
-def finish_engine(started: tuple, timeout: int = 900) -> dict:
+def finish_engines(started: tuple, timeout: int = 1200) -> dict:
     proc, log, out = started
     try:
         proc.wait(timeout=timeout)
@@ -106,34 +142,144 @@ def finish_engine(started: tuple, timeout: int = 900) -> dict:
     return json.loads(out.read_text())
 
 
+# --------------------------------------------------------------------------- tiny models, every architecture
+
+#: the architectures claimed in docs/serving.md: conftest's tiny configs, heads of 64 (vLLM's CPU
+#: attention has no kernel for conftest's head size 16)
+TINY_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"]
+TINY_PROMPTS = 6
+TINY_MAX_LEN = 128
+
+
+def tiny_for_vllm(arch: str):
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
+
+    from .conftest import _configs
+
+    torch.manual_seed(0)
+    config = _configs()[arch]()
+    if arch == "gpt2":
+        config.n_embd, config.n_head = 128, 2
+    else:
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 128, 2, 1
+        if hasattr(config, "head_dim"):
+            config.head_dim = 64
+    if arch == "gemma2":  # vLLM's CPU attention soft-caps logits differently from Hugging Face: up to
+        config.attn_logit_softcapping = None  # 1.5e-2 in log-probabilities unedited; off, to test the edit
+    model = Gemma3ForCausalLM(config) if arch == "gemma3" else AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Per architecture: a tiny random model saved by transformers, and three editors for it:
+    ``a`` (HPR on every layer), ``b`` (CAA on the last two) and ``bad`` (:func:`broken`)."""
+    import dataclasses
+
+    from .conftest import random_hpr
+
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for arch in TINY_ARCHS:
+        model = tiny_for_vllm(arch)
+        path = root / arch
+        model.save_pretrained(path)
+        editors = {"a": random_hpr(model, [0, 1, 2]), "b": caa(model, [1, 2], 0.3), "bad": broken(model, 1)}
+        dirs = {}
+        for name, ed in editors.items():
+            ed.model_fingerprint = dataclasses.replace(ed.model_fingerprint, name=str(path))
+            dirs[name] = str(ed.save_pretrained(root / f"{arch}-{name}"))
+        vocab = model.config.vocab_size
+        prompts = [
+            torch.randint(2, vocab, (int(n),), generator=g).tolist()
+            for n in torch.randint(3, 24, (TINY_PROMPTS,), generator=g)
+        ]
+        out[arch] = {"model": model, "path": str(path), "editors": editors, "dirs": dirs, "prompts": prompts}
+    return out
+
+
+#: the mixed batch of every tiny engine: (editor, strength) per prompt
+TINY_MIXED = [("a", 1.0), ("b", 1.0), ("a", 0.0), ("b", 0.5), ("a", 0.5), (None, None)]
+
+
+def tiny_jobs(prompts: list) -> list[dict]:
+    """0: a@1; 1: b@1; 2: a@0; 3: bad@2 (= 2 exactly); 4: a@1 again (= 0 exactly); 5: mixed; 6…: alone."""
+    mixed = [{} if e is None else {"editor": e, "strength": s} for e, s in TINY_MIXED]
+    return [
+        _uniform(prompts, editor="a", strength=1.0),
+        _uniform(prompts, editor="b", strength=1.0),
+        _uniform(prompts, editor="a", strength=0.0),
+        _uniform(prompts, editor="bad", strength=2.0),
+        _uniform(prompts, editor="a", strength=1.0),
+        _job(prompts, mixed),
+        *[_job([p], [m]) for p, m in zip(prompts, mixed)],
+    ]
+
+
+def tiny_plan(tiny: dict) -> list[dict]:
+    plan = []
+    for arch, t in tiny.items():
+        common = {"model": t["path"], "token_ids": True, "max_model_len": TINY_MAX_LEN}
+        plan.append({**common, "name": f"{arch}-plain", "jobs": [_job(t["prompts"])]})
+        plan.append({**common, "name": arch, "editors": t["dirs"], "jobs": tiny_jobs(t["prompts"])})
+    return plan
+
+
 @pytest.fixture(scope="module")
 def runs(prompts, editor_dir, tmp_path_factory):
-    """All offline engine runs: plain vLLM, edited eager (with norms), edited compiled. The compiled
-    engine (minutes of torch.compile) runs alongside the two eager ones."""
+    """The SmolLM2 engine runs, in two processes side by side: compiled (minutes of torch.compile),
+    and eager (plain, then edited with norms recorded)."""
     tmp = tmp_path_factory.mktemp("engines")
     mixed_prompts = prompts[:9]
     mixed = [MIXED[i % 3] for i in range(9)]
-    eager_jobs = [
-        {"prompts": prompts, "strengths": [s] * len(prompts), "max_tokens": MAX_TOKENS} for s in (0.0, 1.0, 0.5)
-    ]
-    eager_jobs.append({"prompts": mixed_prompts, "strengths": mixed, "max_tokens": MAX_TOKENS})
-    eager_jobs += [{"prompts": [p], "strengths": [s], "max_tokens": MAX_TOKENS} for p, s in zip(mixed_prompts, mixed)]
-    compiled = start_engine(
+    eager_jobs = [_uniform(prompts, strength=s) for s in (0.0, 1.0, 0.5)]
+    eager_jobs.append(_job(mixed_prompts, [{"strength": s} for s in mixed]))
+    eager_jobs += [_job([p], [{"strength": s}]) for p, s in zip(mixed_prompts, mixed)]
+    editors = {"default": str(editor_dir)}
+    compiled = start_engines(
         tmp,
         "compiled",
-        [{"prompts": prompts, "strengths": [s] * len(prompts), "max_tokens": MAX_TOKENS} for s in (1.0, 0.0)],
-        "--editor",
-        str(editor_dir),
-        "--compile",
+        [
+            {
+                "name": "compiled",
+                "editors": editors,
+                "compile": True,
+                "jobs": [_uniform(prompts, strength=s) for s in (1.0, 0.0)],
+            }
+        ],
     )
     try:
-        plain = finish_engine(
-            start_engine(tmp, "plain", [{"prompts": prompts, "strengths": None, "max_tokens": MAX_TOKENS}])
+        eager = finish_engines(
+            start_engines(
+                tmp,
+                "eager",
+                [
+                    {"name": "plain", "jobs": [_job(prompts)]},
+                    {"name": "eager", "editors": editors, "record_norms": True, "jobs": eager_jobs},
+                ],
+            )
         )
-        eager = finish_engine(start_engine(tmp, "eager", eager_jobs, "--editor", str(editor_dir), "--record-norms"))
     finally:
-        result = finish_engine(compiled)
-    return {"plain": plain, "eager": eager, "compiled": result}
+        result = finish_engines(compiled)
+    return {**eager, **result}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny, tmp_path_factory):
+    """The tiny models' engine runs, one process: each architecture plain then edited (eager), then
+    the tiny Gemma 2 edited and compiled."""
+    g2 = tiny["gemma2"]
+    compiled = {
+        "name": "compiled-gemma2",
+        "model": g2["path"],
+        "token_ids": True,
+        "max_model_len": TINY_MAX_LEN,
+        "editors": g2["dirs"],
+        "compile": True,
+        "jobs": tiny_jobs(g2["prompts"])[:5],
+    }
+    return finish_engines(start_engines(tmp_path_factory.mktemp("tiny-engines"), "tiny", [*tiny_plan(tiny), compiled]))
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +423,124 @@ def test_compiled_equals_eager_and_edits(runs, hf_reference):
         assert max(abs(a[k] - b[k]) for k in a if k in b) <= bound, i
 
 
+@pytest.fixture(scope="module")
+def tiny_reference(tiny):
+    """Hugging Face per tiny architecture: unedited, ``a`` at 1 and ``b`` at 1 (scope all), as in
+    :func:`hf_reference`; and whether ``bad`` at 2 makes Hugging Face's logits non-finite."""
+    out = {}
+    for arch, t in tiny.items():
+        model = t["model"]
+        ref = {}
+        for key, editor in ((None, None), ("a", t["editors"]["a"]), ("b", t["editors"]["b"])):
+            ref[key] = [{} for _ in t["prompts"]]
+            for dtype in (torch.float32, torch.float64):
+                model.to(dtype)
+                handle = editor.attach(model, strength=1.0, strict=False) if editor is not None else None
+                try:
+                    for row, p in zip(ref[key], t["prompts"]):
+                        ids = torch.tensor([p])
+                        with torch.no_grad():
+                            logp = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+                            if dtype == torch.float32:
+                                gen = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+                                row.update(tokens=gen[0, len(p) :].tolist(), lp32=logp)
+                            else:
+                                row["lp64"] = logp
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                    model.to(torch.float32)
+        with t["editors"]["bad"].attach(model, strength=2.0, strict=False), torch.no_grad():
+            ref["bad_finite"] = bool(torch.isfinite(model(torch.tensor([t["prompts"][0]])).logits).all())
+        out[arch] = ref
+    return out
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_architecture_matches_hugging_face(tiny_runs, tiny_reference, arch, capsys):
+    """vLLM + each editor (HPR on every layer, CAA on two) = Hugging Face + attach, for a tiny random
+    model of the architecture saved by transformers: the same greedy tokens, first-token
+    log-probabilities within a bound that must be far below the edit's effect.
+
+    The bound adds to the float32 one of test_matches_hugging_face_with_the_editor vLLM's own
+    distance from Hugging Face on the unedited model (the largest over the prompts; ~1e-5 here, but
+    ~1e-2 for Gemma 2 with attention soft-capping, which vLLM's CPU attention computes otherwise:
+    :func:`tiny_for_vllm` turns it off); the edit must not add more than rounding to that."""
+    ref = tiny_reference[arch]
+    plain = _agreement(tiny_runs[f"{arch}-plain"]["results"][0], ref[None])
+    gap = max(r["vllm_hf64"] for r in plain)
+    assert sum(r["same"] for r in plain) >= len(plain) - 1
+    for key, job in (("a", 0), ("b", 1)):
+        rows = _agreement(tiny_runs[arch]["results"][job], ref[key])
+        scale, _ = _rounding_bound(rows)
+        bound = ROUNDING_FACTOR * (scale + gap) + LOGPROB_TOL
+        same = sum(r["same"] for r in rows)
+        with capsys.disabled():
+            print(
+                f"\n[{arch} editor {key}] tokens identical {same}/{len(rows)}; max |Δlogp| vs float64 "
+                f"{max(r['vllm_hf64'] for r in rows):.1e} (bound {bound:.1e}; unedited vLLM vs HF {gap:.1e})"
+            )
+        for i, r in enumerate(rows):
+            assert r["vllm_hf64"] <= bound, (key, i, r, bound)
+        assert same >= len(rows) - 1, key
+        effect = _edit_effect(ref[key], ref[None])
+        assert effect > 10 * bound, (key, effect, bound)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_architecture_strength_zero_is_unedited_vllm_bit_for_bit(tiny_runs, arch):
+    plain, zero = tiny_runs[f"{arch}-plain"]["results"][0], tiny_runs[arch]["results"][2]
+    assert zero["tokens"] == plain["tokens"]
+    assert zero["first_logprobs"] == plain["first_logprobs"]  # exact floats
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_architecture_mixed_editors_and_strengths_equal_each_alone(tiny_runs, arch):
+    """One batch mixing editors a and b, strengths 0, 0.5, 1 and the default (a at 1): each request
+    gets what it gets alone, and what the uniform batch of its editor and strength gets."""
+    res = tiny_runs[arch]["results"]
+    mixed, alone = res[5], res[6:]
+    for i, single in enumerate(alone):
+        assert mixed["tokens"][i] == single["tokens"][0], i
+        for k, v in single["first_logprobs"][0].items():
+            assert abs(mixed["first_logprobs"][i][k] - v) < 1e-4, (i, k)
+    uniform = {("a", 1.0): 0, ("b", 1.0): 1, ("a", 0.0): 2, (None, None): 0}
+    for i, key in enumerate(TINY_MIXED):
+        if key in uniform:
+            assert mixed["tokens"][i] == res[uniform[key]]["tokens"][i], (i, key)
+    # the editors act, and differently (tokens may not move: Gemma's tiny model repeats one token)
+    lp = [res[j]["first_logprobs"] for j in (0, 1, 2)]
+    assert lp[0] != lp[1] and lp[1] != lp[2] and lp[0] != lp[2]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_architecture_non_finite_edit_harms_no_request(tiny_runs, tiny_reference, arch):
+    """A damaged editor whose edit is ±inf (NaN logits in Hugging Face): its tokens are left unedited
+    (the batch equals strength 0 bit for bit), and the next batch equals the same batch before it."""
+    assert not tiny_reference[arch]["bad_finite"]  # the edit is non-finite where nothing guards it
+    res = tiny_runs[arch]["results"]
+    assert res[3]["tokens"] == res[2]["tokens"] and res[3]["first_logprobs"] == res[2]["first_logprobs"]
+    assert res[4]["tokens"] == res[0]["tokens"] and res[4]["first_logprobs"] == res[0]["first_logprobs"]
+
+
+def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):
+    """Gemma 2 (extra norms around the residual) with torch.compile: the compiled edit gives the
+    eager result (tokens; log-probabilities within the float32 bound), and the guard against a
+    non-finite edit holds in the compiled graph too."""
+    compiled, eager = tiny_runs["compiled-gemma2"]["results"], tiny_runs["gemma2"]["results"]
+    for job in (0, 1, 2):
+        assert compiled[job]["tokens"] == eager[job]["tokens"], job
+    _, bound = _rounding_bound(_agreement(eager[0], tiny_reference["gemma2"]["a"]))
+    for i, (a, b) in enumerate(zip(compiled[0]["first_logprobs"], eager[0]["first_logprobs"])):
+        assert max(abs(a[k] - b[k]) for k in a if k in b) <= bound, i
+    assert compiled[0]["tokens"] != compiled[2]["tokens"]
+    assert (
+        compiled[3]["tokens"] == compiled[2]["tokens"]
+        and compiled[3]["first_logprobs"] == compiled[2]["first_logprobs"]
+    )
+    assert compiled[4]["first_logprobs"] == compiled[0]["first_logprobs"]
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -287,7 +551,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(editor_dir, tmp_path_factory):
+def server(editor_dir, second_dir, bad_dir, tmp_path_factory):
+    """`hpredit serve` with three editors: the HPR editor as the default (a plain ``--editor DIR``),
+    a CAA editor named ``second`` and the damaged ``bad`` one (:func:`broken`)."""
     import httpx
 
     port = _free_port()
@@ -301,6 +567,10 @@ def server(editor_dir, tmp_path_factory):
             "serve",
             "--editor",
             str(editor_dir),
+            "--editor",
+            f"second={second_dir}",
+            "--editor",
+            f"bad={bad_dir}",
             "--strength",
             "0.5",
             "--host",
@@ -347,12 +617,14 @@ def server(editor_dir, tmp_path_factory):
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-async def _request(client, kind: str, prompt: str, strength: float | None) -> str:
-    extra = {"vllm_xargs": {"strength": strength}} if strength is not None else None
+async def _request(client, kind: str, prompt: str, strength: float | None, editor: str | None = None) -> str:
+    xargs = {k: v for k, v in (("strength", strength), ("editor", editor)) if v is not None}
+    extra = {"vllm_xargs": xargs} if xargs else None
     if kind == "completion":
         r = await client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
+            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra, logprobs=1
         )
+        assert all(math.isfinite(x) for x in r.choices[0].logprobs.token_logprobs)
         return r.choices[0].text
     r = await client.chat.completions.create(
         model=MODEL,
@@ -364,33 +636,44 @@ async def _request(client, kind: str, prompt: str, strength: float | None) -> st
     return r.choices[0].message.content
 
 
-def test_server_64_concurrent_mixed_strengths(server, prompts):
+def test_server_a_damaged_edit_harms_no_request(server, prompts):
+    """The sequence of issue 18 on the real server: normal requests alone; requests to the damaged
+    editor (its edit is ±inf: their tokens are left unedited, = strength 0); the same normal requests
+    alone again (identical); then 64 concurrent requests mixing both editors, four strengths and the
+    damaged editor, each as it is alone."""
     from openai import AsyncOpenAI
 
-    # 16 distinct requests: 4 prompts (2 completions, 2 chats), each at strength 0, 0.5, 1 and the default
+    # 16 distinct requests: 4 prompts (2 completions, 2 chats), each with the default editor at
+    # strength 0 and 1, the editor "second" at 1, and no arguments (the default editor at 0.5)
     distinct = [
-        (kind, prompts[j], s)
+        (kind, prompts[j], s, e)
         for j, kind in enumerate(("completion", "chat", "completion", "chat"))
-        for s in (0.0, 0.5, 1.0, None)
+        for s, e in ((0.0, None), (1.0, None), (1.0, "second"), (None, None))
     ]
-    burst = distinct * 4  # 64
+    damaged = [(kind, p, 2.0, "bad") for kind, p, _, _ in distinct[::4]]
 
     async def go():
         client = AsyncOpenAI(base_url=server + "/v1", api_key="x", timeout=300, max_retries=0)
+        before = [await asyncio.wait_for(_request(client, *r), 120) for r in distinct]
+        bad = [await asyncio.wait_for(_request(client, *r), 120) for r in damaged]
+        after = [await asyncio.wait_for(_request(client, *r), 120) for r in distinct]
+        burst = distinct * 4 + damaged  # 68
         together = await asyncio.wait_for(asyncio.gather(*(_request(client, *r) for r in burst)), 600)
-        alone = [await asyncio.wait_for(_request(client, *r), 120) for r in distinct]
-        return together, alone
+        return before, bad, after, together
 
-    together, alone = asyncio.run(go())
-    assert len(together) == 64 and all(isinstance(t, str) and t for t in together)
-    same = sum(text == alone[i % len(distinct)] for i, text in enumerate(together))
+    before, bad, after, together = asyncio.run(go())
+    assert bad == before[::4]  # the damaged editor's tokens are unedited: strength 0
+    assert after == before  # nothing of the damaged requests stayed behind
+    assert all(isinstance(t, str) and t for t in together)
+    same = sum(text == before[i % len(distinct)] for i, text in enumerate(together[:64]))
     print(f"\n[server] 64 concurrent requests: {same}/64 identical to the same request sent alone")
-    # vLLM's CPU kernels are not batch-invariant: a request batched with 63 others is computed with
+    # vLLM's CPU kernels are not batch-invariant: a request batched with 67 others is computed with
     # other matrix shapes, and a greedy path can split where two tokens tie to rounding (seen with
-    # this random editor at strength 1); every request gets its own strength, and nearly all agree
+    # this random editor at strength 1); every request gets its own edit, and nearly all agree
     assert same >= 58
-    assert sum(alone[g] != alone[g + 2] for g in (0, 4, 8, 12)) >= 3  # strength 0 vs 1 differ
-    assert all(alone[g + 3] == alone[g + 1] for g in (0, 4, 8, 12))  # no strength = the server's 0.5
+    assert sum(together[64 + i] == before[4 * i] for i in range(4)) >= 3
+    assert sum(before[g] != before[g + 1] for g in (0, 4, 8, 12)) >= 3  # strength 0 vs 1 differ
+    assert sum(before[g + 1] != before[g + 2] for g in (0, 4, 8, 12)) >= 3  # the two editors differ
 
 
 @pytest.mark.parametrize(
@@ -401,6 +684,8 @@ def test_server_64_concurrent_mixed_strengths(server, prompts):
         ('{"strength": 1e39}', "between -100 and 100"),
         ('{"strength": "strong"}', "must be a number"),
         ('{"strength": 1, "temperature_boost": 2}', "unknown extra argument"),
+        ('{"editor": "nope"}', "unknown editor 'nope': this server has default, second, bad"),
+        ('{"editor": 1}', "unknown editor 1"),
     ],
 )
 def test_server_bad_requests_are_4xx_and_it_keeps_serving(server, body, message):
@@ -426,13 +711,14 @@ def test_model_runner_v2_state_fills_per_token_strengths():
     import numpy as np
 
     from hpredit.serving.model import HPRModelState
+    from hpredit.serving.params import ServeSettings
 
     state = object.__new__(HPRModelState)  # no engine: only the parts prepare_inputs uses
     state.rope_state = state.prompt_embeds_state = None
     state.hpr_model = SimpleNamespace(
-        hpr_strength=torch.full((10,), 7.0), hpr_default_strength=0.5, hpr_default_scope="all"
+        hpr_strength=torch.full((2, 10), 7.0), hpr_settings=ServeSettings((("a", "/a"), ("b", "/b")), 0.5, "all")
     )
-    state.slot_strength, state.slot_start = np.zeros(4, np.float32), np.zeros(4, np.int64)
+    state.slot_edit = {}
 
     def request(extra, prompt_len):
         return SimpleNamespace(
@@ -443,9 +729,9 @@ def test_model_runner_v2_state_fills_per_token_strengths():
         )
 
     state.add_request(2, request({"strength": 1.0}, 3))
-    state.add_request(0, request({"strength": 0.25, "scope": "generated"}, 2))
-    state.add_request(1, request(None, 4))  # the server default, 0.5
-    state.add_request(3, request({"strength": 2.0, "scope": "last-prompt-and-generated"}, 3))
+    state.add_request(0, request({"strength": 0.25, "scope": "generated", "editor": "b"}, 2))
+    state.add_request(1, request(None, 4))  # the server default, 0.5, editor a
+    state.add_request(3, request({"strength": -2.0, "scope": "last-prompt-and-generated", "editor": "b"}, 3))
     # one step: slot 2 prefills 3 tokens, slot 0 decodes (position 2), slot 1 prefills 3 of 4,
     # slot 3 prefills positions 1-2 (chunked); one padding token
     batch = SimpleNamespace(
@@ -458,4 +744,7 @@ def test_model_runner_v2_state_fills_per_token_strengths():
         num_computed_tokens_np=np.array([0, 2, 0, 1]),
     )
     state.prepare_inputs(batch, None)
-    assert state.hpr_model.hpr_strength.tolist() == [1, 1, 1, 0.25, 0.5, 0.5, 0.5, 0, 2, 0]
+    assert state.hpr_model.hpr_strength.tolist() == [
+        [1, 1, 1, 0, 0.5, 0.5, 0.5, 0, 0, 0],
+        [0, 0, 0, 0.25, 0, 0, 0, 0, -2, 0],
+    ]

@@ -1,36 +1,40 @@
-"""Run one vLLM engine over a list of jobs and write the results as JSON (a helper of test_vllm.py).
+"""Run vLLM engines over lists of jobs and write the results as JSON (a helper of test_vllm.py).
 
-vLLM starts processes, so the engine is created under ``if __name__ == "__main__":`` in this script,
-one process per engine, never inside pytest. A job is ``{"prompts": [...], "strengths": [...] or
-null, "max_tokens": n}``; each job is one ``generate`` call (one batch). The result per prompt:
-greedy token ids and the first generated token's top-5 log-probabilities.
-``--record-norms``: the norm of every edited token's block output before and after the edit.
+vLLM starts processes, so engines are created under ``if __name__ == "__main__":`` in this script,
+never inside pytest. ``--plan`` is a JSON list of engines, run one after the other in this process:
+``{"name", "model" (null: the embedded SmolLM2), "editors" ({name: dir} or null: plain vLLM),
+"compile", "record_norms", "token_ids" (prompts are token ids: no tokenizer), "jobs"}``; a job is
+``{"prompts": [...], "args": [extra_args or null per prompt], "max_tokens": n}``, one ``generate``
+call (one batch). The result per prompt: greedy token ids and the first generated token's top-5
+log-probabilities. ``record_norms``: the norm of every edited token's block output before and after
+the edit (eager only).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
 
 def _record(model):
-    """Wrap each edited layer's edit to record (norm before, norm after) of edited tokens (eager only)."""
+    """Wrap each edited layer's edits to record (norm before, norm after) of edited tokens (eager only)."""
     import torch
 
     records = []
-    for layer in model.model.layers:
-        fn = getattr(layer, "hpr_edit", None)
-        if fn is None:
+    for layer in model.modules():
+        edits = getattr(layer, "hpr_edits", ())
+        if not edits:
             continue
 
-        def wrapped(hidden, mask, strength, fn=fn):
+        def wrapped(hidden, mask, strength, fn):
             out = fn(hidden, mask, strength)
             on = mask & (out != hidden).any(-1)
             records.append(torch.stack([hidden[on].double().norm(dim=-1), out[on].double().norm(dim=-1)]))
             return out
 
-        layer.hpr_edit = wrapped
+        layer.hpr_edits = tuple((k, lambda h, m, s, fn=fn: wrapped(h, m, s, fn)) for k, fn in edits)
     model._hpr_records = records
     return len(records)
 
@@ -42,66 +46,79 @@ def _collect(model):
     return torch.cat(recs, dim=1).tolist() if recs else [[], []]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--editor")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--jobs", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--record-norms", action="store_true")
-    args = p.parse_args()
-
+def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     from hpredit.models import embedded_default_path
 
     kwargs = dict(
         dtype="float32",
-        enforce_eager=not args.compile,
-        max_model_len=512,
+        enforce_eager=not spec.get("compile"),
+        max_model_len=spec.get("max_model_len", 512),
         max_num_seqs=32,
         max_num_batched_tokens=2048,
         seed=0,
         enable_prefix_caching=False,
+        skip_tokenizer_init=bool(spec.get("token_ids")),
     )
+    model = spec.get("model") or str(embedded_default_path())
     t0 = time.time()
-    if args.editor:
+    if spec.get("editors"):
         from hpredit.serving import llm
 
-        engine = llm(args.editor, **kwargs)
+        engine = llm(spec["editors"], model=spec.get("model"), **kwargs)
     else:
-        engine = LLM(model=str(embedded_default_path()), **kwargs)
+        engine = LLM(model=model, **kwargs)
     start = time.time() - t0
-    if args.record_norms:  # by reference to this file as a module, which the workers can import
+    if spec.get("record_norms"):  # by reference to this file as a module, which the workers can import
         import vllm_engine
 
         engine.apply_model(vllm_engine._record)
-    jobs = json.load(open(args.jobs))
     results = []
-    for job in jobs:
-        strengths = job.get("strengths") or [None] * len(job["prompts"])
+    for job in spec["jobs"]:
+        args = job.get("args") or [None] * len(job["prompts"])
         params = [
             SamplingParams(
                 max_tokens=job["max_tokens"],
                 temperature=0,
                 logprobs=5,
-                extra_args=None if s is None else {"strength": s},
+                extra_args=a,
+                detokenize=not spec.get("token_ids"),
             )
-            for s in strengths
+            for a in args
         ]
+        prompts = (
+            [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]] if spec.get("token_ids") else job["prompts"]
+        )
         t = time.time()
-        outs = engine.generate(job["prompts"], params, use_tqdm=False)
-        dt = time.time() - t
+        outs = engine.generate(prompts, params, use_tqdm=False)
         results.append(
             {
-                "seconds": dt,
+                "seconds": time.time() - t,
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
                 "first_logprobs": [{str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outs],
             }
         )
     out = {"start_seconds": start, "results": results}
-    if args.record_norms:
+    if spec.get("record_norms"):
         out["norms"] = engine.apply_model(vllm_engine._collect)[0]
+    del engine
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    # vLLM inspects each of its model classes in a new Python process (10-60 s each on a cold cache,
+    # as in CI): inspect them in this process instead, the same information at a fraction of the cost
+    from vllm.model_executor.models import registry
+
+    registry._run_in_subprocess = lambda fn: fn()
+    out = {spec["name"]: run(spec) for spec in json.load(open(args.plan))}
     json.dump(out, open(args.out, "w"))
 
 

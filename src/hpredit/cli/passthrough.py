@@ -63,7 +63,13 @@ def lm_eval_(ctx: typer.Context) -> None:
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    editor: Annotated[Path, typer.Option("--editor", help="Editor directory (from fit/run).")],
+    editor: Annotated[
+        list[str],
+        typer.Option(
+            "--editor",
+            help="Editor directory (from fit/run), or NAME=DIR; repeat for several editors (the first is the default).",
+        ),
+    ],
     model: o.Model = None,
     strength: Annotated[float, typer.Option("--strength", help="Default strength; a request may set its own.")] = 1.0,
     scope: Annotated[
@@ -76,8 +82,9 @@ def serve(
     """vLLM's OpenAI-compatible server with the editor inside the engine (see docs/serving.md).
 
     Any other option goes to `vllm serve` (e.g. --port 8000 --dtype float32 --enforce-eager). Requests
-    choose their own strength with the extra body {"vllm_xargs": {"strength": 0.5}}.
+    choose their editor and strength with the extra body {"vllm_xargs": {"editor": "NAME", "strength": 0.5}}.
     """
+    from ..serving import parse_editors
     from ..serving import serve as run_server
 
-    run_server(editor, model, strength, scope, list(ctx.args), strict=not no_strict)
+    run_server(parse_editors(editor), model, strength, scope, list(ctx.args), strict=not no_strict)

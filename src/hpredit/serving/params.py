@@ -1,42 +1,69 @@
-"""Per-request edit parameters: what a request may put in ``SamplingParams.extra_args``.
+"""What a served request may ask for, the server's settings, and each token's strength per editor.
 
-A request carries ``{"strength": s, "scope": ...}`` (OpenAI API: ``vllm_xargs``; offline:
-``SamplingParams(extra_args=...)``). Both are optional; the server's defaults fill the gaps.
-Pure Python, no vLLM import: the frontend validates with it, the model runner resolves with it.
+A request carries ``{"editor": name, "strength": s, "scope": ...}`` (OpenAI API: ``vllm_xargs``;
+offline: ``SamplingParams(extra_args=...)``). All are optional; the server's defaults fill the gaps.
+Pure Python and NumPy, no vLLM import: the front end validates with it, both model runners resolve
+requests and compute per-token strengths with it (:func:`token_strengths`).
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..checks import check_strength
 from ..errors import HpreditError
 from ..hooks import SCOPES
 
 __all__ = [
-    "ARCHITECTURES",
+    "DEFAULT_EDITOR",
     "REQUEST_KEYS",
-    "REQUEST_PARAMS",
-    "resolve_request",
+    "SUPPORTED",
+    "RequestEdit",
+    "ServeSettings",
+    "edited_name",
+    "token_strengths",
     "validate_extra_args",
-    "check_default_strength",
 ]
 
 #: keys hpredit reads from ``extra_args``
-REQUEST_KEYS = ("strength", "scope")
-#: the Hugging Face architecture served → hpredit's edited vLLM class (hpredit.serving.model)
-ARCHITECTURES = {"LlamaForCausalLM": "HPREditLlamaForCausalLM"}
-#: the ``--logits-processors`` value that validates per-request arguments at admission
-REQUEST_PARAMS = "hpredit.serving.plugin:RequestParams"
+REQUEST_KEYS = ("editor", "strength", "scope")
 #: keys vLLM itself puts into ``extra_args`` (passed through untouched)
 VLLM_KEYS = ("kv_transfer_params", "ec_transfer_params")
+#: the Hugging Face architectures served: those tests/test_vllm.py runs against Hugging Face + attach
+SUPPORTED = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "GPT2LMHeadModel",
+)
+#: the name of an editor given without one (``--editor DIR``)
+DEFAULT_EDITOR = "default"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def edited_name(architecture: str) -> str:
+    """The vLLM architecture name of hpredit's edited version of ``architecture``."""
+    return "HPREdit" + architecture
+
+
+def _request_error(e: HpreditError) -> ValueError:
+    return ValueError(f"hpredit: {e}")
 
 
 def _strength(value: Any) -> float:
     try:
         return check_strength(value, "'strength'")
     except HpreditError as e:
-        raise ValueError(f"hpredit: {e}") from None
+        raise _request_error(e) from None
 
 
 def _scope(value: Any) -> str:
@@ -45,8 +72,16 @@ def _scope(value: Any) -> str:
     return value
 
 
-def validate_extra_args(extra_args: dict[str, Any] | None) -> None:
-    """Raise ``ValueError`` (one clear line) for anything hpredit cannot apply."""
+def check_editor_name(name: Any) -> str:
+    """An editor name: letters, digits, ``_`` and ``-`` (it names the editor in requests)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise HpreditError(f"an editor name must be letters, digits, '_' or '-', got {name!r}")
+    return name
+
+
+def validate_extra_args(extra_args: dict[str, Any] | None, editors: tuple[str, ...] | None = None) -> None:
+    """Raise ``ValueError`` (one clear line) for anything hpredit cannot apply; ``editors``: the
+    server's editor names (None: any name passes, as where the server is not known)."""
     if not extra_args:
         return
     unknown = sorted(k for k in extra_args if k not in REQUEST_KEYS and k not in VLLM_KEYS)
@@ -59,19 +94,88 @@ def validate_extra_args(extra_args: dict[str, Any] | None) -> None:
         _strength(extra_args["strength"])
     if "scope" in extra_args:
         _scope(extra_args["scope"])
+    if "editor" in extra_args:
+        name = extra_args["editor"]
+        if not isinstance(name, str) or (editors is not None and name not in editors):
+            served = "any name" if editors is None else ", ".join(editors)
+            raise ValueError(f"hpredit: unknown editor {name!r}: this server has {served}")
 
 
-def resolve_request(
-    extra_args: dict[str, Any] | None, default_strength: float, default_scope: str
-) -> tuple[float, str]:
-    """``(strength, scope)`` of one request: its own values, else the server's defaults."""
-    validate_extra_args(extra_args)
-    extra_args = extra_args or {}
-    strength = _strength(extra_args["strength"]) if "strength" in extra_args else default_strength
-    scope = extra_args.get("scope", default_scope)
-    return strength, scope
+@dataclass(frozen=True)
+class RequestEdit:
+    """One request's edit: the editor's index, the strength, and the first token position edited."""
+
+    editor: int
+    strength: float
+    start: int
 
 
-def check_default_strength(value: Any) -> float:
-    """The server's default strength, or ``ValueError``."""
-    return _strength(value)
+@dataclass(frozen=True)
+class ServeSettings:
+    """The server's editors (name, directory; the default first) and default strength and scope:
+    written once into vLLM's ``hf_overrides`` and read back by every vLLM process from its config."""
+
+    editors: tuple[tuple[str, str], ...]
+    strength: float = 1.0
+    scope: str = "all"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.editors)
+
+    def overrides(self, architecture: str) -> dict[str, Any]:
+        """The ``hf_overrides`` that select the edited architecture and carry these settings."""
+        return {
+            "architectures": [edited_name(architecture)],
+            "hpredit_editors": [list(e) for e in self.editors],
+            "hpredit_strength": self.strength,
+            "hpredit_scope": self.scope,
+        }
+
+    @classmethod
+    def from_config(cls, hf_config: Any) -> ServeSettings:
+        """The settings an engine was started with (its ``hf_config`` after the overrides)."""
+        editors = getattr(hf_config, "hpredit_editors", None)
+        if not editors:
+            raise ValueError(
+                "hpredit: no editor configured (start the engine with hpredit serve or hpredit.serving.llm)"
+            )
+        if isinstance(editors, str):  # a JSON string, as some config round trips leave it
+            editors = json.loads(editors)
+        return cls(
+            tuple((str(n), str(p)) for n, p in editors),
+            float(getattr(hf_config, "hpredit_strength", 1.0)),
+            str(getattr(hf_config, "hpredit_scope", "all")),
+        )
+
+    def resolve(self, extra_args: dict[str, Any] | None, prompt_len: int) -> RequestEdit:
+        """One request's edit: its own values, else the server's defaults."""
+        validate_extra_args(extra_args, self.names)
+        extra_args = extra_args or {}
+        strength = _strength(extra_args["strength"]) if "strength" in extra_args else self.strength
+        scope = extra_args.get("scope", self.scope)
+        editor = self.names.index(extra_args.get("editor", self.names[0]))
+        return RequestEdit(editor, strength, first_edited_position(scope, prompt_len))
+
+
+def first_edited_position(scope: str, prompt_len: int) -> int:
+    """The first token position a request's scope edits (the prompt is positions 0..prompt_len-1)."""
+    return {"all": 0, "last-prompt-and-generated": max(prompt_len - 1, 0), "generated": prompt_len}[scope]
+
+
+def token_strengths(rows: list[RequestEdit], counts: np.ndarray, positions: np.ndarray, n_editors: int) -> np.ndarray:
+    """Each scheduled token's strength for each editor, ``(n_editors, tokens)`` float32.
+
+    ``rows``: the batch's requests in order; ``counts`` ``(requests,)``: tokens each has in this
+    step; ``positions`` ``(tokens,)``: each token's position in its sequence. A token gets its
+    request's strength in its request's editor's row if its position is in the request's scope,
+    0 everywhere else (0 = unedited, bit for bit).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    editor = np.repeat(np.array([r.editor for r in rows], dtype=np.int64), counts)
+    strength = np.repeat(np.array([r.strength for r in rows], dtype=np.float32), counts)
+    start = np.repeat(np.array([r.start for r in rows], dtype=np.int64), counts)
+    out = np.zeros((n_editors, n), dtype=np.float32)
+    out[editor, np.arange(n)] = np.where(np.asarray(positions[:n]) >= start, strength, 0.0)
+    return out

