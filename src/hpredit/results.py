@@ -144,7 +144,7 @@ class RunEvaluation:
             "kl_cap": c.kl_cap,
             "strength": c.strength,
             "over_kl_cap": c.over_kl_cap,
-            "strength_rule": c.protocol,
+            **({"strength_rule": c.protocol} if c.protocol != "grid" else {}),  # absent: grid, as in older files
             "test": self.test,
         }
 
