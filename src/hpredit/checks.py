@@ -24,6 +24,8 @@ __all__ = [
     "check_count",
     "check_editor_matches",
     "check_kl_cap",
+    "DEFAULT_STRENGTH",
+    "strength_given",
     "check_kl_target",
     "check_kl_targets",
     "check_kl_tol",
@@ -201,6 +203,22 @@ def check_editor_matches(editor_fingerprint: Any, model_fingerprint: Any, strict
 # ------------------------------------------------------------------ fluency-cost targets (matched-cost protocol)
 # A cost asked for instead of a strength (``attach(kl=...)``, ``--kl``) and the targets of the
 # matched-cost comparison: KL(unedited ‖ edited) in nats/token on neutral text.
+
+
+class _DefaultStrength(float):
+    """The default strength, 1, told apart (by identity) from a strength passed explicitly."""
+
+    def __repr__(self) -> str:
+        return "1.0"
+
+
+#: The strength used when none is given (1); a caller who also gives ``kl`` must not give a strength.
+DEFAULT_STRENGTH: float = _DefaultStrength(1.0)
+
+
+def strength_given(value: Any) -> bool:
+    """Whether ``value`` is a strength the caller passed (not :data:`DEFAULT_STRENGTH`)."""
+    return value is not DEFAULT_STRENGTH
 
 
 def check_kl_target(value: Any, name: str | None = None) -> float:

@@ -28,6 +28,7 @@ from typing import Any, cast
 from . import distributed
 from .activations import ActivationStore
 from .checks import (
+    DEFAULT_STRENGTH,
     check_count,
     check_kl_cap,
     check_kl_tol,
@@ -517,7 +518,7 @@ def generate(
     editor: str | os.PathLike | Editor,
     model: str | os.PathLike | None = None,
     *,
-    strength: float | None = None,
+    strength: float = DEFAULT_STRENGTH,
     kl: float | None = None,
     scope: str = "last-prompt-and-generated",
     max_new_tokens: int = 40,
@@ -537,8 +538,7 @@ def generate(
     if empty:
         raise HpreditError(f"prompt {empty[0]} is empty: give some text to continue")
     check_count(max_new_tokens, "max_new_tokens")
-    if strength is not None:
-        check_strength(strength)
+    check_strength(strength)
     check_scope(scope)
     config = check_model(model, device, device_map)
     ed = check_editor_for(editor, config, model, strict)

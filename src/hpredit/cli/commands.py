@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..checks import DEFAULT_STRENGTH
 from . import options as o
 from .app import app, command_line, console
 from .show import accuracy_table, side_by_side_table
@@ -88,7 +89,7 @@ def generate(
         prompt,
         editor,
         model,
-        strength=strength,
+        strength=DEFAULT_STRENGTH if strength is None else strength,
         kl=kl,
         scope=scope,
         max_new_tokens=max_new_tokens,
@@ -211,7 +212,7 @@ def eval_(
         split=split,
         seed=seed,
         limit=limit,
-        strength=strength,
+        strength=DEFAULT_STRENGTH if strength is None else strength,
         kl=kl,
         scope=scope,
         data=data,

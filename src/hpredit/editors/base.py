@@ -25,7 +25,7 @@ from torch import nn
 from .._version import __version__
 from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
 from ..artifacts import atomic_directory, read_json, sha256_file
-from ..checks import check_editor_matches, named
+from ..checks import DEFAULT_STRENGTH, check_editor_matches, named, strength_given
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
 from .kl_curve import KLCurve
@@ -245,7 +245,7 @@ class Editor(ABC):
     def attach(
         self,
         model: nn.Module,
-        strength: float | None = None,
+        strength: float = DEFAULT_STRENGTH,
         scope: str = "all",
         strict: bool = True,
         layers: list[int] | None = None,
@@ -310,11 +310,12 @@ class Editor(ABC):
             )
         return self.kl_curve.strength_for(kl, name)
 
-    def resolve_strength(self, strength: float | None, kl: float | None, name: str | None = None) -> float:
-        """The strength to attach with: ``strength`` (default 1), or the one ``kl`` converts to; not both."""
+    def resolve_strength(self, strength: float, kl: float | None, name: str | None = None) -> float:
+        """The strength to attach with: ``strength``, or the one ``kl`` converts to; not both (a
+        strength other than :data:`~hpredit.checks.DEFAULT_STRENGTH` counts as given)."""
         if kl is None:
-            return 1.0 if strength is None else strength
-        if strength is not None:
+            return strength
+        if strength_given(strength):
             raise HpreditError(f"give {named('strength')} or {named(name or 'kl')}, not both")
         return self.strength_for_kl(kl, name)
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..artifacts import sha256_file
-from ..checks import check_count, check_limit, check_scope, check_seed, check_strength, named
+from ..checks import DEFAULT_STRENGTH, check_count, check_limit, check_scope, check_seed, check_strength, named
 from ..data import QA_PRIMER
 from ..errors import HpreditError
 from ..preflight import check_editor_for, check_model, check_out
@@ -109,7 +109,7 @@ def evaluate(
     split: str = "test",
     seed: int = 0,
     limit: int | None = None,
-    strength: float | None = None,
+    strength: float = DEFAULT_STRENGTH,
     scope: str = "all",
     data: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
@@ -144,8 +144,8 @@ def evaluate(
             a task's groups) or ``fold0``/``fold1`` of ITI's 2-fold split.
         seed: seeds the split and the bootstrap.
         limit: keep the first N questions (groups) of the split.
-        strength, scope: how the editor is attached (``strength`` default 1; MC scoring edits every
-            token: ``scope`` must be ``"all"`` there).
+        strength, scope: how the editor is attached (MC scoring edits every token: ``scope`` must
+            be ``"all"`` there).
         kl: instead of ``strength``, the fluency cost wanted, converted through the editor's
             measured strength → KL curve (:meth:`~hpredit.editors.Editor.strength_for_kl`).
         data: the task's data file (TruthfulQA: default ``$HPREDIT_TRUTHFULQA``, else the hub).
@@ -174,12 +174,10 @@ def evaluate(
         >>> sorted(result.metrics["unedited"])
         ['mc1', 'mc2', 'mc3']
     """
-    given = strength
-    asked = 1.0 if given is None else given
     the_task = check_eval_args(
-        task, limit, scope, asked, editor, batch_size, max_new_tokens, bootstrap_resamples, seed, judges is not None
+        task, limit, scope, strength, editor, batch_size, max_new_tokens, bootstrap_resamples, seed, judges is not None
     )
-    strength = check_strength(asked)
+    given, strength = strength, check_strength(strength)
     out_path = None if out is None else check_out(out, force)
     editor_obj, editor_path = _check_sources(the_task, model, editor, data, strict, device, device_map)
     if kl is not None:
