@@ -236,3 +236,35 @@ def test_compare_refuses_bad_matched_settings(model_tok, truthfulqa_csv, kwargs,
     model, tok = model_tok
     with pytest.raises(HpreditError, match=match):
         compare(model, tok, methods=["none"], data=truthfulqa_csv, progress=False, log=lambda s: None, **kwargs)
+
+
+def test_cli_kl_converts_through_the_curve_or_is_one_error_line(tokenizer, truthfulqa_csv, tmp_path, capsys):
+    from hpredit.cli import main
+
+    from .conftest import saved_tiny_model
+
+    model_dir = tmp_path / "tiny-llama"  # the editor's fingerprint names the model tiny-llama
+    ed = random_editor("caa", saved_tiny_model(model_dir, tokenizer))
+    plain = ed.save_pretrained(tmp_path / "plain")
+    ed.kl_curve = KLCurve.from_points([(0.5, 0.02), (1.0, 0.09)])
+    curved = ed.save_pretrained(tmp_path / "curved")
+    gen = ["generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2", "--editor"]
+    cases = [
+        ([*gen, str(plain), "--kl", "0.05"], "no measured strength → KL curve, so --kl cannot be converted"),
+        ([*gen, str(curved), "--kl", "0.05", "--strength", "0.5"], "give --strength or --kl, not both"),
+        ([*gen, str(curved), "--kl", "0.5"], "--kl 0.5 is beyond this editor's measured strength → KL curve"),
+        ([*gen, str(curved), "--kl", "-0.1"], "--kl must be a number ≥ 0"),
+        (
+            ["eval", "--model", str(model_dir), "--data", str(truthfulqa_csv), "--limit", "1"]
+            + ["--editor", str(plain), "--kl", "0.05"],
+            "--kl cannot be converted",
+        ),
+    ]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and fragment in err and err.count("error:") == 1, (argv, err)
+    with pytest.raises(SystemExit) as exc:
+        main([*gen, str(curved), "--kl", "0.05"])
+    assert exc.value.code in (0, None)
