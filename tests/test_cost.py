@@ -218,6 +218,10 @@ def test_matched_results_merge_over_seeds_and_refuse_mixing_protocols(model_tok,
         progress=False,
         log=lambda s: None,
     )
+    table = markdown_table(grid)  # grid, one seed: the per-item bootstrap CI of MC2, no "± 0.0000"
+    assert "± 0.0000" not in table and grid.summary["hpr"]["mc2"]["ci"]["kind"].startswith("bootstrap over")
+    lo, hi = grid.summary["hpr"]["mc2"]["ci"]["low"], grid.summary["hpr"]["mc2"]["ci"]["high"]
+    assert lo <= grid.summary["hpr"]["mc2"]["mean"] <= hi and f"[{lo:.4f}, {hi:.4f}]" in table
     with pytest.raises(HpreditError, match="different protocols"):
         merge([a, grid])
 
