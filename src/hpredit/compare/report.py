@@ -287,7 +287,7 @@ def _matched_figure(result: CompareResult, key: str, plt, path: Path) -> None:
     ax.set_ylabel(f"{result.setting.get('task', 'truthfulqa-mc')} {key} (test)")
     seeds = result.setting["seeds"]
     band = "95% CI over seeds" if len(seeds) > 1 else "95% bootstrap CI over test items"
-    ax.set_title(f"{result.setting['model']['name']}, seeds {seeds}, matched cost (band: {band})", fontsize=9)
+    ax.set_title(f"{result.setting['model']['name']}, seeds {seeds}, matched cost\nband: {band}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
