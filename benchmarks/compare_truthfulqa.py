@@ -5,6 +5,9 @@ benchmark's exact call lives in the repository:
 
     HPREDIT_TRUTHFULQA=../shared/data/truthfulqa/TruthfulQA.csv \
         python benchmarks/compare_truthfulqa.py --out benchmarks/results/compare
+
+Every method at each target fluency cost (``--protocol matched``, the default); the published
+3-seed tables were made with ``--protocol grid`` (add it to reproduce them).
 """
 
 import argparse
@@ -17,7 +20,12 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--methods", default=",".join(METHODS))
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--limit", type=int, default=None)
-parser.add_argument("--kl-cap", type=float, default=0.5)
+parser.add_argument("--kl-cap", type=float, default=0.5, help="grid protocol: the KL cap")
+parser.add_argument(
+    "--protocol", default="matched", choices=["matched", "grid"], help="grid: the published (pre-matched-cost) numbers"
+)
+parser.add_argument("--targets", default="0.1,0.25,0.5", help="matched: target KLs, nats/token on neutral text")
+parser.add_argument("--kl-tol", type=float, default=0.05, help="matched: relative tolerance on each target")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -28,6 +36,9 @@ result = compare(
     methods=args.methods.split(","),
     seeds=[int(s) for s in args.seeds.split(",")],
     kl_cap=args.kl_cap,
+    protocol=args.protocol,
+    targets=[float(t) for t in args.targets.split(",")],
+    kl_tol=args.kl_tol,
     limit=args.limit,
     out=args.out,
     progress=False,

@@ -368,6 +368,8 @@ def test_run_writes_whole_output_with_provenance_and_halves_the_grid(world, tmp_
             "0.5,1.0",
             "--max-halvings",
             "2",
+            "--protocol",
+            "grid",
             "--out",
             str(out),
         ],

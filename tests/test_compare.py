@@ -55,6 +55,7 @@ def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path)
         kl_cap=50.0,
         strengths={m: (1.0,) for m in methods},
         out=tmp_path / "cmp",
+        protocol="grid",
         progress=False,
         log=lambda s: None,
     )
@@ -147,6 +148,7 @@ def test_strength_grid_doubles_until_the_cap(model_tok, truthfulqa_csv):
         kl_cap=1e9,
         progress=False,
         log=lambda s: None,
+        protocol="grid",
     )
     row = next(r for r in result["runs"] if r.get("method") == "caa")
     assert [t["strength"] for t in row["validation"]] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]

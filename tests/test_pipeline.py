@@ -70,7 +70,10 @@ def test_run_returns_what_it_writes(tiny_run):
     assert written["command"] == "test" and {"hpredit", "torch"} <= set(written["versions"])
     ev = result.evaluation
     assert ev is not None and ev.choice.strength in [t["strength"] for t in ev.choice.tried]
-    assert [t["strength"] for t in ev.choice.tried][:2] == [0.5, 1.0]  # no doubling past the top in run
+    assert [t["strength"] for t in ev.choice.tried][:2] == [0.5, 1.0]  # the KL search starts from the grid
+    assert ev.choice.protocol == "matched" and written["evaluation"]["strength_rule"] == "matched"
+    curve = hpredit.load_editor(root / "run" / "editor").kl_curve  # the measured points, saved with the editor
+    assert curve is not None and curve.strengths == tuple(sorted({t["strength"] for t in ev.choice.tried}))
     assert {"unedited", "edited", "difference"} <= set(ev.test)
     assert result.layers_edited == hpredit.load_editor(root / "run" / "editor").layers
 

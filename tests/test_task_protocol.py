@@ -93,6 +93,7 @@ def test_a_registered_task_runs_in_compare(counting, tokenizer):
         task="counting",
         strengths={"caa": (1.0,)},
         kl_cap=1e9,
+        protocol="grid",
         progress=False,
         log=lambda s: None,
     )

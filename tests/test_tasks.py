@@ -374,6 +374,7 @@ def test_compare_on_toxigen_tiny(model_tok, tmp_path):
         data=data,
         kl_cap=50.0,
         strengths={"hpr": (1.0,), "caa": (1.0,)},
+        protocol="grid",
         out=tmp_path / "cmp",
         progress=False,
         log=lambda s: None,

@@ -25,6 +25,11 @@ __all__ = [
     "check_count",
     "check_editor_matches",
     "check_kl_cap",
+    "DEFAULT_STRENGTH",
+    "strength_given",
+    "check_kl_target",
+    "check_kl_targets",
+    "check_kl_tol",
     "check_layers",
     "check_limit",
     "check_scope",
@@ -232,3 +237,54 @@ def env_number(name: str, default: float, low: float = 0.0, integer: bool = Fals
         kind = "an integer" if integer else "a number"
         raise HpreditError(f"environment variable {name}={text!r} must be {kind} greater than {low:g}")
     return value
+
+
+# ------------------------------------------------------------------ fluency-cost targets (matched-cost protocol)
+# A cost asked for instead of a strength (``attach(kl=...)``, ``--kl``) and the targets of the
+# matched-cost comparison: KL(unedited ‖ edited) in nats/token on neutral text.
+
+
+class _DefaultStrength(float):
+    """The default strength, 1, told apart (by identity) from a strength passed explicitly."""
+
+    def __repr__(self) -> str:
+        return "1.0"
+
+
+#: The strength used when none is given (1); a caller who also gives ``kl`` must not give a strength.
+DEFAULT_STRENGTH: float = _DefaultStrength(1.0)
+
+
+def strength_given(value: Any) -> bool:
+    """Whether ``value`` is a strength the caller passed (not :data:`DEFAULT_STRENGTH`)."""
+    return value is not DEFAULT_STRENGTH
+
+
+def check_kl_target(value: Any, name: str | None = None) -> float:
+    """A fluency cost to reach: a finite number ≥ 0 (nats/token; 0 is the unedited model)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        raise HpreditError(f"{named(name or 'kl')} must be a number ≥ 0 (nats/token), got {value!r}")
+    return float(value)
+
+
+def check_kl_targets(values: Sequence[Any], name: str | None = None) -> list[float]:
+    """The targets of a matched-cost comparison: at least one, each > 0 and finite, no repeats; sorted."""
+    name = named(name or "targets")
+    targets = list(values)
+    if not targets:
+        raise HpreditError(f"{name} needs at least one KL target")
+    for t in targets:
+        if check_kl_target(t, f"each of {name}") == 0:
+            raise HpreditError(f"each of {name} must be above 0 (the unedited model is the baseline), got {t!r}")
+    if len(set(targets)) != len(targets):
+        raise HpreditError(f"{name} lists a target twice: {targets}")
+    return sorted(float(t) for t in targets)
+
+
+def check_kl_tol(value: Any, name: str | None = None) -> float:
+    """The relative tolerance of a matched cost: a number in (0, 1) (0.05: within 5 % of the target)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value < 1
+    if not ok:
+        raise HpreditError(f"{named(name or 'kl_tol')} must be a number between 0 and 1 (relative), got {value!r}")
+    return float(value)

@@ -28,8 +28,10 @@ from typing import Any, cast
 from . import distributed
 from .activations import ActivationStore
 from .checks import (
+    DEFAULT_STRENGTH,
     check_count,
     check_kl_cap,
+    check_kl_tol,
     check_limit,
     check_scope,
     check_seed,
@@ -141,13 +143,26 @@ def choose_strength_on_val(
     kl_cap: float,
     max_halvings: int,
     progress: bool = True,
+    protocol: str = "matched",
+    kl_tol: float = 0.05,
 ) -> StrengthChoice:
-    """The main job's strength: the best validation MC2 among the grid's strengths whose fluency
-    cost (KL on neutral text) is under ``kl_cap``, halving the grid while all of it is over (the
-    one step to swap for another rule; :func:`hpredit.compare.choose_strength` does the search)."""
+    """The main job's strength, by the rule of ``protocol`` (the one step to swap for another rule):
+
+    - ``matched`` (the default): the strength whose fluency cost (KL on neutral text) is
+      ``kl_cap`` within ``kl_tol`` (relative), found by the matched-cost search of ``compare``
+      (:func:`hpredit.compare.match_cost`, warm-started from ``grid``; validation is not scored);
+      an editor that cannot reach the cap gets the strength of the largest cost it reached;
+    - ``grid`` (the published numbers): the best validation MC2 among the grid's strengths whose
+      cost is under ``kl_cap``, halving the grid while all of it is over
+      (:func:`hpredit.compare.choose_strength`).
+
+    Either way the strengths measured become the editor's :attr:`~hpredit.editors.Editor.kl_curve`.
+    """
     from tqdm.auto import tqdm
 
-    from .compare import choose_strength
+    from .compare import choose_strength, match_cost
+    from .compare.strength import neutral_note
+    from .editors.kl_curve import KLCurve
     from .evaluation.side_effects import neutral_text
 
     bar = tqdm(desc="strength on val: neutral text", unit="step", disable=not progress)
@@ -158,6 +173,21 @@ def choose_strength_on_val(
             bar.set_description(f"strength on val ({len(val)} questions): {what}")
             bar.update()
 
+        if protocol == "matched":
+            (hit,) = match_cost(
+                model,
+                tok,
+                [editor],
+                list(grid),
+                neutral,
+                [kl_cap],
+                kl_tol,
+                log=lambda text: bar.write(f"KL search: {text}"),
+                progress=step,
+            )
+            tried = [{**t, "val": None} for t in hit["tried"]]
+            over = hit["kl"] > kl_cap * (1 + kl_tol)
+            return StrengthChoice(hit["strength"], over, tried, kl_cap, "matched")
         pick = choose_strength(
             model,
             tok,
@@ -171,6 +201,7 @@ def choose_strength_on_val(
             log=lambda text: bar.write(f"validation: {text}"),
             progress=step,
         )
+        editor.kl_curve = KLCurve.from_points([(t["strength"], t["kl"]) for t in pick["tried"]], neutral_note(neutral))
     finally:
         bar.close()
     return StrengthChoice(pick["strength"], pick["over_kl_cap"], pick["tried"], kl_cap)
@@ -196,7 +227,9 @@ def _evaluate_run(
     t0 = time.perf_counter()
     questions = load_truthfulqa(data)
     val = [questions[i] for i in cast(QuestionSplit, pairs.split).val[: cfg.limit or None]]
-    choice = choose_strength_on_val(model, tok, editor, val, cfg.strengths, cfg.kl_cap, cfg.max_halvings, progress)
+    choice = choose_strength_on_val(
+        model, tok, editor, val, cfg.strengths, cfg.kl_cap, cfg.max_halvings, progress, cfg.protocol, cfg.kl_tol
+    )
     if show:
         _stderr(f"test: unedited and edited (strength {choice.strength}) …")
     result = evaluate(
@@ -240,8 +273,14 @@ class RunConfig:
     kl_cap: float = 0.5
     max_halvings: int = 3
     store_dtype: str = "auto"
+    #: how the strength is chosen: ``matched`` (KL = the cap) or ``grid`` (best val MC2 under it)
+    protocol: str = "matched"
+    kl_tol: float = 0.05  #: matched: the relative tolerance on the cap
 
     def __post_init__(self) -> None:
+        if self.protocol not in ("matched", "grid"):
+            raise HpreditError(f"unknown {named('protocol')} {self.protocol!r}: use matched or grid")
+        check_kl_tol(self.kl_tol)
         check_seed(self.seed)
         check_count(self.epochs, "epochs")
         check_count(self.batch_size, "batch_size")
@@ -289,16 +328,20 @@ def run(
     progress: bool = True,
     show: bool = True,
     command: str | None = None,
+    protocol: str = "matched",
+    kl_tol: float = 0.05,
 ) -> RunResult:
     """The main job: fit HPR on TruthfulQA, choose the strength on val, report unedited vs edited on test.
 
     Fits HPR on the train split (``seed``-ed 40/10/50 split of the questions; the ``top_k``
     layers by validation probe accuracy), saves the editor, the activation store (with
     ``save_activations``) and the split to ``out``; then (with ``evaluate``) picks the strength
-    among ``strengths`` by validation MC2 among those whose KL on neutral text is ≤ ``kl_cap``
-    (halving the smallest at most ``max_halvings`` times while all are over) and evaluates MC1/MC2/MC3
-    unedited vs edited on the test split (``out/eval``). ``limit`` keeps the first N questions of
-    each split (quick runs). The defaults are ``hpredit run``'s.
+    whose KL on neutral text is ``kl_cap`` (within ``kl_tol``, relative; searched from
+    ``strengths``), or with ``protocol="grid"`` the best validation MC2 among ``strengths`` whose KL
+    is ≤ ``kl_cap`` (halving the smallest at most ``max_halvings`` times while all are over), and
+    evaluates MC1/MC2/MC3 unedited vs edited on the test split (``out/eval``). The strengths
+    measured are saved with the editor as its strength → KL curve (``attach(model, kl=...)``).
+    ``limit`` keeps the first N questions of each split (quick runs). The defaults are ``hpredit run``'s.
 
     Args:
         out: the output directory, written whole at the end (``force`` replaces a non-empty one).
@@ -329,6 +372,8 @@ def run(
         kl_cap,
         max_halvings,
         store_dtype,
+        protocol,
+        kl_tol,
     )
     check_run_args(out, model, data, cfg, device, device_map, force)
     provenance = Provenance.now(command)
@@ -355,6 +400,8 @@ def run(
             evaluation, timing["eval_s"] = _evaluate_run(
                 lm, tok, fitted.editor, pairs, data, cfg, tmp / "eval", progress, show, provenance.command
             )
+            if distributed.is_main():  # again, now with the strength → KL curve the search measured
+                fitted.editor.save_pretrained(tmp / "editor")
         result = _run_result(provenance, fitted, pairs, cfg, tmp, evaluation)
         result.timing_s = {"load": round(t_load, 1), **timing, "total": round(time.perf_counter() - start, 1)}
         if distributed.is_main():
@@ -475,7 +522,8 @@ def generate(
     editor: str | os.PathLike | Editor,
     model: str | os.PathLike | None = None,
     *,
-    strength: float = 1.0,
+    strength: float = DEFAULT_STRENGTH,
+    kl: float | None = None,
     scope: str = "last-prompt-and-generated",
     max_new_tokens: int = 40,
     qa: bool = False,
@@ -485,7 +533,8 @@ def generate(
     device_map: str | dict | None = None,
 ) -> SideBySide:
     """Greedy continuations of ``prompts`` without and with ``editor`` (``qa``: each prompt wrapped
-    in the TruthfulQA QA format and cut at the first blank line)."""
+    in the TruthfulQA QA format and cut at the first blank line), at ``strength`` (default 1) or at
+    the strength whose fluency cost is ``kl`` by the editor's measured curve."""
     from .data import qa_prompt
     from .models import check_generation_length, load_model, pad_token_id
 
@@ -498,6 +547,7 @@ def generate(
     config = check_model(model, device, device_map)
     check_generation_length(max_new_tokens, config, named("max_new_tokens"))
     ed = check_editor_for(editor, config, model, strict)
+    strength = ed.resolve_strength(strength, kl)
     lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     tok.padding_side = "left"
     enc = tok([qa_prompt(p) if qa else p for p in prompts], return_tensors="pt", padding=True).to(lm.device)

@@ -126,6 +126,8 @@ class StrengthChoice:
     over_kl_cap: bool  #: no setting was under the cap: the lowest-KL one was taken
     tried: list[dict[str, Any]]
     kl_cap: float
+    #: the rule: ``matched`` (the strength whose KL is the cap) or ``grid`` (best val MC2 under it)
+    protocol: str = "grid"
 
 
 @dataclass
@@ -142,12 +144,19 @@ class RunEvaluation:
             "kl_cap": c.kl_cap,
             "strength": c.strength,
             "over_kl_cap": c.over_kl_cap,
+            **({"strength_rule": c.protocol} if c.protocol != "grid" else {}),  # absent: grid, as in older files
             "test": self.test,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunEvaluation:
-        choice = StrengthChoice(d["strength"], bool(d["over_kl_cap"]), list(d["validation_sweep"]), d["kl_cap"])
+        choice = StrengthChoice(
+            d["strength"],
+            bool(d["over_kl_cap"]),
+            list(d["validation_sweep"]),
+            d["kl_cap"],
+            d.get("strength_rule", "grid"),
+        )
         return cls(choice, d["test"])
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..checks import DEFAULT_STRENGTH
 from . import options as o
 from .app import app, command_line, console
 from .show import accuracy_table, side_by_side_table
@@ -69,7 +70,8 @@ def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     editor: o.Editor,
     model: o.Model = None,
-    strength: o.Strength = 1.0,
+    strength: o.OptionalStrength = None,
+    kl: o.KL = None,
     scope: Annotated[
         str, typer.Option(help="all, last-prompt-and-generated or generated.")
     ] = "last-prompt-and-generated",
@@ -87,7 +89,8 @@ def generate(
         prompt,
         editor,
         model,
-        strength=strength,
+        strength=DEFAULT_STRENGTH if strength is None else strength,
+        kl=kl,
         scope=scope,
         max_new_tokens=max_new_tokens,
         qa=qa,
@@ -114,6 +117,8 @@ def run(
     strengths: o.Strengths = "0.25,0.5,1.0",
     kl_cap: o.KLCap = 0.5,
     max_halvings: o.MaxHalvings = 3,
+    protocol: o.Protocol = "matched",
+    kl_tol: o.KLTol = 0.05,
     dtype: o.Dtype = "float32",
     store_dtype: o.StoreDtype = "auto",
     device: o.Device = None,
@@ -138,6 +143,8 @@ def run(
         strengths=o.parse_list(strengths, "--strengths", float, "numbers"),
         kl_cap=kl_cap,
         max_halvings=max_halvings,
+        protocol=protocol,
+        kl_tol=kl_tol,
         dtype=dtype,
         store_dtype=store_dtype,
         device=device,
@@ -170,7 +177,8 @@ def eval_(
     ] = "test",
     seed: Annotated[int, typer.Option(help="Seed of the question split and of the bootstrap.")] = 0,
     limit: o.Limit = None,
-    strength: o.Strength = 1.0,
+    strength: o.OptionalStrength = None,
+    kl: o.KL = None,
     scope: Annotated[
         str, typer.Option(help="Edited tokens: all (required for MC), last-prompt-and-generated or generated.")
     ] = "all",
@@ -204,7 +212,8 @@ def eval_(
         split=split,
         seed=seed,
         limit=limit,
-        strength=strength,
+        strength=DEFAULT_STRENGTH if strength is None else strength,
+        kl=kl,
         scope=scope,
         data=data,
         out=out,
@@ -231,11 +240,19 @@ def compare(
     model: o.Model = None,
     task: o.Task = "truthfulqa-mc",
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds; mean ± std over them.")] = "0,1,2",
+    protocol: o.Protocol = "matched",
+    targets: Annotated[
+        str, typer.Option(help="Matched cost: comma-separated target KLs (nats/token on neutral text).")
+    ] = "0.1,0.25,0.5",
+    kl_tol: o.KLTol = 0.05,
+    steps: Annotated[int, typer.Option(help="Matched cost: KL measurements per target at most, after the grid.")] = 4,
     kl_cap: o.KLCap = 0.5,
     limit: o.Limit = None,
     refine: Annotated[
         int,
-        typer.Option(help="Bisection steps between the strongest strength under the KL cap and the weakest over it."),
+        typer.Option(
+            help="Grid: bisection steps between the strongest strength under the KL cap and the weakest over it."
+        ),
     ] = 0,
     data: o.TaskData = None,
     out: Annotated[
@@ -248,7 +265,8 @@ def compare(
     device_map: o.DeviceMap = None,
     force: o.Force = False,
 ) -> None:
-    """Fit every method on train, choose its strength on validation, compare on test (task metrics, KL, perplexity)."""
+    """Fit every method on train, compare on test at equal fluency cost (each --targets KL; --protocol grid:
+    the strength chosen on validation under --kl-cap), with task metrics, KL and perplexity."""
     from ..compare import compare as compare_job
     from ..compare import markdown_table
 
@@ -263,6 +281,10 @@ def compare(
         limit=limit,
         refine=refine,
         out=out,
+        protocol=protocol,
+        targets=o.parse_list(targets, "--targets", float, "numbers"),
+        kl_tol=kl_tol,
+        steps=steps,
         store_dtype=store_dtype,
         dtype=dtype,
         device=device,

@@ -68,9 +68,32 @@ SaveActivations = Annotated[bool, typer.Option(help="Also save the activation st
 
 Editor = Annotated[Path, typer.Option("--editor", "-e", help="Editor directory (from fit / run).")]
 Strength = Annotated[float, typer.Option(help=f"Edit strength α (|α| ≤ {MAX_STRENGTH:g}).")]
+OptionalStrength = Annotated[
+    float | None, typer.Option(help=f"Edit strength α (|α| ≤ {MAX_STRENGTH:g}); default 1 unless --kl is given.")
+]
+KL = Annotated[
+    float | None,
+    typer.Option(
+        "--kl",
+        help="Instead of --strength: the fluency cost wanted (KL nats/token on neutral text), converted to a "
+        "strength through the editor's measured strength → KL curve.",
+    ),
+]
+Protocol = Annotated[
+    str,
+    typer.Option(
+        help="How the strength is chosen: matched (the strength whose KL hits each target cost) or grid "
+        "(the best validation score among a grid under --kl-cap: the published numbers)."
+    ),
+]
+KLTol = Annotated[float, typer.Option(help="Matched cost: relative tolerance on each target KL (0.05: within 5%).")]
 Strict = Annotated[bool, typer.Option(help="Refuse a model whose name differs from the editor's.")]
 KLCap = Annotated[
-    float, typer.Option(help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have.")
+    float,
+    typer.Option(
+        help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have "
+        "(run --protocol matched: the cost aimed at)."
+    ),
 ]
 Strengths = Annotated[str, typer.Option(help="Strengths tried on the validation questions.")]
 MaxHalvings = Annotated[

@@ -5,13 +5,17 @@ search under a fluency-cost cap), :mod:`.harness` (per seed: collect, fit, choos
 :mod:`.report` (markdown table, figure, results.json).
 """
 
-from .harness import check_compare_args, compare, merge
+from .harness import PROTOCOLS, check_compare_args, compare, merge
 from .methods import METHODS, Method, SeedFits
-from .report import figure, markdown_table, write_results
-from .strength import choose_strength
+from .report import figure, markdown_table, summarise_matched, write_results
+from .strength import KL_TOL, TARGETS, TargetHit, choose_strength, match_cost, match_targets
 
 __all__ = [
+    "KL_TOL",
     "METHODS",
+    "PROTOCOLS",
+    "TARGETS",
+    "TargetHit",
     "Method",
     "SeedFits",
     "check_compare_args",
@@ -19,6 +23,9 @@ __all__ = [
     "compare",
     "figure",
     "markdown_table",
+    "match_cost",
+    "match_targets",
     "merge",
+    "summarise_matched",
     "write_results",
 ]

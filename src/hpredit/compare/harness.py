@@ -1,5 +1,11 @@
-"""The harness: per split seed, collect once, fit every method, choose its strength on validation,
-report it on test; and merging results run in several processes."""
+"""The harness: per split seed, collect once, fit every method, choose its strength, report it on
+test; and merging results run in several processes.
+
+Two protocols choose the strength: ``matched`` (the default) finds, for each target fluency cost,
+the strength whose KL on neutral text hits it and reports every method at each target;
+``grid`` (the published numbers) takes the best validation score among a grid's strengths under
+the KL cap, one point per method.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,17 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..activations import ActivationStore, collect_activations
-from ..checks import check_count, check_kl_cap, check_limit, check_seed, check_store_dtype, check_unique, named
+from ..checks import (
+    check_count,
+    check_kl_cap,
+    check_kl_targets,
+    check_kl_tol,
+    check_limit,
+    check_seed,
+    check_store_dtype,
+    check_unique,
+    named,
+)
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
@@ -29,10 +45,13 @@ from ..models import fingerprint
 from ..preflight import check_model, check_out
 from ..results import CompareResult, Provenance
 from .methods import METHODS, SeedFits
-from .report import write_results
-from .strength import choose_strength, fluency_with, score_with
+from .report import summarise_matched, write_results
+from .strength import KL_TOL, TARGETS, choose_strength, fluency_with, match_cost
 
-__all__ = ["check_compare_args", "compare", "merge"]
+__all__ = ["PROTOCOLS", "check_compare_args", "compare", "merge"]
+
+#: How a comparison chooses each method's strength (see the module's docstring).
+PROTOCOLS = ("matched", "grid")
 
 
 def check_compare_args(
@@ -42,8 +61,16 @@ def check_compare_args(
     limit: int | None,
     refine: int = 0,
     task: str = "truthfulqa-mc",
+    protocol: str = "matched",
+    targets: Sequence[float] = TARGETS,
+    kl_tol: float = KL_TOL,
 ) -> Task:
-    """Refuse unknown methods or tasks, no seeds, a non-positive cap or limit, a negative refine; the task."""
+    """Refuse unknown methods, tasks or protocols, no seeds, a non-positive cap or limit, a negative
+    refine, bad KL targets or tolerance; the task."""
+    if protocol not in PROTOCOLS:
+        raise HpreditError(f"unknown {named('protocol')} {protocol!r}: use {' or '.join(PROTOCOLS)}")
+    check_kl_targets(targets)
+    check_kl_tol(kl_tol)
     the_task = get_task(task)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -111,6 +138,10 @@ class _Run:
     refine: int
     log: Callable[[str], None]
     progress: bool
+    protocol: str = "matched"
+    targets: tuple[float, ...] = TARGETS
+    kl_tol: float = KL_TOL
+    steps: int = 4
 
 
 @contextmanager
@@ -130,6 +161,15 @@ def _step_bar(label: str, enabled: bool) -> Iterator[Callable[[str], None]]:
 
 def _run_method(
     run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
+) -> list[dict]:
+    """One method of one seed under the run's protocol: its rows of the results."""
+    if run.protocol == "grid":
+        return [_run_method_grid(run, name, split, stores, shared, grid)]
+    return _run_method_matched(run, name, split, stores, shared, grid)
+
+
+def _run_method_grid(
+    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
 ) -> dict:
     """Fit one method, choose its setting on val, and measure it on test: one row of the results.
 
@@ -140,7 +180,7 @@ def _run_method(
         pick = _fit_and_choose(run, name, split, stores, shared, grid, step)
         chosen, strength = pick["editor"], pick["strength"]
         step(f"test {run.task.primary} (strength {strength})")
-        test, cost, drift = _measure(run, split.test, chosen, strength)
+        test, items, cost, drift = _measure(run, split.test, chosen, strength)
     row = {
         "seed": split.seed,
         "method": name,
@@ -148,6 +188,7 @@ def _run_method(
         "layers": sorted(chosen.layers) if chosen else [],
         "heads": [list(h) for h in getattr(chosen, "heads", [])],
         "test": test,
+        "test_items": items,
         "kl": cost["kl"],
         "ppl": cost["ppl"],
         "ppl_unedited": cost["ppl_unedited"],
@@ -191,14 +232,91 @@ def _fit_and_choose(
     )
 
 
-def _measure(run: _Run, items: list, editor: Editor | None, strength: float) -> tuple[dict, dict, dict]:
-    """On test: the task's metrics, the fluency cost on neutral text and the norm drift (none unedited)."""
+def _run_method_matched(
+    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
+) -> list[dict]:
+    """Fit one method, find its strength at each target cost (the KL search; val scores only to pick
+    among several candidate editors), measure each on test: one row per target (``none``: one row)."""
+    t0 = time.time()
+    method = METHODS[name]
+    rows: list[dict] = []
+    with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
+        if method.fit is None:
+            step(f"test {run.task.primary} (unedited)")
+            unedited = {"target": None, "editor": None, "strength": 0.0, "status": "unedited", "val": None}
+            measured: list[tuple[dict, dict | None, list[float] | None, dict, dict]] = [
+                (unedited, *_measure(run, split.test, None, 0.0))
+            ]
+        else:
+            fit = method.fit
+            editors = distributed.on_main(lambda: fit(stores, run.model, shared), f"fitting {name}")
+            choices = match_cost(
+                run.model,
+                run.tok,
+                editors,
+                grid or method.strengths,
+                run.neutral,
+                run.targets,
+                run.kl_tol,
+                run.steps,
+                split.val,
+                run.task,
+                log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
+                progress=lambda what: step(f"KL search, {what}"),
+            )
+            measured = []
+            for c in choices:
+                if c["editor"] is None:
+                    measured.append((c, None, None, {"kl": c["kl"]}, {}))
+                    continue
+                step(f"test {run.task.primary} at KL {c['target']} (strength {c['strength']:.4g})")
+                measured.append((c, *_measure(run, split.test, c["editor"], c["strength"])))
+    for c, test, items, cost, drift in measured:
+        chosen = c["editor"]
+        rows.append(
+            {
+                "seed": split.seed,
+                "method": name,
+                "target": c["target"],
+                "status": c["status"],
+                "strength": c["strength"],
+                "layers": sorted(chosen.layers) if chosen else [],
+                "heads": [list(h) for h in getattr(chosen, "heads", [])],
+                "test": test,
+                "test_items": items,
+                "kl": cost["kl"],
+                "ppl": cost.get("ppl"),
+                "ppl_unedited": cost.get("ppl_unedited"),
+                "norm_drift": drift,
+                "val": c["val"],
+                "validation": c.get("tried", []),
+                "config": dataclasses.asdict(chosen.config) if chosen else None,
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+        if test is not None:
+            shown = " ".join(f"{k} {test[k]:.4f}" for k in run.task.metrics if test.get(k) is not None)
+            at = "unedited" if c["target"] is None else f"target KL {c['target']}"
+            run.log(f"seed {split.seed} {name} ({at}): test {shown} KL {cost['kl']:.4f} (strength {c['strength']:.4g})")
+    return rows
+
+
+def _measure(
+    run: _Run, items: list, editor: Editor | None, strength: float
+) -> tuple[dict, list[float] | None, dict, dict]:
+    """On test: the task's metrics, each item's primary metric (None where the task has none), the
+    fluency cost on neutral text and the norm drift (none unedited)."""
     model = run.model
-    test = score_with(model, run.tok, run.task, items, editor, strength)
+    if editor is None:
+        test, per_item = run.task.score_items(model, run.tok, items)
+    else:
+        with editor.attach(model, strength=strength, scope="all"):
+            test, per_item = run.task.score_items(model, run.tok, items)
     cost = fluency_with(model, run.neutral, editor, strength)
     if editor is None:
-        return test, cost, {}
-    return test, cost, norm_drift(model, run.neutral, lambda: editor.attach(model, strength=strength, scope="all"))
+        return test, per_item, cost, {}
+    drift = norm_drift(model, run.neutral, lambda: editor.attach(model, strength=strength, scope="all"))
+    return test, per_item, cost, drift
 
 
 def compare(
@@ -223,14 +341,23 @@ def compare(
     device_map: str | dict | None = None,
     force: bool = False,
     command: str | None = None,
+    protocol: str = "matched",
+    targets: Sequence[float] = TARGETS,
+    kl_tol: float = KL_TOL,
+    steps: int = 4,
 ) -> CompareResult:
-    """Fit every method on the same train split, choose its strength on val, report it on test.
+    """Fit every method on the same train split, choose its strength, report it on test.
 
     For each split seed the task's groups are split 40/10/50; activations are collected once
-    (residual stream, and attention heads for ITI); each method is fitted on the train+val pairs,
-    its strength chosen on val by the task's primary metric under the fluency-cost cap (see
-    :func:`~hpredit.compare.choose_strength`), then measured on test: task metrics, KL and
-    perplexity on neutral text, norm drift.
+    (residual stream, and attention heads for ITI); each method is fitted on the train+val pairs.
+    With ``protocol="matched"`` (the default) each method is measured at each of the ``targets``
+    fluency costs: the strength whose KL on neutral text is within ``kl_tol`` (relative) of the
+    target is found by a bracketing search (:func:`~hpredit.compare.match_cost`, at most ``steps``
+    measurements per target after the method's grid), then measured on test; a target a method
+    cannot reach is reported with the largest cost it reached. With ``protocol="grid"`` (the
+    published numbers) its strength is chosen on val by the task's primary metric under the
+    fluency-cost cap (:func:`~hpredit.compare.choose_strength`). Either way, on test: task metrics,
+    KL and perplexity on neutral text, norm drift.
 
     Args:
         model, tok: a loaded causal LM and its tokenizer, or a hub id / local directory / None (the
@@ -239,13 +366,15 @@ def compare(
         methods: names from :data:`~hpredit.compare.METHODS` (``none`` is the unedited model).
         seeds: split seeds; the summary gives mean ± std over them.
         task: a task name from :func:`hpredit.evaluation.tasks.task_names`; ``data`` a local file for it.
-        kl_cap: the largest fluency cost (nats/token on neutral text) a chosen strength may have;
-            when none qualifies the weakest setting is taken and flagged.
+        kl_cap: (grid) the largest fluency cost (nats/token on neutral text) a chosen strength may
+            have; when none qualifies the weakest setting is taken and flagged.
         limit: keep the first N groups of each split (quick runs).
-        strengths: per-method grids tried as given (no doubling or refining).
-        max_doublings: how often a grid may double past its top (or halve below its bottom)
-            while it is entirely under (over) the cap.
-        refine: bisection steps toward the cap.
+        strengths: per-method grids: (grid) tried as given, no doubling or refining; (matched) the
+            search's warm start.
+        max_doublings: (grid) how often a grid may double past its top (or halve below its
+            bottom) while it is entirely under (over) the cap.
+        refine: (grid) bisection steps toward the cap.
+        protocol, targets, kl_tol, steps: the matched-cost search (see above).
         out: write ``results.json``, ``table.md`` and a figure there atomically (a non-empty
             directory is refused unless ``force``).
         progress, log: progress bars while collecting; where progress lines go.
@@ -253,9 +382,10 @@ def compare(
         command: the command line to record (default: this process's).
 
     Returns:
-        A :class:`~hpredit.results.CompareResult`: ``runs`` (one row per seed and method),
-        ``splits`` (each seed's split), ``summary`` (per method, mean and std of each metric over
-        seeds), and the run's provenance.
+        A :class:`~hpredit.results.CompareResult`: ``runs`` (one row per seed and method, and
+        target when matched), ``splits`` (each seed's split), ``summary`` (grid: per method, mean
+        and std of each metric over seeds; matched: see :func:`~hpredit.compare.summarise_matched`),
+        and the run's provenance.
 
     Example:
         >>> result = compare(model, tok, methods=["none", "caa"], seeds=[0], data=csv, limit=2,
@@ -263,7 +393,8 @@ def compare(
         >>> sorted(result.summary)
         ['caa', 'none']
     """
-    the_task = check_compare_args(methods, seeds, kl_cap, limit, refine, task)
+    the_task = check_compare_args(methods, seeds, kl_cap, limit, refine, task, protocol, targets, kl_tol)
+    check_count(steps, "steps", 0)
     if store_dtype is not None:
         check_store_dtype(store_dtype)
     if out is not None:
@@ -276,15 +407,33 @@ def compare(
         log, progress = (lambda s: None), False
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
-    run = _Run(model, tok, the_task, neutral, kl_cap, max_doublings, refine, log, progress)
+    run = _Run(
+        model,
+        tok,
+        the_task,
+        neutral,
+        kl_cap,
+        max_doublings,
+        refine,
+        log,
+        progress,
+        protocol,
+        tuple(check_kl_targets(targets)),
+        kl_tol,
+        steps,
+    )
     runs, splits = [], []
     for seed in seeds:
         seed_runs, split_row = _run_seed(run, methods, items, seed, limit, store_dtype, strengths or {})
         runs += seed_runs
         splits.append(split_row)
     setting = _setting(model, the_task, data, methods, seeds, kl_cap, refine, limit, neutral)
+    if protocol == "matched":
+        setting.update(
+            protocol="matched", targets=list(run.targets), kl_tol=kl_tol, steps=steps, kl_cap=None, refine=None
+        )
     result = CompareResult(
-        provenance, setting, runs, splits, _summarise(runs, methods, the_task.metrics), round(time.time() - started, 1)
+        provenance, setting, runs, splits, _summary(setting, runs, methods), round(time.time() - started, 1)
     )
     if out is not None and distributed.is_main():
         write_results(result, Path(out))
@@ -313,7 +462,7 @@ def _run_seed(
     split = _SeedSplit.make(run.task, items, groups, seed, limit, run.tok)
     stores = _collect(run.model, run.tok, methods, split, store_dtype, run.progress, run.log)
     shared = SeedFits()
-    rows = [_run_method(run, name, split, stores, shared, strengths.get(name)) for name in methods]
+    rows = [row for name in methods for row in _run_method(run, name, split, stores, shared, strengths.get(name))]
     return rows, {
         "seed": seed,
         "split": split.record,
@@ -361,29 +510,46 @@ def merge(results: Sequence[CompareResult | dict], methods: Sequence[str] | None
         raise HpreditError("cannot merge: the results are of different models or tasks")
     found = list(dict.fromkeys(m for r in typed for m in r.setting["methods"]))
     methods = list(methods or found)
-    latest: dict[tuple, dict] = {(row["seed"], row["method"]): row for r in typed for row in r.runs}
+    if len({r.setting.get("protocol", "grid") for r in typed}) > 1:
+        raise HpreditError("cannot merge: the results were made with different protocols (matched and grid)")
+    latest: dict[tuple, dict] = {(row["seed"], row["method"], row.get("target")): row for r in typed for row in r.runs}
+    have = {(s, m) for s, m, _ in latest}
     split_of: dict[int, dict] = {row["seed"]: row for r in typed for row in r.splits}
     seeds = sorted({s for r in typed for s in r.setting["seeds"]})
-    missing = [f"{m} seed {s}" for m in methods for s in seeds if (s, m) not in latest]
+    missing = [f"{m} seed {s}" for m in methods for s in seeds if (s, m) not in have]
     if missing:
         raise HpreditError("cannot merge: no run for " + ", ".join(missing))
-    runs = [row for (s, m), row in latest.items() if m in methods]
+    runs = [row for (s, m, _), row in latest.items() if m in methods]
     setting = {**first.setting, "methods": {m: METHODS[m].note for m in methods}, "seeds": seeds}
     return CompareResult(
         first.provenance,
         setting,
         runs,
         [split_of[s] for s in seeds if s in split_of],
-        _summarise(runs, methods, first.metrics),
+        _summary(setting, runs, methods),
         round(sum(r.seconds for r in typed), 1),
     )
 
 
-def _summarise(runs: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
+def _summary(setting: dict, runs: list[dict], methods: Sequence[str]) -> dict:
+    """The summary of either protocol (``setting`` says which, and the task's metrics)."""
+    metrics = list(setting.get("metrics", ["mc1", "mc2", "mc3"]))
+    if setting.get("protocol", "grid") == "matched":
+        return summarise_matched(runs, methods, metrics, setting.get("primary", "mc2"), setting["targets"])
+    return _summarise(runs, methods, metrics, setting.get("primary", "mc2"))
+
+
+def _summarise(runs: list[dict], methods: Sequence[str], metrics: Sequence[str], primary: str = "mc2") -> dict:
+    """Per method: mean and std over seeds of each metric (with one seed and per-item values, the
+    primary metric's per-item bootstrap CI as ``ci``)."""
+    from .report import item_ci
+
     summary = {}
     for name in methods:
         rows = [r for r in runs if r.get("method") == name]
         entry = mean_metrics([{**{k: r["test"].get(k) for k in metrics}, "kl": r["kl"], "ppl": r["ppl"]} for r in rows])
         entry["strengths"] = [r["strength"] for r in rows]
+        if len(rows) == 1 and rows[0].get("test_items"):
+            entry[primary]["ci"] = item_ci(rows[0]["test_items"])
         summary[name] = entry
     return summary

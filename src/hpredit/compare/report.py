@@ -1,13 +1,29 @@
-"""The report of a comparison: a markdown table, a figure of the task metric against KL, results.json."""
+"""The report of a comparison: a markdown table, a figure of the task metric against KL, results.json.
+
+Under the matched-cost protocol there is one table per target cost (every method's metric with its
+95 % CI: over seeds, or over test items with one seed) and the paired difference of HPR against
+the best other method; the figure has one curve per method through its targets.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..artifacts import atomic_directory
+from ..evaluation.metrics import paired_bootstrap
+from ..evaluation.tasks import mean_metrics
 from ..results import CompareResult, write_json
 
-__all__ = ["figure", "markdown_table", "write_results"]
+__all__ = ["figure", "item_ci", "markdown_table", "summarise_matched", "write_results"]
+
+#: The method the paired difference is about, and the methods it is compared against: every other
+#: method except the unedited model and HPR's own ablations (``hpr-…``).
+REFERENCE = "hpr"
+RESAMPLES = 10_000
 
 _MARKERS = "osD^vP*Xph<>"
 
@@ -16,9 +32,114 @@ def _typed(result: CompareResult | dict) -> CompareResult:
     return result if isinstance(result, CompareResult) else CompareResult.from_json(result)
 
 
+# --------------------------------------------------------------------------- confidence intervals
+
+
+def item_ci(values: Sequence[float], seed: int = 0) -> dict:
+    """The 95 % percentile-bootstrap CI of the mean of per-item values (one seed: the spread there is)."""
+    b = paired_bootstrap(values, [0.0] * len(values), RESAMPLES, seed)
+    return {"low": b.low, "high": b.high, "kind": f"bootstrap over {len(values)} test items"}
+
+
+def seed_ci(values: Sequence[float]) -> dict:
+    """The 95 % Student-t CI of the mean over seeds (at least two values)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return {"low": float(v.mean()) - half, "high": float(v.mean()) + half, "kind": f"t over {len(v)} seeds"}
+
+
+def _entry(rows: list[dict], metrics: Sequence[str], primary: str, seeds: int) -> dict:
+    """Mean and std over the rows' seeds of each metric, KL and perplexity; the primary metric's CI."""
+    done = [r for r in rows if r.get("test") is not None]
+    entry: dict = mean_metrics(
+        [{**{k: r["test"].get(k) for k in metrics}, "kl": r["kl"], "ppl": r["ppl"]} for r in done]
+    ) or {k: {"mean": None, "std": 0.0} for k in (*metrics, "kl", "ppl")}
+    entry["strengths"] = [r["strength"] for r in rows]
+    entry["reached"] = len(done)
+    entry["seeds"] = seeds
+    entry["unreachable"] = [
+        {"seed": r["seed"], "max_kl": r["kl"], "strength": r["strength"]} for r in rows if r.get("test") is None
+    ]
+    values = [r["test"][primary] for r in done if r["test"].get(primary) is not None]
+    if len(values) > 1:
+        entry[primary]["ci"] = seed_ci(values)
+    elif len(done) == 1 and done[0].get("test_items"):
+        entry[primary]["ci"] = item_ci(done[0]["test_items"])
+    return entry
+
+
+def summarise_matched(
+    runs: list[dict], methods: Sequence[str], metrics: Sequence[str], primary: str, targets: Sequence[float]
+) -> dict:
+    """The matched-cost summary.
+
+    Returns:
+        ``{"baseline": {method: entry}`` (methods without a target: the unedited model),
+        ``"targets": {"0.25": {method: entry}}``, ``"paired": {"0.25": difference}}``. An entry
+        holds each metric's mean and std over the seeds that reached the target (the primary
+        metric also its 95 % CI), the strengths, how many seeds reached it and, for the others,
+        the largest cost reached. The difference is HPR's primary metric minus that of the best
+        other method (highest mean) reaching the target on every seed: the mean over test items
+        (pooled over seeds, each item paired with itself) and its 95 % percentile-bootstrap CI.
+    """
+    seeds = sorted({r["seed"] for r in runs})
+    mine = lambda name, t: [r for r in runs if r["method"] == name and r.get("target") == t]  # noqa: E731
+    baseline = {m: _entry(mine(m, None), metrics, primary, len(seeds)) for m in methods if mine(m, None)}
+    by_target: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
+    for t in targets:
+        key = f"{t:g}"
+        by_target[key] = {m: _entry(mine(m, t), metrics, primary, len(seeds)) for m in methods if mine(m, t)}
+        paired[key] = _paired(by_target[key], {m: mine(m, t) for m in by_target[key]}, primary, len(seeds))
+    return {"baseline": baseline, "targets": by_target, "paired": paired}
+
+
+def _paired(entries: dict[str, dict], rows: dict[str, list[dict]], primary: str, seeds: int) -> dict:
+    """HPR minus the best other method at one target (see :func:`summarise_matched`)."""
+
+    def complete(m: str) -> bool:
+        return entries[m]["reached"] == seeds and all(r.get("test_items") for r in rows[m])
+
+    if REFERENCE not in entries:
+        return {"reference": REFERENCE, "other": None, "why": "hpr is not among the methods"}
+    if not complete(REFERENCE):
+        return {"reference": REFERENCE, "other": None, "why": "hpr did not reach this cost on every seed"}
+    others = [m for m in entries if m != "none" and not m.startswith("hpr") and complete(m)]
+    if not others:
+        return {"reference": REFERENCE, "other": None, "why": "no other method reached this cost on every seed"}
+    best = max(others, key=lambda m: entries[m][primary]["mean"])
+    ref = {r["seed"]: r["test_items"] for r in rows[REFERENCE]}
+    oth = {r["seed"]: r["test_items"] for r in rows[best]}
+    a = [v for s in sorted(ref) for v in ref[s]]
+    b = [v for s in sorted(ref) for v in oth[s]]
+    boot = paired_bootstrap(a, b, RESAMPLES, 0)
+    return {"reference": REFERENCE, "other": best, **boot.to_dict(), "items": len(a)}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _metric_name(m: str) -> str:
+    return m.upper() if m.startswith("mc") else m
+
+
+def _cell(e: dict, k: str, f: str = ".4f", seeds: int = 2) -> str:
+    v = e.get(k) or {}
+    if v.get("mean") is None:
+        return "–"
+    text = f"{v['mean']:{f}}" + (f" ± {v['std']:{f}}" if seeds > 1 else "")
+    ci = v.get("ci")
+    return text + (f" [{ci['low']:{f}}, {ci['high']:{f}}]" if ci else "")
+
+
 def markdown_table(result: CompareResult | dict) -> str:
-    """The summary as a markdown table (mean ± std over seeds; – where a metric is undefined)."""
+    """The summary as markdown: grid, one table (mean ± std over seeds, the primary metric's 95 %
+    CI in brackets where there is one); matched, one table per target cost and the paired difference."""
     result = _typed(result)
+    if result.setting.get("protocol") == "matched":
+        return _matched_tables(result)
     metrics = result.metrics
     lines = [
         "| method | "
@@ -27,9 +148,10 @@ def markdown_table(result: CompareResult | dict) -> str:
         "|---" * (len(metrics) + 4) + "|",
     ]
 
+    seeds = len(result.setting.get("seeds", [])) or 2
+
     def cell(e: dict, k: str, f: str = ".4f") -> str:
-        v = e.get(k) or {}
-        return "–" if v.get("mean") is None else f"{v['mean']:{f}} ± {v['std']:{f}}"
+        return _cell(e, k, f, seeds)
 
     for name, e in result.summary.items():
         lines.append(
@@ -40,8 +162,57 @@ def markdown_table(result: CompareResult | dict) -> str:
     return "\n".join(lines)
 
 
+def _matched_tables(result: CompareResult) -> str:
+    metrics, primary = result.metrics, result.setting.get("primary", "mc2")
+    seeds = len(result.setting.get("seeds", [])) or 1
+    summary, tol = result.summary, result.setting.get("kl_tol", 0.05)
+    ci_kind = "t over seeds" if seeds > 1 else "bootstrap over test items"
+    head = (
+        "| method | "
+        + " | ".join(_metric_name(m) + (f" (95% CI, {ci_kind})" if m == primary else "") for m in metrics)
+        + " | KL (nats/token) | perplexity | strengths |"
+    )
+    rule = "|---" * (len(metrics) + 4) + "|"
+    out: list[str] = []
+
+    def line(name: str, e: dict) -> str:
+        strengths = ", ".join("–" if s is None else f"{s:.4g}" for s in e["strengths"])
+        if e.get("reached", 1) == 0:
+            far = max(e["unreachable"], key=lambda u: u["max_kl"])
+            return (
+                f"| {name} | "
+                + " | ".join(["unreachable"] * len(metrics))
+                + f" | largest reached {far['max_kl']:.4f} (strength {far['strength']:.4g}) | – | – |"
+            )
+        note = "" if e.get("reached", seeds) == e.get("seeds", seeds) else f" ({e['reached']}/{e['seeds']} seeds)"
+        return (
+            f"| {name}{note} | "
+            + " | ".join(_cell(e, m, seeds=seeds) for m in metrics)
+            + f" | {_cell(e, 'kl', seeds=seeds)} | {_cell(e, 'ppl', '.2f', seeds=seeds)} | {strengths} |"
+        )
+
+    for t, entries in summary["targets"].items():
+        out += [f"**KL target {t} nats/token** (± {100 * tol:g} %)", "", head, rule]
+        out += [line(f"{name} (unedited)", e) for name, e in summary.get("baseline", {}).items()]
+        out += [line(name, e) for name, e in entries.items()]
+        p = summary["paired"].get(t) or {}
+        if p.get("other"):
+            lo, hi = p["ci"]
+            out += [
+                "",
+                f"{p['reference']} − {p['other']} (the best other method here), {_metric_name(primary)}: "
+                f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap over {p['items']} test items)",
+            ]
+        elif p.get("why"):
+            out += ["", f"no paired difference: {p['why']}"]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def figure(result: CompareResult | dict, path: Path) -> bool:
-    """The primary metric (test) against the fluency cost, one point per method with its std.
+    """Grid: the primary metric (test) against the fluency cost, one point per method with its std;
+    matched: one curve per method through its targets (mean, with its 95 % CI as a band), the
+    unedited model as a dashed line, the targets as dotted lines.
 
     Methods with equal results do not hide each other: each has its own hollow marker, drawn
     smaller than the one before, so coinciding points show as nested rings, and each point is
@@ -56,6 +227,9 @@ def figure(result: CompareResult | dict, path: Path) -> bool:
         return False
     result = _typed(result)
     key = result.setting.get("primary", "mc2")
+    if result.setting.get("protocol") == "matched":
+        _matched_figure(result, key, plt, path)
+        return True
     points = {n: (e["kl"]["mean"], e[key]["mean"]) for n, e in result.summary.items() if e[key]["mean"] is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, (x, y)) in enumerate(points.items()):
@@ -84,6 +258,40 @@ def figure(result: CompareResult | dict, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _matched_figure(result: CompareResult, key: str, plt, path: Path) -> None:
+    summary = result.summary
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, e in summary.get("baseline", {}).items():
+        if e[key]["mean"] is not None:
+            ax.axhline(e[key]["mean"], color="grey", linestyle="--", linewidth=1, label=f"{name} (unedited)")
+    methods = list(dict.fromkeys(m for entries in summary["targets"].values() for m in entries))
+    for i, name in enumerate(methods):
+        pts = [
+            (e["kl"]["mean"], e[key]["mean"], (e[key].get("ci") or {}))
+            for entries in summary["targets"].values()
+            if (e := entries.get(name)) and e.get("reached") and e[key]["mean"] is not None
+        ]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        (ln,) = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=name, markerfacecolor="none")
+        if all(p[2] for p in pts):
+            ax.fill_between(
+                xs, [p[2]["low"] for p in pts], [p[2]["high"] for p in pts], color=ln.get_color(), alpha=0.15
+            )
+    for t in result.setting.get("targets", []):
+        ax.axvline(t, color="black", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("fluency cost: KL(unedited ‖ edited) on neutral text, nats/token (targets dotted)")
+    ax.set_ylabel(f"{result.setting.get('task', 'truthfulqa-mc')} {key} (test)")
+    seeds = result.setting["seeds"]
+    band = "95% CI over seeds" if len(seeds) > 1 else "95% bootstrap CI over test items"
+    ax.set_title(f"{result.setting['model']['name']}, seeds {seeds}, matched cost\nband: {band}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _near_groups(ax, points: dict[str, tuple[float, float]], pixels: float = 12.0) -> list:

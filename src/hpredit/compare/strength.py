@@ -1,18 +1,39 @@
-"""The strength search: each setting's fluency cost first, then the task's metric on validation
-for those under the KL cap; the grid grows or shrinks toward the cap and can be refined by bisection."""
+"""The strength search, two rules.
+
+- Matched cost (the default): for each target fluency cost (KL nats/token on neutral text), the
+  strength whose cost hits it within a relative tolerance, found by a bracketing search
+  (:func:`match_targets`); methods are then compared at equal cost.
+- Grid (``protocol="grid"``, the published numbers): each setting's fluency cost first, then the
+  task's metric on validation for those under the KL cap; the grid grows or shrinks toward the cap
+  and can be refined by bisection (:func:`choose_strength`).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..checks import MAX_STRENGTH, check_count, check_kl_targets, check_kl_tol
 from ..editors import Editor
+from ..editors.kl_curve import KLCurve
 from ..evaluation.side_effects import NeutralText, fluency_cost
 from ..evaluation.tasks import Task, get_task
 
-__all__ = ["choose_strength", "fluency_with", "score_with"]
+__all__ = [
+    "KL_TOL",
+    "TARGETS",
+    "TargetHit",
+    "choose_strength",
+    "fluency_with",
+    "match_cost",
+    "match_targets",
+    "neutral_note",
+    "score_with",
+]
 
 
 def score_with(
@@ -152,3 +173,182 @@ def choose_strength(
         "over_kl_cap": all(t["val"] is None for t in search.tried),
         "tried": search.tried,
     }
+
+
+# --------------------------------------------------------------------------- matched cost
+
+#: The default fluency-cost targets (KL nats/token on neutral text) of a matched-cost comparison.
+TARGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
+#: The default relative tolerance: a strength hits a target when |KL − target| ≤ KL_TOL · target.
+KL_TOL = 0.05
+
+
+@dataclass(frozen=True)
+class TargetHit:
+    """Where a search landed for one target: the strength and its measured KL.
+
+    ``status``: ``hit`` (within the tolerance), ``closest`` (the budget ran out first: the measured
+    point nearest the target) or ``unreachable`` (no strength tried reached the target: ``strength``
+    and ``kl`` are then the largest cost reached and where).
+    """
+
+    target: float
+    strength: float
+    kl: float
+    status: str
+
+    @property
+    def reached(self) -> bool:
+        return self.status != "unreachable"
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "strength": self.strength, "kl": self.kl, "status": self.status}
+
+
+def match_targets(
+    cost: Callable[[float], float],
+    targets: Sequence[float],
+    start: Sequence[float],
+    tol: float = KL_TOL,
+    steps: int = 4,
+    max_doublings: int = 6,
+    max_strength: float = MAX_STRENGTH,
+) -> tuple[list[TargetHit], list[tuple[float, float]]]:
+    """For each target, a strength ``s > 0`` with ``|cost(s) − target| ≤ tol · target``.
+
+    ``cost`` is measured at the ``start`` strengths (a method's grid: the warm start), then at the
+    top strength doubled while every cost is below the largest target (``max_doublings`` times at
+    most, never past ``max_strength``). Each target is then bracketed between the strongest
+    measured strength below it and the weakest at or above it (``cost(0) = 0``, the edit being the
+    identity there) and narrowed for at most ``steps`` measurements: each step measures where
+    ``sqrt(cost)``, interpolated linearly in the strength, meets the target (a small edit costs
+    about ``c·s²``), kept at least a tenth of the bracket away from its ends, so that a bracket
+    always shrinks (bisection where the interpolation would stall). A cost that is not monotone is
+    handled by bracketing the first crossing. Targets beyond every measured cost are reported as
+    ``unreachable`` with the largest cost reached.
+
+    Returns:
+        ``(hits, points)``: one :class:`TargetHit` per target (in the order given) and every
+        ``(strength, cost)`` measured, in order (the editor's strength → KL curve).
+    """
+    check_kl_targets(targets)
+    check_kl_tol(tol)
+    check_count(steps, "steps", 0)
+    measured: dict[float, float] = {}
+    points: list[tuple[float, float]] = []
+
+    def measure(s: float) -> float:
+        if s not in measured:
+            measured[s] = float(cost(s))
+            points.append((s, measured[s]))
+        return measured[s]
+
+    for s in sorted({float(x) for x in start if x > 0}):
+        measure(s)
+    if not measured:
+        measure(min(1.0, max_strength))
+    top = max(targets)
+    for _ in range(max_doublings):
+        if max(measured.values()) >= top * (1 - tol) or 2 * max(measured) > max_strength:
+            break
+        measure(2 * max(measured))
+    return [_hit(measure, measured, t, tol, steps) for t in targets], points
+
+
+def _hit(
+    measure: Callable[[float], float], measured: dict[float, float], t: float, tol: float, steps: int
+) -> TargetHit:
+    """Narrow one target's bracket (see :func:`match_targets`)."""
+
+    def near() -> tuple[float, float] | None:
+        close = [(abs(k - t), s) for s, k in measured.items() if abs(k - t) <= tol * t]
+        return None if not close else (min(close)[1], measured[min(close)[1]])
+
+    for step in range(steps + 1):
+        found = near()
+        if found:
+            return TargetHit(t, found[0], found[1], "hit")
+        above = [s for s, k in measured.items() if k >= t]
+        if not above:
+            s_max = max(measured, key=lambda s: (measured[s], -s))
+            return TargetHit(t, s_max, measured[s_max], "unreachable")
+        hi = min(above)
+        lo = max([s for s in measured if s < hi], default=0.0)
+        r_lo, r_hi = math.sqrt(measured.get(lo, 0.0)), math.sqrt(measured[hi])
+        guess = lo + (hi - lo) * (math.sqrt(t) - r_lo) / (r_hi - r_lo) if r_hi > r_lo else (lo + hi) / 2
+        margin = 0.1 * (hi - lo)
+        if step == steps:
+            break
+        measure(min(max(guess, lo + margin), hi - margin))
+    best = min(measured, key=lambda s: (abs(measured[s] - t), s))
+    return TargetHit(t, best, measured[best], "closest")
+
+
+def match_cost(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    editors: Sequence[Editor],
+    start: Sequence[float],
+    neutral: NeutralText,
+    targets: Sequence[float] = TARGETS,
+    tol: float = KL_TOL,
+    steps: int = 4,
+    val_items: list | None = None,
+    task: Task | str = "truthfulqa-mc",
+    log: Callable[[str], None] = lambda s: None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """The matched-cost choice: per target, the editor and strength whose fluency cost hits it.
+
+    Each candidate editor (e.g. one of ITI's head counts) is searched with :func:`match_targets`
+    (``start``: the method's grid); its measured points become its :attr:`~hpredit.editors.Editor.kl_curve`.
+    With more than one candidate reaching a target, the best validation score on ``val_items``
+    (the task's primary metric; ties: the first) decides; with one, no validation scoring is needed.
+
+    Returns:
+        One dict per target, in order: ``{"target", "editor", "strength", "kl", "status", "val",
+        "tried": [{strength, k, kl}]}`` (``status`` as :class:`TargetHit`; ``editor`` None when the
+        target is unreachable for every candidate, ``strength``/``kl`` then the largest cost reached).
+    """
+    the_task = get_task(task) if isinstance(task, str) else task
+    tried: list[dict] = []
+    per_editor: list[list[TargetHit]] = []
+    for ed in editors:
+        k = len(getattr(ed, "heads", [])) or None
+
+        def cost(s: float, ed: Editor = ed, k: int | None = k) -> float:
+            if progress is not None:
+                progress(f"strength {s:.4g}: KL")
+            kl = fluency_with(model, neutral, ed, s)["kl"]
+            log(f"strength {s:.4g}{f' K={k}' if k else ''} KL {kl:.4f}")
+            return kl
+
+        hits, points = match_targets(cost, targets, start, tol, steps)
+        ed.kl_curve = KLCurve.from_points(points, neutral_note(neutral))
+        tried += [{"strength": s, "k": k, "kl": kl} for s, kl in points]
+        per_editor.append(hits)
+    choices = []
+    for i, target in enumerate(check_kl_targets(targets)):
+        reached = [(ed, hits[i]) for ed, hits in zip(editors, per_editor) if hits[i].reached]
+        val = None
+        if not reached:
+            far = max((hits[i] for hits in per_editor), key=lambda h: h.kl)
+            choices.append({**far.to_json(), "editor": None, "val": None, "tried": tried})
+            log(f"target KL {target}: unreachable (largest cost reached {far.kl:.4f} at strength {far.strength:.4g})")
+            continue
+        ed, hit = reached[0]
+        if len(reached) > 1 and val_items:
+            scores = [score_with(model, tok, the_task, val_items, e, h.strength)[the_task.primary] for e, h in reached]
+            best = max(range(len(reached)), key=lambda j: (scores[j], -j))
+            (ed, hit), val = reached[best], scores[best]
+        choices.append({**hit.to_json(), "editor": ed, "val": val, "tried": tried})
+        log(f"target KL {target}: strength {hit.strength:.4g} (KL {hit.kl:.4f}, {hit.status})")
+    return choices
+
+
+def neutral_note(neutral: NeutralText) -> str:
+    """What a strength → KL curve was measured on (its ``text``)."""
+    return (
+        "KL(unedited ‖ edited) per token on the model's greedy continuations of "
+        f"hpredit.evaluation.side_effects.NEUTRAL_PROMPTS ({int(neutral.scored.sum())} tokens), scope all"
+    )

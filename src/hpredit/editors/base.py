@@ -26,9 +26,10 @@ from torch import nn
 from .._version import __version__
 from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
 from ..artifacts import atomic_directory, read_json, sha256_file
-from ..checks import check_editor_matches
+from ..checks import DEFAULT_STRENGTH, check_editor_matches, named, strength_given
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
+from .kl_curve import KLCurve
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
@@ -168,6 +169,8 @@ class Editor(ABC):
         self.layers = list(layers)
         self.model_fingerprint = model
         self.metrics = metrics or {}
+        #: the measured strength → KL curve (neutral text, the model fitted on), when a search measured one
+        self.kl_curve: KLCurve | None = None
 
     # ----------------------------------------------------------------- per-method parts
 
@@ -244,23 +247,27 @@ class Editor(ABC):
     def attach(
         self,
         model: nn.Module,
-        strength: float = 1.0,
+        strength: float = DEFAULT_STRENGTH,
         scope: str = "all",
         strict: bool = True,
         layers: list[int] | None = None,
         layers_path: str | None = None,
+        *,
+        kl: float | None = None,
     ) -> EditHandle:
         """Attach to ``model`` through forward hooks; the model's weights are never modified.
 
         Args:
             model: the model the editor was fitted on (checked by fingerprint: architecture, sizes,
                 a weight digest and, with ``strict``, the name).
-            strength: scales the edit (α); 0 leaves every activation as it is.
+            strength: scales the edit (α; default 1); 0 leaves every activation as it is.
             scope: which token positions are edited: ``all``, ``last-prompt-and-generated`` or
                 ``generated`` (see :data:`hpredit.hooks.SCOPES`).
             strict: also require the model's name to match.
             layers: edit these fitted layers instead of the editor's active ones.
             layers_path: dotted path of the decoder blocks when they cannot be found automatically.
+            kl: instead of ``strength``, the fluency cost wanted (KL nats/token on neutral text),
+                converted through the editor's measured curve (:meth:`strength_for_kl`).
 
         Returns:
             An :class:`~hpredit.hooks.EditHandle`: use it in ``with`` or call ``.remove()``, which
@@ -272,6 +279,7 @@ class Editor(ABC):
             >>> torch.equal(model(ids).logits, plain)  # detached: the model is as before
             True
         """
+        strength = self.resolve_strength(strength, kl)
         self.check_model(model, strict=strict, layers_path=layers_path)
         active = self.layers if layers is None else list(layers)
         unknown = [i for i in active if i not in self.available_layers()]
@@ -287,6 +295,31 @@ class Editor(ABC):
 
     def available_layers(self) -> list[int]:
         return self.layers
+
+    def strength_for_kl(self, kl: float, name: str | None = None) -> float:
+        """The strength whose fluency cost is ``kl`` (nats/token) by this editor's measured strength → KL
+        curve (:class:`~hpredit.editors.kl_curve.KLCurve`: the neutral text, the model it was fitted on).
+
+        Raises :class:`HpreditError` when the editor has no curve (fitted before curves were
+        recorded, or never searched) or ``kl`` is negative or beyond the measured range. ``name``
+        is how the caller spells the value in messages (``--kl``, ``'kl'``).
+        """
+        name = named(name or "kl")
+        if self.kl_curve is None:
+            raise HpreditError(
+                f"this {self.method} editor has no measured strength → KL curve, so {name} cannot be converted: "
+                "pass a strength, or refit with hpredit run (which records the curve)"
+            )
+        return self.kl_curve.strength_for(kl, name)
+
+    def resolve_strength(self, strength: float, kl: float | None, name: str | None = None) -> float:
+        """The strength to attach with: ``strength``, or the one ``kl`` converts to; not both (a
+        strength other than :data:`~hpredit.checks.DEFAULT_STRENGTH` counts as given)."""
+        if kl is None:
+            return strength
+        if strength_given(strength):
+            raise HpreditError(f"give {named('strength')} or {named(name or 'kl')}, not both")
+        return self.strength_for_kl(kl, name)
 
     # ----------------------------------------------------------------- artifact
 
@@ -319,6 +352,7 @@ class Editor(ABC):
                 "model": self.model_fingerprint.to_dict(),
                 "metrics": self.metrics,
                 **self.extra_config(),
+                **({"kl_curve": self.kl_curve.to_json()} if self.kl_curve is not None else {}),
                 "weights_sha256": sha256_file(tmp / WEIGHTS_NAME),
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
@@ -494,4 +528,7 @@ def load_editor(directory: str | os.PathLike) -> Editor:
         )
     config = _config_from_dict(klass.config_class, cfg.get("config"), where)
     metrics = klass.check_metrics(cfg.get("metrics") or {}, where)
-    return klass._from_tensors(config, layers, model, metrics, tensors, cfg)
+    curve = KLCurve.from_json(cfg["kl_curve"], where) if cfg.get("kl_curve") is not None else None
+    editor = klass._from_tensors(config, layers, model, metrics, tensors, cfg)
+    editor.kl_curve = curve
+    return editor

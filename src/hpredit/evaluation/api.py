@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
 from ..artifacts import sha256_file
-from ..checks import check_count, check_limit, check_scope, check_seed, check_strength, named
+from ..checks import DEFAULT_STRENGTH, check_count, check_limit, check_scope, check_seed, check_strength, named
 from ..data import QA_PRIMER
 from ..errors import HpreditError
 from ..preflight import check_editor_for, check_model, check_out
@@ -109,11 +109,12 @@ def evaluate(
     split: str = "test",
     seed: int = 0,
     limit: int | None = None,
-    strength: float = 1.0,
+    strength: float = DEFAULT_STRENGTH,
     scope: str = "all",
     data: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     *,
+    kl: float | None = None,
     primer: str = QA_PRIMER,
     judges: Judge | Mapping[str, Judge | str | os.PathLike] | None = None,
     max_new_tokens: int = 50,
@@ -145,6 +146,8 @@ def evaluate(
         limit: keep the first N questions (groups) of the split.
         strength, scope: how the editor is attached (MC scoring edits every token: ``scope`` must
             be ``"all"`` there).
+        kl: instead of ``strength``, the fluency cost wanted, converted through the editor's
+            measured strength → KL curve (:meth:`~hpredit.editors.Editor.strength_for_kl`).
         data: the task's data file (TruthfulQA: default ``$HPREDIT_TRUTHFULQA``, else the hub).
         out: write ``summary.json``, ``per_question.jsonl`` and ``split.json`` there atomically
             (refused if non-empty unless ``force``).
@@ -174,9 +177,15 @@ def evaluate(
     the_task = check_eval_args(
         task, limit, scope, strength, editor, batch_size, max_new_tokens, bootstrap_resamples, seed, judges is not None
     )
-    strength = check_strength(strength)
+    given, strength = strength, check_strength(strength)
     out_path = None if out is None else check_out(out, force, (data, model, editor))
     editor_obj, editor_path = _check_sources(the_task, model, editor, data, strict, device, device_map, max_new_tokens)
+    if kl is not None:
+        if editor_obj is None:
+            raise HpreditError(
+                f"{named('kl')} needs an editor (it is converted through the editor's strength → KL curve)"
+            )
+        strength = editor_obj.resolve_strength(given, kl)
     judge_fns = _load_judges(judges, dtype, device)
     selection = the_task.select(the_task.load(data), split, seed, limit)
     lm, tokenizer, timing = _load_model(model, tokenizer, editor_obj, strict, dtype, device, device_map)

@@ -165,6 +165,11 @@ class Task:
     def score(self, model: nn.Module, tok, items: list) -> dict[str, float | None]:
         raise NotImplementedError
 
+    def score_items(self, model: nn.Module, tok, items: list) -> tuple[dict[str, float | None], list[float] | None]:
+        """The metrics (as :meth:`score`) and, where the primary metric is a mean over items, each
+        item's value of it in ``items``' order (for a paired bootstrap over items); else None."""
+        return self.score(model, tok, items), None
+
     def evaluate_pass(self, model: nn.Module, tok, items: list, settings: EvalSettings) -> Any:
         """One pass of :func:`~hpredit.evaluation.evaluate` (unedited or edited): by default the metrics."""
         return self.score(model, tok, items)
@@ -230,8 +235,11 @@ class TruthfulQATask(Task):
         return ContrastivePairs([p for q in items if q.index in split_of for p in question_pairs(q, split_of[q.index])])
 
     def score(self, model, tok, items):
+        return self.score_items(model, tok, items)[0]
+
+    def score_items(self, model, tok, items):
         rows = [q.metrics() for q in score_truthfulqa_mc(model, tok, items).questions]
-        return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
+        return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}, [r[self.primary] for r in rows]
 
     def evaluate_pass(self, model, tok, items, settings):
         return score_truthfulqa_mc(
@@ -271,10 +279,10 @@ class TruthfulQAGenTask(TruthfulQATask):
     generates: ClassVar[bool] = True
     judged: ClassVar[bool] = True
 
-    def score(self, model, tok, items):
+    def score_items(self, model, tok, items):
         answers = generate_answers(model, tok, items, max_new_tokens=self.max_new_tokens)
         rows = [reference_acc(a, q.correct_answers, q.incorrect_answers) for q, a in zip(items, answers)]
-        return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}
+        return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}, [r[self.primary] for r in rows]
 
     def evaluate_pass(self, model, tok, items, settings):
         s = settings
@@ -337,8 +345,11 @@ class ToxiGenTask(ChoiceTask):
         bd.TOXIGEN_SOURCE.check(data)
 
     def score(self, model, tok, items):
+        return self.score_items(model, tok, items)[0]
+
+    def score_items(self, model, tok, items):
         _, right, _ = _choice_predictions(model, tok, items)
-        return {"acc": float(right.mean())}
+        return {"acc": float(right.mean())}, right.astype(float).tolist()
 
 
 @dataclass(frozen=True)
@@ -350,6 +361,9 @@ class BBQTask(ChoiceTask):
         bd.BBQ_SOURCE.check(data)
 
     def score(self, model, tok, items):
+        return self.score_items(model, tok, items)[0]
+
+    def score_items(self, model, tok, items):
         pred, right, _ = _choice_predictions(model, tok, items)
         amb = np.array([bool(it.meta["ambiguous"]) for it in items])
         out: dict[str, float | None] = {
@@ -370,7 +384,7 @@ class BBQTask(ChoiceTask):
         s_dis, s_amb = bias(~amb), bias(amb)
         out["bias_disambig"] = s_dis
         out["bias_ambig"] = None if s_amb is None else (1 - out["acc_ambig"]) * s_amb
-        return out
+        return out, right.astype(float).tolist()
 
 
 @dataclass(frozen=True)
@@ -384,8 +398,11 @@ class ABTask(ChoiceTask):
         bd.ab_source(self.behaviour).check(data)
 
     def score(self, model, tok, items):
+        return self.score_items(model, tok, items)[0]
+
+    def score_items(self, model, tok, items):
         _, right, p_target = _choice_predictions(model, tok, items)
-        return {"p_behaviour": float(p_target.mean()), "acc": float(right.mean())}
+        return {"p_behaviour": float(p_target.mean()), "acc": float(right.mean())}, p_target.tolist()
 
 
 @dataclass(frozen=True)
