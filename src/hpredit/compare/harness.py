@@ -390,8 +390,8 @@ def compare(
     Example:
         >>> result = compare(model, tok, methods=["none", "caa"], seeds=[0], data=csv, limit=2,
         ...                  strengths={"caa": (1.0,)}, progress=False, log=lambda s: None)
-        >>> sorted(result.summary)
-        ['caa', 'none']
+        >>> sorted(result.summary)  # matched cost (the default): per target, and HPR vs the best other
+        ['baseline', 'paired', 'targets']
     """
     the_task = check_compare_args(methods, seeds, kl_cap, limit, refine, task, protocol, targets, kl_tol)
     check_count(steps, "steps", 0)
