@@ -111,25 +111,8 @@ def check_editor(
     a missing or damaged editor directory, a model it was not fitted on, an editor vLLM cannot run,
     an architecture the server does not support.
     """
-    from ..editors.base import load_editor
-    from ..models import fingerprint_from_config
-
-    editor = load_editor(editor_dir)
-    if editor.site != "residual":
-        raise HpreditError(
-            f"{editor.method!r} edits attention heads: hpredit serve supports residual-stream "
-            "editors (hpr, caa, mean-diff)"
-        )
-    path, name = _model_source(model)
-    config = _model_config(path, weights)  # a missing, damaged or non-causal model: one clear error
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
-    found = fingerprint_from_config(config, name)
-    problems = editor.model_fingerprint.mismatches(found, check_name=strict)
-    if problems:
-        raise HpreditError(f"editor {editor_dir} does not match model {path}: " + "; ".join(problems))
-    if arch not in SUPPORTED:
-        raise HpreditError(f"serving {arch} is not supported (supported: {', '.join(SUPPORTED)})")
-    return editor, path, name
+    editor, path, name, _ = _check_editors([editor_dir], model, strict, weights)
+    return editor[0], path, name
 
 
 def check_editors(
@@ -138,10 +121,40 @@ def check_editors(
     """Check every editor against the model (:func:`check_editor`): ``(name → absolute directory,
     model path, model name, architecture)``."""
     named = _editor_map(editors)
-    for directory in named.values():
-        _, path, name = check_editor(directory, model, strict=strict, weights=weights)
-    arch = (getattr(_model_config(path, weights=False), "architectures", None) or ["?"])[0]
+    _, path, name, arch = _check_editors(list(named.values()), model, strict, weights)
     return {n: str(Path(p).resolve()) for n, p in named.items()}, path, name, arch
+
+
+def _check_editors(
+    editor_dirs: list[str | os.PathLike], model: str | os.PathLike | None, strict: bool, weights: bool
+) -> tuple[list[Any], str, str, str]:
+    """Each editor loaded and checked against the model's config, read (and checked) once: ``(editors,
+    model path, model name, architecture)``. The first editor is loaded before the model is read."""
+    from ..editors.base import load_editor
+    from ..models import fingerprint_from_config
+
+    path, name = _model_source(model)
+    config: Any = None
+    found: Any = None  # the model's fingerprint, from config
+    loaded: list[Any] = []
+    for editor_dir in editor_dirs:
+        editor = load_editor(editor_dir)
+        if editor.site != "residual":
+            raise HpreditError(
+                f"{editor.method!r} edits attention heads: hpredit serve supports residual-stream "
+                "editors (hpr, caa, mean-diff)"
+            )
+        if config is None:
+            config = _model_config(path, weights)  # a missing, damaged or non-causal model: one clear error
+            found = fingerprint_from_config(config, name)
+        problems = editor.model_fingerprint.mismatches(found, check_name=strict)
+        if problems:
+            raise HpreditError(f"editor {editor_dir} does not match model {path}: " + "; ".join(problems))
+        loaded.append(editor)
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if arch not in SUPPORTED:
+        raise HpreditError(f"serving {arch} is not supported (supported: {', '.join(SUPPORTED)})")
+    return loaded, path, name, arch
 
 
 def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
