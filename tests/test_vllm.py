@@ -755,13 +755,17 @@ def test_model_runner_v2_state_fills_per_token_strengths():
 
     import numpy as np
 
+    from hpredit.editors.kl_curve import KLCurve
     from hpredit.serving.model import HPRModelState
     from hpredit.serving.params import ServeSettings
 
     state = object.__new__(HPRModelState)  # no engine: only the parts prepare_inputs uses
     state.rope_state = state.prompt_embeds_state = None
     state.hpr_model = SimpleNamespace(
-        hpr_strength=torch.full((2, 10), 7.0), hpr_settings=ServeSettings((("a", "/a"), ("b", "/b")), 0.5, "all")
+        hpr_strength=torch.full((2, 10), 7.0),
+        hpr_settings=ServeSettings(
+            (("a", "/a"), ("b", "/b")), 0.5, "all", curves=(KLCurve((0.5, 1.0), (0.1, 0.4)), None)
+        ),
     )
     state.slot_edit = {}
 
@@ -773,7 +777,7 @@ def test_model_runner_v2_state_fills_per_token_strengths():
             mm_features=[],
         )
 
-    state.add_request(2, request({"strength": 1.0}, 3))
+    state.add_request(2, request({"kl": 0.4}, 3))  # a cost: editor a's curve gives strength 1
     state.add_request(0, request({"strength": 0.25, "scope": "generated", "editor": "b"}, 2))
     state.add_request(1, request(None, 4))  # the server default, 0.5, editor a
     state.add_request(3, request({"strength": -2.0, "scope": "last-prompt-and-generated", "editor": "b"}, 3))
