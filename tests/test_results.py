@@ -111,3 +111,14 @@ def test_write_json_is_whole_and_keeps_utf8(tmp_path):
     write_json(tmp_path / "r.json", {"q": "naïve", "n": 1})
     assert (tmp_path / "r.json").read_text(encoding="utf-8") == '{\n "q": "naïve",\n "n": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_the_published_matched_cost_comparison_loads_and_hit_its_targets():
+    """docs/benchmarks.md's reference table: every method and seed within the tolerance of each target."""
+    result = load_result(RESULTS / "compare-matched-smollm2-3seeds")
+    assert isinstance(result, CompareResult) and result["protocol"] == "matched" and result["seeds"] == [0, 1, 2]
+    edited = [r for r in result.runs if r["method"] != "none"]
+    assert {r["method"] for r in edited} == {"hpr", "caa", "caa-norm", "iti"}
+    assert len(edited) == 4 * 3 * len(result["targets"])
+    for r in edited:
+        assert r["status"] == "hit" and abs(r["kl"] - r["target"]) <= result["kl_tol"] * r["target"], r
