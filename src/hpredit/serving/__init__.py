@@ -122,9 +122,8 @@ def check_editors(
 ) -> tuple[dict[str, str], str, str, str]:
     """Check every editor against the model (:func:`check_editor`): ``(name → absolute directory,
     model path, model name, architecture)``."""
-    named = _editor_map(editors)
-    _, path, name, arch = _check_editors(list(named.values()), model, strict, weights)
-    return {n: str(Path(p).resolve()) for n, p in named.items()}, path, name, arch
+    settings, path, name, arch = checked_settings(editors, model, strict=strict, weights=weights)
+    return dict(settings.editors), path, name, arch
 
 
 def checked_settings(
