@@ -7,6 +7,7 @@ import math
 import pytest
 
 from hpredit.compare import compare, markdown_table, match_targets, merge
+from hpredit.compare.report import summarise_matched
 from hpredit.editors import load_editor
 from hpredit.editors.kl_curve import KLCurve
 from hpredit.errors import HpreditError
@@ -197,6 +198,34 @@ def test_matched_compare_reports_each_method_at_each_target(model_tok, truthfulq
     assert {"results.json", "table.md", "mc2_vs_kl.png"} <= files
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(summary))
+
+
+def test_no_paired_difference_where_the_primary_metric_has_no_per_item_values():
+    """Refusal's net is a difference of two rates over different items: nothing to pair, and the
+    summary says so (not that HPR missed a cost it reached)."""
+    rows = [
+        {
+            "seed": s,
+            "method": m,
+            "target": 0.1,
+            "kl": 0.1,
+            "ppl": 3.0,
+            "strength": 1.0,
+            "test": {"net": v},
+            "test_items": None,
+        }
+        for s in (0, 1)
+        for m, v in (("hpr", 0.03), ("caa", 0.0))
+    ]
+    summary = summarise_matched(rows, ["hpr", "caa"], ["net"], "net", [0.1])
+    assert summary["targets"]["0.1"]["hpr"]["reached"] == 2
+    assert summary["paired"]["0.1"]["other"] is None
+    assert summary["paired"]["0.1"]["why"] == "net is not a mean over test items (no per-item values to pair)"
+    for r in rows:
+        r["test_items"] = [r["test"]["net"]]
+    rows[0]["test"], rows[0]["test_items"], rows[0]["kl"] = None, None, 0.05  # HPR unreachable on seed 0
+    summary = summarise_matched(rows, ["hpr", "caa"], ["net"], "net", [0.1])
+    assert summary["paired"]["0.1"]["why"] == "hpr did not reach this cost on every seed"
 
 
 def test_matched_results_merge_over_seeds_and_refuse_mixing_protocols(model_tok, truthfulqa_csv):

@@ -104,6 +104,9 @@ def _paired(entries: dict[str, dict], rows: dict[str, list[dict]], primary: str,
 
     if REFERENCE not in entries:
         return {"reference": REFERENCE, "other": None, "why": "hpr is not among the methods"}
+    if any(r.get("test") is not None and r.get("test_items") is None for r in rows[REFERENCE]):
+        why = f"{primary} is not a mean over test items (no per-item values to pair)"
+        return {"reference": REFERENCE, "other": None, "why": why}
     if not complete(REFERENCE):
         return {"reference": REFERENCE, "other": None, "why": "hpr did not reach this cost on every seed"}
     others = [m for m in entries if m != "none" and not m.startswith("hpr") and complete(m)]
