@@ -617,6 +617,7 @@ def server(editor_dir, second_dir, bad_dir, tmp_path_factory):
             time.sleep(2)
         else:
             pytest.fail("server did not start in 600 s")
+        tree = _tree(proc.pid)
         yield url
     finally:
         proc.terminate()
@@ -625,6 +626,27 @@ def server(editor_dir, second_dir, bad_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         f.close()
+    assert proc.returncode == 143, log.read_text()[-4000:]
+    assert len(tree) >= 3 and _alive(tree, 10) == []  # the server, vLLM's engine and its worker: all ended
+
+
+def _tree(pid: int) -> list:
+    """The processes below ``pid``."""
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _alive(procs: list, within: float) -> list:
+    """Those of ``procs`` still running (not zombies) after waiting ``within`` seconds at most."""
+    import psutil
+
+    deadline = time.time() + within
+    while True:
+        left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -731,15 +753,26 @@ def test_server_kl_request_is_its_curves_strength(server, editor_dir, prompts):
         ('{"strength": 1, "temperature_boost": 2}', "unknown extra argument"),
         ('{"editor": "nope"}', "unknown editor 'nope': this server has default, second, bad"),
         ('{"editor": 1}', "unknown editor 1"),
+        ('{"strength": true}', "'strength' must be a number between -100 and 100, got True"),
+        ('{"strength": null}', "'strength' must be a number between -100 and 100, got None"),
     ],
 )
-def test_server_bad_requests_are_4xx_and_it_keeps_serving(server, body, message):
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_bad_requests_are_4xx_and_it_keeps_serving(server, body, message, stream):
+    """Streaming or not, a bad hpredit argument is a 400 before any event (issue 31: a stream used to
+    get HTTP 200 and then an error event), with hpredit's message."""
     import httpx
 
-    raw = f'{{"model": "{MODEL}", "prompt": "Hello", "max_tokens": 2, "vllm_xargs": {body}}}'
+    flag = str(stream).lower()
+    raw = f'{{"model": "{MODEL}", "prompt": "Hello", "max_tokens": 2, "stream": {flag}, "vllm_xargs": {body}}}'
     r = httpx.post(server + "/v1/completions", content=raw, headers={"Content-Type": "application/json"}, timeout=60)
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert message in r.text, r.text
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert message in r.json()["error"]["message"], r.text
+    if stream:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 2}
+        raw_chat = json.dumps(chat)[:-1] + f', "vllm_xargs": {body}}}'
+        r = httpx.post(server + "/v1/chat/completions", content=raw_chat, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     ok = httpx.post(
         server + "/v1/completions",
         json={"model": MODEL, "prompt": "Hello", "max_tokens": 2, "vllm_xargs": {"strength": 1.0}},
@@ -797,3 +830,48 @@ def test_model_runner_v2_state_fills_per_token_strengths():
         [1, 1, 1, 0, 0.5, 0.5, 0.5, 0, 0, 0],
         [0, 0, 0, 0.25, 0, 0, 0, 0, -2, 0],
     ]
+
+
+def _serve(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpredit.cli", "serve", *args],
+        env=ENV,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_serve_refuses_an_owned_option_in_another_spelling(editor_dir, tmp_path):
+    """Issue 31, end to end: `--enable_prefix_caching` (vLLM's parser takes it; a cached edited prompt
+    was then reused by an unedited request) is one error line and exit status 2, before any engine."""
+    log = tmp_path / "log"
+    proc = _serve(["--editor", str(editor_dir), "--port", str(_free_port()), "--enable_prefix_caching"], log)
+    assert proc.wait(timeout=300) == 2, log.read_text()
+    lines = [x for x in log.read_text().splitlines() if x.startswith("error:")]
+    assert lines == [
+        "error: --enable-prefix-caching is set by hpredit serve and cannot be passed, in any spelling or config "
+        "file (cached KV blocks are keyed by token ids only, but an edited prompt's keys and values depend on the edit)"
+    ]
+    assert "Traceback" not in log.read_text()
+
+
+def test_serve_sigterm_during_start_up_ends_the_whole_tree(editor_dir, tmp_path):
+    """Issue 31: SIGTERM while vLLM's engine is starting (vLLM 0.32 can lose it there) still ends every
+    process of the server, within --kill-after."""
+    log = tmp_path / "log"
+    args = ["--editor", str(editor_dir), "--port", str(_free_port()), "--dtype", "float32", "--enforce-eager"]
+    proc = _serve([*args, "--max-model-len", "512", "--kill-after", "5"], log)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # until vLLM's engine process exists
+        tree = _tree(proc.pid)
+        if any("EngineCore" in p.name() for p in tree if p.is_running()):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("no engine process: " + log.read_text()[-3000:])
+    tree = _tree(proc.pid)
+    t = time.time()
+    proc.send_signal(15)
+    assert proc.wait(timeout=60) == 143
+    assert _alive(tree, 10) == [], [(p.pid, p.name()) for p in tree]
+    assert time.time() - t < 40

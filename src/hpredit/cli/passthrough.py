@@ -89,6 +89,13 @@ def serve(
     no_strict: Annotated[
         bool, typer.Option("--no-strict", help="Do not require the model name to match the editor's.")
     ] = False,
+    kill_after: Annotated[
+        float,
+        typer.Option(
+            "--kill-after",
+            help="Seconds the server may take to stop after SIGTERM/SIGINT before its processes are killed.",
+        ),
+    ] = 30.0,
 ) -> None:
     """vLLM's OpenAI-compatible server with the editor inside the engine (see docs/serving.md).
 
@@ -100,4 +107,7 @@ def serve(
     from ..serving import serve as run_server
 
     default = DEFAULT_STRENGTH if strength is None else strength
-    run_server(parse_editors(editor), model, default, scope, list(ctx.args), strict=not no_strict, kl=kl)
+    editors = parse_editors(editor)
+    code = run_server(editors, model, default, scope, list(ctx.args), strict=not no_strict, kl=kl, grace=kill_after)
+    if code:
+        raise typer.Exit(code)

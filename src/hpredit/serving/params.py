@@ -54,6 +54,23 @@ DEFAULT_EDITOR = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
+def spec_hex(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None) -> str:
+    """The server's editor names and each one's largest measured KL (None: no curves), as hex: the
+    suffix of the class names vLLM loads in each process (the validator, the request check)."""
+    spec = {"editors": list(editor_names), "max_kl": None if max_kl is None else list(max_kl)}
+    return json.dumps(spec).encode().hex()
+
+
+def spec_from_hex(text: str) -> tuple[tuple[str, ...], tuple[float | None, ...] | None]:
+    """:func:`spec_hex` read back; ``ValueError`` for anything else."""
+    try:
+        spec = json.loads(bytes.fromhex(text).decode())
+        names, max_kl = tuple(spec["editors"]), spec["max_kl"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"not an hpredit server spec: {text[:40]!r}") from None
+    return names, None if max_kl is None else tuple(max_kl)
+
+
 def edited_name(architecture: str) -> str:
     """The vLLM architecture name of hpredit's edited version of ``architecture``."""
     return "HPREdit" + architecture

@@ -17,13 +17,12 @@
 from __future__ import annotations
 
 import functools
-import json
 
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from .params import SUPPORTED, RequestEdit, ServeSettings, edited_name, validate_extra_args
+from .params import SUPPORTED, RequestEdit, ServeSettings, edited_name, spec_from_hex, spec_hex, validate_extra_args
 
 __all__ = ["ROWS", "RequestParams", "register", "request_params_class", "request_params_name"]
 
@@ -92,8 +91,7 @@ class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
 def request_params_name(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None) -> str:
     """The ``--logits-processors`` value of the validator for a server with these editors (and curves'
     largest KL, one per editor; None: no editor has a curve)."""
-    spec = {"editors": list(editor_names), "max_kl": None if max_kl is None else list(max_kl)}
-    return f"{__name__}:{_PREFIX}{json.dumps(spec).encode().hex()}"
+    return f"{__name__}:{_PREFIX}{spec_hex(editor_names, max_kl)}"
 
 
 @functools.cache
@@ -111,9 +109,8 @@ def __getattr__(name: str):
     """``RequestParams_<hex>``: the validator class vLLM loads by name in each of its processes."""
     if name.startswith(_PREFIX):
         try:
-            spec = json.loads(bytes.fromhex(name[len(_PREFIX) :]).decode())
-            names, max_kl = tuple(spec["editors"]), spec["max_kl"]
-        except (ValueError, KeyError, TypeError):
+            names, max_kl = spec_from_hex(name[len(_PREFIX) :])
+        except ValueError:
             raise AttributeError(name) from None
-        return request_params_class(names, None if max_kl is None else tuple(max_kl))
+        return request_params_class(names, max_kl)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
