@@ -24,13 +24,17 @@ parser.add_argument("--tasks", required=True)
 parser.add_argument("--methods", default="none,hpr,caa,caa-norm,iti")
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--limit", type=int, default=None, help="first N groups of each split")
-parser.add_argument("--kl-cap", type=float, default=0.5, help="grid protocol: the KL cap")
+parser.add_argument("--kl-cap", type=float, default=None, help="grid protocol only: the KL cap (default 0.5)")
 parser.add_argument(
     "--protocol", default="matched", choices=["matched", "grid"], help="grid: the published (pre-matched-cost) numbers"
 )
-parser.add_argument("--targets", default="0.1,0.25,0.5", help="matched: target KLs, nats/token on neutral text")
-parser.add_argument("--kl-tol", type=float, default=0.05, help="matched: relative tolerance on each target")
-parser.add_argument("--refine", type=int, default=0, help="bisection steps toward the KL cap")
+parser.add_argument(
+    "--targets", default=None, help="matched only: target KLs, nats/token on neutral text (default 0.1,0.25,0.5)"
+)
+parser.add_argument(
+    "--kl-tol", type=float, default=None, help="matched only: relative tolerance on each target (default 0.05)"
+)
+parser.add_argument("--refine", type=int, default=None, help="grid only: bisection steps toward the KL cap")
 parser.add_argument("--data", default=None)
 parser.add_argument("--out-dir", required=True, type=Path)
 args = parser.parse_args()
@@ -48,7 +52,7 @@ for task in args.tasks.split(","):
         data=args.data,
         kl_cap=args.kl_cap,
         protocol=args.protocol,
-        targets=[float(t) for t in args.targets.split(",")],
+        targets=None if args.targets is None else [float(t) for t in args.targets.split(",")],
         kl_tol=args.kl_tol,
         limit=args.limit,
         refine=args.refine,

@@ -20,12 +20,16 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--methods", default=",".join(METHODS))
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--limit", type=int, default=None)
-parser.add_argument("--kl-cap", type=float, default=0.5, help="grid protocol: the KL cap")
+parser.add_argument("--kl-cap", type=float, default=None, help="grid protocol only: the KL cap (default 0.5)")
 parser.add_argument(
     "--protocol", default="matched", choices=["matched", "grid"], help="grid: the published (pre-matched-cost) numbers"
 )
-parser.add_argument("--targets", default="0.1,0.25,0.5", help="matched: target KLs, nats/token on neutral text")
-parser.add_argument("--kl-tol", type=float, default=0.05, help="matched: relative tolerance on each target")
+parser.add_argument(
+    "--targets", default=None, help="matched only: target KLs, nats/token on neutral text (default 0.1,0.25,0.5)"
+)
+parser.add_argument(
+    "--kl-tol", type=float, default=None, help="matched only: relative tolerance on each target (default 0.05)"
+)
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -37,7 +41,7 @@ result = compare(
     seeds=[int(s) for s in args.seeds.split(",")],
     kl_cap=args.kl_cap,
     protocol=args.protocol,
-    targets=[float(t) for t in args.targets.split(",")],
+    targets=None if args.targets is None else [float(t) for t in args.targets.split(",")],
     kl_tol=args.kl_tol,
     limit=args.limit,
     out=args.out,

@@ -217,7 +217,7 @@ def test_select_layers(fitted):
 def test_save_load_roundtrip(fitted, tmp_path):
     fitted.save_pretrained(tmp_path / "ed")
     cfg = json.loads((tmp_path / "ed" / "config.json").read_text())
-    assert cfg["method"] == "hpr" and cfg["format_version"] == 1 and cfg["layers"] == [1]
+    assert cfg["method"] == "hpr" and cfg["format_version"] == 2 and cfg["layers"] == [1]
     assert cfg["model"] == {"architecture": "ToyForCausalLM", "hidden_size": D, "num_layers": 4, "name": "toy"}
     assert cfg["config"]["lr"] == 1e-2 and cfg["fitted_layers"] == [0, 1, 2]
     back = HPREditor.from_pretrained(tmp_path / "ed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,150 @@ def test_the_published_matched_cost_results_load_and_hit_their_targets(where):
     assert len(edited) == 4 * 3 * len(result["targets"])
     for r in edited:
         assert r["status"] == "hit" and abs(r["kl"] - r["target"]) <= result["kl_tol"] * r["target"] and r["test"], r
+
+
+# --------------------------------------------------------------------------- wrong JSON types
+
+
+def _compare_file() -> dict:
+    return CompareResult(
+        Provenance.now("c"),
+        {"model": {"name": "m"}, "task": "toxigen", "metrics": ["acc"], "primary": "acc", "seeds": [0]},
+        [{"seed": 0, "method": "none", "test": {"acc": 0.5}, "kl": 0.0, "ppl": 2.0, "strength": 0.0}],
+        [{"seed": 0, "split": {"seed": 0}, "val_questions": 1, "test_questions": 2}],
+        {"none": {"acc": {"mean": 0.5, "std": 0.0}}},
+        1.5,
+    ).to_json()
+
+
+def _run_file() -> dict:
+    return {
+        "command": "hpredit run",
+        "versions": {"hpredit": "0.1.0"},
+        "machine": {"cpu": "x"},
+        "model": {"name": "m"},
+        "split_seed": 0,
+        "questions": {"train": 3, "val": 1},
+        "pairs": 10,
+        "texts": 8,
+        "completion_tokens": 40,
+        "store_dtype": "float16",
+        "layers_edited": [1, 2],
+        "val_probe_accuracy": {"0": 0.5, "1": 0.75},
+        "timing_s": {"load": 1.0},
+        "activation_store_bytes": 10,
+        "editor_bytes": 5,
+        "evaluation": {
+            "validation_sweep": [{"strength": 0.5, "k": None, "kl": 0.1, "val": {"mc2": 0.5}}],
+            "kl_cap": 0.5,
+            "strength": 0.5,
+            "over_kl_cap": False,
+            "test": {"unedited": {"mc2": 0.4}},
+        },
+    }
+
+
+def _eval_summary() -> dict:
+    return {
+        "task": "truthfulqa-mc",
+        "command": "c",
+        "headline": ["mc2"],
+        "questions": 1,
+        "metrics": {"unedited": {"mc2": 0.5}},
+        "split": {"name": "all"},
+    }
+
+
+def _set(d: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        d = d[key]
+    d[last] = value
+    return d
+
+
+BAD_FIELDS = [
+    ("compare", "runs", "abc", "runs", "a list of objects"),
+    ("compare", "runs", ["abc"], "runs[0]", "an object"),
+    ("compare", "runs", [{"method": 3}], "runs[0].method", "a string"),
+    ("compare", "splits", {"seed": 0}, "splits", "a list of objects"),
+    ("compare", "summary", ["none"], "summary", "an object"),
+    ("compare", "seconds", "1.5", "seconds", "a number"),
+    ("compare", "metrics", "acc", "metrics", "a list of strings"),
+    ("compare", "command", 3, "command", "a string or null"),
+    ("compare", "created", 5, "created", "a string or null"),
+    ("compare", "versions", "x", "versions", "an object"),
+    ("compare", "machine", [1], "machine", "an object"),
+    ("compare", "hpredit_version", 1, "hpredit_version", "a string"),
+    ("compare", "seeds", "012", "seeds", "a list of integers"),
+    ("compare", "task", ["bbq"], "task", "a string"),
+    ("compare", "summary", None, "summary", "an object"),
+    ("run", "layers_edited", None, "layers_edited", "a list of integers"),
+    ("run", "layers_edited", "12", "layers_edited", "a list of integers"),
+    ("run", "val_probe_accuracy", [0.5], "val_probe_accuracy", "an object mapping layers to numbers"),
+    ("run", "val_probe_accuracy", {"a": 0.5}, "val_probe_accuracy", "an object mapping layers to numbers"),
+    ("run", "questions", "3", "questions", "an object"),
+    ("run", "pairs", "10", "pairs", "an integer"),
+    ("run", "split_seed", 0.5, "split_seed", "an integer"),
+    ("run", "timing_s", [], "timing_s", "an object"),
+    ("run", "model", "m", "model", "an object"),
+    ("run", "store_dtype", 3, "store_dtype", "a string"),
+    ("run", "evaluation", "x", "evaluation", "an object or null"),
+    ("run", "evaluation.validation_sweep", "abc", "evaluation.validation_sweep", "a list of objects"),
+    ("run", "evaluation.over_kl_cap", "no", "evaluation.over_kl_cap", "true or false"),
+    ("run", "evaluation.strength", "0.5", "evaluation.strength", "a number"),
+    ("run", "evaluation.kl_cap", None, "evaluation.kl_cap", "a number"),
+    ("run", "evaluation.test", [], "evaluation.test", "an object"),
+    ("eval", "metrics", "x", "metrics", "an object"),
+    ("eval", "metrics", {"unedited": 3}, "metrics.unedited", "an object"),
+    ("eval", "split", "all", "split", "an object"),
+    ("eval", "task", 3, "task", "a string"),
+    ("eval", "headline", "mc2", "headline", "a list of strings"),
+    ("eval", "questions", "1", "questions", "an integer"),
+    ("eval", "model", "m", "model", "an object"),
+    ("eval", "editor", "e", "editor", "an object or null"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind, key, value, field, what", BAD_FIELDS, ids=[f"{k}-{f}-{type(v).__name__}" for k, _, v, f, _ in BAD_FIELDS]
+)
+def test_a_result_field_of_the_wrong_json_type_is_one_clear_error(tmp_path, kind, key, value, field, what):
+    """Not rows made of a string's characters, nor a KeyError/TypeError from deep inside: one
+    HpreditError naming the file, the field and what it must be."""
+    d = {"compare": _compare_file, "run": _run_file, "eval": _eval_summary}[kind]()
+    if key not in d and "." not in key:
+        d[key] = value
+    else:
+        _set(d, key, value)
+    name = "results.json" if kind == "compare" else "summary.json"
+    path = write_json(tmp_path / name, d)
+    with pytest.raises(HpreditError, match=re.escape(f"{path}: '{field}' must be {what}")):
+        load_result(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "line, message", [("[1]", "line 1 must be a JSON object"), ("{broken", "line 1 is not valid JSON")]
+)
+def test_a_bad_per_question_row_is_one_clear_error(tmp_path, line, message):
+    EvalResult(_eval_summary(), [], {"name": "all"}).save(tmp_path / "ev")
+    (tmp_path / "ev" / "per_question.jsonl").write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(HpreditError, match=re.escape(f"{tmp_path / 'ev' / 'per_question.jsonl'}: {message}")):
+        load_result(tmp_path / "ev")
+
+
+def test_the_checked_files_still_load(tmp_path):
+    for kind, name in (("compare", "results.json"), ("run", "summary.json")):
+        d = {"compare": _compare_file, "run": _run_file}[kind]()
+        write_json(tmp_path / kind / name, d)
+        assert load_result(tmp_path / kind).to_json()["command"] == d["command"]
+    EvalResult(_eval_summary(), [{"index": 0}], {"name": "all"}).save(tmp_path / "ev")
+    assert load_result(tmp_path / "ev").per_question == [{"index": 0}]
+
+
+def test_a_missing_required_field_is_named(tmp_path):
+    d = _run_file()
+    del d["pairs"]
+    path = write_json(tmp_path / "summary.json", d)
+    with pytest.raises(HpreditError, match=re.escape(f"{path}: 'pairs' is missing")):
+        load_result(tmp_path)

@@ -272,7 +272,8 @@ def test_serve_fingerprint_mismatch(tmp_path, capsys, smol_editor):
         (["--strength", "nan"], "--strength must be a number between -100 and 100"),
         (["--strength", "1e300"], "--strength must be a number between -100 and 100"),
         (["--scope", "prompt"], "unknown scope 'prompt'"),
-        (["--hf-overrides", "{}"], "--hf-overrides is set by hpredit serve"),
+        (["--kill-after", "nan"], "--kill-after must be a number of seconds between 0 and 3600"),
+        (["--kill-after", "-1"], "--kill-after must be a number of seconds between 0 and 3600"),
     ],
 )
 def test_serve_bad_options(args, pattern, capsys, smol_editor):
@@ -371,3 +372,207 @@ def test_serve_argv_with_several_editors(smol_editor, tmp_path):
     cls.validate_params(SimpleNamespace(extra_args={"editor": "b", "strength": -3}))
     with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
         cls.validate_params(SimpleNamespace(extra_args={"editor": "c"}))
+
+
+# ----------------------------------------------------------------- the vLLM options hpredit owns
+
+
+def _checked(smol_editor, args, tmp_path=None):
+    from hpredit.serving import _serve_argv, check_vllm_args
+
+    pytest.importorskip("vllm")
+    argv, owned = _serve_argv(smol_editor, None, 1.0, "all", args, True, None)
+    return check_vllm_args(argv, owned)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--enable-prefix-caching"], "--enable-prefix-caching is set by hpredit serve"),
+        (["--enable_prefix_caching"], "--enable-prefix-caching is set by hpredit serve"),
+        (["--enable-prefix-cach"], "--enable-prefix-caching is set by hpredit serve"),  # an abbreviation
+        (["--logits_processors", "vllm.v1.sample.logits_processor:MinPLogitsProcessor"], "--logits-processors is set"),
+        (["--logits-processors=a:b"], "--logits-processors is set"),
+        (["--hf_overrides", "{}"], "--hf-overrides is set by hpredit serve"),
+        (["--hf-overrides.architectures", '["LlamaForCausalLM"]'], "--hf-overrides is set by hpredit serve"),
+        (["--model-impl", "transformers"], "--model-impl transformers cannot serve an editor"),
+        (["--model_impl=terratorch"], "--model-impl terratorch cannot serve an editor"),
+    ],
+)
+def test_vllm_options_hpredit_owns_are_refused_in_any_spelling(args, pattern, smol_editor):
+    """Issue 31: ownership is decided on vLLM's parsed arguments, not on the spelling (vLLM's parser
+    takes ``--x_y``, abbreviations and ``--x.key``, and the last value wins)."""
+    with pytest.raises(HpreditError, match=re.escape(pattern)):
+        _checked(smol_editor, args)
+
+
+def test_vllm_options_from_a_config_file_are_checked_too(smol_editor, tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("enable-prefix-caching: true\nport: 8123\n")
+    with pytest.raises(HpreditError, match="--enable-prefix-caching is set by hpredit serve"):
+        _checked(smol_editor, ["--config", str(config)])
+    config.write_text("port: 8123\nmax-model-len: 256\n")
+    args = _checked(smol_editor, ["--config", str(config)])
+    assert args.port == 8123 and args.max_model_len == 256
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        (None, "No such file or directory"),
+        ("port: [unclosed\n", "while parsing a flow sequence"),
+        ("- a\n- b\n", "'list' object has no attribute 'items'"),
+    ],
+)
+def test_a_config_file_vllm_cannot_read_is_one_error(text, pattern, smol_editor, tmp_path):
+    config = tmp_path / "serve.yaml"
+    if text is not None:
+        config.write_text(text)
+    with pytest.raises(HpreditError, match=re.escape(pattern) + r".*--config takes one YAML file"):
+        _checked(smol_editor, ["--config", str(config)])
+
+
+def test_vllm_options_that_leave_hpredits_alone_pass(smol_editor):
+    from hpredit.serving.middleware import middleware_name
+
+    args = _checked(smol_editor, ["--no-enable-prefix-caching", "--port", "8123", "--model-impl", "vllm"])
+    assert args.port == 8123 and args.enable_prefix_caching is False
+    assert args.hf_overrides["architectures"] == ["HPREditLlamaForCausalLM"]
+    args = _checked(smol_editor, ["--middleware", "my.Middleware", "--served_model_name", "mine"])
+    assert args.middleware == [middleware_name(("default",), (None,)), "my.Middleware"]
+    assert args.served_model_name == ["mine"]  # the user's name wins
+
+
+def test_serve_refuses_a_gguf_quantization_config(tmp_path, capsys, smol_editor, smol_dir):
+    """Issue 31: a model directory converted from GGUF whose config.json still says ``quant_method:
+    gguf`` (its weights are plain) is refused before vLLM starts, with what to remove."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in smol_dir.iterdir():
+        (model / f.name).symlink_to(f)
+    (model / "config.json").unlink()
+    cfg = json.loads((smol_dir / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gguf"}}))
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), "--model", str(model), "--no-strict"], capsys)
+    _one_line_error(code, err, f"remove the 'quantization_config' entry from {model / 'config.json'}")
+
+
+# ----------------------------------------------------------------- the request check at the front door
+
+
+@pytest.mark.parametrize(
+    "xargs, message",
+    [
+        ('{"strength": true}', "'strength' must be a number between -100 and 100, got True"),
+        ('{"strength": null}', "'strength' must be a number between -100 and 100, got None"),
+        ('{"kl": false}', "'kl' must be a number"),
+        ('{"scope": null}', "'scope' must be one of"),
+        ('{"editor": "nope"}', "unknown editor 'nope': this server has a, b"),
+        ('{"strength": 1e39}', "between -100 and 100"),
+        ('{"strenght": 1}', "unknown extra argument(s) ['strenght']"),
+    ],
+)
+def test_request_check_finds_bad_arguments_as_sent(xargs, message):
+    from hpredit.serving.middleware import problem
+
+    body = f'{{"model": "m", "prompt": "Hi", "stream": true, "vllm_xargs": {xargs}}}'.encode()
+    found = problem(body, ("a", "b"), (None, None))
+    assert found is not None and message in found, found
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "Hi"}',
+        b'{"prompt": "Hi", "vllm_xargs": {"strength": 0.5, "editor": "b", "scope": "generated"}}',
+        b'{"prompt": "Hi", "vllm_xargs": null}',
+        b'{"prompt": "Hi", "vllm_xargs": "strength"}',  # not an object: vLLM's own 400
+        b'{"vllm_xargs": {"strength": ',  # not JSON: vLLM's own 400
+        b'[1, "vllm_xargs"]',
+        b'{"vllm_xargs": {"strength": 1}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep for json
+        b'\xff\xfe{"vllm_xargs": {"strength": true}}',  # not UTF-8
+    ],
+)
+def test_request_check_leaves_the_rest_to_vllm(body):
+    from hpredit.serving.middleware import problem
+
+    assert problem(body, ("a", "b"), (None, None)) is None
+
+
+def _asgi(app, body_chunks, headers=()):
+    """One POST /v1/completions through an ASGI app: ``(status, body, what the inner app received)``."""
+    import asyncio
+
+    sent = []
+    incoming = [
+        {"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1} for i, c in enumerate(body_chunks)
+    ]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": list(headers), "root_path": ""}
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+class _Inner:
+    """An ASGI app that answers 200 with the body it received."""
+
+    async def __call__(self, scope, receive, send):
+        body, more = b"", True
+        while more:
+            m = await receive()
+            body, more = body + m.get("body", b""), m.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+def test_request_check_answers_400_before_vllm_and_replays_good_bodies():
+    from hpredit.serving.middleware import request_check_class
+
+    check = request_check_class(("a", "b"), (0.4, None))(_Inner())
+    good = [b'{"prompt": "Hi", "vllm_', b'xargs": {"kl": 0.3}}']
+    assert _asgi(check, good) == (200, b"".join(good))  # the body, split in two, reaches vLLM whole
+    status, body = _asgi(check, [b'{"stream": true, "vllm_xargs": {"kl": 0.5}}'])
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == 400 and error["type"] == "BadRequestError"
+    assert error["message"] == (
+        "hpredit: 'kl' 0.5 is beyond editor 'a''s measured strength → KL curve (0 to 0.4 nats/token): "
+        "ask for a smaller cost, or pass 'strength'"
+    )
+
+
+def test_request_check_leaves_unauthorized_requests_to_vllms_401():
+    """A server with an API key: a request without it gets vLLM's 401, not hpredit's 400 (which would
+    tell a stranger the editors' names)."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    from hpredit.serving.middleware import request_check_class
+
+    check = request_check_class(("a",), None)(AuthenticationMiddleware(_Inner(), tokens=["secret"]))
+    bad = [b'{"vllm_xargs": {"editor": "zzz"}}']
+    assert _asgi(check, bad)[0] == 401
+    assert _asgi(check, bad, [(b"authorization", b"Bearer wrong")])[0] == 401
+    status, body = _asgi(check, bad, [(b"authorization", b"Bearer secret")])
+    assert status == 400 and b"unknown editor 'zzz'" in body
+
+
+def test_serve_kl_with_an_earlier_artifacts_curve_says_why_it_is_not_used(smol_editor_with_curve, tmp_path, capsys):
+    """A format-1 artifact (before config.json's checksum) keeps its curve on disk, but nothing vouches
+    for it: `serve --kl` says so, not that the editor has no curve."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(smol_editor_with_curve, old)
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["format_version"] = 1
+    del cfg["config_sha256"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["serve", "--editor", str(old), "--kl", "0.1"], capsys)
+    _one_line_error(code, err, "its strength → KL curve was saved without a checksum covering it")

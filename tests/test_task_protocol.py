@@ -51,9 +51,9 @@ class CountingTask(tasks.Task):
 
 
 @pytest.fixture
-def counting(monkeypatch):
-    monkeypatch.setattr(tasks, "_TASKS", dict(tasks._TASKS))  # the registry as it was after the test
-    return tasks.register_task(CountingTask("counting", "acc", ("acc",), "counting", "made by the task"))
+def counting():
+    yield tasks.register_task(CountingTask("counting", "acc", ("acc",), "counting", "made by the task"))
+    tasks.unregister_task("counting")  # the registry as it was before the test
 
 
 def test_a_registered_task_runs_through_evaluate(counting, tokenizer, tmp_path):

@@ -405,10 +405,10 @@ def test_one_registry_for_eval_and_compare():
     assert list(TASKS) == T.task_names() and {"truthfulqa-mc", "truthfulqa-gen", "bbq", "ab:sycophancy"} <= set(TASKS)
     for name in TASKS:  # every task is accepted by both
         assert check_eval_args(name, None, "all", 1.0, None, 16, 50, 1).name == name
-        assert check_compare_args(["none"], [0], 0.5, None, 0, name).name == name
+        assert check_compare_args(["none"], [0], None, None, None, name).name == name
     for check in (
         lambda: check_eval_args("magic", None, "all", 1.0, None, 16, 50, 1),
-        lambda: check_compare_args(["none"], [0], 0.5, None, 0, "magic"),
+        lambda: check_compare_args(["none"], [0], None, None, None, "magic"),
     ):
         with pytest.raises(HpreditError, match="unknown task 'magic'"):
             check()

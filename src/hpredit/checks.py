@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -271,6 +271,8 @@ def check_kl_target(value: Any, name: str | None = None) -> float:
 def check_kl_targets(values: Sequence[Any], name: str | None = None) -> list[float]:
     """The targets of a matched-cost comparison: at least one, each > 0 and finite, no repeats; sorted."""
     name = named(name or "targets")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise HpreditError(f"{name} must be a list of KL targets (numbers), got {values!r}")
     targets = list(values)
     if not targets:
         raise HpreditError(f"{name} needs at least one KL target")
@@ -288,3 +290,24 @@ def check_kl_tol(value: Any, name: str | None = None) -> float:
     if not ok:
         raise HpreditError(f"{named(name or 'kl_tol')} must be a number between 0 and 1 (relative), got {value!r}")
     return float(value)
+
+
+__all__ += ["not_for_protocol"]
+
+
+def _protocol_named(protocol: str) -> str:
+    """``--protocol grid`` on the command line, ``protocol='grid'`` in Python."""
+    return f"--protocol {protocol}" if named("protocol").startswith("--") else f"protocol={protocol!r}"
+
+
+def not_for_protocol(option: str, protocol: str, only: str, job: str) -> str:
+    """The message for a strength-search option given to a ``job`` (``comparison``, ``run``) whose
+    ``protocol`` does not use it (it applies ``only`` under the other one): given is refused, never ignored."""
+    this = f"this {job} is {protocol}" if named("protocol").startswith("--") else f"this {job} is {protocol!r}"
+    if option == "kl_cap" and protocol == "matched":
+        example = f"{named('targets')} 0.3" if named("targets").startswith("--") else "targets=[0.3]"
+        return (
+            f"{named(option)} applies only to {_protocol_named(only)} ({this}, which reaches given costs "
+            f"instead of a cap): give the costs to reach as {named('targets')}, e.g. {example}"
+        )
+    return f"{named(option)} applies only to {_protocol_named(only)} ({this}): drop it, or use {_protocol_named(only)}"

@@ -39,9 +39,11 @@ from .checks import (
     check_strength,
     check_strengths,
     named,
+    not_for_protocol,
 )
 from .data import ContrastivePairs, Question, QuestionSplit
 from .editors import Editor, HPREditor
+from .editors.kl_curve import scope_note
 from .errors import HpreditError
 from .preflight import check_editor_for, check_model, check_out, check_top_k_and_layers
 from .results import Provenance, RunEvaluation, RunResult, StrengthChoice
@@ -63,6 +65,9 @@ __all__ = [
 #: ``run`` does not double its grid past the top (``compare`` does, up to 3 times): the published
 #: main-job numbers were made with a grid that only halves while all of it is over the cap.
 RUN_MAX_DOUBLINGS = 0
+#: ``run``'s defaults: halvings of the grid (``protocol="grid"``), tolerance on the cap (``matched``).
+RUN_MAX_HALVINGS = 3
+RUN_KL_TOL = 0.05
 
 
 def _stderr(text: str) -> None:
@@ -141,20 +146,22 @@ def choose_strength_on_val(
     val: list[Question],
     grid: Sequence[float],
     kl_cap: float,
-    max_halvings: int,
+    max_halvings: int | None,
     progress: bool = True,
     protocol: str = "matched",
-    kl_tol: float = 0.05,
+    kl_tol: float | None = RUN_KL_TOL,
 ) -> StrengthChoice:
     """The main job's strength, by the rule of ``protocol`` (the one step to swap for another rule):
 
     - ``matched`` (the default): the strength whose fluency cost (KL on neutral text) is
       ``kl_cap`` within ``kl_tol`` (relative), found by the matched-cost search of ``compare``
       (:func:`hpredit.compare.match_cost`, warm-started from ``grid``; validation is not scored);
-      an editor that cannot reach the cap gets the strength of the largest cost it reached;
+      an editor that cannot reach the cap gets the strength of the largest cost it reached
+      (``status`` ``unreachable``), one whose search ran out of steps the measured KL nearest the
+      cap (``closest``); ``kl_tol`` None: 0.05;
     - ``grid`` (the published numbers): the best validation MC2 among the grid's strengths whose
-      cost is under ``kl_cap``, halving the grid while all of it is over
-      (:func:`hpredit.compare.choose_strength`).
+      cost is under ``kl_cap``, halving the grid while all of it is over, at most ``max_halvings``
+      times (None: 3) (:func:`hpredit.compare.choose_strength`).
 
     Either way the strengths measured become the editor's :attr:`~hpredit.editors.Editor.kl_curve`.
     """
@@ -174,6 +181,7 @@ def choose_strength_on_val(
             bar.update()
 
         if protocol == "matched":
+            tol = RUN_KL_TOL if kl_tol is None else kl_tol
             (hit,) = match_cost(
                 model,
                 tok,
@@ -181,13 +189,13 @@ def choose_strength_on_val(
                 list(grid),
                 neutral,
                 [kl_cap],
-                kl_tol,
+                tol,
                 log=lambda text: bar.write(f"KL search: {text}"),
                 progress=step,
             )
             tried = [{**t, "val": None} for t in hit["tried"]]
-            over = hit["kl"] > kl_cap * (1 + kl_tol)
-            return StrengthChoice(hit["strength"], over, tried, kl_cap, "matched")
+            over = hit["kl"] > kl_cap * (1 + tol)
+            return StrengthChoice(hit["strength"], over, tried, kl_cap, "matched", hit["status"], hit["kl"], tol)
         pick = choose_strength(
             model,
             tok,
@@ -197,7 +205,7 @@ def choose_strength_on_val(
             neutral,
             kl_cap,
             max_doublings=RUN_MAX_DOUBLINGS,
-            max_halvings=max_halvings,
+            max_halvings=RUN_MAX_HALVINGS if max_halvings is None else max_halvings,
             log=lambda text: bar.write(f"validation: {text}"),
             progress=step,
         )
@@ -271,21 +279,32 @@ class RunConfig:
     evaluate: bool = True
     strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
     kl_cap: float = 0.5
-    max_halvings: int = 3
+    #: grid only (None: the default, 3; given under ``matched`` it is refused)
+    max_halvings: int | None = None
     store_dtype: str = "auto"
     #: how the strength is chosen: ``matched`` (KL = the cap) or ``grid`` (best val MC2 under it)
     protocol: str = "matched"
-    kl_tol: float = 0.05  #: matched: the relative tolerance on the cap
+    #: matched only: the relative tolerance on the cap (None: the default, 0.05; given under ``grid`` it is refused)
+    kl_tol: float | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in ("matched", "grid"):
             raise HpreditError(f"unknown {named('protocol')} {self.protocol!r}: use matched or grid")
-        check_kl_tol(self.kl_tol)
+        if self.kl_tol is not None:
+            check_kl_tol(self.kl_tol)
+        if self.max_halvings is not None:
+            check_count(self.max_halvings, "max_halvings", 0)
+        for option, only in (("kl_tol", "matched"), ("max_halvings", "grid")):
+            if getattr(self, option) is not None and self.protocol != only:
+                raise HpreditError(not_for_protocol(option, self.protocol, only, "run"))
+        if self.protocol == "matched" and self.kl_tol is None:
+            object.__setattr__(self, "kl_tol", RUN_KL_TOL)
+        if self.protocol == "grid" and self.max_halvings is None:
+            object.__setattr__(self, "max_halvings", RUN_MAX_HALVINGS)
         check_seed(self.seed)
         check_count(self.epochs, "epochs")
         check_count(self.batch_size, "batch_size")
         check_limit(self.limit)
-        check_count(self.max_halvings, "max_halvings", 0)
         object.__setattr__(self, "strengths", tuple(check_strengths(self.strengths)))
         check_kl_cap(self.kl_cap)
         check_store_dtype(self.store_dtype)
@@ -319,7 +338,7 @@ def run(
     evaluate: bool = True,
     strengths: Sequence[float] = (0.25, 0.5, 1.0),
     kl_cap: float = 0.5,
-    max_halvings: int = 3,
+    max_halvings: int | None = None,
     dtype: str = "float32",
     store_dtype: str = "auto",
     device: str | None = None,
@@ -329,19 +348,21 @@ def run(
     show: bool = True,
     command: str | None = None,
     protocol: str = "matched",
-    kl_tol: float = 0.05,
+    kl_tol: float | None = None,
 ) -> RunResult:
     """The main job: fit HPR on TruthfulQA, choose the strength on val, report unedited vs edited on test.
 
     Fits HPR on the train split (``seed``-ed 40/10/50 split of the questions; the ``top_k``
     layers by validation probe accuracy), saves the editor, the activation store (with
     ``save_activations``) and the split to ``out``; then (with ``evaluate``) picks the strength
-    whose KL on neutral text is ``kl_cap`` (within ``kl_tol``, relative; searched from
+    whose KL on neutral text is ``kl_cap`` (within ``kl_tol``, relative, default 0.05; searched from
     ``strengths``), or with ``protocol="grid"`` the best validation MC2 among ``strengths`` whose KL
-    is ≤ ``kl_cap`` (halving the smallest at most ``max_halvings`` times while all are over), and
+    is ≤ ``kl_cap`` (halving the smallest at most ``max_halvings`` times while all are over, default
+    3), and
     evaluates MC1/MC2/MC3 unedited vs edited on the test split (``out/eval``). The strengths
     measured are saved with the editor as its strength → KL curve (``attach(model, kl=...)``).
     ``limit`` keeps the first N questions of each split (quick runs). The defaults are ``hpredit run``'s.
+    ``kl_tol`` (matched only) and ``max_halvings`` (grid only) are refused under the other protocol.
 
     Args:
         out: the output directory, written whole at the end (``force`` replaces a non-empty one).
@@ -515,6 +536,9 @@ class SideBySide:
     strength: float
     scope: str
     rows: list[tuple[str, str, str]]
+    kl: float | None = None  #: the fluency cost asked for instead of a strength (``strength``: what it converted to)
+    #: one line when ``kl`` was converted through a curve measured with another scope (``all``)
+    note: str | None = None
 
 
 def generate(
@@ -534,7 +558,8 @@ def generate(
 ) -> SideBySide:
     """Greedy continuations of ``prompts`` without and with ``editor`` (``qa``: each prompt wrapped
     in the TruthfulQA QA format and cut at the first blank line), at ``strength`` (default 1) or at
-    the strength whose fluency cost is ``kl`` by the editor's measured curve."""
+    the strength whose fluency cost is ``kl`` by the editor's measured curve (measured with scope
+    ``all``: with another ``scope`` the result's ``note`` says so; ``kl`` is recorded in the result)."""
     from .data import qa_prompt
     from .models import check_generation_length, load_model, pad_token_id
 
@@ -548,6 +573,7 @@ def generate(
     check_generation_length(max_new_tokens, config, named("max_new_tokens"))
     ed = check_editor_for(editor, config, model, strict)
     strength = ed.resolve_strength(strength, kl)
+    note = None if kl is None else scope_note(kl, strength, scope)
     lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     tok.padding_side = "left"
     enc = tok([qa_prompt(p) if qa else p for p in prompts], return_tensors="pt", padding=True).to(lm.device)
@@ -563,4 +589,5 @@ def generate(
     def text(ids: Any) -> str:
         return str(tok.decode(ids[n:], skip_special_tokens=True)).strip()
 
-    return SideBySide(ed, strength, scope, [(p, text(a), text(b)) for p, a, b in zip(prompts, plain, edited)])
+    rows = [(p, text(a), text(b)) for p, a, b in zip(prompts, plain, edited)]
+    return SideBySide(ed, strength, scope, rows, kl, note)

@@ -104,7 +104,95 @@ class Provenance:
             versions.setdefault("hpredit", d["hpredit_version"])
         if "torch_version" in d:
             versions.setdefault("torch", d["torch_version"])
-        return cls(str(d.get("command", "")), d.get("created"), versions, dict(d.get("machine") or {}))
+        command = d.get("command")
+        return cls("" if command is None else str(command), d.get("created"), versions, dict(d.get("machine") or {}))
+
+
+# --------------------------------------------------------------------------- field checks
+# Each reader checks the JSON type of every field it uses before using it: a wrong type is one
+# HpreditError naming the file and the field (not a string's characters read as rows, nor a
+# KeyError or TypeError from deep inside).
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(x) for x in v)
+
+
+_KINDS: dict[str, Any] = {
+    "an object": lambda v: isinstance(v, dict),
+    "an object or null": lambda v: v is None or isinstance(v, dict),
+    "a string": lambda v: isinstance(v, str),
+    "a string or null": lambda v: v is None or isinstance(v, str),
+    "an integer": _is_int,
+    "a number": _is_number,
+    "true or false": lambda v: isinstance(v, bool),
+    "a list of strings": _is_str_list,
+    "a list of integers": _is_int_list,
+    "a list of objects": lambda v: isinstance(v, list),  # each row is checked by _rows (named by index)
+    "an object mapping layers to numbers": lambda v: (
+        isinstance(v, dict)
+        and all(isinstance(k, str) and k.lstrip("-").isdigit() and _is_number(x) for k, x in v.items())
+    ),
+}
+
+
+def _field(where: str, d: dict[str, Any], key: str, kind: str, prefix: str = "", *, optional: bool = False) -> Any:
+    """``d[key]``, refused unless it is of ``kind`` (a key of ``_KINDS``); absent: None if ``optional``."""
+    name = prefix + key
+    if key not in d:
+        if optional:
+            return None
+        raise HpreditError(f"{where}: '{name}' is missing")
+    value = d[key]
+    if not _KINDS[kind](value):
+        raise HpreditError(f"{where}: '{name}' must be {kind}, got {_json_type(value)}")
+    return value
+
+
+def _rows(where: str, d: dict[str, Any], key: str, prefix: str = "", *, optional: bool = False) -> list[dict[str, Any]]:
+    """``d[key]``: a list of objects (absent and ``optional``: empty)."""
+    rows = _field(where, d, key, "a list of objects", prefix, optional=optional) or []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise HpreditError(f"{where}: '{prefix}{key}[{i}]' must be an object, got {_json_type(row)}")
+    return rows
+
+
+def _check_provenance(where: str, d: dict[str, Any]) -> None:
+    _field(where, d, "command", "a string or null", optional=True)
+    _field(where, d, "created", "a string or null", optional=True)
+    _field(where, d, "versions", "an object or null", optional=True)
+    _field(where, d, "machine", "an object or null", optional=True)
+    for key in _OLD_PROVENANCE_KEYS:
+        _field(where, d, key, "a string", optional=True)
 
 
 def _without_provenance(d: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +216,12 @@ class StrengthChoice:
     kl_cap: float
     #: the rule: ``matched`` (the strength whose KL is the cap) or ``grid`` (best val MC2 under it)
     protocol: str = "grid"
+    #: matched: ``hit`` (KL within ``kl_tol`` of the cap), ``closest`` (the search's budget ran out:
+    #: the measured KL nearest the cap) or ``unreachable`` (no strength reached the cap: the largest
+    #: cost reached); None under grid
+    status: str | None = None
+    kl: float | None = None  #: matched: the KL measured at the chosen strength
+    kl_tol: float | None = None  #: matched: the relative tolerance on the cap
 
 
 @dataclass
@@ -145,17 +239,40 @@ class RunEvaluation:
             "strength": c.strength,
             "over_kl_cap": c.over_kl_cap,
             **({"strength_rule": c.protocol} if c.protocol != "grid" else {}),  # absent: grid, as in older files
+            **(
+                {
+                    "status": c.status,
+                    "kl": c.kl,
+                    "kl_miss": None if c.kl is None else (c.kl - c.kl_cap) / c.kl_cap,
+                    "kl_tol": c.kl_tol,
+                }
+                if c.status is not None
+                else {}
+            ),
             "test": self.test,
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RunEvaluation:
+    def from_json(cls, d: dict[str, Any], where: str = "result file") -> RunEvaluation:
+        p = "evaluation."
+        _rows(where, d, "validation_sweep", p)
+        _field(where, d, "strength", "a number", p)
+        _field(where, d, "over_kl_cap", "true or false", p)
+        _field(where, d, "kl_cap", "a number", p)
+        _field(where, d, "strength_rule", "a string", p, optional=True)
+        _field(where, d, "status", "a string", p, optional=True)  # matched only, as kl and kl_tol
+        _field(where, d, "kl", "a number", p, optional=True)
+        _field(where, d, "kl_tol", "a number", p, optional=True)
+        _field(where, d, "test", "an object", p)
         choice = StrengthChoice(
             d["strength"],
             bool(d["over_kl_cap"]),
             list(d["validation_sweep"]),
             d["kl_cap"],
             d.get("strength_rule", "grid"),
+            d.get("status"),
+            d.get("kl"),
+            d.get("kl_tol"),
         )
         return cls(choice, d["test"])
 
@@ -207,8 +324,26 @@ class RunResult:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RunResult:
-        ev = d.get("evaluation")
+    def from_json(cls, d: dict[str, Any], where: str = "result file") -> RunResult:
+        """From ``summary.json`` (``where``: the file, named in errors); a field of the wrong JSON
+        type is one :class:`HpreditError` naming it."""
+        _check_provenance(where, d)
+        for key, kind in (
+            ("model", "an object"),
+            ("split_seed", "an integer"),
+            ("questions", "an object"),
+            ("pairs", "an integer"),
+            ("texts", "an integer"),
+            ("completion_tokens", "an integer"),
+            ("layers_edited", "a list of integers"),
+            ("val_probe_accuracy", "an object mapping layers to numbers"),
+            ("timing_s", "an object"),
+            ("activation_store_bytes", "an integer"),
+            ("editor_bytes", "an integer"),
+        ):
+            _field(where, d, key, kind)
+        _field(where, d, "store_dtype", "a string", optional=True)
+        ev = _field(where, d, "evaluation", "an object or null", optional=True)
         return cls(
             provenance=Provenance.from_json(d),
             model=d["model"],
@@ -223,7 +358,7 @@ class RunResult:
             timing_s=d["timing_s"],
             activation_store_bytes=d["activation_store_bytes"],
             editor_bytes=d["editor_bytes"],
-            evaluation=None if ev is None else RunEvaluation.from_json(ev),
+            evaluation=None if ev is None else RunEvaluation.from_json(ev, where),
         )
 
     def save(self, out: str | os.PathLike) -> Path:
@@ -270,15 +405,47 @@ class EvalResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> EvalResult:
-        """Read back what :meth:`save` wrote."""
+        """Read back what :meth:`save` wrote; a field of the wrong JSON type, or a row of
+        ``per_question.jsonl`` that is not a JSON object, is one :class:`HpreditError` naming it."""
         directory = Path(directory)
-        summary = read_json(directory / "summary.json", "evaluation summary")
+        summary_path = directory / "summary.json"
+        summary = read_json(summary_path, "evaluation summary")
+        cls.check_summary(summary, str(summary_path))
         rows_path = directory / "per_question.jsonl"
-        text = rows_path.read_text(encoding="utf-8") if rows_path.is_file() else ""
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            text = rows_path.read_text(encoding="utf-8") if rows_path.is_file() else ""
+        except UnicodeDecodeError as e:
+            raise HpreditError(f"{rows_path}: not UTF-8 text ({e})") from None
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise HpreditError(f"{rows_path}: line {n} is not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise HpreditError(f"{rows_path}: line {n} must be a JSON object, got {_json_type(row)}")
+            rows.append(row)
         split_path = directory / "split.json"
         split = read_json(split_path, "split record") if split_path.exists() else {}
         return cls(summary, rows, split)
+
+    @staticmethod
+    def check_summary(d: dict[str, Any], where: str = "evaluation summary") -> None:
+        """Refuse a ``summary.json`` field of the wrong JSON type (one error naming ``where`` and the field)."""
+        _check_provenance(where, d)
+        metrics = _field(where, d, "metrics", "an object")
+        for key in metrics:
+            _field(where, metrics, key, "an object", "metrics.")
+        _field(where, d, "split", "an object")
+        _field(where, d, "task", "a string", optional=True)
+        _field(where, d, "headline", "a list of strings", optional=True)
+        _field(where, d, "questions", "an integer", optional=True)
+        _field(where, d, "model", "an object", optional=True)
+        _field(where, d, "editor", "an object or null", optional=True)
+        _field(where, d, "data", "an object or null", optional=True)
+        _field(where, d, "timing_s", "an object", optional=True)
 
     def table(self):
         """A rich table: each headline metric unedited, edited, difference and its CI."""
@@ -291,7 +458,8 @@ class EvalResult:
         caption = f"split {s['split']['name']} (seed {s['split']['seed']}), {s['questions']} questions"
         if s.get("editor"):
             e = s["editor"]
-            caption += f"; {e['method']} layers {e['layers']}, strength {e['strength']}, scope {e['scope']}"
+            asked = f" (from KL {e['kl']:g})" if e.get("kl") is not None else ""
+            caption += f"; {e['method']} layers {e['layers']}, strength {e['strength']}{asked}, scope {e['scope']}"
         table = Table(title=title, caption=caption)
         table.add_column("metric")
         table.add_column("unedited", justify="right")
@@ -359,13 +527,36 @@ class CompareResult:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CompareResult:
-        """From ``results.json``; earlier files kept the split rows among ``runs``: they are separated here."""
-        rows = list(d.get("runs", []))
+    def from_json(cls, d: dict[str, Any], where: str = "result file") -> CompareResult:
+        """From ``results.json`` (``where``: the file, named in errors); earlier files kept the
+        split rows among ``runs``: they are separated here. A field of the wrong JSON type is one
+        :class:`HpreditError` naming it."""
+        _check_provenance(where, d)
+        rows = _rows(where, d, "runs", optional=True)
+        for i, row in enumerate(rows):
+            _field(where, row, "method", "a string", f"runs[{i}].", optional=True)
         runs = [r for r in rows if "method" in r]
-        splits = list(d.get("splits", [])) + [r for r in rows if "method" not in r]
+        splits = _rows(where, d, "splits", optional=True) + [r for r in rows if "method" not in r]
+        summary = _field(where, d, "summary", "an object", optional=True)
+        seconds = _field(where, d, "seconds", "a number", optional=True)
+        for key, kind in (
+            ("model", "an object"),
+            ("task", "a string"),
+            ("metrics", "a list of strings"),
+            ("primary", "a string"),
+            ("methods", "an object"),
+            ("seeds", "a list of integers"),
+        ):
+            _field(where, d, key, kind, optional=True)
         setting = {k: v for k, v in _without_provenance(d).items() if k not in ("runs", "splits", "summary", "seconds")}
-        return cls(Provenance.from_json(d), setting, runs, splits, d.get("summary", {}), d.get("seconds", 0.0))
+        return cls(
+            Provenance.from_json(d),
+            setting,
+            runs,
+            splits,
+            {} if summary is None else summary,
+            0.0 if seconds is None else seconds,
+        )
 
 
 # --------------------------------------------------------------------------- the reader
@@ -390,9 +581,9 @@ def load_result(path: str | os.PathLike) -> RunResult | EvalResult | CompareResu
         raise HpreditError(f"{path}: a result file holds a JSON object")
     try:
         if "runs" in d and "summary" in d:
-            return CompareResult.from_json(d)
+            return CompareResult.from_json(d, str(path))
         if "layers_edited" in d:
-            return RunResult.from_json(d)
+            return RunResult.from_json(d, str(path))
         if "metrics" in d and "split" in d:
             return EvalResult.load(path.parent)
     except (KeyError, TypeError, ValueError) as e:

@@ -9,8 +9,8 @@ import typer
 
 from ..checks import DEFAULT_STRENGTH
 from . import options as o
-from .app import app, command_line, console
-from .show import accuracy_table, side_by_side_table
+from .app import app, command_line, console, err
+from .show import accuracy_table, side_by_side_table, strength_line
 
 
 @app.command()
@@ -99,6 +99,8 @@ def generate(
         device=device,
         device_map=device_map,
     )
+    if result.note:
+        err.print(result.note, highlight=False, soft_wrap=True)
     console.print(side_by_side_table(result))
 
 
@@ -116,9 +118,9 @@ def run(
     evaluate: Annotated[bool, typer.Option(help="Choose the strength on val and report MC1/2/3 on test.")] = True,
     strengths: o.Strengths = "0.25,0.5,1.0",
     kl_cap: o.KLCap = 0.5,
-    max_halvings: o.MaxHalvings = 3,
+    max_halvings: o.MaxHalvings = None,
     protocol: o.Protocol = "matched",
-    kl_tol: o.KLTol = 0.05,
+    kl_tol: o.KLTol = None,
     dtype: o.Dtype = "float32",
     store_dtype: o.StoreDtype = "auto",
     device: o.Device = None,
@@ -154,6 +156,8 @@ def run(
     )
     title = "HPR on TruthfulQA: validation probe accuracy per layer"
     console.print(accuracy_table(r.val_probe_accuracy, r.layers_edited, title))
+    if r.evaluation is not None:
+        console.print(strength_line(r.evaluation.choice), highlight=False)
     console.print(
         f"{r.pairs} pairs from {r.questions['train']} train / {r.questions['val']} val questions; "
         f"edited layers {r.layers_edited}\n"
@@ -169,7 +173,11 @@ def eval_(
     editor: Annotated[
         Path | None,
         typer.Option(
-            "--editor", "-e", help="Editor directory: also evaluate edited, with the difference and its 95% CI."
+            "--editor",
+            "-e",
+            parser=o.editor_dir,
+            metavar="<path>",
+            help="Editor directory: also evaluate edited, with the difference and its 95% CI.",
         ),
     ] = None,
     split: Annotated[
@@ -241,19 +249,12 @@ def compare(
     task: o.Task = "truthfulqa-mc",
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds; mean ± std over them.")] = "0,1,2",
     protocol: o.Protocol = "matched",
-    targets: Annotated[
-        str, typer.Option(help="Matched cost: comma-separated target KLs (nats/token on neutral text).")
-    ] = "0.1,0.25,0.5",
-    kl_tol: o.KLTol = 0.05,
-    steps: Annotated[int, typer.Option(help="Matched cost: KL measurements per target at most, after the grid.")] = 4,
-    kl_cap: o.KLCap = 0.5,
+    targets: o.Targets = None,
+    kl_tol: o.KLTol = None,
+    steps: o.Steps = None,
+    kl_cap: o.CompareKLCap = None,
     limit: o.Limit = None,
-    refine: Annotated[
-        int,
-        typer.Option(
-            help="Grid: bisection steps between the strongest strength under the KL cap and the weakest over it."
-        ),
-    ] = 0,
+    refine: o.Refine = None,
     data: o.TaskData = None,
     out: Annotated[
         Path,
@@ -282,7 +283,7 @@ def compare(
         refine=refine,
         out=out,
         protocol=protocol,
-        targets=o.parse_list(targets, "--targets", float, "numbers"),
+        targets=None if targets is None else o.parse_list(targets, "--targets", float, "numbers"),
         kl_tol=kl_tol,
         steps=steps,
         store_dtype=store_dtype,

@@ -14,6 +14,7 @@ import typer
 
 from ..checks import MAX_STRENGTH
 from ..errors import HpreditError
+from ..evaluation.tasks import task_names
 
 # --------------------------------------------------------------------------- what every job shares
 
@@ -66,7 +67,17 @@ SaveActivations = Annotated[bool, typer.Option(help="Also save the activation st
 
 # --------------------------------------------------------------------------- editing and strength
 
-Editor = Annotated[Path, typer.Option("--editor", "-e", help="Editor directory (from fit / run).")]
+
+def editor_dir(text: str) -> Path:
+    """``--editor DIR``: refused when empty (``Path("")`` would be the current directory)."""
+    if not text.strip():
+        raise HpreditError("--editor: no directory given")
+    return Path(text)
+
+
+Editor = Annotated[
+    Path, typer.Option("--editor", "-e", parser=editor_dir, metavar="<path>", help="Editor directory (from fit / run).")
+]
 Strength = Annotated[float, typer.Option(help=f"Edit strength α (|α| ≤ {MAX_STRENGTH:g}).")]
 OptionalStrength = Annotated[
     float | None, typer.Option(help=f"Edit strength α (|α| ≤ {MAX_STRENGTH:g}); default 1 unless --kl is given.")
@@ -83,28 +94,67 @@ Protocol = Annotated[
     str,
     typer.Option(
         help="How the strength is chosen: matched (the strength whose KL hits each target cost) or grid "
-        "(the best validation score among a grid under --kl-cap: the published numbers)."
+        "(the best validation score among a grid under --kl-cap: the published numbers). An option of the "
+        "other protocol is refused, never ignored."
     ),
 ]
-KLTol = Annotated[float, typer.Option(help="Matched cost: relative tolerance on each target KL (0.05: within 5%).")]
+KLTol = Annotated[
+    float | None,
+    typer.Option(
+        help="Matched cost only: relative tolerance on each target KL (default 0.05: within 5%); "
+        "refused with --protocol grid."
+    ),
+]
 Strict = Annotated[bool, typer.Option(help="Refuse a model whose name differs from the editor's.")]
 KLCap = Annotated[
     float,
     typer.Option(
-        help="Largest fluency cost (KL nats/token on neutral text) a chosen strength may have "
-        "(run --protocol matched: the cost aimed at)."
+        help="The fluency cost (KL nats/token on neutral text): --protocol matched, the cost aimed at; "
+        "grid, the largest a chosen strength may have."
+    ),
+]
+CompareKLCap = Annotated[
+    float | None,
+    typer.Option(
+        "--kl-cap",
+        help="Grid only: the largest fluency cost (KL nats/token on neutral text) a chosen strength may have "
+        "(default 0.5). Refused with --protocol matched, which reaches given costs: give them as --targets.",
     ),
 ]
 Strengths = Annotated[str, typer.Option(help="Strengths tried on the validation questions.")]
 MaxHalvings = Annotated[
-    int, typer.Option(help="While every strength is over the KL cap, halve the smallest, at most this often.")
+    int | None,
+    typer.Option(
+        help="Grid only: while every strength is over the KL cap, halve the smallest, at most this often "
+        "(default 3); refused with --protocol matched."
+    ),
+]
+Targets = Annotated[
+    str | None,
+    typer.Option(
+        help="Matched cost only: comma-separated target KLs (nats/token on neutral text; default 0.1,0.25,0.5); "
+        "refused with --protocol grid."
+    ),
+]
+Steps = Annotated[
+    int | None,
+    typer.Option(
+        help="Matched cost only: KL measurements per target at most, after the grid (default 4); "
+        "refused with --protocol grid."
+    ),
+]
+Refine = Annotated[
+    int | None,
+    typer.Option(
+        help="Grid only: bisection steps between the strongest strength under the KL cap and the weakest over "
+        "it (default 0); refused with --protocol matched."
+    ),
 ]
 Task = Annotated[
     str,
     typer.Option(
         "--task",
-        help="truthfulqa-mc (MC1/MC2/MC3), truthfulqa-gen (BLEU/ROUGE-L acc), bbq, toxigen, refusal or ab:NAME "
-        "(CAA's sets: ab:sycophancy, ab:refusal, ab:survival-instinct, …).",
+        help=f"The task (see docs/tasks.md): {', '.join(task_names())}.",
     ),
 ]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["accuracy_table", "side_by_side_table"]
+__all__ = ["accuracy_table", "side_by_side_table", "strength_line"]
 
 
 def accuracy_table(probe_accuracy: Mapping[int, float], edited: Sequence[int], title: str) -> Table:
@@ -24,10 +24,30 @@ def accuracy_table(probe_accuracy: Mapping[int, float], edited: Sequence[int], t
 def side_by_side_table(result: Any) -> Table:
     """A :class:`hpredit.pipeline.SideBySide`: each prompt, its unedited and its edited continuation."""
     ed = result.editor
-    title = f"{ed.method.upper()} layers {ed.layers}, strength {result.strength}, scope {result.scope}"
+    kl = getattr(result, "kl", None)
+    strength = result.strength if kl is None else f"{result.strength:.4g} (from KL {kl:g})"
+    title = f"{ed.method.upper()} layers {ed.layers}, strength {strength}, scope {result.scope}"
     table = Table(title=title, show_lines=True)
     for column in ("prompt", "unedited", "edited"):
         table.add_column(column)
     for row in result.rows:
         table.add_row(*row)
     return table
+
+
+def strength_line(choice: Any) -> str:
+    """What a :class:`hpredit.results.StrengthChoice` found, in one line (as ``summary.json`` says it)."""
+    s = f"strength {choice.strength:.4g}"
+    if choice.status is None:  # grid
+        if choice.over_kl_cap:
+            return f"{s}: no strength tried was under the KL cap {choice.kl_cap:g}; the lowest-KL one was taken"
+        return f"{s}: the best validation score under the KL cap {choice.kl_cap:g}"
+    kl, cap = choice.kl, choice.kl_cap
+    if choice.status == "hit":
+        return f"{s}: KL {kl:.4f}, the cap {cap:g} within ± {100 * choice.kl_tol:g} %"
+    if choice.status == "closest":
+        return (
+            f"{s}: KL {kl:.4f}, {100 * (kl - cap) / cap:+.0f} % off the cap {cap:g} (closest: the search ran out "
+            f"of steps before ± {100 * choice.kl_tol:g} %)"
+        )
+    return f"{s}: KL {kl:.4f}, the largest cost reached: the cap {cap:g} is unreachable"

@@ -35,6 +35,7 @@ from ..checks import (
     check_store_dtype,
     check_unique,
     named,
+    not_for_protocol,
 )
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
@@ -48,29 +49,75 @@ from .methods import METHODS, SeedFits
 from .report import summarise_matched, write_results
 from .strength import KL_TOL, TARGETS, choose_strength, fluency_with, match_cost
 
-__all__ = ["PROTOCOLS", "check_compare_args", "compare", "merge"]
+__all__ = ["GRID_DEFAULTS", "PROTOCOLS", "STEPS", "check_compare_args", "compare", "merge", "resolve_search"]
 
 #: How a comparison chooses each method's strength (see the module's docstring).
 PROTOCOLS = ("matched", "grid")
 
 
+#: The grid protocol's defaults (``kl_cap``, ``max_doublings``, ``refine``) and the matched one's
+#: search budget (``steps``; its targets and tolerance are :data:`TARGETS` and :data:`KL_TOL`).
+GRID_DEFAULTS: dict[str, float | int] = {"kl_cap": 0.5, "max_doublings": 3, "refine": 0}
+STEPS = 4
+#: Which protocol each search option belongs to: given under the other one it is refused (never ignored).
+_ONLY = {
+    "kl_cap": "grid",
+    "max_doublings": "grid",
+    "refine": "grid",
+    "targets": "matched",
+    "kl_tol": "matched",
+    "steps": "matched",
+}
+
+
+def resolve_search(
+    protocol: str,
+    kl_cap: float | None = None,
+    max_doublings: int | None = None,
+    refine: int | None = None,
+    targets: Sequence[float] | None = None,
+    kl_tol: float | None = None,
+    steps: int | None = None,
+) -> dict:
+    """The strength search's settings under ``protocol``: each given value checked, an option of the
+    other protocol refused (None: not given), the protocol's defaults filled in; the other
+    protocol's options are None."""
+    if protocol not in PROTOCOLS:
+        raise HpreditError(f"unknown {named('protocol')} {protocol!r}: use {' or '.join(PROTOCOLS)}")
+    given = {
+        "kl_cap": None if kl_cap is None else check_kl_cap(kl_cap),
+        "max_doublings": None if max_doublings is None else check_count(max_doublings, "max_doublings", 0),
+        "refine": None if refine is None else check_count(refine, "refine", 0),
+        "targets": None if targets is None else tuple(check_kl_targets(targets)),
+        "kl_tol": None if kl_tol is None else check_kl_tol(kl_tol),
+        "steps": None if steps is None else check_count(steps, "steps", 0),
+    }
+    for option, only in _ONLY.items():
+        if given[option] is not None and only != protocol:
+            raise HpreditError(not_for_protocol(option, protocol, only, "comparison"))
+    defaults: dict = (
+        dict(GRID_DEFAULTS) if protocol == "grid" else {"targets": TARGETS, "kl_tol": KL_TOL, "steps": STEPS}
+    )
+    return {o: (given[o] if given[o] is not None else defaults.get(o)) for o in _ONLY}
+
+
 def check_compare_args(
     methods: Sequence[str],
     seeds: Sequence[int],
-    kl_cap: float,
-    limit: int | None,
-    refine: int = 0,
+    kl_cap: float | None = None,
+    limit: int | None = None,
+    refine: int | None = None,
     task: str = "truthfulqa-mc",
     protocol: str = "matched",
-    targets: Sequence[float] = TARGETS,
-    kl_tol: float = KL_TOL,
+    targets: Sequence[float] | None = None,
+    kl_tol: float | None = None,
+    steps: int | None = None,
+    max_doublings: int | None = None,
 ) -> Task:
     """Refuse unknown methods, tasks or protocols, no seeds, a non-positive cap or limit, a negative
-    refine, bad KL targets or tolerance; the task."""
-    if protocol not in PROTOCOLS:
-        raise HpreditError(f"unknown {named('protocol')} {protocol!r}: use {' or '.join(PROTOCOLS)}")
-    check_kl_targets(targets)
-    check_kl_tol(kl_tol)
+    refine, bad KL targets or tolerance, and a search option of the other protocol
+    (:func:`resolve_search`); the task."""
+    resolve_search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
     the_task = get_task(task)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -80,8 +127,6 @@ def check_compare_args(
         raise HpreditError(f"give at least one split seed ({named('seeds')})")
     check_unique(methods, named("methods"))
     check_unique([check_seed(seed, f"each of {named('seeds')}") for seed in seeds], named("seeds"))
-    check_kl_cap(kl_cap)
-    check_count(refine, "refine", 0)
     return the_task
 
 
@@ -133,15 +178,15 @@ class _Run:
     tok: PreTrainedTokenizerBase
     task: Task
     neutral: NeutralText
-    kl_cap: float
-    max_doublings: int
-    refine: int
+    kl_cap: float | None  #: grid (None under matched)
+    max_doublings: int | None  #: grid
+    refine: int | None  #: grid
     log: Callable[[str], None]
     progress: bool
     protocol: str = "matched"
-    targets: tuple[float, ...] = TARGETS
-    kl_tol: float = KL_TOL
-    steps: int = 4
+    targets: tuple[float, ...] = TARGETS  #: matched
+    kl_tol: float = KL_TOL  #: matched
+    steps: int = STEPS  #: matched
 
 
 @contextmanager
@@ -223,11 +268,11 @@ def _fit_and_choose(
         grid or method.strengths,
         split.val,
         run.neutral,
-        run.kl_cap,
-        0 if grid else run.max_doublings,
+        cast(float, run.kl_cap),
+        0 if grid else cast(int, run.max_doublings),
         log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
         task=run.task,
-        refine=0 if grid else run.refine,
+        refine=0 if grid else cast(int, run.refine),
         progress=lambda what: step(f"strength search, {what}"),
     )
 
@@ -279,6 +324,7 @@ def _run_method_matched(
                 "method": name,
                 "target": c["target"],
                 "status": c["status"],
+                **({} if c["target"] is None else {"kl_miss": (cost["kl"] - c["target"]) / c["target"]}),
                 "strength": c["strength"],
                 "layers": sorted(chosen.layers) if chosen else [],
                 "heads": [list(h) for h in getattr(chosen, "heads", [])],
@@ -326,11 +372,11 @@ def compare(
     seeds: Sequence[int] = (0, 1, 2),
     task: str = "truthfulqa-mc",
     data: str | Path | None = None,
-    kl_cap: float = 0.5,
+    kl_cap: float | None = None,
     limit: int | None = None,
     strengths: dict[str, Sequence[float]] | None = None,
-    max_doublings: int = 3,
-    refine: int = 0,
+    max_doublings: int | None = None,
+    refine: int | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -342,9 +388,9 @@ def compare(
     force: bool = False,
     command: str | None = None,
     protocol: str = "matched",
-    targets: Sequence[float] = TARGETS,
-    kl_tol: float = KL_TOL,
-    steps: int = 4,
+    targets: Sequence[float] | None = None,
+    kl_tol: float | None = None,
+    steps: int | None = None,
 ) -> CompareResult:
     """Fit every method on the same train split, choose its strength, report it on test.
 
@@ -366,15 +412,21 @@ def compare(
         methods: names from :data:`~hpredit.compare.METHODS` (``none`` is the unedited model).
         seeds: split seeds; the summary gives mean ± std over them.
         task: a task name from :func:`hpredit.evaluation.tasks.task_names`; ``data`` a local file for it.
-        kl_cap: (grid) the largest fluency cost (nats/token on neutral text) a chosen strength may
-            have; when none qualifies the weakest setting is taken and flagged.
+        kl_cap: (grid; default 0.5) the largest fluency cost (nats/token on neutral text) a chosen
+            strength may have; when none qualifies the weakest setting is taken and flagged.
         limit: keep the first N groups of each split (quick runs).
         strengths: per-method grids: (grid) tried as given, no doubling or refining; (matched) the
             search's warm start.
-        max_doublings: (grid) how often a grid may double past its top (or halve below its
-            bottom) while it is entirely under (over) the cap.
-        refine: (grid) bisection steps toward the cap.
-        protocol, targets, kl_tol, steps: the matched-cost search (see above).
+        max_doublings: (grid; default 3) how often a grid may double past its top (or halve below
+            its bottom) while it is entirely under (over) the cap.
+        refine: (grid; default 0) bisection steps toward the cap.
+        protocol, targets, kl_tol, steps: the matched-cost search (see above; defaults
+            :data:`~hpredit.compare.TARGETS`, :data:`~hpredit.compare.KL_TOL`, 4).
+
+        The search options of one protocol are refused under the other (None: not given, the
+        protocol's default): a grid's ``kl_cap``, ``max_doublings`` or ``refine`` with
+        ``protocol="matched"`` (for a cost to reach, give ``targets``), ``targets``, ``kl_tol`` or
+        ``steps`` with ``protocol="grid"``.
         out: write ``results.json``, ``table.md`` and a figure there atomically (a non-empty
             directory is refused unless ``force``).
         progress, log: progress bars while collecting; where progress lines go.
@@ -393,8 +445,10 @@ def compare(
         >>> sorted(result.summary)  # matched cost (the default): per target, and HPR vs the best other
         ['baseline', 'paired', 'targets']
     """
-    the_task = check_compare_args(methods, seeds, kl_cap, limit, refine, task, protocol, targets, kl_tol)
-    check_count(steps, "steps", 0)
+    the_task = check_compare_args(
+        methods, seeds, kl_cap, limit, refine, task, protocol, targets, kl_tol, steps, max_doublings
+    )
+    search = resolve_search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
     if store_dtype is not None:
         check_store_dtype(store_dtype)
     if out is not None:
@@ -412,25 +466,23 @@ def compare(
         tok,
         the_task,
         neutral,
-        kl_cap,
-        max_doublings,
-        refine,
+        search["kl_cap"],
+        search["max_doublings"],
+        search["refine"],
         log,
         progress,
         protocol,
-        tuple(check_kl_targets(targets)),
-        kl_tol,
-        steps,
+        *((search["targets"], search["kl_tol"], search["steps"]) if protocol == "matched" else ()),
     )
     runs, splits = [], []
     for seed in seeds:
         seed_runs, split_row = _run_seed(run, methods, items, seed, limit, store_dtype, strengths or {})
         runs += seed_runs
         splits.append(split_row)
-    setting = _setting(model, the_task, data, methods, seeds, kl_cap, refine, limit, neutral)
+    setting = _setting(model, the_task, data, methods, seeds, search["kl_cap"], search["refine"], limit, neutral)
     if protocol == "matched":
         setting.update(
-            protocol="matched", targets=list(run.targets), kl_tol=kl_tol, steps=steps, kl_cap=None, refine=None
+            protocol="matched", targets=list(run.targets), kl_tol=run.kl_tol, steps=run.steps, kl_cap=None, refine=None
         )
     result = CompareResult(
         provenance, setting, runs, splits, _summary(setting, runs, methods), round(time.time() - started, 1)
@@ -471,7 +523,7 @@ def _run_seed(
     }
 
 
-def _setting(model, task: Task, data, methods, seeds, kl_cap: float, refine: int, limit, neutral) -> dict:
+def _setting(model, task: Task, data, methods, seeds, kl_cap: float | None, refine: int | None, limit, neutral) -> dict:
     """What a comparison was run with (the top of ``results.json`` besides provenance and rows)."""
     return {
         "model": fingerprint(model).to_dict(),

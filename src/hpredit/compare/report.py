@@ -62,6 +62,13 @@ def _entry(rows: list[dict], metrics: Sequence[str], primary: str, seeds: int) -
     entry["unreachable"] = [
         {"seed": r["seed"], "max_kl": r["kl"], "strength": r["strength"]} for r in rows if r.get("test") is None
     ]
+    if any(r.get("target") is not None for r in rows):  # matched: which seeds hit the target, which missed it
+        entry["hit"] = sum(r.get("status") == "hit" for r in done)
+        entry["closest"] = [
+            {"seed": r["seed"], "kl": r["kl"], "miss": (r["kl"] - r["target"]) / r["target"]}
+            for r in done
+            if r.get("status") == "closest"
+        ]
     values = [r["test"][primary] for r in done if r["test"].get(primary) is not None]
     if len(values) > 1:
         entry[primary]["ci"] = seed_ci(values)
@@ -80,7 +87,9 @@ def summarise_matched(
         ``"targets": {"0.25": {method: entry}}``, ``"paired": {"0.25": difference}}``. An entry
         holds each metric's mean and std over the seeds that reached the target (the primary
         metric also its 95 % CI), the strengths, how many seeds reached it and, for the others,
-        the largest cost reached. The difference is HPR's primary metric minus that of the best
+        the largest cost reached; how many of them hit it within the tolerance (``hit``) and the
+        others (``closest``: the search's budget ran out first) with their KL and relative
+        ``miss``. The difference is HPR's primary metric minus that of the best
         other method (highest mean) reaching the target on every seed: the mean over test items
         (pooled over seeds, each item paired with itself) and its 95 % percentile-bootstrap CI.
     """
@@ -118,7 +127,14 @@ def _paired(entries: dict[str, dict], rows: dict[str, list[dict]], primary: str,
     a = [v for s in sorted(ref) for v in ref[s]]
     b = [v for s in sorted(ref) for v in oth[s]]
     boot = paired_bootstrap(a, b, RESAMPLES, 0)
-    return {"reference": REFERENCE, "other": best, **boot.to_dict(), "items": len(a)}
+    missed = [m for m in (REFERENCE, best) if entries[m].get("closest")]
+    return {
+        "reference": REFERENCE,
+        "other": best,
+        **boot.to_dict(),
+        "items": len(a),
+        **({"closest": missed} if missed else {}),  # a side not at the target within the tolerance
+    }
 
 
 # --------------------------------------------------------------------------- tables
@@ -188,6 +204,7 @@ def _matched_tables(result: CompareResult) -> str:
                 + f" | largest reached {far['max_kl']:.4f} (strength {far['strength']:.4g}) | – | – |"
             )
         note = "" if e.get("reached", seeds) == e.get("seeds", seeds) else f" ({e['reached']}/{e['seeds']} seeds)"
+        note += _closest_note(e.get("closest") or [], seeds)
         return (
             f"| {name}{note} | "
             + " | ".join(_cell(e, m, seeds=seeds) for m in metrics)
@@ -198,18 +215,38 @@ def _matched_tables(result: CompareResult) -> str:
         out += [f"**KL target {t} nats/token** (± {100 * tol:g} %)", "", head, rule]
         out += [line(f"{name} (unedited)", e) for name, e in summary.get("baseline", {}).items()]
         out += [line(name, e) for name, e in entries.items()]
+        if any(e.get("closest") for e in entries.values()):
+            out += [
+                "",
+                f"closest: no strength measured came within ± {100 * tol:g} % of the target before the search's "
+                "budget (steps) ran out; such a row is at the measured KL nearest the target (its KL column), "
+                "not at the target.",
+            ]
         p = summary["paired"].get(t) or {}
         if p.get("other"):
             lo, hi = p["ci"]
+            off = f"; not at equal cost: {' and '.join(p['closest'])} closest, see above" if p.get("closest") else ""
             out += [
                 "",
                 f"{p['reference']} − {p['other']} (the best other method here), {_metric_name(primary)}: "
-                f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap over {p['items']} test items)",
+                f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap over {p['items']} test items{off})",
             ]
         elif p.get("why"):
             out += ["", f"no paired difference: {p['why']}"]
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _closest_note(closest: list[dict], seeds: int) -> str:
+    """`` (closest: KL 0.14, -44 % off the target)``: a row whose search missed its target (one seed),
+    or on how many seeds it did and the largest miss."""
+    if not closest:
+        return ""
+    if len(closest) == 1 and seeds == 1:
+        c = closest[0]
+        return f" (closest: KL {c['kl']:.4g}, {100 * c['miss']:+.0f} % off the target)"
+    worst = max(closest, key=lambda c: abs(c["miss"]))
+    return f" (closest on {len(closest)}/{seeds} seeds, up to {100 * worst['miss']:+.0f} % off the target)"
 
 
 def figure(result: CompareResult | dict, path: Path) -> bool:

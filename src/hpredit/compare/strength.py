@@ -114,6 +114,8 @@ class _Search:
         lo, hi = max(below), min(above)
         for _ in range(steps):
             mid = (lo + hi) / 2
+            if mid in (lo, hi):  # down to float resolution: nothing left to bisect
+                break
             if self.attempt(ed, mid):
                 lo = mid
             else:
@@ -218,12 +220,14 @@ def match_targets(
 
     ``cost`` is measured at the ``start`` strengths (a method's grid: the warm start), then at the
     top strength doubled while every cost is below the largest target (``max_doublings`` times at
-    most, never past ``max_strength``). Each target is then bracketed between the strongest
+    most, never past ``max_strength``); a cost measured below 0 (float rounding of a cost of almost
+    nothing) counts as 0. Each target is then bracketed between the strongest
     measured strength below it and the weakest at or above it (``cost(0) = 0``, the edit being the
     identity there) and narrowed for at most ``steps`` measurements: each step measures where
     ``sqrt(cost)``, interpolated linearly in the strength, meets the target (a small edit costs
     about ``c·s²``), kept at least a tenth of the bracket away from its ends, so that a bracket
-    always shrinks (bisection where the interpolation would stall). A cost that is not monotone is
+    always shrinks (bisection where the interpolation would stall; once it is down to float
+    resolution the search stops there, whatever the budget). A cost that is not monotone is
     handled by bracketing the first crossing. Targets beyond every measured cost are reported as
     ``unreachable`` with the largest cost reached.
 
@@ -239,7 +243,8 @@ def match_targets(
 
     def measure(s: float) -> float:
         if s not in measured:
-            measured[s] = float(cost(s))
+            # KL is ≥ 0; a cost of (almost) nothing can be measured a little below 0 by float rounding
+            measured[s] = max(0.0, float(cost(s)))
             points.append((s, measured[s]))
         return measured[s]
 
@@ -279,7 +284,10 @@ def _hit(
         margin = 0.1 * (hi - lo)
         if step == steps:
             break
-        measure(min(max(guess, lo + margin), hi - margin))
+        s_next = min(max(guess, lo + margin), hi - margin)
+        if s_next in measured:  # the bracket is down to float resolution: it cannot shrink any more
+            break
+        measure(s_next)
     best = min(measured, key=lambda s: (abs(measured[s] - t), s))
     return TargetHit(t, best, measured[best], "closest")
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import torch
 from safetensors import SafetensorError
@@ -29,10 +30,12 @@ from ..artifacts import atomic_directory, read_json, sha256_file
 from ..checks import DEFAULT_STRENGTH, check_editor_matches, named, strength_given
 from ..errors import HpreditError
 from ..hooks import EditHandle, LayerEdit
+from ..registry import Registry
 from .kl_curve import KLCurve
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
+    "EDITORS",
     "Editor",
     "EditorConfig",
     "TokenPairs",
@@ -43,13 +46,32 @@ __all__ = [
     "train_val_masks",
 ]
 
-ARTIFACT_FORMAT_VERSION = 1
+#: 2: ``config.json`` carries ``config_sha256``, the checksum of every entry that changes what the
+#: editor does (:data:`UNCHECKED_ENTRIES` lists the others). 1 (before): only the weights' checksum;
+#: such artifacts still load, but their strength → KL curve is not used (nothing vouches for it).
+ARTIFACT_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+#: The entries of ``config.json`` outside ``config_sha256``: the envelope (format, version, date),
+#: the fingerprint of the model fitted on (checked against the model at attach: it decides which
+#: model the editor attaches to, not what the edit does), the validation metrics (reported, never
+#: used to edit) and the checksums themselves. Everything else (method, config, layers, the
+#: method's own entries, the strength → KL curve) is covered, also any entry a later version adds.
+UNCHECKED_ENTRIES = (
+    "format",
+    "format_version",
+    "hpredit_version",
+    "created",
+    "model",
+    "metrics",
+    "weights_sha256",
+    "config_sha256",
+)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "editor.safetensors"
-_REGISTRY: dict[str, type[Editor]] = {}
 
 
 # ----------------------------------------------------------------------------- configs
+# (the registry of editor methods, EDITORS, follows the Editor class)
 
 
 def is_int(x: Any) -> bool:
@@ -147,12 +169,6 @@ def check_layer_request(
         )
 
 
-def register_editor(cls: type[Editor]) -> type[Editor]:
-    """Class decorator: make ``cls`` loadable by :func:`load_editor` under ``cls.method``."""
-    _REGISTRY[cls.method] = cls
-    return cls
-
-
 class Editor(ABC):
     """Base class of all editors. Subclasses set ``method`` and ``config_class``, implement
     ``fit``, ``tensors``, ``_from_tensors`` and ``layer_edit``."""
@@ -171,6 +187,8 @@ class Editor(ABC):
         self.metrics = metrics or {}
         #: the measured strength → KL curve (neutral text, the model fitted on), when a search measured one
         self.kl_curve: KLCurve | None = None
+        #: the artifact whose curve was not used: saved before config.json had a checksum covering it
+        self.unverified_curve: str | None = None
 
     # ----------------------------------------------------------------- per-method parts
 
@@ -305,6 +323,12 @@ class Editor(ABC):
         is how the caller spells the value in messages (``--kl``, ``'kl'``).
         """
         name = named(name or "kl")
+        if self.kl_curve is None and self.unverified_curve is not None:
+            raise HpreditError(
+                f"{self.unverified_curve}: its strength → KL curve was saved without a checksum covering it "
+                f"(an artifact of an earlier hpredit), so it is not used and {name} cannot be converted: pass a "
+                "strength, or measure the curve again (hpredit run records one) and save the editor"
+            )
         if self.kl_curve is None:
             raise HpreditError(
                 f"this {self.method} editor has no measured strength → KL curve, so {name} cannot be converted: "
@@ -325,7 +349,9 @@ class Editor(ABC):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the editor as a directory: ``config.json`` (config, layers, model fingerprint,
-        metrics, the weights' checksum) and ``editor.safetensors``, atomically (whole or not at all).
+        metrics, the strength → KL curve, the weights' checksum and ``config_sha256``, the checksum
+        of every entry that changes what the editor does) and ``editor.safetensors``, atomically
+        (whole or not at all).
 
         Args:
             directory: where to write; an existing editor there is replaced whole.
@@ -355,6 +381,8 @@ class Editor(ABC):
                 **({"kl_curve": self.kl_curve.to_json()} if self.kl_curve is not None else {}),
                 "weights_sha256": sha256_file(tmp / WEIGHTS_NAME),
             }
+            config = json.loads(json.dumps(config))  # as it will be read back (lists, string keys)
+            config["config_sha256"] = config_checksum(config)
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
         return directory
 
@@ -378,6 +406,40 @@ class Editor(ABC):
         if cls is not Editor and not isinstance(editor, cls):
             raise HpreditError(f"{directory} holds a {editor.method!r} editor, not {cls.method!r}")
         return editor
+
+
+#: The one registry of editor methods: ``method`` → :class:`Editor` subclass (``load_editor`` dispatches on it).
+EDITORS: Registry[type[Editor]] = Registry("editor method", Editor, classes=True)
+
+E = TypeVar("E", bound=type[Editor])
+
+
+@overload
+def register_editor(cls: E, *, replace: bool = False) -> E: ...
+@overload
+def register_editor(cls: None = None, *, replace: bool = False) -> Callable[[E], E]: ...
+def register_editor(cls=None, *, replace=False):
+    """Class decorator (``@register_editor`` or ``@register_editor(replace=True)``): make ``cls``
+    loadable by :func:`load_editor` under ``cls.method``.
+
+    Refused (one :class:`HpreditError`): anything but an :class:`Editor` subclass, a class leaving
+    an abstract method unimplemented, an empty ``method``, a ``config_class`` that is not an
+    :class:`EditorConfig` class, and a method already registered unless ``replace``.
+    """
+
+    def register(klass):
+        EDITORS.check_entry(klass)
+        config_class = getattr(klass, "config_class", None)
+        if not (isinstance(config_class, type) and issubclass(config_class, EditorConfig)):
+            raise HpreditError(f"editor {klass.__name__}: config_class must be an EditorConfig subclass")
+        return EDITORS.register(getattr(klass, "method", None), klass, replace=replace)
+
+    return register if cls is None else register(cls)
+
+
+def residual_methods() -> list[str]:
+    """The registered editor methods that edit the residual stream (what ``hpredit serve`` runs)."""
+    return [name for name, klass in EDITORS.items() if klass.site == "residual"]
 
 
 def check_contrast(acts: Any) -> int:
@@ -481,22 +543,29 @@ def _config_from_dict(config_class: type, d: Any, where: str) -> Any:
 
 def load_editor(directory: str | os.PathLike) -> Editor:
     """Load any editor artifact, dispatching on its ``method``; every failure is one clear error."""
+    if isinstance(directory, str) and not directory.strip():  # Path("") would be the current directory
+        raise HpreditError("editor artifact: no directory given")
     directory = Path(directory)
     where = str(directory)
     if not directory.is_dir():
         raise HpreditError(f"editor artifact {directory} does not exist (expected a directory from save_pretrained)")
+    if not (directory / CONFIG_NAME).is_file():  # named in full: "." or a relative path says little
+        raise HpreditError(
+            f"editor artifact {directory.resolve()}: {CONFIG_NAME} is missing "
+            "(not a directory written by save_pretrained)"
+        )
     cfg = read_json(directory / CONFIG_NAME, "editor artifact")
     if cfg.get("format") != "hpredit-editor":
         raise HpreditError(f"{where}: config.json is not an hpredit editor config")
-    if cfg.get("format_version") != ARTIFACT_FORMAT_VERSION:
+    if cfg.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise HpreditError(
             f"{where}: format version {cfg.get('format_version')!r} is not supported "
-            f"(this hpredit reads {ARTIFACT_FORMAT_VERSION})"
+            f"(this hpredit reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))})"
         )
-    method = cfg.get("method")
-    if method not in _REGISTRY:
-        raise HpreditError(f"{where}: unknown editor method {method!r} (known: {', '.join(sorted(_REGISTRY))})")
-    klass = _REGISTRY[method]
+    try:
+        klass = EDITORS.get(cfg.get("method"))  # type: ignore[arg-type]
+    except HpreditError as e:
+        raise HpreditError(f"{where}: {e}") from None
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise HpreditError(f"{where}: {WEIGHTS_NAME} is missing")
@@ -528,7 +597,36 @@ def load_editor(directory: str | os.PathLike) -> Editor:
         )
     config = _config_from_dict(klass.config_class, cfg.get("config"), where)
     metrics = klass.check_metrics(cfg.get("metrics") or {}, where)
-    curve = KLCurve.from_json(cfg["kl_curve"], where) if cfg.get("kl_curve") is not None else None
+    legacy = cfg["format_version"] == 1  # before config_sha256: nothing vouches for a curve
+    curve = KLCurve.from_json(cfg["kl_curve"], where) if cfg.get("kl_curve") is not None and not legacy else None
     editor = klass._from_tensors(config, layers, model, metrics, tensors, cfg)
+    if legacy:
+        if cfg.get("kl_curve") is not None:
+            editor.unverified_curve = where
+    else:
+        _check_config_checksum(cfg, where)
     editor.kl_curve = curve
     return editor
+
+
+def config_checksum(cfg: dict) -> str:
+    """The SHA-256 of ``config.json``'s entries outside :data:`UNCHECKED_ENTRIES`, as canonical JSON
+    (sorted keys, no spaces, ASCII): what ``config_sha256`` records."""
+    covered = {k: v for k, v in cfg.items() if k not in UNCHECKED_ENTRIES}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _check_config_checksum(cfg: dict, where: str) -> None:
+    """Refuse a format-2 ``config.json`` whose covered entries were edited after saving (checked
+    after every entry's own rules, so that a malformed entry gets its own message)."""
+    if not isinstance(cfg.get("config_sha256"), str) or not cfg["config_sha256"]:
+        raise HpreditError(
+            f"{where}: config.json has no 'config_sha256' entry (the checksum of its config, layers and "
+            "strength → KL curve): the artifact is incomplete or was edited; save the editor again"
+        )
+    if config_checksum(cfg) != cfg["config_sha256"]:
+        raise HpreditError(
+            f"{where}: config.json does not match its checksum (config_sha256): its config, layers or "
+            "strength → KL curve were edited after saving; save the editor again from Python, or refit it"
+        )

@@ -18,10 +18,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..checks import check_kl_target
+from ..checks import MAX_STRENGTH, check_kl_target, named
 from ..errors import HpreditError
 
-__all__ = ["KLCurve"]
+__all__ = ["CURVE_SCOPE", "KLCurve", "scope_note"]
+
+
+#: The token scope every curve hpredit measures is measured with: every token edited.
+CURVE_SCOPE = "all"
+
+
+def scope_note(kl: float, strength: float, scope: str) -> str | None:
+    """One line saying that ``kl`` was converted through a curve measured with scope ``all`` while
+    the edit runs with ``scope`` (fewer tokens edited: the curve does not promise that cost); None
+    when the scopes agree."""
+    if scope == CURVE_SCOPE:
+        return None
+    return (
+        f"note: {named('kl')} {kl:g} converts to strength {strength:.4g} through the editor's strength → KL curve, "
+        f"measured with scope {CURVE_SCOPE} (every token edited); with {named('scope')} {scope} fewer tokens are "
+        "edited, so this strength costs less than that on neutral text"
+    )
 
 
 def _finite_number(x: Any) -> bool:
@@ -30,7 +47,8 @@ def _finite_number(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class KLCurve:
-    """Measured points ``strengths[i] → kl[i]`` (strengths > 0, increasing; KL ≥ 0 in nats/token).
+    """Measured points ``strengths[i] → kl[i]`` (strengths in (0, MAX_STRENGTH], increasing; KL ≥ 0
+    in nats/token), so that every strength a cost converts to is one ``attach`` takes.
 
     ``text`` says which neutral text the KL was measured on (and how many tokens).
     """
@@ -46,8 +64,10 @@ class KLCurve:
 
     @classmethod
     def from_points(cls, points: Sequence[tuple[float, float]], text: str = "") -> KLCurve:
-        """From ``(strength, kl)`` pairs in any order (positive strengths only; a repeat keeps the last)."""
-        by_strength = {float(s): float(k) for s, k in points if s > 0}
+        """From measured ``(strength, kl)`` pairs in any order (positive strengths only; a repeat keeps
+        the last). A KL measured below 0 (float rounding of a cost of almost nothing: KL is ≥ 0) is
+        taken as 0; a curve given whole (the constructor, :meth:`from_json`) must hold KL ≥ 0."""
+        by_strength = {float(s): _at_least_zero(float(k)) for s, k in points if s > 0}
         ordered = sorted(by_strength.items())
         return cls(tuple(s for s, _ in ordered), tuple(k for _, k in ordered), text)
 
@@ -76,7 +96,13 @@ class KLCurve:
         for s1, k1 in zip(self.strengths, self.kl):
             r1 = math.sqrt(k1)
             if r1 >= r:
-                return s0 + (s1 - s0) * (r - r0) / (r1 - r0) if r1 > r0 else s1
+                s = s0 + (s1 - s0) * (r - r0) / (r1 - r0) if r1 > r0 else s1
+                if s > MAX_STRENGTH:  # a curve's strengths are within the bound; said here, should one not be
+                    raise HpreditError(
+                        f"{name} {target:g} converts to strength {s:g} through this editor's curve, beyond the "
+                        f"largest strength attach takes ({MAX_STRENGTH:g}): ask for a smaller cost"
+                    )
+                return s
             s0, r0 = s1, r1
         raise AssertionError("unreachable: target ≤ max_kl")  # pragma: no cover
 
@@ -94,12 +120,17 @@ class KLCurve:
         return cls(tuple(float(s) for s in d["strengths"]), tuple(float(k) for k in d["kl"]), str(d.get("text", "")))
 
 
+def _at_least_zero(kl: float) -> float:
+    """A measured KL below 0 is float rounding of (almost) nothing: 0. NaN stays NaN (refused)."""
+    return 0.0 if kl < 0 else kl
+
+
 def _problem(strengths: Sequence[Any], kl: Sequence[Any]) -> str | None:
     """Why these points are not a curve, or None."""
     if len(strengths) != len(kl) or not strengths:
         return f"needs as many KL values as strengths, at least one ({len(strengths)} strengths, {len(kl)} KL)"
-    if not all(_finite_number(s) and s > 0 for s in strengths):
-        return "strengths must be positive finite numbers"
+    if not all(_finite_number(s) and 0 < s <= MAX_STRENGTH for s in strengths):
+        return f"strengths must be positive finite numbers up to {MAX_STRENGTH:g} (the largest strength attach takes)"
     if any(b <= a for a, b in zip(strengths, strengths[1:])):
         return "strengths must be increasing"
     if not all(_finite_number(k) and k >= 0 for k in kl):

@@ -12,7 +12,7 @@ from .judges import HFJudge, Judge
 from .metrics import BootstrapCI, mc1, mc2, mc3, mc_metrics, paired_bootstrap, reference_acc
 from .scoring import generate_texts, score_continuations
 from .splits import SPLITS, resolve_split
-from .tasks import Task, get_task, register_task, task_names
+from .tasks import Task, get_task, register_task, task_names, unregister_task
 from .truthfulqa import generate_answers, score_truthfulqa_mc, truncate_answer
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "score_continuations",
     "score_truthfulqa_mc",
     "task_names",
+    "unregister_task",
     "truncate_answer",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,18 +23,20 @@ from .. import distributed
 from ..artifacts import sha256_file
 from ..checks import DEFAULT_STRENGTH, check_count, check_limit, check_scope, check_seed, check_strength, named
 from ..data import QA_PRIMER
+from ..editors.kl_curve import scope_note
 from ..errors import HpreditError
 from ..preflight import check_editor_for, check_model, check_out
 from ..results import EvalResult, Provenance, to_jsonable
 from .judges import Judge, resolve_judges
 from .splits import SPLITS, resolve_split
-from .tasks import EvalSettings, Selection, Task, TaskReport, get_task, task_names
+from .tasks import TASK_REGISTRY, EvalSettings, Selection, Task, TaskReport, get_task
 
 __all__ = ["SPLITS", "TASKS", "EvalResult", "evaluate", "resolve_split"]
 
 #: Every task name ``evaluate`` (and ``hpredit eval --task``) accepts: the one registry of
-#: :mod:`hpredit.evaluation.tasks`, the same as ``compare``'s.
-TASKS = tuple(task_names())
+#: :mod:`hpredit.evaluation.tasks`, the same as ``compare``'s. A live view: a task registered
+#: later is in it.
+TASKS = TASK_REGISTRY.view()
 
 
 # --------------------------------------------------------------------------- checks and loading
@@ -78,14 +81,15 @@ def _model_record(model: nn.Module) -> dict:
     }
 
 
-def _editor_record(editor, path: str | None, strength: float, scope: str) -> dict:
+def _editor_record(editor, path: str | None, strength: float, scope: str, kl: float | None = None) -> dict:
     return {
         "method": editor.method,
         "path": path,
         "layers": editor.layers,
         "config": to_jsonable(editor.config),
         "model": editor.model_fingerprint.to_dict(),
-        "strength": strength,
+        "strength": strength,  # with ``kl``: the strength it converted to
+        "kl": kl,  # the fluency cost asked for instead of a strength (null: a strength was given)
         "scope": scope,
     }
 
@@ -186,6 +190,9 @@ def evaluate(
                 f"{named('kl')} needs an editor (it is converted through the editor's strength → KL curve)"
             )
         strength = editor_obj.resolve_strength(given, kl)
+        note = scope_note(kl, strength, scope)
+        if note and show and distributed.is_main():
+            print(note, file=sys.stderr)
     judge_fns = _load_judges(judges, dtype, device)
     selection = the_task.select(the_task.load(data), split, seed, limit)
     lm, tokenizer, timing = _load_model(model, tokenizer, editor_obj, strict, dtype, device, device_map)
@@ -193,7 +200,7 @@ def evaluate(
     passes = _passes(the_task, lm, tokenizer, selection, editor_obj, strength, scope, strict, timing, settings)
     report = the_task.report(selection.items, passes, split, settings)
     command = command or _api_command(task, split, seed, limit, strength, scope, data, out, editor_path, editor_obj)
-    editor_record = None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, scope)
+    editor_record = None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, scope, kl)
     summary = _summary(
         the_task, command, lm, editor_record, data, primer, split, seed, limit, selection, report, timing
     )

