@@ -101,7 +101,20 @@ def random_hpr(model, layers=None, seed: int = 0, depth: int = 2) -> HPREditor:
     return HPREditor(config, layers, fp, layers, probe, weights, biases, {})
 
 
-EDITOR_KINDS = ["hpr", "hpr-no-gate", "hpr-bias", "caa", "caa-norm", "iti"]
+EDITOR_KINDS = [
+    "hpr",
+    "hpr-no-gate",
+    "hpr-bias",
+    "caa",
+    "caa-norm",
+    "iti",
+    "mirror",
+    "target",
+    "ablation",
+    "ace",
+    "angular",
+    "spherical",
+]
 
 
 def random_editor(kind: str, model, layers=None, seed: int = 0):
@@ -119,6 +132,10 @@ def random_editor(kind: str, model, layers=None, seed: int = 0):
             ed.config = dataclasses.replace(ed.config, probe_bias=True)
             ed.probe_bias = torch.randn(len(ed.fitted_layers), generator=torch.Generator().manual_seed(seed))
         return ed
+    if kind in ("mirror", "target", "ablation", "ace"):
+        return random_projection_editor(kind, model, layers, seed)
+    if kind in ("angular", "spherical"):
+        return random_rotation_editor(kind, model, layers, seed)
     fp = fingerprint(model)
     if kind == "iti":
         from hpredit.editors import ITIConfig, ITIEditor
@@ -137,6 +154,47 @@ def random_editor(kind: str, model, layers=None, seed: int = 0):
     vectors = torch.randn(len(layers), fp.hidden_size, generator=torch.Generator().manual_seed(seed))
     cls = CAAEditor if kind == "caa" else NormRestoreEditor
     return cls(AdditiveConfig(), layers, fp, layers, vectors, {})
+
+
+def random_projection_editor(kind: str, model, layers=None, seed: int = 0):
+    """A ``mirror`` / ``target`` / ``ablation`` / ``ace`` editor with random, well-conditioned parameters:
+    unit-scale probes with a small bias (about half the tokens of the tiny models below the boundary,
+    the target above it), random directions with a reference of the tokens' scale."""
+    from hpredit.editors import AblationConfig, AblationEditor, MirrorConfig, MirrorEditor, TargetEditor
+
+    fp = fingerprint(model)
+    layers = list(range(fp.num_layers)) if layers is None else layers
+    g = torch.Generator().manual_seed(seed)
+    n, d = len(layers), fp.hidden_size
+    if kind in ("mirror", "target"):
+        probe = torch.randn(n, d, generator=g)
+        bias = torch.randn(n, generator=g) * 0.5
+        tau = -bias / probe.norm(dim=-1)
+        target = tau + 2.0 + torch.rand(n, generator=g)
+        cls = MirrorEditor if kind == "mirror" else TargetEditor
+        return cls(MirrorConfig(), layers, fp, layers, probe, bias, target, {})
+    directions = torch.randn(n, d, generator=g)
+    reference = torch.randn(n, generator=g)
+    return AblationEditor(AblationConfig(affine=kind == "ace"), layers, fp, layers, directions, reference, {})
+
+
+def random_rotation_editor(kind: str, model, layers=None, seed: int = 0):
+    """An ``angular`` (random orthonormal plane, target angle in [0°, 90°)) or ``spherical`` (random
+    unit prototypes; with κ = 20 the tiny models' tokens, |cos| ~ 0.1 to it, are partly gated)
+    editor with random parameters."""
+    from hpredit.editors import AngularConfig, AngularEditor, SphericalConfig, SphericalEditor
+    from hpredit.editors.angular import orthonormal_plane
+
+    fp = fingerprint(model)
+    layers = list(range(fp.num_layers)) if layers is None else layers
+    g = torch.Generator().manual_seed(seed)
+    n, d = len(layers), fp.hidden_size
+    if kind == "angular":
+        b1, b2 = orthonormal_plane(torch.randn(n, d, generator=g), torch.randn(n, d, generator=g))
+        config = AngularConfig(target_degrees=round(float(torch.rand(1, generator=g)) * 90, 3))
+        return AngularEditor(config, layers, fp, layers, b1.float(), b2.float(), {})
+    prototypes = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return SphericalEditor(SphericalConfig(), layers, fp, layers, prototypes, {})
 
 
 @pytest.fixture(scope="session")

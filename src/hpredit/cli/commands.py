@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..checks import DEFAULT_STRENGTH
+from ..compare.methods import METHODS
 from . import options as o
 from .app import app, command_line, console, err
 from .show import accuracy_table, side_by_side_table, strength_line
@@ -243,7 +244,7 @@ def eval_(
 def compare(
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated: none, hpr, hpr-no-gate, hpr-fixed-angle, hpr-bias, caa, caa-norm, iti."),
+        typer.Option(help=f"Comma-separated, of: {', '.join(METHODS)} (docs/methods.md)."),
     ] = "none,hpr,caa,caa-norm,iti",
     model: o.Model = None,
     task: o.Task = "truthfulqa-mc",

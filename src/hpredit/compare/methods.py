@@ -10,6 +10,10 @@ from torch import nn
 
 from ..activations import ActivationStore
 from ..editors import CAAEditor, Editor, HPREditor, ITIEditor, NormRestoreEditor
+from ..editors.ablation import AblationEditor
+from ..editors.angular import AngularEditor
+from ..editors.mirror import MirrorEditor, TargetEditor
+from ..editors.spherical import SphericalEditor
 from ..models import num_attention_heads
 
 __all__ = ["METHODS", "Method", "SeedFits"]
@@ -79,6 +83,15 @@ def _additive(cls) -> Fit:
     return fit
 
 
+def _residual(cls: type[Editor], **overrides) -> Fit:
+    """One editor of ``cls`` fitted on the residual store with ``overrides`` (mirror, target, ablation, ACE)."""
+
+    def fit(stores, model, shared):
+        return [cls.fit(stores["residual"], progress=False, **overrides)]
+
+    return fit
+
+
 def _iti(stores, model, shared) -> list[Editor]:
     acts = stores["heads"]
     H = num_attention_heads(model)
@@ -115,6 +128,49 @@ METHODS: dict[str, Method] = {
     "caa": Method("caa", "residual", _additive(CAAEditor), (0.5, 1.0, 2.0), "x + αv, v = mean difference"),
     "caa-norm": Method(
         "caa-norm", "residual", _additive(NormRestoreEditor), (0.5, 1.0, 2.0), "x + αv with the norm restored"
+    ),
+    "mirror": Method(
+        "mirror",
+        "residual",
+        _residual(MirrorEditor),
+        (4.0, 8.0, 12.0),
+        "StMP: tokens below a biased probe's boundary moved along ŵ toward their mirror (fraction of the way)",
+    ),
+    "target": Method(
+        "target",
+        "residual",
+        _residual(TargetEditor),
+        (4.0, 8.0, 16.0),
+        "StTP: tokens below the boundary moved along ŵ toward the positive mean projection (fraction of the way)",
+    ),
+    "ablation": Method(
+        "ablation",
+        "residual",
+        _residual(AblationEditor),
+        (1.0, 2.0, 2.5),
+        "directional ablation of the mean difference (strength: fraction removed; > 1 over-removes)",
+    ),
+    "ace": Method(
+        "ace",
+        "residual",
+        _residual(AblationEditor, affine=True),
+        (1.0, 2.0, 3.0),
+        "ACE: projection moved toward the negative mean's + α‖r‖ (α = 1: the positive mean's; fraction of the way)",
+    ),
+    "angular": Method(
+        "angular",
+        "residual",
+        _residual(AngularEditor),
+        (0.0625, 0.25, 1.0),  # SmolLM2, every layer: KL 0.045 / 0.23 / 0.49 (1 is the whole edit: its most)
+        "Angular Steering, every layer: the (b1, b2)-plane part turned toward b1 (strength: the fraction of "
+        "the way, ≥ 1 lands on it)",
+    ),
+    "spherical": Method(
+        "spherical",
+        "residual",
+        _residual(SphericalEditor),
+        (0.1, 0.2, 0.4),  # SmolLM2, 5 layers: KL 0.057 / 0.23 / 1.05
+        "Spherical Steering: slerp toward μ_T by α × the vMF confidence gate of the angle (strength: α)",
     ),
     "iti": Method("iti", "heads", _iti, (0.05, 0.1, 0.25), "ITI: top-K heads shifted by α·σ·v (α = 15 × strength)"),
 }
