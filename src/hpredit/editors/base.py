@@ -217,6 +217,12 @@ class Editor(ABC):
         """The edit function for one model layer, its parameters prepared once for activations of
         ``dtype`` on ``device``."""
 
+    def edit(
+        self, layer: int, x: torch.Tensor, strength: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Edit activations ``x`` (..., d) of ``layer`` as attach() does."""
+        return self.layer_edit(layer, x.device, x.dtype)(x, mask, strength)
+
     def extra_config(self) -> dict:
         """Method-specific entries for ``config.json`` (besides the dataclass config)."""
         return {}

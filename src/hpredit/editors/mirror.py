@@ -207,12 +207,6 @@ class _ProjectionEditor(Editor):
 
         return edit
 
-    def edit(
-        self, layer: int, x: torch.Tensor, strength: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Edit activations ``x`` (..., d) of ``layer`` as attach() does."""
-        return self.layer_edit(layer, x.device, x.dtype)(x, mask, strength)
-
     # ------------------------------------------------------------------ artifact
 
     def tensors(self) -> dict[str, torch.Tensor]:

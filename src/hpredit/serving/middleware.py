@@ -19,11 +19,10 @@ Pure Python (json, Starlette's types): no engine import.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
-from .params import spec_from_hex, spec_hex, validate_extra_args
+from .params import spec_hex, specialised, specialised_by_name, validate_extra_args
 
 __all__ = ["RequestCheck", "middleware_name", "problem", "request_check_class"]
 
@@ -115,22 +114,13 @@ def middleware_name(editor_names: tuple[str, ...], max_kl: tuple[float | None, .
     return f"{__name__}.{_PREFIX}{spec_hex(editor_names, max_kl)}"
 
 
-@functools.cache
 def request_check_class(
     editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
 ) -> type[RequestCheck]:
     """:class:`RequestCheck` for a server with these editors (and each one's largest measured KL)."""
-    name = middleware_name(editor_names, max_kl).rsplit(".", 1)[1]
-    attrs = {"editor_names": editor_names, "max_kl": max_kl, "__module__": __name__}
-    return type(name, (RequestCheck,), attrs)
+    return specialised(RequestCheck, _PREFIX, editor_names, max_kl)
 
 
 def __getattr__(name: str):
     """``RequestCheck_<hex>``: the class vLLM's ``--middleware`` loads by name."""
-    if name.startswith(_PREFIX):
-        try:
-            names, max_kl = spec_from_hex(name[len(_PREFIX) :])
-        except ValueError:
-            raise AttributeError(name) from None
-        return request_check_class(names, max_kl)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return specialised_by_name(RequestCheck, _PREFIX, name)

@@ -11,6 +11,7 @@ requests and compute per-token strengths with it (:func:`token_strengths`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -69,6 +70,26 @@ def spec_from_hex(text: str) -> tuple[tuple[str, ...], tuple[float | None, ...] 
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise ValueError(f"not an hpredit server spec: {text[:40]!r}") from None
     return names, None if max_kl is None else tuple(max_kl)
+
+
+@functools.cache
+def specialised(
+    base: type, prefix: str, editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
+) -> type:
+    """``base`` for a server with these editors (class attributes ``editor_names``, ``max_kl``), named
+    ``prefix + spec_hex(...)`` in ``base``'s module, so that vLLM can load it by name in any process."""
+    attrs = {"editor_names": editor_names, "max_kl": max_kl, "__module__": base.__module__}
+    return type(prefix + spec_hex(editor_names, max_kl), (base,), attrs)
+
+
+def specialised_by_name(base: type, prefix: str, name: str) -> type:
+    """The class :func:`specialised` names ``name`` (a module ``__getattr__``); ``AttributeError`` else."""
+    if name.startswith(prefix):
+        try:
+            return specialised(base, prefix, *spec_from_hex(name[len(prefix) :]))
+        except ValueError:
+            pass
+    raise AttributeError(f"module {base.__module__!r} has no attribute {name!r}")
 
 
 def edited_name(architecture: str) -> str:

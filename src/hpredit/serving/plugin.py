@@ -16,13 +16,20 @@
 
 from __future__ import annotations
 
-import functools
-
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from .params import SUPPORTED, RequestEdit, ServeSettings, edited_name, spec_from_hex, spec_hex, validate_extra_args
+from .params import (
+    SUPPORTED,
+    RequestEdit,
+    ServeSettings,
+    edited_name,
+    spec_hex,
+    specialised,
+    specialised_by_name,
+    validate_extra_args,
+)
 
 __all__ = ["ROWS", "RequestParams", "register", "request_params_class", "request_params_name"]
 
@@ -94,23 +101,14 @@ def request_params_name(editor_names: tuple[str, ...], max_kl: tuple[float | Non
     return f"{__name__}:{_PREFIX}{spec_hex(editor_names, max_kl)}"
 
 
-@functools.cache
 def request_params_class(
     editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
 ) -> type[RequestParams]:
     """:class:`RequestParams` for a server with these editors (an unknown name, or a ``kl`` beyond the
     editor's curve, is a 400)."""
-    name = request_params_name(editor_names, max_kl).split(":", 1)[1]
-    attrs = {"editor_names": editor_names, "max_kl": max_kl, "__module__": __name__}
-    return type(name, (RequestParams,), attrs)
+    return specialised(RequestParams, _PREFIX, editor_names, max_kl)
 
 
 def __getattr__(name: str):
     """``RequestParams_<hex>``: the validator class vLLM loads by name in each of its processes."""
-    if name.startswith(_PREFIX):
-        try:
-            names, max_kl = spec_from_hex(name[len(_PREFIX) :])
-        except ValueError:
-            raise AttributeError(name) from None
-        return request_params_class(names, max_kl)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return specialised_by_name(RequestParams, _PREFIX, name)
