@@ -70,10 +70,17 @@ import torch
 
 from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
-from ..errors import HpreditError
 from ..hooks import LayerEdit, token_strength
 from .angular import mean_difference_fit
-from .base import Editor, EditorConfig, choose_layers, fitted_layers_from, is_number, register_editor
+from .base import (
+    Editor,
+    EditorConfig,
+    check_artifact_tensors,
+    choose_layers,
+    fitted_layers_from,
+    is_number,
+    register_editor,
+)
 from .mirror import finite_in
 
 __all__ = ["AblationConfig", "AblationEditor"]
@@ -161,15 +168,7 @@ class AblationEditor(Editor):
         fitted = fitted_layers_from(artifact, layers)
         n, d = len(fitted), model.hidden_size
         expected = {"directions": (n, d), "reference": (n,)}
-        if set(tensors) != set(expected):
-            raise HpreditError(f"editor artifact: tensors {sorted(tensors)} do not match (expected {sorted(expected)})")
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise HpreditError(
-                    f"editor artifact: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-                )
-            if not torch.isfinite(tensors[name]).all():
-                raise HpreditError(f"editor artifact: tensor {name} contains NaN or inf")
+        check_artifact_tensors(tensors, expected)
         return cls(config, layers, model, fitted, tensors["directions"], tensors["reference"], metrics)
 
     # ------------------------------------------------------------------ training

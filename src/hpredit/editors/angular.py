@@ -79,6 +79,7 @@ from .base import (
     Editor,
     EditorConfig,
     TokenPairs,
+    check_artifact_tensors,
     choose_layers,
     fitted_layers_from,
     is_number,
@@ -273,16 +274,8 @@ def check_unit_tensors(
     tensors: dict[str, torch.Tensor], names: tuple[str, ...], shape: tuple[int, int]
 ) -> tuple[torch.Tensor, ...]:
     """The named tensors, refused unless they are exactly these, each of ``shape``, finite, rows of unit norm."""
-    if set(tensors) != set(names):
-        raise HpreditError(f"editor artifact: expected tensors {sorted(names)}, got {sorted(tensors)}")
-    out = []
+    check_artifact_tensors(tensors, dict.fromkeys(names, shape))
     for name in names:
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise HpreditError(f"editor artifact: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-        if not torch.isfinite(t).all():
-            raise HpreditError(f"editor artifact: tensor {name} contains NaN or inf")
-        if float((t.double().norm(dim=-1) - 1).abs().max()) > 1e-3:
+        if float((tensors[name].double().norm(dim=-1) - 1).abs().max()) > 1e-3:
             raise HpreditError(f"editor artifact: the rows of {name} must be unit vectors")
-        out.append(t)
-    return tuple(out)
+    return tuple(tensors[name] for name in names)

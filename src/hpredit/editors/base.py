@@ -448,6 +448,18 @@ def residual_methods() -> list[str]:
     return [name for name, klass in EDITORS.items() if klass.site == "residual"]
 
 
+def check_artifact_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse an artifact's tensors unless they are exactly ``expected`` (name → shape), each finite."""
+    if set(tensors) != set(expected):
+        raise HpreditError(f"editor artifact: tensors {sorted(tensors)} do not match (expected {sorted(expected)})")
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise HpreditError(f"editor artifact: tensor {name} has shape {got}, expected {shape}")
+        if not torch.isfinite(tensors[name]).all():
+            raise HpreditError(f"editor artifact: tensor {name} contains NaN or inf")
+
+
 def check_contrast(acts: Any) -> int:
     """How many of ``acts``' pairs have the same positive and negative text (up to whitespace).
 

@@ -86,6 +86,7 @@ from .base import (
     Editor,
     EditorConfig,
     TokenPairs,
+    check_artifact_tensors,
     choose_layers,
     fitted_layers_from,
     is_int,
@@ -220,15 +221,7 @@ class _ProjectionEditor(Editor):
         fitted = fitted_layers_from(artifact, layers)
         n, d = len(fitted), model.hidden_size
         expected = {"probe": (n, d), "probe_bias": (n,), "target": (n,)}
-        if set(tensors) != set(expected):
-            raise HpreditError(f"editor artifact: tensors {sorted(tensors)} do not match (expected {sorted(expected)})")
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise HpreditError(
-                    f"editor artifact: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-                )
-            if not torch.isfinite(tensors[name]).all():
-                raise HpreditError(f"editor artifact: tensor {name} contains NaN or inf")
+        check_artifact_tensors(tensors, expected)
         if (tensors["probe"].float().norm(dim=-1) == 0).any():
             raise HpreditError("editor artifact: a probe is the zero vector (no boundary to mirror across)")
         return cls(config, layers, model, fitted, tensors["probe"], tensors["probe_bias"], tensors["target"], metrics)
