@@ -71,7 +71,7 @@ import torch
 from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..hooks import LayerEdit, token_strength
-from .angular import mean_difference_fit
+from .additive import mean_difference_fit
 from .base import (
     Editor,
     EditorConfig,

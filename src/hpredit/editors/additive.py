@@ -18,7 +18,7 @@ from ..errors import HpreditError
 from ..hooks import LayerEdit, token_strength
 from .base import Editor, EditorConfig, TokenPairs, choose_layers, fitted_layers_from, register_editor
 
-__all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor"]
+__all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor", "mean_difference_fit"]
 
 
 @dataclass
@@ -32,6 +32,25 @@ class AdditiveConfig(EditorConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return self.layer_choice_checks()
+
+
+def mean_difference_fit(
+    acts: ActivationStore, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, dict[int, float], TokenPairs]:
+    """Per collected layer, the mean difference ``mean(positive) − mean(negative)`` of the training
+    token pairs ``(L, d)`` (float32), the validation pair accuracy along it (the fraction of
+    held-out token pairs whose positive token projects further than its negative one: CAA's rule)
+    and the split used."""
+    split = TokenPairs.of(acts, val_fraction, seed)
+    tp, tn, vp, vn = split.tp, split.tn, split.vp, split.vn
+    vectors = torch.stack(
+        [acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0) for r in range(len(acts.layers))]
+    )
+    accuracy = {}
+    for r, layer in enumerate(acts.layers):
+        diff = acts.acts[r, vp].float() - acts.acts[r, vn].float()
+        accuracy[layer] = float(((diff @ vectors[r]) > 0).float().mean())
+    return vectors, accuracy, split
 
 
 class _AdditiveEditor(Editor):
@@ -109,15 +128,8 @@ class _AdditiveEditor(Editor):
         positive token projects further along ``v`` than its negative one.
         """
         config = cls.fit_config(acts, config, overrides)
-        split = TokenPairs.of(acts, config.val_fraction, config.seed)
-        tp, tn, vp, vn = split.tp, split.tn, split.vp, split.vn
-        vectors = torch.stack(
-            [acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0) for r in range(len(acts.layers))]
-        )
-        accuracy = {}
-        for r, layer in enumerate(acts.layers):
-            diff = acts.acts[r, vp].float() - acts.acts[r, vn].float()
-            accuracy[layer] = float(((diff @ vectors[r]) > 0).float().mean())
+        vectors, accuracy, split = mean_difference_fit(acts, config.val_fraction, config.seed)
+        tp, vp = split.tp, split.vp
         layers = choose_layers(accuracy, config.layers, config.top_k)
         metrics = {
             "val_pair_accuracy": {str(k): v for k, v in accuracy.items()},

@@ -75,10 +75,10 @@ from ..architecture import ModelFingerprint
 from ..errors import HpreditError
 from ..geometry import fallback_axis
 from ..hooks import LayerEdit, token_strength
+from .additive import mean_difference_fit
 from .base import (
     Editor,
     EditorConfig,
-    TokenPairs,
     check_artifact_tensors,
     choose_layers,
     fitted_layers_from,
@@ -86,7 +86,7 @@ from .base import (
     register_editor,
 )
 
-__all__ = ["AngularConfig", "AngularEditor", "mean_difference_fit", "orthonormal_plane"]
+__all__ = ["AngularConfig", "AngularEditor", "orthonormal_plane"]
 
 _TINY = 1e-12
 
@@ -113,25 +113,6 @@ class AngularConfig(EditorConfig):
             (isinstance(self.adaptive, bool), "adaptive must be true or false"),
             *self.layer_choice_checks(),
         ]
-
-
-def mean_difference_fit(
-    acts: ActivationStore, val_fraction: float, seed: int
-) -> tuple[torch.Tensor, dict[int, float], TokenPairs]:
-    """Per collected layer, the mean difference ``mean(positive) − mean(negative)`` of the training
-    token pairs ``(L, d)`` (float32), the validation pair accuracy along it (the fraction of
-    held-out token pairs whose positive token projects further than its negative one: CAA's rule)
-    and the split used."""
-    split = TokenPairs.of(acts, val_fraction, seed)
-    tp, tn, vp, vn = split.tp, split.tn, split.vp, split.vn
-    vectors = torch.stack(
-        [acts.acts[r, tp].float().mean(0) - acts.acts[r, tn].float().mean(0) for r in range(len(acts.layers))]
-    )
-    accuracy = {}
-    for r, layer in enumerate(acts.layers):
-        diff = acts.acts[r, vp].float() - acts.acts[r, vn].float()
-        accuracy[layer] = float(((diff @ vectors[r]) > 0).float().mean())
-    return vectors, accuracy, split
 
 
 def _unit_rows(v: torch.Tensor) -> torch.Tensor:

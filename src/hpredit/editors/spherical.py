@@ -61,7 +61,8 @@ from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..geometry import angle_between, rotate_toward
 from ..hooks import LayerEdit, token_strength
-from .angular import check_unit_tensors, mean_difference_fit
+from .additive import mean_difference_fit
+from .angular import check_unit_tensors
 from .base import Editor, EditorConfig, choose_layers, fitted_layers_from, is_number, register_editor
 
 __all__ = ["SphericalConfig", "SphericalEditor", "confidence_gate"]
