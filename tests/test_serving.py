@@ -274,6 +274,8 @@ def test_serve_fingerprint_mismatch(tmp_path, capsys, smol_editor):
         (["--scope", "prompt"], "unknown scope 'prompt'"),
         (["--kill-after", "nan"], "--kill-after must be a number of seconds between 0 and 3600"),
         (["--kill-after", "-1"], "--kill-after must be a number of seconds between 0 and 3600"),
+        (["--kill-after", "1e9"], "--kill-after must be a number of seconds between 0 and 3600"),
+        (["--kill-after", "abc"], "Invalid value for '--kill-after'"),
     ],
 )
 def test_serve_bad_options(args, pattern, capsys, smol_editor):
