@@ -110,13 +110,11 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded (or activations collected) before the bad input was refused")
 
-    import hpredit.activations
-    import hpredit.models
-
-    for target in (hpredit, hpredit.models):
-        monkeypatch.setattr(target, "load_model", refuse)
-    for target in (hpredit, hpredit.activations):
-        monkeypatch.setattr(target, "collect_activations", refuse)
+    # patched where each job looks the name up (each imports it from its defining module)
+    for where in ("pipeline", "evaluation.api", "evaluation.judges", "compare.harness"):
+        monkeypatch.setattr(f"hpredit.{where}.load_model", refuse)
+    for where in ("pipeline", "compare.harness"):
+        monkeypatch.setattr(f"hpredit.{where}.collect_activations", refuse)
 
 
 # --------------------------------------------------------------------------- the table

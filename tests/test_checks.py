@@ -21,6 +21,8 @@ from hpredit.checks import (
     check_store_dtype,
     check_strengths,
     check_top_k,
+    is_int,
+    layer_list_problem,
     named,
     option_names,
 )
@@ -53,6 +55,7 @@ def test_names_follow_the_caller():
         (lambda: check_layers([]), "layers is empty"),
         (lambda: check_layers([0, 3], 3), "layers [3] out of range: the model has 3 layers (0..2)"),
         (lambda: check_layers([-1], 3), "layers [-1] out of range"),
+        (lambda: check_layers([-1]), "layers [-1] out of range: layers are numbered from 0"),
         (lambda: check_top_k(0), "top_k must be at least 1"),
         (lambda: check_top_k(4, 3), "top_k 4 is more than the model's 3 layers"),
         (lambda: check_kl_cap(0.0), "kl_cap must be a positive number"),
@@ -90,6 +93,34 @@ def test_editor_match_names_the_way_out(tokenizer):
     with option_names(), pytest.raises(HpreditError, match=r"\(pass --no-strict to ignore the name\)"):
         check_editor_matches(editor.model_fingerprint, renamed)
     check_editor_matches(editor.model_fingerprint, renamed, strict=False)
+    with pytest.raises(HpreditError, match="^editor out/a does not match this model: architecture"):
+        check_editor_matches(editor.model_fingerprint, other, editor="out/a")
+
+
+def test_one_integer_rule_and_one_layers_rule():
+    """``is_int`` is every integer check's rule; ``layer_list_problem`` every layer list's (``check_layers``,
+    a stored activation store's ``layers``)."""
+    assert is_int(3) and is_int(np.int64(3)) and not is_int(True) and not is_int(3.0) and not is_int("3")
+    assert layer_list_problem(None) is None and layer_list_problem([0, 2], 3) is None
+    not_a_list = "layers must be a list of layer indices such as [15, 16], got "
+    assert layer_list_problem(None, required=True) == not_a_list + "None"
+    assert layer_list_problem((0, 1)) == not_a_list + "(0, 1)"
+    assert layer_list_problem([1, 1], name="HPRConfig.layers") == "HPRConfig.layers lists layer(s) [1] more than once"
+    with pytest.raises(HpreditError) as e:
+        check_layers([True])
+    assert str(e.value) == layer_list_problem([True]) == "layers must be integers, got [True]"
+
+
+def test_one_rule_for_a_loaded_or_named_model():
+    """``evaluate`` and ``compare`` take a name (loaded by the job) or a loaded model with its tokenizer."""
+    from hpredit.preflight import loaded_model_given
+
+    assert not loaded_model_given(None, None) and not loaded_model_given("org/model", None)
+    assert loaded_model_given(tiny_model("llama"), object())
+    with pytest.raises(HpreditError, match="^pass the tokenizer together with a loaded model$"):
+        loaded_model_given(tiny_model("llama"), None)
+    with pytest.raises(HpreditError, match="^model must be a name, a path or a loaded model, got int$"):
+        loaded_model_given(3, None)
 
 
 @pytest.mark.parametrize(

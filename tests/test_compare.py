@@ -71,6 +71,14 @@ def test_compare_end_to_end_on_a_tiny_model(model_tok, truthfulqa_csv, tmp_path)
         assert set(r["test"]) == {"mc1", "mc2", "mc3"} and 0 <= r["test"]["mc2"] <= 1
         if r["method"] == "hpr":
             assert all(abs(r["norm_drift"]["at_edit"][layer] - 1) < 1e-5 for layer in r["layers"])
+        if r["method"] == "none":
+            assert r["profile"] is None
+        else:  # the edit profile on the test texts: every edited layer (ITI: its heads' layers), every token seen
+            assert sorted(int(i) for i in r["profile"]["layers"]) == r["layers"]
+            assert {p["tokens"] for p in r["profile"]["layers"].values()} == {
+                r["profile"]["all"]["tokens"] // len(r["layers"])
+            }
+            assert 0 < r["profile"]["all"]["edited"] <= 1
     splits = [r["split"] for r in result.splits]
     assert [s["seed"] for s in splits] == [0, 1] and splits[0]["groups"]["test"] != splits[1]["groups"]["test"]
     assert "| hpr |" in markdown_table(result)

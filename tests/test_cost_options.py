@@ -134,7 +134,7 @@ def test_grid_refinement_stops_when_the_bracket_cannot_shrink(model_tok, truthfu
     monkeypatch.setattr(strength_mod, "score_with", lambda *a: {"mc2": 0.5})
     pick = choose_strength(model, tok, [ed], [0.25, 1.0], val, text, kl_cap=0.5, refine=10**4)
     assert len(calls) < 200 and len(set(calls)) == len(calls)  # each strength measured once
-    assert 0.25 <= pick["strength"] < 0.3
+    assert 0.25 <= pick.strength < 0.3
 
 
 # --------------------------------------------------------------------------- 6. options that do not apply

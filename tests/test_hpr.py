@@ -226,7 +226,7 @@ def test_save_load_roundtrip(fitted, tmp_path):
         assert torch.equal(back.tensors()[k], v)
     assert back.probe_accuracy == pytest.approx(fitted.probe_accuracy)
     assert isinstance(hpredit.load_editor(tmp_path / "ed"), HPREditor)
-    assert sorted(p.name for p in (tmp_path / "ed").iterdir()) == ["config.json", "editor.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ed").iterdir()) == ["README.md", "config.json", "editor.safetensors"]
 
 
 def _edit_config(path, fn):

@@ -329,7 +329,19 @@ def test_serve_every_editor_must_fit_the_model(tmp_path, capsys, smol_editor):
     cfg["model"]["num_layers"] = 24
     (other / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["serve", "--editor", str(smol_editor), "--editor", f"other={other}"], capsys)
-    _one_line_error(code, err, f"editor {other} does not match model")
+    _one_line_error(code, err, f"editor {other} does not match this model")
+
+
+def test_serve_a_name_mismatch_says_no_strict(tmp_path, capsys, smol_editor, smol_dir):
+    """The editor-vs-model check is the library's own: a model that differs only by name is
+    refused with the hint to pass --no-strict."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in smol_dir.iterdir():
+        (model / f.name).symlink_to(f)
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), "--model", str(model)], capsys)
+    _one_line_error(code, err, f"editor {smol_editor} does not match this model: name")
+    assert "(pass --no-strict to ignore the name)" in err
 
 
 def test_serve_unsupported_architecture(tmp_path, capsys, tokenizer):

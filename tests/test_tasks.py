@@ -338,8 +338,8 @@ def test_choose_strength_halves_when_every_strength_is_over_the_cap(model_tok):
     pick = choose_strength(
         model, tok, [editor], [4.0, 8.0], items, neutral, kl_cap=1e-3, max_doublings=3, task="toxigen"
     )
-    assert [t["strength"] for t in pick["tried"]] == [4.0, 8.0, 2.0, 1.0, 0.5]
-    assert pick["over_kl_cap"] and pick["strength"] == 0.5  # none under the cap: the lowest KL, flagged
+    assert [t["strength"] for t in pick.tried] == [4.0, 8.0, 2.0, 1.0, 0.5]
+    assert pick.over_kl_cap and pick.strength == 0.5  # none under the cap: the lowest KL, flagged
 
 
 def test_refine_bisects_toward_the_cap(model_tok):
@@ -348,15 +348,15 @@ def test_refine_bisects_toward_the_cap(model_tok):
     editor = random_editor("caa", model)
     items = bd.load_toxigen()[:2]
     kl = {
-        s: choose_strength(model, tok, [editor], [s], items, neutral, kl_cap=1e9, task="toxigen")["tried"][0]["kl"]
+        s: choose_strength(model, tok, [editor], [s], items, neutral, kl_cap=1e9, task="toxigen").tried[0]["kl"]
         for s in (0.25, 4.0)
     }
     cap = (kl[0.25] + kl[4.0]) / 2
     pick = choose_strength(model, tok, [editor], [0.25, 4.0], items, neutral, kl_cap=cap, refine=3, task="toxigen")
-    tried = [t["strength"] for t in pick["tried"]]
+    tried = [t["strength"] for t in pick.tried]
     assert tried[:2] == [0.25, 4.0] and len(tried) == 5 and tried[2] == pytest.approx(2.125)
-    under = [t for t in pick["tried"] if t["val"] is not None]
-    over = [t for t in pick["tried"] if t["val"] is None]
+    under = [t for t in pick.tried if t["val"] is not None]
+    over = [t for t in pick.tried if t["val"] is None]
     assert max(t["strength"] for t in under) < min(t["strength"] for t in over)  # the gap narrows around the cap
     assert all(t["kl"] <= cap for t in under) and all(t["kl"] > cap for t in over)
 

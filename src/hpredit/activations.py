@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +18,7 @@ from torch import nn
 from . import distributed
 from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint, max_positions
 from .artifacts import atomic_directory, file_digest, read_json
-from .checks import check_layers
+from .checks import check_layers, is_int, layer_list_problem
 from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs, as_pairs
 from .errors import HpreditError
 from .hooks import StopForward, record
@@ -168,10 +168,6 @@ class ActivationStore:
         )
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_meta(meta: dict, where: str) -> tuple[ModelFingerprint, list[int], list[str]]:
     """The fingerprint, layers and shard names of a store's ``meta.json``, every entry type-checked."""
     for key in ("model", "layers", "shards", "splits", "texts"):
@@ -182,12 +178,9 @@ def _check_meta(meta: dict, where: str) -> tuple[ModelFingerprint, list[int], li
     except HpreditError as e:
         raise HpreditError(f"{where}: meta.json 'model': {e}") from None
     layers = meta["layers"]
-    if not (isinstance(layers, list) and layers and all(_is_int(i) for i in layers)):
-        raise HpreditError(f"{where}: meta.json 'layers' must be a non-empty list of integers")
-    if len(set(layers)) != len(layers) or any(not 0 <= i < fp.num_layers for i in layers):
-        raise HpreditError(
-            f"{where}: meta.json 'layers' {layers} must be distinct layers of a {fp.num_layers}-layer model"
-        )
+    problem = layer_list_problem(layers, fp.num_layers, "meta.json 'layers'", required=True)
+    if problem is not None:
+        raise HpreditError(f"{where}: {problem}")
     shards = meta["shards"]
     if not (isinstance(shards, list) and shards and all(isinstance(n, str) for n in shards)):
         raise HpreditError(f"{where}: meta.json 'shards' must be a non-empty list of file names")
@@ -549,7 +542,7 @@ def collect_activations(
     pairs = as_pairs(pairs)
     if not pairs:
         raise HpreditError("no contrastive pairs to collect activations for")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise HpreditError(f"batch size must be a positive integer, got {batch_size!r}")
     path, blocks = decoder_layers(model, layers_path)
     layers = _check_layers(layers, len(blocks))

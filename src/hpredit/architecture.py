@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import align_module_device, has_offloaded_params
 from torch import nn
 
+from .checks import is_int
 from .errors import HpreditError
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def max_positions(config: Any) -> int | None:
     text = text_config(config)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
         n = getattr(text, attr, None)
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        if is_int(n) and n > 0:
             return n
     return None
 
@@ -64,7 +66,7 @@ def num_layers(config: Any) -> int | None:
     text = text_config(config)
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         n = getattr(text, attr, None)
-        if isinstance(n, int) and not isinstance(n, bool):
+        if is_int(n):
             return n
     return None
 
@@ -274,8 +276,6 @@ def _signature_points(module: nn.Module, name: str) -> list[float] | None:
     with contextlib.ExitStack() as stack:
         w = getattr(module, name)
         if w.device.type == "meta" and getattr(module, "_hf_hook", None) is not None:
-            from accelerate.utils import align_module_device, has_offloaded_params
-
             if has_offloaded_params(module):
                 stack.enter_context(align_module_device(module))
                 w = getattr(module, name)

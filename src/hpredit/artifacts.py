@@ -30,6 +30,7 @@ __all__ = [
     "DiskFullError",
     "atomic_directory",
     "check_output_dir",
+    "current_umask",
     "file_digest",
     "read_json",
     "remove_stale_temporaries",
@@ -53,7 +54,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -84,7 +86,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except Exception as e:
         if _disk_full(e):
@@ -279,7 +281,7 @@ def check_output_dir(
 def _finish_tree(root: Path) -> None:
     """Give ``root`` and everything below it the usual permissions for the umask (``mkdtemp`` makes
     directories private) and flush every file to disk; symlinks are left alone."""
-    umask = _umask()
+    umask = current_umask()
     os.chmod(root, 0o777 & ~umask)
     for here, dirs, files in os.walk(root):
         for name in dirs:

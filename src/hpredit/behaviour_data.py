@@ -20,13 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checks import is_int
 from .data import (
     ContrastivePair,
     ContrastivePairs,
-    QuestionSplit,
     hub_reachable,
     offline,
     read_records,
+    read_text_file,
 )
 from .errors import HpreditError, first_line
 
@@ -155,7 +156,7 @@ def _package_file(package: str, relative: str) -> Path | None:
 
 
 def _hub_rows(repo: str, what: str, **kwargs) -> list[dict]:
-    import datasets  # present: without it the loaders are offline and never come here
+    import datasets  # optional (the 'hub' extra): without it the loaders are offline and never come here
 
     try:
         return [dict(r) for r in datasets.load_dataset(repo, **kwargs)]
@@ -211,8 +212,6 @@ class DataSource:
         environment variable) must be a readable file; offline, the package copy must be
         installed; online, the hub must be reachable. One :class:`HpreditError` saying how to give
         the data otherwise."""
-        from .data import read_text_file
-
         files = _sources(path, self.env, self.package, self.what)
         if files is None:
             if self.not_on_hub:
@@ -392,7 +391,7 @@ def load_refusal(path: str | os.PathLike | None = None) -> list[RequestItem]:
             if answer is not None and (not isinstance(answer, str) or not answer.strip()):
                 raise HpreditError(f"{where}: field 'answer' must be a non-empty string when given")
             group = obj.get("group", i)
-            if not isinstance(group, int) or isinstance(group, bool):
+            if not is_int(group):
                 raise HpreditError(f"{where}: field 'group' must be an integer")
             items.append(RequestItem(prompt, harmful, group, answer, where))
         return _check_items(items, files)
@@ -539,9 +538,3 @@ def refusal_pairs(
         pos, neg = (REFUSAL_TEXT, it.answer) if it.harmful else (it.answer, REFUSAL_TEXT)
         pairs.append(ContrastivePair(prompt, pos, neg, it.group, split_of[it.group]))
     return ContrastivePairs(pairs)
-
-
-def group_split(groups: list[int], split: QuestionSplit) -> dict[int, str]:
-    """Group id → split name, for the sorted distinct ``groups`` indexed by ``split``."""
-    distinct = sorted(set(groups))
-    return {distinct[i]: name for i, name in split.name_of().items()}

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import HpreditError
 
@@ -38,6 +39,8 @@ __all__ = [
     "check_strength",
     "check_strengths",
     "check_top_k",
+    "is_int",
+    "layer_list_problem",
     "named",
     "option_names",
 ]
@@ -100,13 +103,15 @@ def named(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
+    """A whole number (Python's or NumPy's), not a bool (JSON ``true`` is not a count or a layer)
+    and not a float such as 15.7 or 15.0: the one integer rule of the checks and the file readers."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_count(value: Any, name: str, low: int = 1) -> int:
     """A whole number of at least ``low`` (epochs, batch sizes, steps, tokens)."""
-    if not _is_int(value) or value < low:
+    if not is_int(value) or value < low:
         raise HpreditError(f"{named(name)} must be at least {low} (a whole number), got {value!r}")
     return int(value)
 
@@ -115,37 +120,55 @@ def check_limit(value: Any, name: str | None = None) -> int | None:
     """The number of items (questions, groups) to keep: None for all, else a positive whole number."""
     if value is None:
         return None
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise HpreditError(f"{named(name or 'limit')} must be positive, got {value!r} (a whole number of items)")
     return int(value)
 
 
 def check_seed(value: Any, name: str | None = None) -> int:
     """A seed (of a split, of training, of the bootstrap): a whole number ≥ 0."""
-    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
         raise HpreditError(f"{named(name or 'seed')} must be a whole number ≥ 0, got {value!r}")
     return int(value)
+
+
+def layer_list_problem(
+    layers: Any, n_layers: int | None = None, name: str | None = None, required: bool = False
+) -> str | None:
+    """Why ``layers`` is not None (unless ``required``) or a list of distinct layer indices (whole
+    numbers ≥ 0, each below the model's ``n_layers`` when it is known), or None when it is: the one
+    rule of layer lists, for :func:`check_layers` (arguments, ``--layers``), editor configs and stored files."""
+    if layers is None and not required:
+        return None
+    name = named(name or "layers")
+    if not isinstance(layers, list):
+        return f"{name} must be a list of layer indices such as [15, 16], got {layers!r}"
+    if not all(is_int(i) for i in layers):
+        return f"{name} must be integers, got {layers}"
+    if not layers:
+        return f"{name} is empty: give at least one layer"
+    dupes = sorted({i for i in layers if layers.count(i) > 1})
+    if dupes:
+        return f"{name} lists layer(s) {dupes} more than once"
+    bad = [i for i in layers if i < 0 or (n_layers is not None and i >= n_layers)]
+    if not bad:
+        return None
+    if n_layers is None:
+        return f"{name} {bad} out of range: layers are numbered from 0"
+    return f"{name} {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})"
 
 
 def check_layers(
     layers: Sequence[int] | None, n_layers: int | None = None, name: str | None = None
 ) -> list[int] | None:
-    """Layer indices: None (the default choice), else distinct whole numbers, each below the
-    model's ``n_layers`` when it is known; the list, in the order given."""
+    """Layer indices: None (the default choice), else distinct whole numbers ≥ 0, each below the
+    model's ``n_layers`` when it is known (:func:`layer_list_problem`); the list, in the order given."""
     if layers is None:
         return None
-    name = named(name or "layers")
     chosen = list(layers)
-    if not all(_is_int(i) for i in chosen):
-        raise HpreditError(f"{name} must be integers, got {chosen}")
-    if not chosen:
-        raise HpreditError(f"{name} is empty: give at least one layer")
-    dupes = sorted({i for i in chosen if chosen.count(i) > 1})
-    if dupes:
-        raise HpreditError(f"{name} lists layer(s) {dupes} more than once")
-    bad = [] if n_layers is None else [i for i in chosen if not 0 <= i < n_layers]
-    if bad and n_layers is not None:
-        raise HpreditError(f"{name} {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    problem = layer_list_problem(chosen, n_layers, name)
+    if problem is not None:
+        raise HpreditError(problem)
     return [int(i) for i in chosen]
 
 
@@ -189,10 +212,13 @@ def check_store_dtype(value: Any, name: str | None = None) -> Any:
     return value
 
 
-def check_editor_matches(editor_fingerprint: Any, model_fingerprint: Any, strict: bool = True) -> None:
+def check_editor_matches(
+    editor_fingerprint: Any, model_fingerprint: Any, strict: bool = True, editor: str | None = None
+) -> None:
     """The editor was fitted on this kind of model: architecture, sizes (and, with ``strict``, the
     name) agree. Both are :class:`~hpredit.architecture.ModelFingerprint` s: the model's may come
-    from a loaded model or from its config alone (before loading)."""
+    from a loaded model or from its config alone (before loading). ``editor``: which editor (its
+    directory), named in the message where several are checked (a server's)."""
     problems = editor_fingerprint.mismatches(model_fingerprint, check_name=strict)
     if problems:
         hint = (
@@ -200,7 +226,8 @@ def check_editor_matches(editor_fingerprint: Any, model_fingerprint: Any, strict
             if strict and len(problems) == 1 and problems[0].startswith("name")
             else ""
         )
-        raise HpreditError("editor does not match this model: " + "; ".join(problems) + hint)
+        which = f"editor {editor}" if editor else "editor"
+        raise HpreditError(f"{which} does not match this model: " + "; ".join(problems) + hint)
 
 
 # ------------------------------------------------------------------ lists and the environment
@@ -224,8 +251,6 @@ def check_unique(values: Any, name: str | None = None) -> list:
 def env_number(name: str, default: float, low: float = 0.0, integer: bool = False) -> float:
     """Environment variable ``name`` as a number ``> low`` (``default`` when unset or empty); anything
     else is one :class:`HpreditError` naming the variable."""
-    import os
-
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -300,14 +325,16 @@ def _protocol_named(protocol: str) -> str:
     return f"--protocol {protocol}" if named("protocol").startswith("--") else f"protocol={protocol!r}"
 
 
-def not_for_protocol(option: str, protocol: str, only: str, job: str) -> str:
+def not_for_protocol(option: str, protocol: str, only: str, job: str, instead: str | None = None) -> str:
     """The message for a strength-search option given to a ``job`` (``comparison``, ``run``) whose
-    ``protocol`` does not use it (it applies ``only`` under the other one): given is refused, never ignored."""
+    ``protocol`` does not use it (it applies ``only`` under the other one): given is refused, never
+    ignored. ``instead``: this protocol's option that means what the user wanted (e.g. a cap's cost
+    is a target to reach)."""
     this = f"this {job} is {protocol}" if named("protocol").startswith("--") else f"this {job} is {protocol!r}"
-    if option == "kl_cap" and protocol == "matched":
-        example = f"{named('targets')} 0.3" if named("targets").startswith("--") else "targets=[0.3]"
+    if instead is not None:
+        example = f"{named(instead)} 0.3" if named(instead).startswith("--") else f"{instead}=[0.3]"
         return (
             f"{named(option)} applies only to {_protocol_named(only)} ({this}, which reaches given costs "
-            f"instead of a cap): give the costs to reach as {named('targets')}, e.g. {example}"
+            f"instead of a cap): give the costs to reach as {named(instead)}, e.g. {example}"
         )
     return f"{named(option)} applies only to {_protocol_named(only)} ({this}): drop it, or use {_protocol_named(only)}"

@@ -13,9 +13,10 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .artifacts import read_json, write_json_atomic, write_text_atomic
-from .checks import check_limit, check_seed
+from .checks import check_limit, check_seed, is_int
 from .errors import HpreditError, first_line
 
 __all__ = [
@@ -108,7 +109,7 @@ class ContrastivePairs(Sequence):
                 if not isinstance(obj[key], str) or (key != "prompt" and not obj[key]):
                     raise HpreditError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
             group = obj.get("group", lineno)
-            if not isinstance(group, int) or isinstance(group, bool):
+            if not is_int(group):
                 raise HpreditError(f"{path}:{lineno}: field 'group' must be an integer")
             split = obj.get("split")
             if split is not None and split not in SPLIT_NAMES:
@@ -318,8 +319,6 @@ def offline() -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (``$HF_ENDPOINT``, default huggingface.co) accepts a TCP connection."""
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -348,7 +347,7 @@ def check_truthfulqa_source(path: str | os.PathLike | None = None) -> None:
 def _load_truthfulqa_hub() -> list[Question]:
     if offline():
         raise HpreditError(_NO_TRUTHFULQA)
-    import datasets
+    import datasets  # optional: the 'hub' extra; offline() is True without it, so this runs only with it
 
     try:
         ds = datasets.load_dataset(*TRUTHFULQA_HUB)["validation"]

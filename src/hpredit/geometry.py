@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import HpreditError
+
 __all__ = [
+    "broadcast_strength",
     "angle_between",
     "fallback_axis",
     "householder_reflect",
@@ -161,3 +164,14 @@ def reflection_angle(x: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
     xhat = _unit(x.to(ct))
     c = (xhat * _unit(normal.to(ct))).sum(-1).abs().clamp(max=1.0)
     return 2.0 * torch.asin(c)
+
+
+def broadcast_strength(strength: torch.Tensor, lead: torch.Size, device: torch.device) -> torch.Tensor:
+    """Per-token strengths as float32 of shape ``lead`` (= hidden.shape[:-1]), or one clear error."""
+    try:
+        return torch.as_tensor(strength, device=device).float().broadcast_to(lead)
+    except RuntimeError:
+        raise HpreditError(
+            f"strength of shape {tuple(strength.shape)} does not broadcast to the tokens' shape "
+            f"{tuple(lead)}: pass a number or one strength per token"
+        ) from None

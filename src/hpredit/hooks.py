@@ -20,10 +20,12 @@ from torch import nn
 from .architecture import attention_output, backbone, decoder_layers
 from .checks import SCOPES, check_layers, check_scope, check_strength
 from .errors import HpreditError
+from .geometry import broadcast_strength
 
 __all__ = [
     "SCOPES",
     "EditHandle",
+    "EditObserver",
     "LayerEdit",
     "StopForward",
     "broadcast_strength",
@@ -40,16 +42,10 @@ __all__ = [
 #: with strength 0 (or outside ``mask``) comes back bit for bit.
 LayerEdit = Callable[[torch.Tensor, "torch.Tensor | None", "float | torch.Tensor"], torch.Tensor]
 
-
-def broadcast_strength(strength: torch.Tensor, lead: torch.Size, device: torch.device) -> torch.Tensor:
-    """Per-token strengths as float32 of shape ``lead`` (= hidden.shape[:-1]), or one clear error."""
-    try:
-        return torch.as_tensor(strength, device=device).float().broadcast_to(lead)
-    except RuntimeError:
-        raise HpreditError(
-            f"strength of shape {tuple(strength.shape)} does not broadcast to the tokens' shape "
-            f"{tuple(lead)}: pass a number or one strength per token"
-        ) from None
+#: ``observe(layer, before (batch, seq, d), after (batch, seq, d), attention (batch, seq) or None)``:
+#: called after each edit of an attached handle (e.g. to profile it); ``attention`` marks the call's
+#: real tokens (1) and padding (0) where the model was given a mask.
+EditObserver = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
 def token_strength(
@@ -251,8 +247,10 @@ class EditHandle:
         scope: str = "all",
         layers_path: str | None = None,
         site: str = "residual",
+        observe: EditObserver | None = None,
     ) -> None:
         self.model = model
+        self._observe = observe
         self.strength = check_strength(strength)
         self.scope = check_scope(scope)
         self._state = _ScopeState(self.scope)
@@ -263,14 +261,17 @@ class EditHandle:
             for layer, fn in edits.items():
                 if site == "residual":  # the block's output; first in line, so that hooks others
                     # installed earlier (transformers' output_hidden_states capture) see the edit
-                    self._hooks.append(blocks[layer].register_forward_hook(self._layer_hook(fn), prepend=True))
+                    hook = self._layer_hook(self._observed(layer, fn))
+                    self._hooks.append(blocks[layer].register_forward_hook(hook, prepend=True))
                 elif site == "heads":  # the input of the attention output projection
                     proj = attention_output(blocks[layer])
-                    self._hooks.append(proj.register_forward_pre_hook(self._input_hook(fn), prepend=True))
+                    hook = self._input_hook(self._observed(layer, fn))
+                    self._hooks.append(proj.register_forward_pre_hook(hook, prepend=True))
                 else:
                     raise HpreditError(f"unknown edit site {site!r}: use residual or heads")
-            if self.scope != "all":  # positions matter only for the other scopes (and read the cache length,
-                # which a compiled graph would specialise on)
+            if self.scope != "all" or observe is not None:  # positions matter only for the other scopes
+                # (and read the cache length, which a compiled graph would specialise on); an observer
+                # needs the call's attention mask
                 self._hooks.append(backbone(model, path).register_forward_pre_hook(self._call_hook, with_kwargs=True))
             if "generate" in dir(model) and callable(model.generate):
                 self._wrap_generate()
@@ -286,6 +287,22 @@ class EditHandle:
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._state.begin_call(mask, _past_length(kwargs, seq or 0))
+
+    def _observed(self, layer: int, fn: LayerEdit) -> LayerEdit:
+        """``fn``, reporting each call's input and output to the observer (if any)."""
+        observe, state = self._observe, self._state
+        if observe is None:
+            return fn
+
+        def edit(hidden, mask, strength):
+            edited = fn(hidden, mask, strength)
+            attention = state.call_attention
+            if attention is not None:  # with a KV cache the mask covers the past too: this call's columns
+                attention = attention[:, -hidden.shape[1] :] if attention.shape[0] == hidden.shape[0] else None
+            observe(layer, hidden, edited, attention)
+            return edited
+
+        return edit
 
     def _layer_hook(self, fn: LayerEdit):
         state, strength = self._state, self.strength

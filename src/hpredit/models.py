@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig
 
 from .architecture import (
     ModelFingerprint,
@@ -28,6 +30,7 @@ from .architecture import (
     text_config,
     weight_signature,
 )
+from .artifacts import current_umask
 from .errors import HpreditError, first_line
 
 if TYPE_CHECKING:
@@ -151,7 +154,7 @@ def embedded_default_path(progress: bool = True) -> Path:
 
 
 def _convert_embedded(target: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: seconds to import; only loading needs them
 
     gguf = _gguf_source()
     try:
@@ -172,7 +175,7 @@ def _convert_embedded(target: Path) -> Path:
         model.config._name_or_path = DEFAULT_MODEL
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a shared cache needs the usual mode
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700); a shared cache needs the usual mode
         try:
             os.rename(tmp, target)
         except OSError:  # another process converted it first
@@ -188,15 +191,9 @@ def _open_up(target: Path) -> None:
     try:
         st = target.stat()
         if st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700:
-            os.chmod(target, 0o777 & ~_umask())
+            os.chmod(target, 0o777 & ~current_umask())
     except (OSError, AttributeError):  # not ours, read-only, or no getuid (Windows): leave it
         pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------- checks before loading
@@ -297,8 +294,6 @@ def check_model_source(name_or_path: str | os.PathLike | None, trust_remote_code
     (decoder-only) LM. A hub id goes to transformers' own resolution. Every failure is one
     :class:`HpreditError` saying what is wrong.
     """
-    from transformers import AutoConfig
-
     if name_or_path is None:
         source: str | Path = embedded_default_path()
         name = DEFAULT_MODEL
@@ -339,6 +334,7 @@ def check_model_source(name_or_path: str | os.PathLike | None, trust_remote_code
 
 
 def _check_causal(config: PretrainedConfig, name: str) -> None:
+    # lazy: transformers' auto model registry takes seconds to import (every model class's module)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", None)
@@ -452,8 +448,7 @@ def check_device_map_modules(device_map: str | dict | None, config: PretrainedCo
     every parameter; checked on an empty (meta-device) model, before any weight is read."""
     if not isinstance(device_map, dict):
         return
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: seconds to import; only a device map's check needs it
 
     try:
         with init_empty_weights():
@@ -552,7 +547,7 @@ def load_model(
         >>> model.training, model.dtype, tok.pad_token is not None
         (False, torch.bfloat16, True)
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: seconds to import; only loading needs them
 
     torch_dtype = _resolve_dtype(dtype)
     target, device_map = check_placement(device, device_map)
@@ -596,6 +591,7 @@ def load_model(
 def fingerprint_from_config(config: PretrainedConfig, name: str | os.PathLike | None = None) -> ModelFingerprint:
     """The fingerprint :func:`load_model` ``(name)`` will have, from its config alone (no weights digest):
     lets a CLI refuse a mismatched editor before loading anything (``name`` None: the embedded default)."""
+    # lazy: transformers' auto model registry takes seconds to import (every model class's module)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = getattr(config, "architectures", None) or []

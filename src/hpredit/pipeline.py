@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from rich.console import Console
+from tqdm.auto import tqdm
+
 from . import distributed
-from .activations import ActivationStore
+from .activations import ActivationStore, collect_activations
+from .artifacts import atomic_directory
 from .checks import (
     DEFAULT_STRENGTH,
     check_count,
@@ -41,10 +45,23 @@ from .checks import (
     named,
     not_for_protocol,
 )
-from .data import ContrastivePairs, Question, QuestionSplit
+from .compare import choose_strength, match_cost
+from .compare.strength import neutral_note
+from .data import (
+    ContrastivePairs,
+    Question,
+    QuestionSplit,
+    check_truthfulqa_source,
+    load_truthfulqa,
+    qa_prompt,
+    truthfulqa_pairs,
+)
 from .editors import Editor, HPREditor
-from .editors.kl_curve import scope_note
+from .editors.kl_curve import KLCurve, scope_note
 from .errors import HpreditError
+from .evaluation import evaluate as evaluate_task
+from .evaluation.side_effects import neutral_text
+from .models import check_generation_length, load_model, pad_token_id
 from .preflight import check_editor_for, check_model, check_out, check_top_k_and_layers
 from .results import Provenance, RunEvaluation, RunResult, StrengthChoice
 
@@ -78,8 +95,6 @@ def _stderr(text: str) -> None:
 def _whole_output(out: Path) -> Iterator[Path]:
     """A temporary sibling of ``out`` to write into; renamed to ``out`` (replacing it) at the end,
     removed on any error or signal. Under data parallelism rank 0 writes; the others write nowhere."""
-    from .artifacts import atomic_directory
-
     if not distributed.is_main():
         with tempfile.TemporaryDirectory(prefix="hpredit-rank-") as scratch:
             yield Path(scratch)
@@ -120,8 +135,6 @@ def fit_editor(
     device: str | None = None,
 ) -> Fitted:
     """Collect activations of ``pairs`` → fit HPR (rank 0) → save ``out/editor`` (and ``out/activations``)."""
-    from . import collect_activations
-
     t0 = time.perf_counter()
     store = cast(ActivationStore, collect_activations(model, tok, pairs, batch_size=batch_size, dtype=store_dtype))
     t1 = time.perf_counter()
@@ -165,13 +178,6 @@ def choose_strength_on_val(
 
     Either way the strengths measured become the editor's :attr:`~hpredit.editors.Editor.kl_curve`.
     """
-    from tqdm.auto import tqdm
-
-    from .compare import choose_strength, match_cost
-    from .compare.strength import neutral_note
-    from .editors.kl_curve import KLCurve
-    from .evaluation.side_effects import neutral_text
-
     bar = tqdm(desc="strength on val: neutral text", unit="step", disable=not progress)
     try:
         neutral = neutral_text(model, tok)
@@ -193,9 +199,9 @@ def choose_strength_on_val(
                 log=lambda text: bar.write(f"KL search: {text}"),
                 progress=step,
             )
-            tried = [{**t, "val": None} for t in hit["tried"]]
-            over = hit["kl"] > kl_cap * (1 + tol)
-            return StrengthChoice(hit["strength"], over, tried, kl_cap, "matched", hit["status"], hit["kl"], tol)
+            tried = [{**t, "val": None} for t in hit.tried]
+            kl = cast(float, hit.kl)  # the search measured it
+            return StrengthChoice(hit.strength, kl > kl_cap * (1 + tol), tried, kl_cap, "matched", hit.status, kl, tol)
         pick = choose_strength(
             model,
             tok,
@@ -209,10 +215,10 @@ def choose_strength_on_val(
             log=lambda text: bar.write(f"validation: {text}"),
             progress=step,
         )
-        editor.kl_curve = KLCurve.from_points([(t["strength"], t["kl"]) for t in pick["tried"]], neutral_note(neutral))
+        editor.kl_curve = KLCurve.from_points([(t["strength"], t["kl"]) for t in pick.tried], neutral_note(neutral))
     finally:
         bar.close()
-    return StrengthChoice(pick["strength"], pick["over_kl_cap"], pick["tried"], kl_cap)
+    return StrengthChoice(pick.strength, bool(pick.over_kl_cap), pick.tried, kl_cap)
 
 
 def _evaluate_run(
@@ -229,9 +235,6 @@ def _evaluate_run(
 ) -> tuple[RunEvaluation, float]:
     """Choose the strength on val, then evaluate unedited vs edited on test (written to ``out``);
     the evaluation and its seconds."""
-    from .data import load_truthfulqa
-    from .evaluation import evaluate
-
     t0 = time.perf_counter()
     questions = load_truthfulqa(data)
     val = [questions[i] for i in cast(QuestionSplit, pairs.split).val[: cfg.limit or None]]
@@ -240,7 +243,7 @@ def _evaluate_run(
     )
     if show:
         _stderr(f"test: unedited and edited (strength {choice.strength}) …")
-    result = evaluate(
+    result = evaluate_task(
         model=model,
         tokenizer=tok,
         editor=editor,
@@ -257,8 +260,6 @@ def _evaluate_run(
         command=command,
     )
     if show and distributed.is_main():
-        from rich.console import Console
-
         Console().print(result.table())
     return RunEvaluation(choice, result.metrics), round(time.perf_counter() - t0, 1)
 
@@ -316,8 +317,6 @@ def check_run_args(
 ) -> None:
     """What :func:`run` checks besides its settings before anything loads: the output directory, the
     model's config (no weights) and top-k against its layers, the TruthfulQA source."""
-    from .data import check_truthfulqa_source
-
     check_out(out, force, (data, model))
     config = check_model(model, device, device_map)
     check_top_k_and_layers(config, cfg.top_k)
@@ -377,9 +376,6 @@ def run(
         A :class:`~hpredit.results.RunResult` (also ``out/summary.json``); ``result.editor`` is the
         fitted editor.
     """
-    from .data import truthfulqa_pairs
-    from .models import load_model
-
     out = Path(out)
     cfg = RunConfig(
         seed,
@@ -487,9 +483,6 @@ def fit(
     TruthfulQA's ``split`` (``seed``-ed, the first ``limit`` questions) and save it to ``out/editor``
     (with ``split.json`` for TruthfulQA, ``activations/`` with ``save_activations``). The defaults
     are ``hpredit fit``'s."""
-    from . import data as data_mod
-    from .models import load_model
-
     out = Path(out)
     check_out(out, force, (pairs, data, model))
     check_seed(seed)
@@ -503,10 +496,10 @@ def fit(
     if isinstance(pairs, ContrastivePairs):
         contrastive = pairs
     elif pairs is not None:
-        contrastive = data_mod.ContrastivePairs.from_jsonl(pairs)
+        contrastive = ContrastivePairs.from_jsonl(pairs)
     else:
-        data_mod.check_truthfulqa_source(data)
-        contrastive = data_mod.truthfulqa_pairs(split=split, seed=seed, path=data, limit=limit)
+        check_truthfulqa_source(data)
+        contrastive = truthfulqa_pairs(split=split, seed=seed, path=data, limit=limit)
     lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
     with _whole_output(out) as tmp:
         fitted = fit_editor(
@@ -560,9 +553,6 @@ def generate(
     in the TruthfulQA QA format and cut at the first blank line), at ``strength`` (default 1) or at
     the strength whose fluency cost is ``kl`` by the editor's measured curve (measured with scope
     ``all``: with another ``scope`` the result's ``note`` says so; ``kl`` is recorded in the result)."""
-    from .data import qa_prompt
-    from .models import check_generation_length, load_model, pad_token_id
-
     empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise HpreditError(f"prompt {empty[0]} is empty: give some text to continue")

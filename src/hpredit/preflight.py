@@ -11,10 +11,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .artifacts import check_output_dir, remove_stale_temporaries
 from .checks import check_editor_matches, check_layers, check_top_k
+from .editors import Editor, load_editor
+from .errors import HpreditError
+from .models import check_model_and_placement, fingerprint_from_config, num_layers
 
-__all__ = ["check_editor_for", "check_model", "check_out", "check_top_k_and_layers"]
+__all__ = ["check_editor_for", "check_model", "check_out", "check_top_k_and_layers", "loaded_model_given"]
 
 
 def check_model(
@@ -22,15 +27,11 @@ def check_model(
 ) -> Any:
     """The device (or device map) is valid and ``model`` (a hub id, a local directory, None for the
     embedded default) is a causal LM; its config (no weights read)."""
-    from .models import check_model_and_placement
-
     return check_model_and_placement(model, device, device_map, trust_remote_code=trust_remote_code)
 
 
 def check_top_k_and_layers(config: Any, top_k: int, layers: list[int] | None = None) -> None:
     """``top_k`` and explicit ``layers`` against the model's layer count (from its config)."""
-    from .models import num_layers
-
     n = num_layers(config)
     check_layers(layers, n)
     check_top_k(top_k, n)
@@ -39,12 +40,21 @@ def check_top_k_and_layers(config: Any, top_k: int, layers: list[int] | None = N
 def check_editor_for(editor: Any, config: Any, model: str | os.PathLike | None, strict: bool = True) -> Any:
     """An editor (or its directory, loaded and checked here) against the model's config, before
     the model loads; the editor. The weights' digest is compared once the model is loaded (attach)."""
-    from .editors import Editor, load_editor
-    from .models import fingerprint_from_config
-
     ed = editor if isinstance(editor, Editor) else load_editor(editor)
     check_editor_matches(ed.model_fingerprint, fingerprint_from_config(config, model), strict)
     return ed
+
+
+def loaded_model_given(model: Any, tokenizer: Any) -> bool:
+    """Whether ``model`` is a loaded model (True; its tokenizer must come with it) or one to load by
+    name (False: a hub id, a local directory or None, the embedded default); anything else is refused."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return False
+    if not isinstance(model, nn.Module):
+        raise HpreditError(f"model must be a name, a path or a loaded model, got {type(model).__name__}")
+    if tokenizer is None:
+        raise HpreditError("pass the tokenizer together with a loaded model")
+    return True
 
 
 def check_out(out: str | os.PathLike, force: bool, inputs: Iterable[Any] = ()) -> Path:

@@ -15,6 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from ._version import __version__
+
 __all__ = ["VERSIONED", "command_line", "cpu_name", "machine", "record", "versions"]
 
 #: Libraries whose versions can change a result.
@@ -34,8 +38,6 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 def versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:
     """hpredit's, Python's and each library's installed version (``"not installed"`` when absent)."""
-    from ._version import __version__
-
     out = {"hpredit": __version__, "python": platform.python_version()}
     for name in names:
         try:
@@ -58,8 +60,6 @@ def cpu_name() -> str:
 
 def machine() -> dict:
     """CPU model, cores, torch's thread count, the platform and (if any) the GPU."""
-    import torch
-
     info: dict = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),

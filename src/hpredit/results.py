@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 from .artifacts import atomic_directory, read_json, write_text_atomic
+from .checks import is_int
 from .errors import HpreditError
+from .provenance import command_line
+from .provenance import machine as machine_record
+from .provenance import versions as library_versions
 
 __all__ = [
     "CompareResult",
+    "CompareRow",
     "EvalResult",
     "Provenance",
     "RunResult",
@@ -84,13 +90,11 @@ class Provenance:
     @classmethod
     def now(cls, command: str | None = None) -> Provenance:
         """The record of a result made now (``command``: default, this process's command line)."""
-        from .provenance import command_line, machine, versions
-
         return cls(
             command=command_line() if command is None else command,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            versions=versions(),
-            machine=machine(),
+            versions=library_versions(),
+            machine=machine_record(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -130,10 +134,6 @@ def _json_type(v: Any) -> str:
     return type(v).__name__
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -143,7 +143,7 @@ def _is_str_list(v: Any) -> bool:
 
 
 def _is_int_list(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_int(x) for x in v)
+    return isinstance(v, list) and all(is_int(x) for x in v)
 
 
 _KINDS: dict[str, Any] = {
@@ -151,7 +151,7 @@ _KINDS: dict[str, Any] = {
     "an object or null": lambda v: v is None or isinstance(v, dict),
     "a string": lambda v: isinstance(v, str),
     "a string or null": lambda v: v is None or isinstance(v, str),
-    "an integer": _is_int,
+    "an integer": is_int,
     "a number": _is_number,
     "true or false": lambda v: isinstance(v, bool),
     "a list of strings": _is_str_list,
@@ -449,8 +449,6 @@ class EvalResult:
 
     def table(self):
         """A rich table: each headline metric unedited, edited, difference and its CI."""
-        from rich.table import Table
-
         m = self.metrics
         s = self.summary
         name = str(s["model"]["name"]).rstrip("/").rsplit("/", 1)[-1]
@@ -489,6 +487,66 @@ class EvalResult:
 
 
 # --------------------------------------------------------------------------- compare
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One row of a comparison's ``runs``: one method of one split seed at one chosen point.
+
+    ``test`` (the task's metrics), ``test_items`` (each item's primary metric; None where the task
+    has none) and the measurements after them are None (``norm_drift`` empty) where nothing was
+    measured: a target no strength reached (``kl`` is then the largest cost reached). ``profile``:
+    the edit profile on the test texts (None unedited). ``validation``: every setting the strength
+    search measured. Matched-cost rows carry ``target``, ``status``, ``kl_miss`` (the relative miss
+    of the measured KL) and ``val`` (the validation score that chose among candidates, if any);
+    grid rows carry ``over_kl_cap``. :meth:`to_json` writes the keys of the row's protocol only.
+    """
+
+    seed: int
+    method: str
+    strength: float
+    layers: list[int]
+    heads: list[list[int]]
+    test: dict | None
+    test_items: list[float] | None
+    kl: float | None
+    ppl: float | None
+    ppl_unedited: float | None
+    norm_drift: dict
+    profile: dict | None
+    validation: list[dict]
+    config: dict | None
+    seconds: float
+    target: float | None = None
+    status: str | None = None
+    kl_miss: float | None = None
+    val: float | None = None
+    over_kl_cap: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"seed": self.seed, "method": self.method}
+        if self.status is not None:  # matched
+            d.update(target=self.target, status=self.status)
+            if self.target is not None:
+                d["kl_miss"] = self.kl_miss
+        d.update(
+            strength=self.strength,
+            layers=self.layers,
+            heads=self.heads,
+            test=self.test,
+            test_items=self.test_items,
+            kl=self.kl,
+            ppl=self.ppl,
+            ppl_unedited=self.ppl_unedited,
+            norm_drift=self.norm_drift,
+            profile=self.profile,
+        )
+        if self.status is not None:
+            d["val"] = self.val
+        if self.over_kl_cap is not None:  # grid
+            d["over_kl_cap"] = self.over_kl_cap
+        d.update(validation=self.validation, config=self.config, seconds=self.seconds)
+        return d
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from ..provenance import command_line as quoted_command_line
+
 __all__ = ["app", "command_line", "console", "err"]
 
 app = typer.Typer(
@@ -22,6 +24,4 @@ argv: list[str] | None = None
 
 def command_line() -> str:
     """The command line being run, for the records (``hpredit ARGS``)."""
-    from ..provenance import command_line as quoted
-
-    return quoted(None if argv is None else ["hpredit", *argv])
+    return quoted_command_line(None if argv is None else ["hpredit", *argv])

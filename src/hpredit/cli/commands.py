@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from ..checks import DEFAULT_STRENGTH
+from ..compare import compare as compare_job
+from ..compare import markdown_table
 from ..compare.methods import METHODS
+from ..evaluation import evaluate as evaluate_job
+from ..pipeline import fit as fit_job
+from ..pipeline import generate as generate_job
+from ..pipeline import run as run_job
 from . import options as o
 from .app import app, command_line, console, err
 from .show import accuracy_table, side_by_side_table, strength_line
@@ -38,8 +44,6 @@ def fit(
     force: o.Force = False,
 ) -> None:
     """Fit an HPR editor on contrastive pairs (JSONL) or TruthfulQA and save it."""
-    from ..pipeline import fit as fit_job
-
     result = fit_job(
         out,
         pairs,
@@ -84,8 +88,6 @@ def generate(
     device_map: o.DeviceMap = None,
 ) -> None:
     """Generate greedily with and without the editor and show both side by side."""
-    from ..pipeline import generate as generate_job
-
     result = generate_job(
         prompt,
         editor,
@@ -130,8 +132,6 @@ def run(
 ) -> None:
     """The main job: fit HPR on the TruthfulQA train split (layers by val probe accuracy), choose the
     strength on val by MC2 under a fluency-cost cap, report unedited vs edited on test; save to --out."""
-    from ..pipeline import run as run_job
-
     r = run_job(
         out,
         model,
@@ -211,10 +211,8 @@ def eval_(
 ) -> None:
     """Evaluate on a task (TruthfulQA MC or generation, BBQ, ToxiGen, refusal, A/B), unedited and,
     with --editor, edited."""
-    from ..evaluation import evaluate
-
     judges = {name: path for name, path in (("truth", truth_judge), ("info", info_judge)) if path}
-    evaluate(
+    evaluate_job(
         model=model,
         editor=editor,
         task=task,
@@ -269,9 +267,6 @@ def compare(
 ) -> None:
     """Fit every method on train, compare on test at equal fluency cost (each --targets KL; --protocol grid:
     the strength chosen on validation under --kl-cap), with task metrics, KL and perplexity."""
-    from ..compare import compare as compare_job
-    from ..compare import markdown_table
-
     result = compare_job(
         model,
         None,

@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-from ..checks import DEFAULT_STRENGTH
+from ..checks import DEFAULT_STRENGTH, check_strength
 from ..errors import HpreditError
+from ..preflight import check_editor_for, check_model
+from ..serving import parse_editors
+from ..serving import serve as run_server
 from . import options as o
 from .app import app
 
@@ -28,9 +31,6 @@ def _lm_eval_model_args(args: list[str]) -> dict[str, str]:
 
 def _check_hpredit_model_args(model_args: dict[str, str]) -> None:
     """The ``hpredit`` model type's arguments, checked before lm-eval loads anything."""
-    from ..checks import check_strength
-    from ..preflight import check_editor_for, check_model
-
     pretrained = model_args.get("pretrained") or None
     config = check_model(pretrained, model_args.get("device"))
     if model_args.get("strength"):
@@ -56,7 +56,8 @@ def lm_eval_(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if "hpredit" in args:  # our model type
         _check_hpredit_model_args(_lm_eval_model_args(args))
-    from ..evaluation import lm_eval_backend  # registers the model type
+    # optional: lm-eval is an extra (importing the backend without it raises); importing registers the model type
+    from ..evaluation import lm_eval_backend
 
     lm_eval_backend.run_cli(args)
 
@@ -103,9 +104,6 @@ def serve(
     choose their editor and strength with the extra body {"vllm_xargs": {"editor": "NAME", "strength": 0.5}},
     or a cost instead of the strength: {"vllm_xargs": {"kl": 0.25}}.
     """
-    from ..serving import parse_editors
-    from ..serving import serve as run_server
-
     default = DEFAULT_STRENGTH if strength is None else strength
     editors = parse_editors(editor)
     code = run_server(editors, model, default, scope, list(ctx.args), strict=not no_strict, kl=kl, grace=kill_after)

@@ -1,13 +1,16 @@
 """One harness for every method: fit on train, choose strength on validation, report on test.
 
 Rooms: :mod:`.methods` (the registry: how each method is fitted), :mod:`.strength` (the strength
-search under a fluency-cost cap), :mod:`.harness` (per seed: collect, fit, choose, measure; merge),
-:mod:`.report` (markdown table, figure, results.json).
+searches: matched cost, best under a cap), :mod:`.protocols` (the registry of protocols, each the
+typed strategy choosing strengths and reporting them; markdown table, figure, results.json),
+:mod:`.harness` (per seed: collect, fit, choose, measure; merge), :mod:`.report` (each protocol's
+summaries, tables and figures).
 """
 
-from .harness import PROTOCOLS, check_compare_args, compare, merge
+from .harness import check_compare_args, compare, merge
 from .methods import METHODS, Method, SeedFits
-from .report import figure, markdown_table, summarise_matched, write_results
+from .protocols import PROTOCOLS, Choice, Protocol, figure, markdown_table, resolve_search, write_results
+from .report import summarise_matched
 from .strength import KL_TOL, TARGETS, TargetHit, choose_strength, match_cost, match_targets
 
 __all__ = [
@@ -15,6 +18,8 @@ __all__ = [
     "METHODS",
     "PROTOCOLS",
     "TARGETS",
+    "Choice",
+    "Protocol",
     "TargetHit",
     "Method",
     "SeedFits",
@@ -26,6 +31,7 @@ __all__ = [
     "match_cost",
     "match_targets",
     "merge",
+    "resolve_search",
     "summarise_matched",
     "write_results",
 ]

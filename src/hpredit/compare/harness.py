@@ -26,79 +26,25 @@ from transformers import PreTrainedTokenizerBase
 from .. import distributed
 from ..activations import ActivationStore, collect_activations
 from ..checks import (
-    check_count,
-    check_kl_cap,
-    check_kl_targets,
-    check_kl_tol,
     check_limit,
     check_seed,
     check_store_dtype,
     check_unique,
     named,
-    not_for_protocol,
 )
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
-from ..evaluation.side_effects import NeutralText, neutral_text, norm_drift
-from ..evaluation.tasks import Task, get_task, mean_metrics
-from ..models import fingerprint
-from ..preflight import check_model, check_out
-from ..results import CompareResult, Provenance
+from ..evaluation.side_effects import EditProfile, neutral_text, norm_drift
+from ..evaluation.tasks import Task, get_task
+from ..models import fingerprint, load_model
+from ..preflight import check_model, check_out, loaded_model_given
+from ..results import CompareResult, CompareRow, Provenance
 from .methods import METHODS, SeedFits
-from .report import summarise_matched, write_results
-from .strength import KL_TOL, TARGETS, choose_strength, fluency_with, match_cost
+from .protocols import Choice, Protocol, SearchContext, protocol_of, resolve_search, write_results
+from .strength import fluency_with
 
-__all__ = ["GRID_DEFAULTS", "PROTOCOLS", "STEPS", "check_compare_args", "compare", "merge", "resolve_search"]
-
-#: How a comparison chooses each method's strength (see the module's docstring).
-PROTOCOLS = ("matched", "grid")
-
-
-#: The grid protocol's defaults (``kl_cap``, ``max_doublings``, ``refine``) and the matched one's
-#: search budget (``steps``; its targets and tolerance are :data:`TARGETS` and :data:`KL_TOL`).
-GRID_DEFAULTS: dict[str, float | int] = {"kl_cap": 0.5, "max_doublings": 3, "refine": 0}
-STEPS = 4
-#: Which protocol each search option belongs to: given under the other one it is refused (never ignored).
-_ONLY = {
-    "kl_cap": "grid",
-    "max_doublings": "grid",
-    "refine": "grid",
-    "targets": "matched",
-    "kl_tol": "matched",
-    "steps": "matched",
-}
-
-
-def resolve_search(
-    protocol: str,
-    kl_cap: float | None = None,
-    max_doublings: int | None = None,
-    refine: int | None = None,
-    targets: Sequence[float] | None = None,
-    kl_tol: float | None = None,
-    steps: int | None = None,
-) -> dict:
-    """The strength search's settings under ``protocol``: each given value checked, an option of the
-    other protocol refused (None: not given), the protocol's defaults filled in; the other
-    protocol's options are None."""
-    if protocol not in PROTOCOLS:
-        raise HpreditError(f"unknown {named('protocol')} {protocol!r}: use {' or '.join(PROTOCOLS)}")
-    given = {
-        "kl_cap": None if kl_cap is None else check_kl_cap(kl_cap),
-        "max_doublings": None if max_doublings is None else check_count(max_doublings, "max_doublings", 0),
-        "refine": None if refine is None else check_count(refine, "refine", 0),
-        "targets": None if targets is None else tuple(check_kl_targets(targets)),
-        "kl_tol": None if kl_tol is None else check_kl_tol(kl_tol),
-        "steps": None if steps is None else check_count(steps, "steps", 0),
-    }
-    for option, only in _ONLY.items():
-        if given[option] is not None and only != protocol:
-            raise HpreditError(not_for_protocol(option, protocol, only, "comparison"))
-    defaults: dict = (
-        dict(GRID_DEFAULTS) if protocol == "grid" else {"targets": TARGETS, "kl_tol": KL_TOL, "steps": STEPS}
-    )
-    return {o: (given[o] if given[o] is not None else defaults.get(o)) for o in _ONLY}
+__all__ = ["check_compare_args", "compare", "merge"]
 
 
 def check_compare_args(
@@ -116,8 +62,8 @@ def check_compare_args(
 ) -> Task:
     """Refuse unknown methods, tasks or protocols, no seeds, a non-positive cap or limit, a negative
     refine, bad KL targets or tolerance, and a search option of the other protocol
-    (:func:`resolve_search`); the task."""
-    resolve_search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
+    (:func:`~hpredit.compare.protocols.resolve_search`); the task."""
+    _search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
     the_task = get_task(task)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -128,6 +74,18 @@ def check_compare_args(
     check_unique(methods, named("methods"))
     check_unique([check_seed(seed, f"each of {named('seeds')}") for seed in seeds], named("seeds"))
     return the_task
+
+
+def _search(protocol: str, kl_cap, max_doublings, refine, targets, kl_tol, steps) -> Protocol:
+    return resolve_search(
+        protocol,
+        kl_cap=kl_cap,
+        max_doublings=max_doublings,
+        refine=refine,
+        targets=targets,
+        kl_tol=kl_tol,
+        steps=steps,
+    )
 
 
 @dataclass
@@ -172,21 +130,12 @@ def _collect(
 
 @dataclass
 class _Run:
-    """What every method of a comparison shares: the model, the task, the neutral text and the search rules."""
+    """What every method of a comparison shares: the model, the task, the neutral text and the protocol."""
 
-    model: nn.Module
-    tok: PreTrainedTokenizerBase
-    task: Task
-    neutral: NeutralText
-    kl_cap: float | None  #: grid (None under matched)
-    max_doublings: int | None  #: grid
-    refine: int | None  #: grid
+    ctx: SearchContext
+    protocol: Protocol
     log: Callable[[str], None]
     progress: bool
-    protocol: str = "matched"
-    targets: tuple[float, ...] = TARGETS  #: matched
-    kl_tol: float = KL_TOL  #: matched
-    steps: int = STEPS  #: matched
 
 
 @contextmanager
@@ -207,162 +156,108 @@ def _step_bar(label: str, enabled: bool) -> Iterator[Callable[[str], None]]:
 def _run_method(
     run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
 ) -> list[dict]:
-    """One method of one seed under the run's protocol: its rows of the results."""
-    if run.protocol == "grid":
-        return [_run_method_grid(run, name, split, stores, shared, grid)]
-    return _run_method_matched(run, name, split, stores, shared, grid)
-
-
-def _run_method_grid(
-    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
-) -> dict:
-    """Fit one method, choose its setting on val, and measure it on test: one row of the results.
-
-    With ``run.progress``, a bar says which step runs (fit, each strength's KL and val score, test).
-    """
-    t0 = time.time()
-    with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
-        pick = _fit_and_choose(run, name, split, stores, shared, grid, step)
-        chosen, strength = pick["editor"], pick["strength"]
-        step(f"test {run.task.primary} (strength {strength})")
-        test, items, cost, drift = _measure(run, split.test, chosen, strength)
-    row = {
-        "seed": split.seed,
-        "method": name,
-        "strength": strength,
-        "layers": sorted(chosen.layers) if chosen else [],
-        "heads": [list(h) for h in getattr(chosen, "heads", [])],
-        "test": test,
-        "test_items": items,
-        "kl": cost["kl"],
-        "ppl": cost["ppl"],
-        "ppl_unedited": cost["ppl_unedited"],
-        "norm_drift": drift,
-        "over_kl_cap": pick["over_kl_cap"],
-        "validation": pick["tried"],
-        "config": dataclasses.asdict(chosen.config) if chosen else None,
-        "seconds": round(time.time() - t0, 1),
-    }
-    shown = " ".join(f"{k} {test[k]:.4f}" for k in run.task.metrics if test.get(k) is not None)
-    run.log(
-        f"seed {split.seed} {name}: test {shown} KL {cost['kl']:.4f} ppl {cost['ppl']:.2f} "
-        f"(strength {strength}, layers {row['layers']})"
-    )
-    return row
-
-
-def _fit_and_choose(
-    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None, step
-) -> dict:
-    """Fit the method (rank 0) and choose its strength on val under the KL cap: the method's own grid
-    grows toward the cap (``run.max_doublings``, ``run.refine``); a given ``grid`` is tried as is.
-    ``none`` (nothing to fit) is the unedited model at strength 0."""
-    method = METHODS[name]
-    fit = method.fit
-    if fit is None:
-        return {"editor": None, "strength": 0.0, "over_kl_cap": False, "tried": []}
-    return choose_strength(
-        run.model,
-        run.tok,
-        distributed.on_main(lambda: fit(stores, run.model, shared), f"fitting {name}"),
-        grid or method.strengths,
-        split.val,
-        run.neutral,
-        cast(float, run.kl_cap),
-        0 if grid else cast(int, run.max_doublings),
-        log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
-        task=run.task,
-        refine=0 if grid else cast(int, run.refine),
-        progress=lambda what: step(f"strength search, {what}"),
-    )
-
-
-def _run_method_matched(
-    run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
-) -> list[dict]:
-    """Fit one method, find its strength at each target cost (the KL search; val scores only to pick
-    among several candidate editors), measure each on test: one row per target (``none``: one row)."""
+    """Fit one method, choose its strengths under the run's protocol, measure each on test: one row
+    per point it is reported at (``none``: the unedited model)."""
     t0 = time.time()
     method = METHODS[name]
-    rows: list[dict] = []
     with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
         if method.fit is None:
-            step(f"test {run.task.primary} (unedited)")
-            unedited = {"target": None, "editor": None, "strength": 0.0, "status": "unedited", "val": None}
-            measured: list[tuple[dict, dict | None, list[float] | None, dict, dict]] = [
-                (unedited, *_measure(run, split.test, None, 0.0))
-            ]
+            choices = run.protocol.unedited()
         else:
             fit = method.fit
-            editors = distributed.on_main(lambda: fit(stores, run.model, shared), f"fitting {name}")
-            choices = match_cost(
-                run.model,
-                run.tok,
+            editors = distributed.on_main(lambda: fit(stores, run.ctx.model, shared), f"fitting {name}")
+            choices = run.protocol.choose(
+                run.ctx,
                 editors,
                 grid or method.strengths,
-                run.neutral,
-                run.targets,
-                run.kl_tol,
-                run.steps,
                 split.val,
-                run.task,
+                grid is not None,
                 log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
-                progress=lambda what: step(f"KL search, {what}"),
+                progress=step,
             )
-            measured = []
-            for c in choices:
-                if c["editor"] is None:
-                    measured.append((c, None, None, {"kl": c["kl"]}, {}))
-                    continue
-                step(f"test {run.task.primary} at KL {c['target']} (strength {c['strength']:.4g})")
-                measured.append((c, *_measure(run, split.test, c["editor"], c["strength"])))
-    for c, test, items, cost, drift in measured:
-        chosen = c["editor"]
-        rows.append(
-            {
-                "seed": split.seed,
-                "method": name,
-                "target": c["target"],
-                "status": c["status"],
-                **({} if c["target"] is None else {"kl_miss": (cost["kl"] - c["target"]) / c["target"]}),
-                "strength": c["strength"],
-                "layers": sorted(chosen.layers) if chosen else [],
-                "heads": [list(h) for h in getattr(chosen, "heads", [])],
-                "test": test,
-                "test_items": items,
-                "kl": cost["kl"],
-                "ppl": cost.get("ppl"),
-                "ppl_unedited": cost.get("ppl_unedited"),
-                "norm_drift": drift,
-                "val": c["val"],
-                "validation": c.get("tried", []),
-                "config": dataclasses.asdict(chosen.config) if chosen else None,
-                "seconds": round(time.time() - t0, 1),
-            }
-        )
-        if test is not None:
-            shown = " ".join(f"{k} {test[k]:.4f}" for k in run.task.metrics if test.get(k) is not None)
-            at = "unedited" if c["target"] is None else f"target KL {c['target']}"
-            run.log(f"seed {split.seed} {name} ({at}): test {shown} KL {cost['kl']:.4f} (strength {c['strength']:.4g})")
+        measured: list[tuple[Choice, _Measured | None]] = []
+        for c in choices:
+            if c.editor is None and c.status not in ("unedited", None):  # nothing reached this target
+                measured.append((c, None))
+                continue
+            at = "unedited" if c.editor is None else f"strength {c.strength:.4g}"
+            step(f"test {run.ctx.task.primary}" + (f" at KL {c.target}" if c.target is not None else "") + f" ({at})")
+            measured.append((c, _measure(run, split.test, c.editor, c.strength)))
+    rows = [_row(split.seed, name, c, m, round(time.time() - t0, 1)).to_json() for c, m in measured]
+    for row in rows:
+        if row["test"] is not None:
+            _log_row(run, row)
     return rows
 
 
-def _measure(
-    run: _Run, items: list, editor: Editor | None, strength: float
-) -> tuple[dict, list[float] | None, dict, dict]:
-    """On test: the task's metrics, each item's primary metric (None where the task has none), the
-    fluency cost on neutral text and the norm drift (none unedited)."""
-    model = run.model
+def _row(seed: int, name: str, c: Choice, m: _Measured | None, seconds: float) -> CompareRow:
+    """One row of the results: the choice and, where the method was measured there, its measurement."""
+    chosen = c.editor
+    kl = m.cost["kl"] if m is not None else c.kl
+    return CompareRow(
+        seed=seed,
+        method=name,
+        strength=c.strength,
+        layers=sorted(chosen.layers) if chosen else [],
+        heads=[list(h) for h in getattr(chosen, "heads", [])],
+        test=m.test if m else None,
+        test_items=m.items if m else None,
+        kl=kl,
+        ppl=m.cost.get("ppl") if m else None,
+        ppl_unedited=m.cost.get("ppl_unedited") if m else None,
+        norm_drift=m.drift if m else {},
+        profile=m.profile if m else None,
+        validation=c.tried,
+        config=dataclasses.asdict(chosen.config) if chosen else None,
+        seconds=seconds,
+        target=c.target,
+        status=c.status,
+        kl_miss=None if c.target is None or kl is None else (kl - c.target) / c.target,
+        val=c.val,
+        over_kl_cap=c.over_kl_cap,
+    )
+
+
+def _log_row(run: _Run, row: dict) -> None:
+    test = row["test"]
+    shown = " ".join(f"{k} {test[k]:.4f}" for k in run.ctx.task.metrics if test.get(k) is not None)
+    if row.get("over_kl_cap") is not None:  # grid
+        run.log(
+            f"seed {row['seed']} {row['method']}: test {shown} KL {row['kl']:.4f} ppl {row['ppl']:.2f} "
+            f"(strength {row['strength']}, layers {row['layers']})"
+        )
+        return
+    at = "unedited" if row.get("target") is None else f"target KL {row['target']}"
+    run.log(
+        f"seed {row['seed']} {row['method']} ({at}): test {shown} KL {row['kl']:.4f} (strength {row['strength']:.4g})"
+    )
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """One point measured on test: the task's metrics, each item's primary metric (None where the task
+    has none), the fluency cost on neutral text, the norm drift and the edit's profile on the test texts
+    (the last two empty and None unedited)."""
+
+    test: dict
+    items: list[float] | None
+    cost: dict
+    drift: dict
+    profile: dict | None
+
+
+def _measure(run: _Run, items: list, editor: Editor | None, strength: float) -> _Measured:
+    """The task on ``items`` with ``editor`` at ``strength`` (None: unedited), and its side effects."""
+    model, tok, task, neutral = run.ctx.model, run.ctx.tok, run.ctx.task, run.ctx.neutral
     if editor is None:
-        test, per_item = run.task.score_items(model, run.tok, items)
-    else:
-        with editor.attach(model, strength=strength, scope="all"):
-            test, per_item = run.task.score_items(model, run.tok, items)
-    cost = fluency_with(model, run.neutral, editor, strength)
-    if editor is None:
-        return test, per_item, cost, {}
-    drift = norm_drift(model, run.neutral, lambda: editor.attach(model, strength=strength, scope="all"))
-    return test, per_item, cost, drift
+        test, per_item = task.score_items(model, tok, items)
+        return _Measured(test, per_item, fluency_with(model, neutral, None, strength), {}, None)
+    profile = EditProfile()
+    with editor.attach(model, strength=strength, scope="all", observe=profile):
+        test, per_item = task.score_items(model, tok, items)
+    cost = fluency_with(model, neutral, editor, strength)
+    drift = norm_drift(model, neutral, lambda: editor.attach(model, strength=strength, scope="all"))
+    return _Measured(test, per_item, cost, drift, profile.summary())
 
 
 def compare(
@@ -448,7 +343,7 @@ def compare(
     the_task = check_compare_args(
         methods, seeds, kl_cap, limit, refine, task, protocol, targets, kl_tol, steps, max_doublings
     )
-    search = resolve_search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
+    search = _search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
     if store_dtype is not None:
         check_store_dtype(store_dtype)
     if out is not None:
@@ -461,29 +356,13 @@ def compare(
         log, progress = (lambda s: None), False
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
-    run = _Run(
-        model,
-        tok,
-        the_task,
-        neutral,
-        search["kl_cap"],
-        search["max_doublings"],
-        search["refine"],
-        log,
-        progress,
-        protocol,
-        *((search["targets"], search["kl_tol"], search["steps"]) if protocol == "matched" else ()),
-    )
+    run = _Run(SearchContext(model, tok, the_task, neutral), search, log, progress)
     runs, splits = [], []
     for seed in seeds:
         seed_runs, split_row = _run_seed(run, methods, items, seed, limit, store_dtype, strengths or {})
         runs += seed_runs
         splits.append(split_row)
-    setting = _setting(model, the_task, data, methods, seeds, search["kl_cap"], search["refine"], limit, neutral)
-    if protocol == "matched":
-        setting.update(
-            protocol="matched", targets=list(run.targets), kl_tol=run.kl_tol, steps=run.steps, kl_cap=None, refine=None
-        )
+    setting = {**_setting(model, the_task, data, methods, seeds, limit, neutral), **search.setting()}
     result = CompareResult(
         provenance, setting, runs, splits, _summary(setting, runs, methods), round(time.time() - started, 1)
     )
@@ -494,12 +373,8 @@ def compare(
 
 def _model(model, tok, task: Task, data, dtype: str, device, device_map) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A loaded model as given, or one named: its config and the task's data source checked before it loads."""
-    if isinstance(model, nn.Module):
-        if tok is None:
-            raise HpreditError("pass the tokenizer together with a loaded model")
+    if loaded_model_given(model, tok):
         return model, tok
-    from ..models import load_model
-
     check_model(model, device, device_map)
     task.check_source(data)
     return load_model(model, dtype=dtype, device=device, device_map=device_map)
@@ -510,9 +385,10 @@ def _run_seed(
 ) -> tuple[list[dict], dict]:
     """One split seed: split the groups → collect once → fit, choose and measure every method;
     the method rows and the split's row."""
-    groups = sorted({run.task.group(it) for it in items})
-    split = _SeedSplit.make(run.task, items, groups, seed, limit, run.tok)
-    stores = _collect(run.model, run.tok, methods, split, store_dtype, run.progress, run.log)
+    ctx = run.ctx
+    groups = sorted({ctx.task.group(it) for it in items})
+    split = _SeedSplit.make(ctx.task, items, groups, seed, limit, ctx.tok)
+    stores = _collect(ctx.model, ctx.tok, methods, split, store_dtype, run.progress, run.log)
     shared = SeedFits()
     rows = [row for name in methods for row in _run_method(run, name, split, stores, shared, strengths.get(name))]
     return rows, {
@@ -523,7 +399,7 @@ def _run_seed(
     }
 
 
-def _setting(model, task: Task, data, methods, seeds, kl_cap: float | None, refine: int | None, limit, neutral) -> dict:
+def _setting(model, task: Task, data, methods, seeds, limit, neutral) -> dict:
     """What a comparison was run with (the top of ``results.json`` besides provenance and rows)."""
     return {
         "model": fingerprint(model).to_dict(),
@@ -534,8 +410,8 @@ def _setting(model, task: Task, data, methods, seeds, kl_cap: float | None, refi
         "primary": task.primary,
         "methods": {m: METHODS[m].note for m in methods},
         "seeds": list(seeds),
-        "kl_cap": kl_cap,
-        "refine": refine,
+        "kl_cap": None,  # the protocol's entries (matched: kl_cap and refine None) replace these two
+        "refine": None,
         "limit": limit,
         "neutral_text": "the model's own greedy continuations of hpredit.evaluation.side_effects.NEUTRAL_PROMPTS "
         f"({int(neutral.scored.sum())} tokens)",
@@ -562,8 +438,10 @@ def merge(results: Sequence[CompareResult | dict], methods: Sequence[str] | None
         raise HpreditError("cannot merge: the results are of different models or tasks")
     found = list(dict.fromkeys(m for r in typed for m in r.setting["methods"]))
     methods = list(methods or found)
-    if len({r.setting.get("protocol", "grid") for r in typed}) > 1:
-        raise HpreditError("cannot merge: the results were made with different protocols (matched and grid)")
+    made_with = {protocol_of(r.setting).name for r in typed}
+    if len(made_with) > 1:
+        both = " and ".join(sorted(made_with))
+        raise HpreditError(f"cannot merge: the results were made with different protocols ({both})")
     latest: dict[tuple, dict] = {(row["seed"], row["method"], row.get("target")): row for r in typed for row in r.runs}
     have = {(s, m) for s, m, _ in latest}
     split_of: dict[int, dict] = {row["seed"]: row for r in typed for row in r.splits}
@@ -584,24 +462,6 @@ def merge(results: Sequence[CompareResult | dict], methods: Sequence[str] | None
 
 
 def _summary(setting: dict, runs: list[dict], methods: Sequence[str]) -> dict:
-    """The summary of either protocol (``setting`` says which, and the task's metrics)."""
+    """The summary by the protocol ``setting`` records (and the task's metrics)."""
     metrics = list(setting.get("metrics", ["mc1", "mc2", "mc3"]))
-    if setting.get("protocol", "grid") == "matched":
-        return summarise_matched(runs, methods, metrics, setting.get("primary", "mc2"), setting["targets"])
-    return _summarise(runs, methods, metrics, setting.get("primary", "mc2"))
-
-
-def _summarise(runs: list[dict], methods: Sequence[str], metrics: Sequence[str], primary: str = "mc2") -> dict:
-    """Per method: mean and std over seeds of each metric (with one seed and per-item values, the
-    primary metric's per-item bootstrap CI as ``ci``)."""
-    from .report import item_ci
-
-    summary = {}
-    for name in methods:
-        rows = [r for r in runs if r.get("method") == name]
-        entry = mean_metrics([{**{k: r["test"].get(k) for k in metrics}, "kl": r["kl"], "ppl": r["ppl"]} for r in rows])
-        entry["strengths"] = [r["strength"] for r in rows]
-        if len(rows) == 1 and rows[0].get("test_items"):
-            entry[primary]["ci"] = item_ci(rows[0]["test_items"])
-        summary[name] = entry
-    return summary
+    return protocol_of(setting).summarise(runs, methods, metrics, setting.get("primary", "mc2"))

@@ -43,6 +43,9 @@ class Method:
     fit: Fit | None  #: candidate editors (e.g. ITI's K values)
     strengths: tuple[float, ...] = (1.0,)
     note: str = field(default="")
+    #: which group the method belongs to: HPR's paired difference is also reported against the best
+    #: of each group (``rotation family``: the norm-keeping or boundary-selective methods since HPR)
+    family: str = "baseline"
 
 
 def _hpr(**overrides) -> Fit:
@@ -100,16 +103,22 @@ def _iti(stores, model, shared) -> list[Editor]:
 
 
 METHODS: dict[str, Method] = {
-    "none": Method("none", None, None, note="the unedited model"),
+    "none": Method("none", None, None, note="the unedited model", family="unedited"),
     "hpr": Method(
         "hpr",
         "residual",
         _hpr_inference_variant(),
         (0.25, 0.5, 1.0),
         "HPR as published: gated rotation by the predicted angle",
+        family="hpr",
     ),
     "hpr-no-gate": Method(
-        "hpr-no-gate", "residual", _hpr_inference_variant(gate=False), (0.25, 0.5, 1.0), "ablation: every token rotated"
+        "hpr-no-gate",
+        "residual",
+        _hpr_inference_variant(gate=False),
+        (0.25, 0.5, 1.0),
+        "ablation: every token rotated",
+        family="hpr ablation",
     ),
     "hpr-fixed-angle": Method(
         "hpr-fixed-angle",
@@ -117,6 +126,7 @@ METHODS: dict[str, Method] = {
         _hpr_inference_variant(fixed_angle=0.5),
         (0.125, 0.25, 0.5),
         "ablation: a fixed 0.5 rad (×strength) instead of the angle predictor",
+        family="hpr ablation",
     ),
     "hpr-bias": Method(
         "hpr-bias",
@@ -124,6 +134,7 @@ METHODS: dict[str, Method] = {
         _hpr(probe_bias=True),
         (0.25, 0.5, 1.0),
         "ablation: probe with a bias (affine reflection)",
+        family="hpr ablation",
     ),
     "caa": Method("caa", "residual", _additive(CAAEditor), (0.5, 1.0, 2.0), "x + αv, v = mean difference"),
     "caa-norm": Method(
@@ -135,6 +146,7 @@ METHODS: dict[str, Method] = {
         _residual(MirrorEditor),
         (4.0, 8.0, 12.0),
         "StMP: tokens below a biased probe's boundary moved along ŵ toward their mirror (fraction of the way)",
+        family="rotation family",
     ),
     "target": Method(
         "target",
@@ -142,6 +154,7 @@ METHODS: dict[str, Method] = {
         _residual(TargetEditor),
         (4.0, 8.0, 16.0),
         "StTP: tokens below the boundary moved along ŵ toward the positive mean projection (fraction of the way)",
+        family="rotation family",
     ),
     "ablation": Method(
         "ablation",
@@ -149,6 +162,7 @@ METHODS: dict[str, Method] = {
         _residual(AblationEditor),
         (1.0, 2.0, 2.5),
         "directional ablation of the mean difference (strength: fraction removed; > 1 over-removes)",
+        family="rotation family",
     ),
     "ace": Method(
         "ace",
@@ -156,6 +170,7 @@ METHODS: dict[str, Method] = {
         _residual(AblationEditor, affine=True),
         (1.0, 2.0, 3.0),
         "ACE: projection moved toward the negative mean's + α‖r‖ (α = 1: the positive mean's; fraction of the way)",
+        family="rotation family",
     ),
     "angular": Method(
         "angular",
@@ -164,6 +179,7 @@ METHODS: dict[str, Method] = {
         (0.0625, 0.25, 1.0),  # SmolLM2, every layer: KL 0.045 / 0.23 / 0.49 (1 is the whole edit: its most)
         "Angular Steering, every layer: the (b1, b2)-plane part turned toward b1 (strength: the fraction of "
         "the way, ≥ 1 lands on it)",
+        family="rotation family",
     ),
     "spherical": Method(
         "spherical",
@@ -171,6 +187,7 @@ METHODS: dict[str, Method] = {
         _residual(SphericalEditor),
         (0.1, 0.2, 0.4),  # SmolLM2, 5 layers: KL 0.057 / 0.23 / 1.05
         "Spherical Steering: slerp toward μ_T by α × the vMF confidence gate of the angle (strength: α)",
+        family="rotation family",
     ),
     "iti": Method("iti", "heads", _iti, (0.05, 0.1, 0.25), "ITI: top-K heads shifted by α·σ·v (α = 15 × strength)"),
 }

@@ -1,8 +1,10 @@
-"""The report of a comparison: a markdown table, a figure of the task metric against KL, results.json.
+"""The pieces of a comparison's report, per protocol: summaries, markdown tables, figures.
 
 Under the matched-cost protocol there is one table per target cost (every method's metric with its
-95 % CI: over seeds, or over test items with one seed) and the paired difference of HPR against
-the best other method; the figure has one curve per method through its targets.
+95 % CI: over seeds, or over test items with one seed), the paired difference of HPR against the
+best other method (and the best of the rotation family) and each method's edit profile; the figure
+has one curve per method through its targets. Which pieces a result gets is its protocol's choice
+(:mod:`.protocols`, which also writes ``results.json``).
 """
 
 from __future__ import annotations
@@ -13,23 +15,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_directory
 from ..evaluation.metrics import paired_bootstrap
 from ..evaluation.tasks import mean_metrics
-from ..results import CompareResult, write_json
+from ..results import CompareResult
+from .methods import METHODS
 
-__all__ = ["figure", "item_ci", "markdown_table", "summarise_matched", "write_results"]
+__all__ = [
+    "grid_figure",
+    "grid_table",
+    "item_ci",
+    "matched_figure",
+    "matched_tables",
+    "summarise_grid",
+    "summarise_matched",
+]
 
 #: The method the paired difference is about, and the methods it is compared against: every other
-#: method except the unedited model and HPR's own ablations (``hpr-…``).
+#: method except the unedited model and HPR's own ablations (``hpr-…``); and, besides, the best of
+#: each of these families (where one of its methods is in the comparison).
 REFERENCE = "hpr"
+FAMILIES = ("rotation family",)
 RESAMPLES = 10_000
 
 _MARKERS = "osD^vP*Xph<>"
-
-
-def _typed(result: CompareResult | dict) -> CompareResult:
-    return result if isinstance(result, CompareResult) else CompareResult.from_json(result)
 
 
 # --------------------------------------------------------------------------- confidence intervals
@@ -69,12 +77,50 @@ def _entry(rows: list[dict], metrics: Sequence[str], primary: str, seeds: int) -
             for r in done
             if r.get("status") == "closest"
         ]
+    profiles = [r["profile"]["all"] for r in done if r.get("profile")]
+    if profiles:
+        entry["profile"] = _profile_entry(profiles)
     values = [r["test"][primary] for r in done if r["test"].get(primary) is not None]
     if len(values) > 1:
         entry[primary]["ci"] = seed_ci(values)
     elif len(done) == 1 and done[0].get("test_items"):
         entry[primary]["ci"] = item_ci(done[0]["test_items"])
     return entry
+
+
+#: The edit profile's columns: (name in the table, key in a profile, its statistic, format).
+PROFILE_COLUMNS = (
+    ("tokens edited", "edited", None, ".3f"),
+    ("angle (deg), mean", "angle_deg", "mean", ".2f"),
+    ("angle (deg), spread", "angle_deg", "std", ".2f"),
+    ("‖Δh‖/‖h‖", "delta_rel", "mean", ".3f"),
+    ("norm change", "norm_change", "mean", "+.2e"),
+)
+
+
+def _profile_entry(profiles: list[dict]) -> dict:
+    """Mean and std over seeds of each pooled edit-profile figure (see :data:`PROFILE_COLUMNS`)."""
+    out: dict = {}
+    for _, key, stat, _ in PROFILE_COLUMNS:
+        values = [p[key] if stat is None else p[key][stat] for p in profiles]
+        values = [v for v in values if v is not None]
+        name = key if stat is None else f"{key}.{stat}"
+        out[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
+    return out
+
+
+def summarise_grid(runs: list[dict], methods: Sequence[str], metrics: Sequence[str], primary: str = "mc2") -> dict:
+    """The grid summary: per method, mean and std over seeds of each metric (with one seed and
+    per-item values, the primary metric's per-item bootstrap CI as ``ci``)."""
+    summary = {}
+    for name in methods:
+        rows = [r for r in runs if r.get("method") == name]
+        entry = mean_metrics([{**{k: r["test"].get(k) for k in metrics}, "kl": r["kl"], "ppl": r["ppl"]} for r in rows])
+        entry["strengths"] = [r["strength"] for r in rows]
+        if len(rows) == 1 and rows[0].get("test_items"):
+            entry[primary]["ci"] = item_ci(rows[0]["test_items"])
+        summary[name] = entry
+    return summary
 
 
 def summarise_matched(
@@ -84,10 +130,13 @@ def summarise_matched(
 
     Returns:
         ``{"baseline": {method: entry}`` (methods without a target: the unedited model),
-        ``"targets": {"0.25": {method: entry}}``, ``"paired": {"0.25": difference}}``. An entry
+        ``"targets": {"0.25": {method: entry}}``, ``"paired": {"0.25": difference}}`` and, where the
+        best of a family in :data:`FAMILIES` is not the best other method,
+        ``"paired_family": {"0.25": {family: difference}}``. An entry
         holds each metric's mean and std over the seeds that reached the target (the primary
         metric also its 95 % CI), the strengths, how many seeds reached it and, for the others,
-        the largest cost reached; how many of them hit it within the tolerance (``hit``) and the
+        the largest cost reached; the edit profile on test (:class:`~hpredit.evaluation.side_effects.EditProfile`,
+        its figures pooled over layers, mean and std over seeds); how many hit it within the tolerance (``hit``) and the
         others (``closest``: the search's budget ran out first) with their KL and relative
         ``miss``. The difference is HPR's primary metric minus that of the best
         other method (highest mean) reaching the target on every seed: the mean over test items
@@ -98,15 +147,29 @@ def summarise_matched(
     baseline = {m: _entry(mine(m, None), metrics, primary, len(seeds)) for m in methods if mine(m, None)}
     by_target: dict[str, dict] = {}
     paired: dict[str, dict] = {}
+    by_family: dict[str, dict[str, dict]] = {}
     for t in targets:
         key = f"{t:g}"
         by_target[key] = {m: _entry(mine(m, t), metrics, primary, len(seeds)) for m in methods if mine(m, t)}
-        paired[key] = _paired(by_target[key], {m: mine(m, t) for m in by_target[key]}, primary, len(seeds))
-    return {"baseline": baseline, "targets": by_target, "paired": paired}
+        rows = {m: mine(m, t) for m in by_target[key]}
+        paired[key] = _paired(by_target[key], rows, primary, len(seeds))
+        for family in FAMILIES:
+            among = [m for m in by_target[key] if m in METHODS and METHODS[m].family == family]
+            if among and paired[key].get("other") not in among:
+                by_family.setdefault(key, {})[family] = _paired(by_target[key], rows, primary, len(seeds), among)
+    return {
+        "baseline": baseline,
+        "targets": by_target,
+        "paired": paired,
+        **({"paired_family": by_family} if by_family else {}),
+    }
 
 
-def _paired(entries: dict[str, dict], rows: dict[str, list[dict]], primary: str, seeds: int) -> dict:
-    """HPR minus the best other method at one target (see :func:`summarise_matched`)."""
+def _paired(
+    entries: dict[str, dict], rows: dict[str, list[dict]], primary: str, seeds: int, among: list[str] | None = None
+) -> dict:
+    """HPR minus the best other method at one target (see :func:`summarise_matched`); with ``among``,
+    the best of those methods."""
 
     def complete(m: str) -> bool:
         return entries[m]["reached"] == seeds and all(r.get("test_items") for r in rows[m])
@@ -118,7 +181,7 @@ def _paired(entries: dict[str, dict], rows: dict[str, list[dict]], primary: str,
         return {"reference": REFERENCE, "other": None, "why": why}
     if not complete(REFERENCE):
         return {"reference": REFERENCE, "other": None, "why": "hpr did not reach this cost on every seed"}
-    others = [m for m in entries if m != "none" and not m.startswith("hpr") and complete(m)]
+    others = [m for m in (among or entries) if m != "none" and not m.startswith("hpr") and complete(m)]
     if not others:
         return {"reference": REFERENCE, "other": None, "why": "no other method reached this cost on every seed"}
     best = max(others, key=lambda m: entries[m][primary]["mean"])
@@ -153,12 +216,9 @@ def _cell(e: dict, k: str, f: str = ".4f", seeds: int = 2) -> str:
     return text + (f" [{ci['low']:{f}}, {ci['high']:{f}}]" if ci else "")
 
 
-def markdown_table(result: CompareResult | dict) -> str:
-    """The summary as markdown: grid, one table (mean ± std over seeds, the primary metric's 95 %
-    CI in brackets where there is one); matched, one table per target cost and the paired difference."""
-    result = _typed(result)
-    if result.setting.get("protocol") == "matched":
-        return _matched_tables(result)
+def grid_table(result: CompareResult) -> str:
+    """The grid protocol's table: one row per method, mean ± std over seeds (the primary metric's
+    95 % CI in brackets where there is one)."""
     metrics = result.metrics
     lines = [
         "| method | "
@@ -181,7 +241,9 @@ def markdown_table(result: CompareResult | dict) -> str:
     return "\n".join(lines)
 
 
-def _matched_tables(result: CompareResult) -> str:
+def matched_tables(result: CompareResult) -> str:
+    """The matched protocol's tables: per target cost, every method with its CI, the paired
+    differences and the edit profiles."""
     metrics, primary = result.metrics, result.setting.get("primary", "mc2")
     seeds = len(result.setting.get("seeds", [])) or 1
     summary, tol = result.summary, result.setting.get("kl_tol", 0.05)
@@ -222,19 +284,61 @@ def _matched_tables(result: CompareResult) -> str:
                 "budget (steps) ran out; such a row is at the measured KL nearest the target (its KL column), "
                 "not at the target.",
             ]
-        p = summary["paired"].get(t) or {}
-        if p.get("other"):
-            lo, hi = p["ci"]
-            off = f"; not at equal cost: {' and '.join(p['closest'])} closest, see above" if p.get("closest") else ""
-            out += [
-                "",
-                f"{p['reference']} − {p['other']} (the best other method here), {_metric_name(primary)}: "
-                f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap over {p['items']} test items{off})",
-            ]
-        elif p.get("why"):
-            out += ["", f"no paired difference: {p['why']}"]
+        out += _paired_lines(summary, t, primary)
+        out += _profile_table(entries, seeds)
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _paired_lines(summary: dict, t: str, primary: str) -> list[str]:
+    """HPR's paired differences at target ``t`` (against the best other method, and the best of each
+    family that is not it), or why there is none, as lines."""
+    p = summary["paired"].get(t) or {}
+    out = _difference(p, "the best other method here", primary) if p.get("other") else []
+    if not p.get("other") and p.get("why"):
+        out = ["", f"no paired difference: {p['why']}"]
+    for family, q in (summary.get("paired_family", {}).get(t) or {}).items():
+        if q.get("other"):
+            out += _difference(q, f"the best of the {family} here", primary)
+    return out
+
+
+def _difference(p: dict, label: str, primary: str) -> list[str]:
+    lo, hi = p["ci"]
+    off = f"; not at equal cost: {' and '.join(p['closest'])} closest, see above" if p.get("closest") else ""
+    return [
+        "",
+        f"{p['reference']} − {p['other']} ({label}), {_metric_name(primary)}: "
+        f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap over {p['items']} test items{off})",
+    ]
+
+
+def _profile_table(entries: dict[str, dict], seeds: int) -> list[str]:
+    """The edit profile of each method at one target (pooled over its edited layers), as table lines."""
+    shown = {
+        name + _closest_note(e.get("closest") or [], seeds): e["profile"]
+        for name, e in entries.items()
+        if e.get("profile")
+    }
+    if not shown:
+        return []
+    over = "mean ± std over seeds; " if seeds > 1 else ""
+    out = [
+        "",
+        f"Edit profile on the test texts ({over}over the changed tokens of every edited layer):",
+        "",
+        "| method | " + " | ".join(c[0] for c in PROFILE_COLUMNS) + " |",
+        "|---" * (len(PROFILE_COLUMNS) + 1) + "|",
+    ]
+    for name, prof in shown.items():
+        cells = []
+        for _, key, stat, f in PROFILE_COLUMNS:
+            v = prof.get(key if stat is None else f"{key}.{stat}")
+            cells.append(
+                "–" if v is None else f"{v['mean']:{f}}" + (f" ± {v['std']:{f.lstrip('+')}}" if seeds > 1 else "")
+            )
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _closest_note(closest: list[dict], seeds: int) -> str:
@@ -249,27 +353,10 @@ def _closest_note(closest: list[dict], seeds: int) -> str:
     return f" (closest on {len(closest)}/{seeds} seeds, up to {100 * worst['miss']:+.0f} % off the target)"
 
 
-def figure(result: CompareResult | dict, path: Path) -> bool:
-    """Grid: the primary metric (test) against the fluency cost, one point per method with its std;
-    matched: one curve per method through its targets (mean, with its 95 % CI as a band), the
-    unedited model as a dashed line, the targets as dotted lines.
-
-    Methods with equal results do not hide each other: each has its own hollow marker, drawn
-    smaller than the one before, so coinciding points show as nested rings, and each point is
-    labelled with every method at it ("hpr = hpr-bias"). False without matplotlib.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    result = _typed(result)
-    key = result.setting.get("primary", "mc2")
-    if result.setting.get("protocol") == "matched":
-        _matched_figure(result, key, plt, path)
-        return True
+def grid_figure(result: CompareResult, key: str, plt, path: Path) -> None:
+    """The grid protocol's figure: one point per method (mean, with its std over seeds both ways);
+    equal results do not hide each other (nested hollow markers, each point labelled with every
+    method at it: "hpr = hpr-bias")."""
     points = {n: (e["kl"]["mean"], e[key]["mean"]) for n, e in result.summary.items() if e[key]["mean"] is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, (x, y)) in enumerate(points.items()):
@@ -297,10 +384,11 @@ def figure(result: CompareResult | dict, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
-def _matched_figure(result: CompareResult, key: str, plt, path: Path) -> None:
+def matched_figure(result: CompareResult, key: str, plt, path: Path) -> None:
+    """The matched protocol's figure: one curve per method through its targets (its 95 % CI as a
+    band), the unedited model as a dashed line, the targets as dotted lines."""
     summary = result.summary
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, e in summary.get("baseline", {}).items():
@@ -346,12 +434,3 @@ def _near_groups(ax, points: dict[str, tuple[float, float]], pixels: float = 12.
         else:
             groups.append((xy, [name], (px, py)))
     return [(xy, names) for xy, names, _ in groups]
-
-
-def write_results(result: CompareResult | dict, out: Path) -> None:
-    """Write results.json, table.md and (with matplotlib) ``<primary metric>_vs_kl.png`` to ``out`` atomically."""
-    result = _typed(result)
-    with atomic_directory(out) as tmp:
-        write_json(tmp / "results.json", result.to_json())
-        (tmp / "table.md").write_text(markdown_table(result) + "\n")
-        figure(result, tmp / f"{result.setting.get('primary', 'mc2')}_vs_kl.png")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +25,7 @@ from ..evaluation.tasks import Task, get_task
 
 __all__ = [
     "KL_TOL",
+    "Choice",
     "TARGETS",
     "TargetHit",
     "choose_strength",
@@ -52,6 +53,27 @@ def fluency_with(model: nn.Module, neutral: NeutralText, editor: Editor | None, 
         return fluency_cost(model, neutral)
     with editor.attach(model, strength=strength, scope="all"):
         return fluency_cost(model, neutral)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One point a method is reported at: the editor (None: unedited, or nothing reached the
+    target) and its strength, with what the search measured.
+
+    ``kl``: the fluency cost the search measured there (None where it measured none: unedited,
+    grid); ``tried``: every setting the search measured; ``target``, ``status`` (``hit``,
+    ``closest``, ``unreachable``, ``unedited``), ``val`` (the validation score that chose among
+    candidates): matched only; ``over_kl_cap``: grid only.
+    """
+
+    editor: Editor | None
+    strength: float
+    kl: float | None = None
+    tried: list[dict] = field(default_factory=list)
+    target: float | None = None
+    status: str | None = None
+    val: float | None = None
+    over_kl_cap: bool | None = None
 
 
 class _Search:
@@ -144,7 +166,7 @@ def choose_strength(
     refine: int = 0,
     progress: Callable[[str], None] | None = None,
     max_halvings: int | None = None,
-) -> dict:
+) -> Choice:
     """Choose an editor (e.g. one of ITI's head counts) and strength on the validation items.
 
     Each setting's fluency cost (KL on ``neutral`` text) is measured first; among those under
@@ -159,7 +181,7 @@ def choose_strength(
     told each step as it starts (e.g. to label a progress bar).
 
     Returns:
-        ``{"editor", "strength", "over_kl_cap", "tried": [{strength, k, kl, val}]}``.
+        A :class:`Choice` (``over_kl_cap``; ``tried``: ``[{strength, k, kl, val}]``).
     """
     search = _Search(
         model, tok, get_task(task) if isinstance(task, str) else task, val_items, neutral, kl_cap, log, progress
@@ -169,12 +191,8 @@ def choose_strength(
         mine = search.grid(ed, list(grid), max_doublings, halvings)
         search.refine(ed, mine, refine)
     best = search.best()
-    return {
-        "editor": search.editors[best],
-        "strength": search.tried[best]["strength"],
-        "over_kl_cap": all(t["val"] is None for t in search.tried),
-        "tried": search.tried,
-    }
+    over = all(t["val"] is None for t in search.tried)
+    return Choice(search.editors[best], search.tried[best]["strength"], tried=search.tried, over_kl_cap=over)
 
 
 # --------------------------------------------------------------------------- matched cost
@@ -305,7 +323,7 @@ def match_cost(
     task: Task | str = "truthfulqa-mc",
     log: Callable[[str], None] = lambda s: None,
     progress: Callable[[str], None] | None = None,
-) -> list[dict]:
+) -> list[Choice]:
     """The matched-cost choice: per target, the editor and strength whose fluency cost hits it.
 
     Each candidate editor (e.g. one of ITI's head counts) is searched with :func:`match_targets`
@@ -314,9 +332,9 @@ def match_cost(
     (the task's primary metric; ties: the first) decides; with one, no validation scoring is needed.
 
     Returns:
-        One dict per target, in order: ``{"target", "editor", "strength", "kl", "status", "val",
-        "tried": [{strength, k, kl}]}`` (``status`` as :class:`TargetHit`; ``editor`` None when the
-        target is unreachable for every candidate, ``strength``/``kl`` then the largest cost reached).
+        One :class:`Choice` per target, in order (``status`` as :class:`TargetHit`; ``tried``:
+        ``[{strength, k, kl}]``; ``editor`` None when the target is unreachable for every candidate,
+        ``strength``/``kl`` then the largest cost reached).
     """
     the_task = get_task(task) if isinstance(task, str) else task
     tried: list[dict] = []
@@ -335,13 +353,13 @@ def match_cost(
         ed.kl_curve = KLCurve.from_points(points, neutral_note(neutral))
         tried += [{"strength": s, "k": k, "kl": kl} for s, kl in points]
         per_editor.append(hits)
-    choices = []
+    choices: list[Choice] = []
     for i, target in enumerate(check_kl_targets(targets)):
         reached = [(ed, hits[i]) for ed, hits in zip(editors, per_editor) if hits[i].reached]
         val = None
         if not reached:
             far = max((hits[i] for hits in per_editor), key=lambda h: h.kl)
-            choices.append({**far.to_json(), "editor": None, "val": None, "tried": tried})
+            choices.append(Choice(None, far.strength, far.kl, tried, far.target, far.status))
             log(f"target KL {target}: unreachable (largest cost reached {far.kl:.4f} at strength {far.strength:.4g})")
             continue
         ed, hit = reached[0]
@@ -349,7 +367,7 @@ def match_cost(
             scores = [score_with(model, tok, the_task, val_items, e, h.strength)[the_task.primary] for e, h in reached]
             best = max(range(len(reached)), key=lambda j: (scores[j], -j))
             (ed, hit), val = reached[best], scores[best]
-        choices.append({**hit.to_json(), "editor": ed, "val": val, "tried": tried})
+        choices.append(Choice(ed, hit.strength, hit.kl, tried, hit.target, hit.status, val))
         log(f"target KL {target}: strength {hit.strength:.4g} (KL {hit.kl:.4f}, {hit.status})")
     return choices
 

@@ -2,7 +2,8 @@
 
 An editor is an *estimator* (``fit``) plus a *transform* per layer (``layer_edit``); selection of
 layers and the token scope/gating are shared machinery. Artifacts are a directory with
-``config.json`` and ``editor.safetensors`` (never pickle), written atomically.
+``config.json`` and ``editor.safetensors`` (never pickle) and a model card ``README.md``, written
+atomically; they load from a local directory or a Hugging Face Hub repo (:mod:`.hub`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from ..architecture import ModelFingerprint, decoder_layers, execution_device, f
 from ..artifacts import atomic_directory, read_json, sha256_file
 from ..checks import DEFAULT_STRENGTH, check_editor_matches, named, strength_given
 from ..errors import HpreditError
-from ..hooks import EditHandle, LayerEdit
+from ..hooks import EditHandle, EditObserver, LayerEdit
 from ..registry import Registry
+from .hub import model_card, push_editor, resolve_editor_dir
 from .kl_curve import KLCurve
 
 __all__ = [
@@ -68,6 +70,10 @@ UNCHECKED_ENTRIES = (
 )
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "editor.safetensors"
+#: the model card: documentation only (not checksummed, never read when loading; older artifacts have none)
+CARD_NAME = "README.md"
+#: what a Hub repo's snapshot needs of an editor (config.json first: it tells an editor repo)
+HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -278,6 +284,7 @@ class Editor(ABC):
         layers_path: str | None = None,
         *,
         kl: float | None = None,
+        observe: EditObserver | None = None,
     ) -> EditHandle:
         """Attach to ``model`` through forward hooks; the model's weights are never modified.
 
@@ -292,6 +299,8 @@ class Editor(ABC):
             layers_path: dotted path of the decoder blocks when they cannot be found automatically.
             kl: instead of ``strength``, the fluency cost wanted (KL nats/token on neutral text),
                 converted through the editor's measured curve (:meth:`strength_for_kl`).
+            observe: called with each edited layer's activations before and after the edit (e.g. an
+                :class:`~hpredit.evaluation.side_effects.EditProfile`); costs a little time per call.
 
         Returns:
             An :class:`~hpredit.hooks.EditHandle`: use it in ``with`` or call ``.remove()``, which
@@ -315,7 +324,9 @@ class Editor(ABC):
         edits = {}
         for i in active:  # each edit's constants on its own block's device and dtype (device maps, offload)
             edits[i] = self.layer_edit(i, execution_device(blocks[i]), next(blocks[i].parameters()).dtype)
-        return EditHandle(model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site)
+        return EditHandle(
+            model, edits, strength=strength, scope=scope, layers_path=layers_path, site=self.site, observe=observe
+        )
 
     def available_layers(self) -> list[int]:
         return self.layers
@@ -356,8 +367,9 @@ class Editor(ABC):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the editor as a directory: ``config.json`` (config, layers, model fingerprint,
         metrics, the strength → KL curve, the weights' checksum and ``config_sha256``, the checksum
-        of every entry that changes what the editor does) and ``editor.safetensors``, atomically
-        (whole or not at all).
+        of every entry that changes what the editor does), ``editor.safetensors`` and the model card
+        ``README.md`` (the Hub's metadata, the curve, the validation metrics, how to load it:
+        documentation, outside the checksums), atomically (whole or not at all).
 
         Args:
             directory: where to write; an existing editor there is replaced whole.
@@ -368,9 +380,12 @@ class Editor(ABC):
         Example:
             >>> path = editor.save_pretrained(tmp / "editor")
             >>> sorted(p.name for p in path.iterdir())
-            ['config.json', 'editor.safetensors']
+            ['README.md', 'config.json', 'editor.safetensors']
         """
-        directory = Path(directory)
+        return self._save(Path(directory), None)
+
+    def _save(self, directory: Path, repo_id: str | None) -> Path:
+        """:meth:`save_pretrained`, the card saying how to load it from ``repo_id`` when given."""
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, tmp / WEIGHTS_NAME)
             config = {
@@ -390,15 +405,32 @@ class Editor(ABC):
             config = json.loads(json.dumps(config))  # as it will be read back (lists, string keys)
             config["config_sha256"] = config_checksum(config)
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+            model_card(self, repo_id).save(tmp / CARD_NAME)
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> Editor:
-        """Load an artifact written by :meth:`save_pretrained`, checking everything before use
-        (format, checksum, config, layers, tensor shapes; no code is run, nothing is unpickled).
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> Editor:
+        """Load an artifact written by :meth:`save_pretrained`, from a local directory or a Hugging
+        Face Hub repo (:meth:`push_to_hub`), checking everything before use (format, checksum,
+        config, layers, tensor shapes; no code is run, nothing is unpickled).
 
         Args:
-            directory: the artifact's directory.
+            directory: the artifact's directory, or a Hub repo id ``namespace/name`` (when no such
+                directory exists): its ``config.json``, ``editor.safetensors`` and ``README.md`` are
+                downloaded into the Hub cache (``HF_HUB_CACHE``), or read from it with
+                ``HF_HUB_OFFLINE=1``.
+            revision: the repo's branch, tag or commit hash (default: ``main``); Hub repos only.
+            cache_dir: the Hub cache to use instead of ``HF_HUB_CACHE``.
+            token: the Hub token (private or gated repos); default: the logged-in one.
+            local_files_only: read the Hub cache only, never download.
 
         Returns:
             The editor (an instance of this class; ``Editor.from_pretrained`` loads any method).
@@ -408,10 +440,45 @@ class Editor(ABC):
             >>> back.layers == editor.layers and torch.equal(back.probe, editor.probe)
             True
         """
-        editor = load_editor(directory)
+        editor = load_editor(
+            directory, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
         if cls is not Editor and not isinstance(editor, cls):
             raise HpreditError(f"{directory} holds a {editor.method!r} editor, not {cls.method!r}")
         return editor
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload hpredit editor",
+    ) -> Any:
+        """Upload the editor to the Hugging Face Hub repo ``repo_id`` (``namespace/name``; created if
+        missing, ``private`` if asked) as one commit: what :meth:`save_pretrained` writes, the model
+        card saying how to load it from ``repo_id``.
+
+        Args:
+            repo_id: the model repo.
+            revision: the branch to commit to (created from ``main`` if missing); default ``main``.
+            private: create the repo private (an existing repo keeps its visibility).
+            token: the Hub token; default: the logged-in one (``hf auth login``, ``HF_TOKEN``).
+            commit_message: the commit's message.
+
+        Returns:
+            ``huggingface_hub``'s ``CommitInfo`` (``.commit_url``, ``.oid``: the commit hash to pin
+            with ``from_pretrained(repo_id, revision=...)``).
+        """
+        return push_editor(
+            self._save,
+            repo_id,
+            revision=revision,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+        )
 
 
 #: The one registry of editor methods: ``method`` → :class:`Editor` subclass (``load_editor`` dispatches on it).
@@ -559,11 +626,25 @@ def _config_from_dict(config_class: type, d: Any, where: str) -> Any:
         raise HpreditError(f"{where}: invalid config ({e})") from None
 
 
-def load_editor(directory: str | os.PathLike) -> Editor:
-    """Load any editor artifact, dispatching on its ``method``; every failure is one clear error."""
+def load_editor(
+    directory: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Editor:
+    """Load any editor artifact, dispatching on its ``method``; every failure is one clear error.
+
+    ``directory``: a local directory, or a Hugging Face Hub repo id (``namespace/name``) when no such
+    directory exists, resolved to its snapshot in the Hub cache (downloaded unless ``HF_HUB_OFFLINE``
+    or ``local_files_only``) at ``revision``; ``cache_dir`` and ``token`` as in ``huggingface_hub``
+    (:meth:`Editor.from_pretrained`)."""
     if isinstance(directory, str) and not directory.strip():  # Path("") would be the current directory
         raise HpreditError("editor artifact: no directory given")
-    directory = Path(directory)
+    directory = resolve_editor_dir(
+        directory, HUB_FILES, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
     where = str(directory)
     if not directory.is_dir():
         raise HpreditError(f"editor artifact {directory} does not exist (expected a directory from save_pretrained)")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -23,11 +24,13 @@ from .. import distributed
 from ..artifacts import sha256_file
 from ..checks import DEFAULT_STRENGTH, check_count, check_limit, check_scope, check_seed, check_strength, named
 from ..data import QA_PRIMER
+from ..editors import Editor, load_editor
 from ..editors.kl_curve import scope_note
 from ..errors import HpreditError
-from ..preflight import check_editor_for, check_model, check_out
+from ..models import check_generation_length, fingerprint, load_model
+from ..preflight import check_editor_for, check_model, check_out, loaded_model_given
 from ..results import EvalResult, Provenance, to_jsonable
-from .judges import Judge, resolve_judges
+from .judges import INFO_TEMPLATE, TRUTH_TEMPLATE, HFJudge, Judge, resolve_judges
 from .splits import SPLITS, resolve_split
 from .tasks import TASK_REGISTRY, EvalSettings, Selection, Task, TaskReport, get_task
 
@@ -46,15 +49,9 @@ def _load_model(
     model, tokenizer, editor, strict: bool, dtype: str, device: str | None, device_map: str | dict | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, float]]:
     """The model (loaded by name, or as given with its tokenizer), checked against the editor; the load's seconds."""
-    from ..models import load_model
-
     t0 = time.perf_counter()
-    if model is None or isinstance(model, (str, os.PathLike)):
+    if not loaded_model_given(model, tokenizer):
         model, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
-    elif not isinstance(model, nn.Module):
-        raise HpreditError(f"model must be a name, a path or a loaded model, got {type(model).__name__}")
-    elif tokenizer is None:
-        raise HpreditError("pass tokenizer= together with a loaded model")
     if editor is not None:
         editor.check_model(model, strict=strict)
     return model, tokenizer, {"load": time.perf_counter() - t0}
@@ -71,8 +68,6 @@ def _data_record(task: Task, data: str | os.PathLike | None) -> dict:
 
 
 def _model_record(model: nn.Module) -> dict:
-    from ..models import fingerprint
-
     param = next(model.parameters())
     return {
         **fingerprint(model).to_dict(),
@@ -215,9 +210,6 @@ def _check_sources(
     """Before anything loads: the model's config (by name), the generation length against its
     context, the task's data source and the editor against the model's config; the editor (loaded
     from its directory) and its path."""
-    from ..editors import Editor, load_editor
-    from ..models import check_generation_length
-
     config = check_model(model, device, device_map) if model is None or isinstance(model, (str, os.PathLike)) else None
     check_generation_length(max_new_tokens, config if config is not None else model, named("max_new_tokens"))
     task.check_source(data)
@@ -234,8 +226,6 @@ def _check_sources(
 def _load_judges(judges, dtype: str, device: str | None) -> dict[str, Judge]:
     """Judges as callables: a judge model given by name (``{"truth": "path"}``) is loaded here,
     with the template of its name (``truth``: ends ``True:``, ``info``: ends ``Helpful:``)."""
-    from .judges import INFO_TEMPLATE, TRUTH_TEMPLATE, HFJudge
-
     if isinstance(judges, Mapping) and any(isinstance(j, (str, os.PathLike)) for j in judges.values()):
         templates = {"truth": TRUTH_TEMPLATE, "info": INFO_TEMPLATE}
         judges = {
@@ -320,8 +310,6 @@ def _write_and_show(result: EvalResult, out: Path | None, show: bool) -> None:
     if out is not None and distributed.is_main():
         result.save(out)
     if show and distributed.is_main():
-        from rich.console import Console
-
         console = Console()
         console.print(result.table())
         if out is not None:

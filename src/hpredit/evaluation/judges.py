@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import HpreditError
+from ..models import load_model
 
 __all__ = ["INFO_TEMPLATE", "TRUTH_TEMPLATE", "HFJudge", "Judge", "judge_value", "resolve_judges"]
 
@@ -59,8 +60,6 @@ class HFJudge:
         **kwargs,
     ) -> HFJudge:
         """Load a judge model (hub id or local directory) with :func:`hpredit.load_model`."""
-        from ..models import load_model
-
         model, tok = load_model(name_or_path, dtype=dtype, device=device)
         return cls(model, tok, template, **kwargs)
 

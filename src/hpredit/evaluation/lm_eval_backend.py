@@ -12,20 +12,23 @@ Needs the ``lm-eval`` extra (``pip install "hpredit[lm-eval]"``).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-try:
-    import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: its lazy import skips a non-empty one)
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.huggingface import HFLM
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    from ..errors import HpreditError
-
-    raise HpreditError("lm-eval is not installed: pip install 'hpredit[lm-eval]'") from e
+import torch
 
 from ..editors import load_editor
 from ..errors import HpreditError, first_line
 from ..hooks import EditHandle
+from ..models import load_model
+
+try:
+    import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: its lazy import skips a non-empty one)
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise HpreditError("lm-eval is not installed: pip install 'hpredit[lm-eval]'") from e
 
 __all__ = ["HpreditLM", "run_cli"]
 
@@ -34,10 +37,6 @@ def run_cli(args: list[str]) -> None:
     """lm-eval's own command line (``lm-eval ARGS``) with the ``hpredit`` model type registered; its
     argument errors (an unknown task, a bad option value, a missing config file) are one
     :class:`HpreditError` instead of a traceback."""
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
     argv = sys.argv
     sys.argv = ["lm-eval", *args]
     try:
@@ -81,10 +80,6 @@ class HpreditLM(HFLM):
         **kwargs,
     ) -> None:
         if pretrained is None:  # an instance: lm-eval then takes its device from the model
-            import torch
-
-            from ..models import load_model
-
             dtype = kwargs.pop("dtype", None)
             device = kwargs.pop("device", None) or "cuda"
             if str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import sacrebleu
 
 __all__ = [
     "NO_COMMENT",
@@ -92,8 +93,6 @@ def mc_metrics(true: Sequence[float], false: Sequence[float], best: float) -> di
 def bleu(reference: str, prediction: str) -> float:
     """Sentence BLEU (0–100) of ``prediction`` against one ``reference``, as TruthfulQA computes it
     (t5's settings: sacrebleu corpus BLEU, exponential smoothing, ``intl`` tokenizer)."""
-    import sacrebleu
-
     return float(
         sacrebleu.corpus_bleu(
             [prediction],
@@ -116,6 +115,7 @@ def rouge_l(reference: str, prediction: str) -> float:
     it (rouge-score without stemming, sentences split at ``" . "``)."""
     global _ROUGE  # a stateless, read-only scorer: built once because construction is slow
     if _ROUGE is None:
+        # lazy: rouge-score imports nltk (seconds); only generation scoring needs it
         from rouge_score import rouge_scorer
 
         _ROUGE = rouge_scorer.RougeScorer(["rougeLsum"])

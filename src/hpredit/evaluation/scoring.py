@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .. import distributed
 from ..errors import HpreditError
@@ -325,8 +325,6 @@ def generate_texts(
     Batched with left padding, prompts grouped by length to keep padding small; a row stops at
     end-of-sequence, at one of ``stop_strings`` or after ``max_new_tokens``.
     """
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise HpreditError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:

@@ -10,7 +10,7 @@ over those texts, and the edited model's perplexity on them. Norm drift = per la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from ..hooks import record
 from ..models import decoder_layers, pad_token_id
 
-__all__ = ["NEUTRAL_PROMPTS", "NeutralText", "fluency_cost", "neutral_text", "norm_drift"]
+__all__ = ["NEUTRAL_PROMPTS", "EditProfile", "NeutralText", "fluency_cost", "neutral_text", "norm_drift"]
 
 #: Everyday openings with nothing to do with truthfulness, bias or refusal.
 NEUTRAL_PROMPTS = (
@@ -132,3 +132,103 @@ def norm_drift(model: nn.Module, text: NeutralText, attach) -> dict[str, dict[in
         "drift": {i: ratio(after[i], base[i]) for i in range(n)},
         "at_edit": {i: ratio(after[i], before[i]) for i in range(n)},
     }
+
+
+class _Moments:
+    """Count, sum and sum of squares of a stream of values (float64), and the largest magnitude."""
+
+    def __init__(self) -> None:
+        self.n, self.sum, self.sumsq, self.max_abs = 0, 0.0, 0.0, 0.0
+
+    def add(self, values: torch.Tensor) -> None:
+        if values.numel():
+            self.n += values.numel()
+            self.sum += float(values.sum())
+            self.sumsq += float((values * values).sum())
+            self.max_abs = max(self.max_abs, float(values.abs().max()))
+
+    def merged(self, other: _Moments) -> _Moments:
+        out = _Moments()
+        out.n, out.sum, out.sumsq = self.n + other.n, self.sum + other.sum, self.sumsq + other.sumsq
+        out.max_abs = max(self.max_abs, other.max_abs)
+        return out
+
+    def to_dict(self) -> dict[str, float | None]:
+        if not self.n:
+            return {"mean": None, "std": None, "max_abs": None}
+        mean = self.sum / self.n
+        return {"mean": mean, "std": max(self.sumsq / self.n - mean * mean, 0.0) ** 0.5, "max_abs": self.max_abs}
+
+
+@dataclass
+class _LayerProfile:
+    tokens: int = 0
+    angle: _Moments = field(default_factory=_Moments)  #: degrees between h and h', edited tokens
+    delta: _Moments = field(default_factory=_Moments)  #: ‖h' − h‖ / ‖h‖, edited tokens
+    norm: _Moments = field(default_factory=_Moments)  #: ‖h'‖ / ‖h‖ − 1, edited tokens
+
+    def merged(self, other: _LayerProfile) -> _LayerProfile:
+        return _LayerProfile(
+            self.tokens + other.tokens,
+            self.angle.merged(other.angle),
+            self.delta.merged(other.delta),
+            self.norm.merged(other.norm),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "edited": self.angle.n / self.tokens if self.tokens else None,
+            "angle_deg": self.angle.to_dict(),
+            "delta_rel": self.delta.to_dict(),
+            "norm_change": self.norm.to_dict(),
+        }
+
+
+class EditProfile:
+    """What an edit does, per edited layer, on the tokens it saw: the fraction of (unpadded) tokens it
+    changed and, over those, the angle it turned them by (degrees, mean and spread), the size of the
+    change relative to the activation ‖h' − h‖ / ‖h‖ (for an additive edit: the added vector's norm),
+    and the norm change ‖h'‖ / ‖h‖ − 1 (0 for a norm-keeping edit).
+
+    Pass it as ``observe=`` to :meth:`~hpredit.editors.Editor.attach`; :meth:`summary` gives the
+    numbers. A token counts as changed when ‖h' − h‖ > tol·‖h‖ with tol = max(1e-5, the dtype's
+    machine epsilon): above the rounding of an edit that leaves a token alone, below any real edit.
+    Computed in float64 (the angle as atan2 of the orthogonal and parallel parts, exact near 0).
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, _LayerProfile] = {}
+
+    @torch.no_grad()
+    def __call__(
+        self, layer: int, before: torch.Tensor, after: torch.Tensor, attention: torch.Tensor | None = None
+    ) -> None:
+        b, a = before.detach().double(), after.detach().double()
+        nb = b.norm(dim=-1)
+        delta = (a - b).norm(dim=-1)
+        live = torch.ones_like(nb, dtype=torch.bool) if attention is None else attention.to(nb.device).bool()
+        tol = max(1e-5, torch.finfo(before.dtype).eps)
+        edited = live & (delta > tol * nb)
+        unit = b / nb.clamp_min(1e-300).unsqueeze(-1)
+        along = (a * unit).sum(-1)
+        across = (a - along.unsqueeze(-1) * unit).norm(dim=-1)
+        angle = torch.rad2deg(torch.atan2(across, along))
+        prof = self.layers.setdefault(layer, _LayerProfile())
+        prof.tokens += int(live.sum())
+        safe = nb[edited].clamp_min(1e-300)
+        prof.angle.add(angle[edited])
+        prof.delta.add(delta[edited] / safe)
+        prof.norm.add(a.norm(dim=-1)[edited] / safe - 1)
+
+    def summary(self) -> dict[str, Any]:
+        """``{"layers": {"15": profile, …}, "all": profile}``; a profile is ``tokens``, ``edited`` (the
+        fraction changed) and ``angle_deg``, ``delta_rel``, ``norm_change`` (each mean, std and
+        largest magnitude over the changed tokens); ``all`` pools every edited layer's tokens."""
+        pooled = _LayerProfile()
+        for prof in self.layers.values():
+            pooled = pooled.merged(prof)
+        return {
+            "layers": {str(i): self.layers[i].to_dict() for i in sorted(self.layers)},
+            "all": pooled.to_dict(),
+        }

@@ -96,7 +96,7 @@ def _hpr_row_kernel(
     tl.store(OUT + row * stride_o + cols, out, mask=inside)
 
 
-def hpr_rows(
+def hpr_rows_triton(
     h: torch.Tensor,
     z: torch.Tensor | None,
     w_hat: torch.Tensor,

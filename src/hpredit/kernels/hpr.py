@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HpreditError
-from ..geometry import pseudo_rotate_coefficients
-from ..hooks import broadcast_strength
+from ..geometry import broadcast_strength, pseudo_rotate_coefficients
 
 __all__ = ["BACKENDS", "PRECISIONS", "hpr_edit", "hpr_rows", "triton_available"]
 
@@ -47,7 +46,7 @@ PRECISIONS = ("auto", "float16", "float32", "model")
 def triton_available() -> bool:
     """Whether Triton imports (it ships with CUDA builds of PyTorch)."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (optional: Triton ships only with CUDA builds of torch, or the test extra)
     except ImportError:
         return False
     return True
@@ -161,9 +160,9 @@ def hpr_rows(
     ``s``: a strength or per-token strengths (n,) float32; ``m`` (n,) bool or None. ``kernel``: the
     Triton kernel, else its specification in PyTorch (:func:`_hpr_rows_torch`)."""
     if kernel:
-        from ._triton import hpr_rows as triton_rows
+        from ._triton import hpr_rows_triton  # optional: _triton imports Triton, absent without CUDA builds
 
-        return triton_rows(h, z, basis[0], basis[1], w_last, b_last, gelu_last, fixed, gated, s, m)
+        return hpr_rows_triton(h, z, basis[0], basis[1], w_last, b_last, gelu_last, fixed, gated, s, m)
     return _hpr_rows_torch(h, z, basis, w_last, b_last, gelu_last, fixed, gated, s, m)
 
 

@@ -23,10 +23,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checks import DEFAULT_STRENGTH, check_kl_target, check_strength, strength_given
+from transformers import AutoConfig
+
+from ..checks import DEFAULT_STRENGTH, check_editor_matches, check_kl_target, check_strength, strength_given
+from ..editors.base import HUB_FILES, load_editor, residual_methods
+from ..editors.hub import resolve_editor_dir, split_revision
 from ..errors import HpreditError
 from ..hooks import check_scope
+from ..models import DEFAULT_MODEL, check_model_source, embedded_default_path, fingerprint_from_config
+from .middleware import middleware_name
 from .params import DEFAULT_EDITOR, REQUEST_KEYS, SUPPORTED, ServeSettings, check_editor_name, validate_extra_args
+from .process import run_group
 
 __all__ = [
     "REQUEST_KEYS",
@@ -39,6 +46,7 @@ __all__ = [
     "engine_kwargs",
     "llm",
     "parse_editors",
+    "resolve_editors",
     "serve",
     "serve_argv",
     "validate_extra_args",
@@ -47,14 +55,13 @@ __all__ = [
 #: the vLLM release this integration is written and tested against
 VLLM_VERSION = "0.32.0"
 
-#: one editor directory, or editor names → directories (the first is the default)
+#: one editor directory, or editor names → directories (the first is the default); a Hugging Face
+#: Hub repo id (``org/name``, ``org/name@REVISION``) in place of a directory (:func:`resolve_editors`)
 Editors = str | os.PathLike | Mapping[str, str | os.PathLike]
 
 
 def _model_source(model: str | os.PathLike | None) -> tuple[str, str]:
     """``(path or hub id to load, name to check the editor's fingerprint against)``."""
-    from ..models import DEFAULT_MODEL, embedded_default_path
-
     if model is None:
         return str(embedded_default_path()), DEFAULT_MODEL
     path = str(model)
@@ -67,7 +74,8 @@ def parse_editors(specs: Sequence[str]) -> dict[str, str]:
     """``--editor`` values → editor names → directories, in order (the first is the default).
 
     ``NAME=DIR`` names an editor; a plain ``DIR`` (or a path that exists, even with ``=`` in it)
-    is the editor named ``default``. Names are unique.
+    is the editor named ``default``. Names are unique. ``DIR`` may also be a Hugging Face Hub repo
+    id, ``org/name`` or ``org/name@REVISION`` (resolved later, :func:`resolve_editors`).
     """
     if not specs:
         raise HpreditError("give at least one --editor DIR (or --editor NAME=DIR)")
@@ -86,6 +94,18 @@ def parse_editors(specs: Sequence[str]) -> dict[str, str]:
     return editors
 
 
+def resolve_editors(editors: Editors) -> dict[str, str]:
+    """Editor names → local directories, before any engine starts: each entry an existing path, or a
+    Hugging Face Hub repo id ``org/name`` (a branch, tag or commit pinned as ``org/name@REVISION``)
+    resolved to its snapshot in the Hub cache (downloaded unless ``HF_HUB_OFFLINE`` is set). A
+    missing directory that is no repo id, or a repo that cannot be resolved, is one error line."""
+    resolved: dict[str, str] = {}
+    for name, spec in _editor_map(editors).items():
+        source, revision = (spec, None) if Path(spec).exists() else split_revision(spec)
+        resolved[name] = str(resolve_editor_dir(source, HUB_FILES, revision=revision))
+    return resolved
+
+
 def _editor_map(editors: Editors) -> dict[str, str]:
     if isinstance(editors, Mapping):
         if not editors:
@@ -97,13 +117,9 @@ def _editor_map(editors: Editors) -> dict[str, str]:
 def _model_config(path: str, weights: bool):
     """The model's config, checked (:func:`~hpredit.models.check_model_source`; ``weights``: also
     that a local model has whole weights, which vLLM's ``load_format="dummy"`` does not need)."""
-    from ..models import check_model_source
-
     if weights:
         config = check_model_source(path)
     else:
-        from transformers import AutoConfig
-
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
@@ -159,7 +175,7 @@ def checked_settings(
     """The server's settings, every editor checked against the model (:func:`check_editors`) and every
     value checked: ``(settings, model path, model name, architecture)``. ``kl``: the default cost
     instead of a strength; each editor's curve must reach it."""
-    named = _editor_map(editors)
+    named = resolve_editors(editors)
     loaded, path, name, arch = _check_editors(list(named.values()), model, strict, weights)
     if kl is not None:
         if strength_given(strength):
@@ -186,9 +202,6 @@ def _check_editors(
 ) -> tuple[list[Any], str, str, str]:
     """Each editor loaded and checked against the model's config, read (and checked) once: ``(editors,
     model path, model name, architecture)``. The first editor is loaded before the model is read."""
-    from ..editors.base import load_editor, residual_methods
-    from ..models import fingerprint_from_config
-
     path, name = _model_source(model)
     config: Any = None
     found: Any = None  # the model's fingerprint, from config
@@ -203,9 +216,7 @@ def _check_editors(
         if config is None:
             config = _model_config(path, weights)  # a missing, damaged or non-causal model: one clear error
             found = fingerprint_from_config(config, name)
-        problems = editor.model_fingerprint.mismatches(found, check_name=strict)
-        if problems:
-            raise HpreditError(f"editor {editor_dir} does not match model {path}: " + "; ".join(problems))
+        check_editor_matches(editor.model_fingerprint, found, strict, editor=str(editor_dir))
         loaded.append(editor)
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     if arch not in SUPPORTED:
@@ -219,7 +230,7 @@ def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
     Prefix caching is off: cached KV blocks are keyed by token ids only, but an edited prompt's
     keys and values depend on the request's editor and strength.
     """
-    from .plugin import request_params_name
+    from .plugin import request_params_name  # optional: the plugin module imports vLLM (the serving extra)
 
     return {
         "hf_overrides": settings.overrides(architecture),
@@ -255,7 +266,8 @@ def llm(
 ):
     """A ``vllm.LLM`` serving ``model`` (default: the embedded SmolLM2) with the editors inside.
 
-    ``editors``: one editor directory, or names → directories (the first is the default).
+    ``editors``: one editor directory, or names → directories (the first is the default); a Hugging
+    Face Hub repo id (``org/name`` or ``org/name@REVISION``) in place of a directory.
     ``strength`` (default 1) or ``kl`` (a fluency cost, converted per editor through its measured
     curve) and ``scope`` are the defaults; each request may choose with
     ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})`` or ``"kl"``. Other
@@ -273,7 +285,7 @@ def llm(
     if str(vllm_kwargs.get("model_impl", "auto")) not in MODEL_IMPLS:
         raise HpreditError(_model_impl_error(vllm_kwargs["model_impl"]))
     kwargs.update(vllm_kwargs)
-    from vllm import LLM
+    from vllm import LLM  # optional: vllm is only installed with the serving extra
 
     return LLM(model=path, **kwargs)
 
@@ -309,8 +321,6 @@ def _serve_argv(
     kl: float | None,
 ) -> tuple[list[str], int]:
     """:func:`serve_argv` and how many of its entries are hpredit's (the user's follow)."""
-    from .middleware import middleware_name
-
     settings, path, name, arch = checked_settings(editors, model, strength, scope, kl, strict=strict)
     kwargs = engine_kwargs(settings, arch)
     argv = [
@@ -331,7 +341,7 @@ def _serve_argv(
 
 def _vllm_parser():
     """vLLM's own ``serve`` command-line parser (imports vLLM)."""
-    try:
+    try:  # optional: vllm is only installed with the serving extra
         from vllm.entrypoints.cli.serve import ServeSubcommand
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError as e:
@@ -385,6 +395,7 @@ def run_vllm_server(argv: list[str], owned: int) -> None:
     package named ``vllm``)."""
     parser, command = _vllm_parser()
     args = check_vllm_args(argv, owned, parser)
+    # optional: vllm is only installed with the serving extra
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
@@ -413,8 +424,6 @@ def serve(
     passed on, and after ``grace`` seconds the group is killed), every process of the tree ends with
     it; vLLM's engine and workers included, at any point of the start-up.
     """
-    from .process import run_group
-
     if not (isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= 3600):
         raise HpreditError(f"--kill-after must be a number of seconds between 0 and 3600, got {grace!r}")
     argv, owned = _serve_argv(editors, model, strength, scope, vllm_args, strict, kl)

@@ -72,6 +72,7 @@ class RequestCheck:
             verify = getattr(node, "verify_token", None)
             guarded = getattr(node, "api_tokens", None) is not None
             if callable(verify) and guarded:
+                # optional: vllm (and its starlette); this module is imported without vLLM to name the middleware
                 from starlette.datastructures import Headers
                 from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
 

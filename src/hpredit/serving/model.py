@@ -158,6 +158,7 @@ class _EditedModel:
 @functools.cache
 def edited_class(architecture: str) -> type:
     """vLLM's own class for ``architecture`` with hpredit's editors inside its decoder layers."""
+    # lazy: vLLM's model registry loads this module (plugin.register); importing it back waits for the call
     from vllm import ModelRegistry
 
     if architecture not in SUPPORTED:

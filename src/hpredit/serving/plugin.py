@@ -48,6 +48,7 @@ def register() -> None:
     10-60 s on a cold cache, in case importing it initialises CUDA; importing ours does not, so it
     is inspected in the process that asks, when it asks (vLLM's own registry entry, otherwise).
     """
+    # lazy: vLLM's registry of every model class, imported only when vLLM loads this plugin
     from vllm import ModelRegistry
     from vllm.model_executor.models.registry import _LazyRegisteredModel, _ModelInfo
 

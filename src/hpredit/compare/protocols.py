@@ -1,0 +1,284 @@
+"""How a comparison chooses each method's strength: one class per protocol, behind one registry.
+
+A protocol owns its search options (names, defaults, checks; an option of another protocol is
+refused, never ignored), chooses strengths for a method's fitted candidates (typed
+:class:`Choice` s, one per point the method is reported at), writes its entries of
+``results.json``, and summarises, tabulates and draws its results. Everything that differs
+between ``matched`` and ``grid`` is here; a third protocol is one more class registered in
+:data:`PROTOCOLS`. The public report functions (:func:`markdown_table`, :func:`figure`,
+:func:`write_results`) dispatch on the protocol a result was made with.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..artifacts import atomic_directory
+from ..checks import check_count, check_kl_cap, check_kl_targets, check_kl_tol, named, not_for_protocol
+from ..editors import Editor
+from ..errors import HpreditError
+from ..evaluation.side_effects import NeutralText
+from ..evaluation.tasks import Task
+from ..registry import Registry
+from ..results import CompareResult, write_json
+from .report import grid_figure, grid_table, matched_figure, matched_tables, summarise_grid, summarise_matched
+from .strength import KL_TOL, TARGETS, Choice, choose_strength, match_cost
+
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "PROTOCOLS",
+    "Choice",
+    "Grid",
+    "MatchedCost",
+    "Protocol",
+    "figure",
+    "markdown_table",
+    "protocol_of",
+    "resolve_search",
+    "write_results",
+]
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every search of one comparison shares: the model, the task and the neutral text."""
+
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    task: Task
+    neutral: NeutralText
+
+
+class Protocol(ABC):
+    """A rule choosing each method's strength. Subclasses set ``name``, ``options`` (each search
+    option's default) and ``checks`` (each option's check), and implement the hooks."""
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Any]]
+    checks: ClassVar[dict[str, Callable[[Any], Any]]]
+    #: an option of another protocol → this protocol's option meaning the same (its refusal says so)
+    foreign_hint: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = {o: settings.get(o, d) for o, d in self.options.items()}
+
+    def __getattr__(self, option: str) -> Any:
+        settings = self.__dict__.get("settings", {})
+        if option in settings:
+            return settings[option]
+        raise AttributeError(option)
+
+    @abstractmethod
+    def choose(
+        self,
+        ctx: SearchContext,
+        editors: Sequence[Editor],
+        grid: Sequence[float],
+        val_items: list,
+        given_grid: bool,
+        log: Callable[[str], None],
+        progress: Callable[[str], None],
+    ) -> list[Choice]:
+        """The points a method with these fitted candidates is reported at (``grid``: its warm start or
+        grid; ``given_grid``: the user gave it, to be tried as is where the protocol grows grids)."""
+
+    def unedited(self) -> list[Choice]:
+        """The points of the unedited model."""
+        return [Choice(None, 0.0, status="unedited")]
+
+    @abstractmethod
+    def setting(self) -> dict:
+        """This protocol's entries of ``results.json`` (every search option's key, None where unused)."""
+
+    @abstractmethod
+    def summarise(self, runs: list[dict], methods: Sequence[str], metrics: Sequence[str], primary: str) -> dict:
+        """The summary of a result's rows."""
+
+    @abstractmethod
+    def tables(self, result: CompareResult) -> str:
+        """The result as markdown."""
+
+    @abstractmethod
+    def draw(self, result: CompareResult, key: str, plt: Any, path: Path) -> None:
+        """The figure of ``key`` (the primary metric) against the fluency cost, saved to ``path``."""
+
+
+#: Every protocol by name (``--protocol``). Results files made before protocols were recorded are grid.
+PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", Protocol, classes=True)
+DEFAULT_PROTOCOL = "matched"
+_LEGACY_PROTOCOL = "grid"
+
+
+class MatchedCost(Protocol):
+    """Each method at each target fluency cost: the strength whose KL on neutral text is within
+    ``kl_tol`` (relative) of the target (:func:`~hpredit.compare.match_cost`, at most ``steps``
+    measurements per target after the method's grid)."""
+
+    name = "matched"
+    options: ClassVar[dict[str, Any]] = {"targets": TARGETS, "kl_tol": KL_TOL, "steps": 4}
+    checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "targets": lambda v: tuple(check_kl_targets(v)),
+        "kl_tol": check_kl_tol,
+        "steps": lambda v: check_count(v, "steps", 0),
+    }
+    #: a cap means a cost to reach here
+    foreign_hint: ClassVar[dict[str, str]] = {"kl_cap": "targets"}
+
+    def choose(self, ctx, editors, grid, val_items, given_grid, log, progress) -> list[Choice]:
+        return match_cost(
+            ctx.model,
+            ctx.tok,
+            editors,
+            grid,
+            ctx.neutral,
+            self.targets,
+            self.kl_tol,
+            self.steps,
+            val_items,
+            ctx.task,
+            log=log,
+            progress=lambda what: progress(f"KL search, {what}"),
+        )
+
+    def setting(self) -> dict:
+        return {
+            "kl_cap": None,
+            "refine": None,
+            "protocol": self.name,
+            "targets": list(self.targets),
+            "kl_tol": self.kl_tol,
+            "steps": self.steps,
+        }
+
+    def summarise(self, runs, methods, metrics, primary) -> dict:
+        return summarise_matched(runs, methods, metrics, primary, self.targets)
+
+    def tables(self, result: CompareResult) -> str:
+        return matched_tables(result)
+
+    def draw(self, result, key, plt, path) -> None:
+        matched_figure(result, key, plt, path)
+
+
+class Grid(Protocol):
+    """The published numbers: the best validation score among a grid's strengths under the KL cap,
+    the grid grown toward the cap (``max_doublings``) and refined by bisection (``refine``);
+    one point per method (:func:`~hpredit.compare.choose_strength`)."""
+
+    name = "grid"
+    options: ClassVar[dict[str, Any]] = {"kl_cap": 0.5, "max_doublings": 3, "refine": 0}
+    checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "kl_cap": check_kl_cap,
+        "max_doublings": lambda v: check_count(v, "max_doublings", 0),
+        "refine": lambda v: check_count(v, "refine", 0),
+    }
+
+    def choose(self, ctx, editors, grid, val_items, given_grid, log, progress) -> list[Choice]:
+        choice = choose_strength(
+            ctx.model,
+            ctx.tok,
+            editors,
+            grid,
+            val_items,
+            ctx.neutral,
+            self.kl_cap,
+            0 if given_grid else self.max_doublings,
+            log=log,
+            task=ctx.task,
+            refine=0 if given_grid else self.refine,
+            progress=lambda what: progress(f"strength search, {what}"),
+        )
+        return [choice]
+
+    def unedited(self) -> list[Choice]:
+        return [Choice(None, 0.0, over_kl_cap=False)]
+
+    def setting(self) -> dict:
+        return {"kl_cap": self.kl_cap, "refine": self.refine}
+
+    def summarise(self, runs, methods, metrics, primary) -> dict:
+        return summarise_grid(runs, methods, metrics, primary)
+
+    def tables(self, result: CompareResult) -> str:
+        return grid_table(result)
+
+    def draw(self, result, key, plt, path) -> None:
+        grid_figure(result, key, plt, path)
+
+
+PROTOCOLS.register(MatchedCost.name, MatchedCost)
+PROTOCOLS.register(Grid.name, Grid)
+
+
+def resolve_search(protocol: str = DEFAULT_PROTOCOL, **given: Any) -> Protocol:
+    """The protocol named ``protocol`` with the search options given (None: not given, the
+    protocol's default): every value checked first, then an option of another protocol refused,
+    never ignored."""
+    if protocol not in PROTOCOLS:
+        raise HpreditError(f"unknown {named('protocol')} {protocol!r}: use {' or '.join(PROTOCOLS.names())}")
+    owners = {o: PROTOCOLS.get(n) for n in PROTOCOLS for o in PROTOCOLS.get(n).options}
+    unknown = sorted(set(given) - set(owners))
+    if unknown:
+        raise TypeError(f"unknown search option(s) {unknown}")
+    checked = {o: owners[o].checks[o](v) for o, v in given.items() if v is not None}
+    cls = PROTOCOLS.get(protocol)
+    for option in checked:
+        if option not in cls.options:
+            hint = cls.foreign_hint.get(option)
+            raise HpreditError(not_for_protocol(option, protocol, owners[option].name, "comparison", hint))
+    return cls(**checked)
+
+
+def protocol_of(setting: dict) -> Protocol:
+    """The protocol a result was made with, with its recorded options (older files: grid)."""
+    cls = PROTOCOLS.get(setting.get("protocol") or _LEGACY_PROTOCOL)
+    return cls(**{o: setting[o] for o in cls.options if setting.get(o) is not None})
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _typed(result: CompareResult | dict) -> CompareResult:
+    return result if isinstance(result, CompareResult) else CompareResult.from_json(result)
+
+
+def markdown_table(result: CompareResult | dict) -> str:
+    """The summary as markdown: grid, one table (mean ± std over seeds, the primary metric's 95 %
+    CI in brackets where there is one); matched, one table per target cost, the paired difference
+    and each method's edit profile."""
+    result = _typed(result)
+    return protocol_of(result.setting).tables(result)
+
+
+def figure(result: CompareResult | dict, path: Path) -> bool:
+    """The primary metric (test) against the fluency cost (grid: one point per method with its std;
+    matched: one curve per method through its targets, with its 95 % CI as a band). Methods with
+    equal results do not hide each other (nested hollow markers, each point labelled with every
+    method at it). False without matplotlib."""
+    try:  # optional: matplotlib is only installed with the plot extra
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    result = _typed(result)
+    protocol_of(result.setting).draw(result, result.setting.get("primary", "mc2"), plt, path)
+    return True
+
+
+def write_results(result: CompareResult | dict, out: Path) -> None:
+    """``results.json``, ``table.md`` and the figure ``<primary>_vs_kl.png``, written whole into ``out``."""
+    result = _typed(result)
+    key = result.setting.get("primary", "mc2")
+    with atomic_directory(out) as tmp:
+        write_json(tmp / "results.json", result.to_json())
+        (tmp / "table.md").write_text(markdown_table(result) + "\n")
+        figure(result, tmp / f"{key}_vs_kl.png")
