@@ -37,7 +37,7 @@ def test_python_has_the_command_lines_defaults(command, job):
 def test_strength_rules_of_run_and_compare_are_one_function_with_two_settings():
     from hpredit.compare import PROTOCOLS, compare
 
-    assert pipeline.RUN_MAX_DOUBLINGS == 0
+    assert PROTOCOLS.get("grid").run_max_doublings == 0
     assert inspect.signature(compare).parameters["max_doublings"].default is None  # grid's default, 3, inside
     assert PROTOCOLS.get("grid").options["max_doublings"] == 3
 

@@ -43,10 +43,8 @@ from .checks import (
     check_strength,
     check_strengths,
     named,
-    not_for_protocol,
 )
-from .compare import choose_strength, match_cost
-from .compare.strength import neutral_note
+from .compare.protocols import DEFAULT_PROTOCOL, SearchContext, run_rule
 from .data import (
     ContrastivePairs,
     Question,
@@ -57,16 +55,16 @@ from .data import (
     truthfulqa_pairs,
 )
 from .editors import Editor, HPREditor
-from .editors.kl_curve import KLCurve, scope_note
+from .editors.kl_curve import scope_note
 from .errors import HpreditError
 from .evaluation import evaluate as evaluate_task
 from .evaluation.side_effects import neutral_text
+from .evaluation.tasks import get_task
 from .models import check_generation_length, load_model, pad_token_id
 from .preflight import check_editor_for, check_model, check_out, check_top_k_and_layers
 from .results import Provenance, RunEvaluation, RunResult, StrengthChoice
 
 __all__ = [
-    "RUN_MAX_DOUBLINGS",
     "FitResult",
     "RunConfig",
     "Fitted",
@@ -78,13 +76,6 @@ __all__ = [
     "generate",
     "run",
 ]
-
-#: ``run`` does not double its grid past the top (``compare`` does, up to 3 times): the published
-#: main-job numbers were made with a grid that only halves while all of it is over the cap.
-RUN_MAX_DOUBLINGS = 0
-#: ``run``'s defaults: halvings of the grid (``protocol="grid"``), tolerance on the cap (``matched``).
-RUN_MAX_HALVINGS = 3
-RUN_KL_TOL = 0.05
 
 
 def _stderr(text: str) -> None:
@@ -161,8 +152,8 @@ def choose_strength_on_val(
     kl_cap: float,
     max_halvings: int | None,
     progress: bool = True,
-    protocol: str = "matched",
-    kl_tol: float | None = RUN_KL_TOL,
+    protocol: str = DEFAULT_PROTOCOL,
+    kl_tol: float | None = None,
 ) -> StrengthChoice:
     """The main job's strength, by the rule of ``protocol`` (the one step to swap for another rule):
 
@@ -186,39 +177,15 @@ def choose_strength_on_val(
             bar.set_description(f"strength on val ({len(val)} questions): {what}")
             bar.update()
 
-        if protocol == "matched":
-            tol = RUN_KL_TOL if kl_tol is None else kl_tol
-            (hit,) = match_cost(
-                model,
-                tok,
-                [editor],
-                list(grid),
-                neutral,
-                [kl_cap],
-                tol,
-                log=lambda text: bar.write(f"KL search: {text}"),
-                progress=step,
-            )
-            tried = [{**t, "val": None} for t in hit.tried]
-            kl = cast(float, hit.kl)  # the search measured it
-            return StrengthChoice(hit.strength, kl > kl_cap * (1 + tol), tried, kl_cap, "matched", hit.status, kl, tol)
-        pick = choose_strength(
-            model,
-            tok,
-            [editor],
-            list(grid),
-            val,
-            neutral,
-            kl_cap,
-            max_doublings=RUN_MAX_DOUBLINGS,
-            max_halvings=RUN_MAX_HALVINGS if max_halvings is None else max_halvings,
-            log=lambda text: bar.write(f"validation: {text}"),
-            progress=step,
+        rule, defaults = run_rule(protocol, {})
+        given = {"kl_tol": kl_tol, "max_halvings": max_halvings}  # the other protocol's is not used here
+        options = {o: d if given.get(o) is None else given[o] for o, d in defaults.items()}
+        ctx = SearchContext(model, tok, get_task("truthfulqa-mc"), neutral)
+        return rule.choose_for_cap(
+            ctx, editor, grid, val, kl_cap, options, lambda text: bar.write(f"{rule.log_label}: {text}"), step
         )
-        editor.kl_curve = KLCurve.from_points([(t["strength"], t["kl"]) for t in pick.tried], neutral_note(neutral))
     finally:
         bar.close()
-    return StrengthChoice(pick.strength, bool(pick.over_kl_cap), pick.tried, kl_cap)
 
 
 def _evaluate_run(
@@ -284,24 +251,19 @@ class RunConfig:
     max_halvings: int | None = None
     store_dtype: str = "auto"
     #: how the strength is chosen: ``matched`` (KL = the cap) or ``grid`` (best val MC2 under it)
-    protocol: str = "matched"
+    protocol: str = DEFAULT_PROTOCOL
     #: matched only: the relative tolerance on the cap (None: the default, 0.05; given under ``grid`` it is refused)
     kl_tol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("matched", "grid"):
-            raise HpreditError(f"unknown {named('protocol')} {self.protocol!r}: use matched or grid")
+        run_rule(self.protocol, {})  # a known protocol
         if self.kl_tol is not None:
             check_kl_tol(self.kl_tol)
         if self.max_halvings is not None:
             check_count(self.max_halvings, "max_halvings", 0)
-        for option, only in (("kl_tol", "matched"), ("max_halvings", "grid")):
-            if getattr(self, option) is not None and self.protocol != only:
-                raise HpreditError(not_for_protocol(option, self.protocol, only, "run"))
-        if self.protocol == "matched" and self.kl_tol is None:
-            object.__setattr__(self, "kl_tol", RUN_KL_TOL)
-        if self.protocol == "grid" and self.max_halvings is None:
-            object.__setattr__(self, "max_halvings", RUN_MAX_HALVINGS)
+        _, options = run_rule(self.protocol, {"kl_tol": self.kl_tol, "max_halvings": self.max_halvings})
+        for option, value in options.items():  # the protocol's defaults filled in
+            object.__setattr__(self, option, value)
         check_seed(self.seed)
         check_count(self.epochs, "epochs")
         check_count(self.batch_size, "batch_size")
@@ -346,7 +308,7 @@ def run(
     progress: bool = True,
     show: bool = True,
     command: str | None = None,
-    protocol: str = "matched",
+    protocol: str = DEFAULT_PROTOCOL,
     kl_tol: float | None = None,
 ) -> RunResult:
     """The main job: fit HPR on TruthfulQA, choose the strength on val, report unedited vs edited on test.

@@ -11,6 +11,7 @@ from ..checks import DEFAULT_STRENGTH
 from ..compare import compare as compare_job
 from ..compare import markdown_table
 from ..compare.methods import METHODS
+from ..compare.protocols import DEFAULT_PROTOCOL
 from ..evaluation import evaluate as evaluate_job
 from ..pipeline import fit as fit_job
 from ..pipeline import generate as generate_job
@@ -122,7 +123,7 @@ def run(
     strengths: o.Strengths = "0.25,0.5,1.0",
     kl_cap: o.KLCap = 0.5,
     max_halvings: o.MaxHalvings = None,
-    protocol: o.Protocol = "matched",
+    protocol: o.Protocol = DEFAULT_PROTOCOL,
     kl_tol: o.KLTol = None,
     dtype: o.Dtype = "float32",
     store_dtype: o.StoreDtype = "auto",
@@ -247,7 +248,7 @@ def compare(
     model: o.Model = None,
     task: o.Task = "truthfulqa-mc",
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds; mean ± std over them.")] = "0,1,2",
-    protocol: o.Protocol = "matched",
+    protocol: o.Protocol = DEFAULT_PROTOCOL,
     targets: o.Targets = None,
     kl_tol: o.KLTol = None,
     steps: o.Steps = None,

@@ -76,7 +76,14 @@ def editor_dir(text: str) -> Path:
 
 
 Editor = Annotated[
-    Path, typer.Option("--editor", "-e", parser=editor_dir, metavar="<path>", help="Editor directory (from fit / run).")
+    Path,
+    typer.Option(
+        "--editor",
+        "-e",
+        parser=editor_dir,
+        metavar="<path>",
+        help="Editor directory (from fit / run), or a Hugging Face Hub repo id (org/name; offline: from the cache).",
+    ),
 ]
 Strength = Annotated[float, typer.Option(help=f"Edit strength α (|α| ≤ {MAX_STRENGTH:g}).")]
 OptionalStrength = Annotated[

@@ -69,7 +69,8 @@ def serve(
         list[str],
         typer.Option(
             "--editor",
-            help="Editor directory (from fit/run), or NAME=DIR; repeat for several editors (the first is the default).",
+            help="Editor directory (from fit/run) or Hub repo id (org/name[@REVISION]), or NAME=either; "
+            "repeat for several editors (the first is the default).",
         ),
     ],
     model: o.Model = None,

@@ -41,7 +41,7 @@ from ..models import fingerprint, load_model
 from ..preflight import check_model, check_out, loaded_model_given
 from ..results import CompareResult, CompareRow, Provenance
 from .methods import METHODS, SeedFits
-from .protocols import Choice, Protocol, SearchContext, protocol_of, resolve_search, write_results
+from .protocols import DEFAULT_PROTOCOL, Choice, Protocol, SearchContext, protocol_of, resolve_search, write_results
 from .strength import fluency_with
 
 __all__ = ["check_compare_args", "compare", "merge"]
@@ -54,7 +54,7 @@ def check_compare_args(
     limit: int | None = None,
     refine: int | None = None,
     task: str = "truthfulqa-mc",
-    protocol: str = "matched",
+    protocol: str = DEFAULT_PROTOCOL,
     targets: Sequence[float] | None = None,
     kl_tol: float | None = None,
     steps: int | None = None,
@@ -282,7 +282,7 @@ def compare(
     device_map: str | dict | None = None,
     force: bool = False,
     command: str | None = None,
-    protocol: str = "matched",
+    protocol: str = DEFAULT_PROTOCOL,
     targets: Sequence[float] | None = None,
     kl_tol: float | None = None,
     steps: int | None = None,

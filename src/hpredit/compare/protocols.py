@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -23,13 +23,14 @@ from transformers import PreTrainedTokenizerBase
 from ..artifacts import atomic_directory
 from ..checks import check_count, check_kl_cap, check_kl_targets, check_kl_tol, named, not_for_protocol
 from ..editors import Editor
+from ..editors.kl_curve import KLCurve
 from ..errors import HpreditError
 from ..evaluation.side_effects import NeutralText
 from ..evaluation.tasks import Task
 from ..registry import Registry
-from ..results import CompareResult, write_json
+from ..results import CompareResult, StrengthChoice, write_json
 from .report import grid_figure, grid_table, matched_figure, matched_tables, summarise_grid, summarise_matched
-from .strength import KL_TOL, TARGETS, Choice, choose_strength, match_cost
+from .strength import KL_TOL, TARGETS, Choice, choose_strength, match_cost, neutral_note
 
 __all__ = [
     "DEFAULT_PROTOCOL",
@@ -42,6 +43,7 @@ __all__ = [
     "markdown_table",
     "protocol_of",
     "resolve_search",
+    "run_rule",
     "write_results",
 ]
 
@@ -65,6 +67,10 @@ class Protocol(ABC):
     checks: ClassVar[dict[str, Callable[[Any], Any]]]
     #: an option of another protocol → this protocol's option meaning the same (its refusal says so)
     foreign_hint: ClassVar[dict[str, str]] = {}
+    #: ``hpredit run``'s options of this protocol and their defaults (the main job reaches one cap)
+    run_options: ClassVar[dict[str, Any]] = {}
+    #: what the main job's log lines of this search are labelled
+    log_label: ClassVar[str] = "search"
 
     def __init__(self, **settings: Any) -> None:
         self.settings = {o: settings.get(o, d) for o, d in self.options.items()}
@@ -92,6 +98,22 @@ class Protocol(ABC):
     def unedited(self) -> list[Choice]:
         """The points of the unedited model."""
         return [Choice(None, 0.0, status="unedited")]
+
+    @classmethod
+    @abstractmethod
+    def choose_for_cap(
+        cls,
+        ctx: SearchContext,
+        editor: Editor,
+        grid: Sequence[float],
+        val_items: list,
+        kl_cap: float,
+        options: dict[str, Any],
+        log: Callable[[str], None],
+        progress: Callable[[str], None],
+    ) -> StrengthChoice:
+        """The main job's strength for one editor and one cap (``options``: :attr:`run_options`, filled);
+        the strengths measured become the editor's :attr:`~hpredit.editors.Editor.kl_curve`."""
 
     @abstractmethod
     def setting(self) -> dict:
@@ -147,6 +169,22 @@ class MatchedCost(Protocol):
             progress=lambda what: progress(f"KL search, {what}"),
         )
 
+    run_options: ClassVar[dict[str, Any]] = {"kl_tol": KL_TOL}
+    log_label = "KL search"
+
+    @classmethod
+    def choose_for_cap(cls, ctx, editor, grid, val_items, kl_cap, options, log, progress) -> StrengthChoice:
+        """The strength whose KL is ``kl_cap`` within ``kl_tol`` (validation is not scored); one that
+        cannot reach it: the largest cost reached (``unreachable``); a search out of steps: the
+        measured KL nearest the cap (``closest``)."""
+        tol = options["kl_tol"]
+        (hit,) = match_cost(
+            ctx.model, ctx.tok, [editor], list(grid), ctx.neutral, [kl_cap], tol, log=log, progress=progress
+        )
+        kl = cast(float, hit.kl)  # the search measured it
+        tried = [{**t, "val": None} for t in hit.tried]
+        return StrengthChoice(hit.strength, kl > kl_cap * (1 + tol), tried, kl_cap, cls.name, hit.status, kl, tol)
+
     def setting(self) -> dict:
         return {
             "kl_cap": None,
@@ -200,6 +238,34 @@ class Grid(Protocol):
     def unedited(self) -> list[Choice]:
         return [Choice(None, 0.0, over_kl_cap=False)]
 
+    #: the main job halves its grid while all of it is over the cap, and never doubles it past the top
+    #: (``compare`` does, up to 3 times): the published main-job numbers were made so
+    run_options: ClassVar[dict[str, Any]] = {"max_halvings": 3}
+    run_max_doublings: ClassVar[int] = 0
+    log_label = "validation"
+
+    @classmethod
+    def choose_for_cap(cls, ctx, editor, grid, val_items, kl_cap, options, log, progress) -> StrengthChoice:
+        """The best validation score among the grid's strengths whose cost is under ``kl_cap``,
+        halving the grid while all of it is over, at most ``max_halvings`` times."""
+        pick = choose_strength(
+            ctx.model,
+            ctx.tok,
+            [editor],
+            list(grid),
+            val_items,
+            ctx.neutral,
+            kl_cap,
+            max_doublings=cls.run_max_doublings,
+            log=log,
+            task=ctx.task,
+            progress=progress,
+            max_halvings=options["max_halvings"],
+        )
+        points = [(t["strength"], t["kl"]) for t in pick.tried]
+        editor.kl_curve = KLCurve.from_points(points, neutral_note(ctx.neutral))
+        return StrengthChoice(pick.strength, bool(pick.over_kl_cap), pick.tried, kl_cap)
+
     def setting(self) -> dict:
         return {"kl_cap": self.kl_cap, "refine": self.refine}
 
@@ -234,6 +300,19 @@ def resolve_search(protocol: str = DEFAULT_PROTOCOL, **given: Any) -> Protocol:
             hint = cls.foreign_hint.get(option)
             raise HpreditError(not_for_protocol(option, protocol, owners[option].name, "comparison", hint))
     return cls(**checked)
+
+
+def run_rule(protocol: str, given: dict[str, Any], job: str = "run") -> tuple[type[Protocol], dict[str, Any]]:
+    """The main job's rule named ``protocol`` and its options: those ``given`` (None: not given) kept,
+    the protocol's defaults filled in; an option of another protocol refused, never ignored."""
+    if protocol not in PROTOCOLS:
+        raise HpreditError(f"unknown {named('protocol')} {protocol!r}: use {' or '.join(PROTOCOLS.names())}")
+    cls = PROTOCOLS.get(protocol)
+    for option, value in given.items():
+        if value is not None and option not in cls.run_options:
+            owner = next(n for n in PROTOCOLS if option in PROTOCOLS.get(n).run_options)
+            raise HpreditError(not_for_protocol(option, protocol, owner, job))
+    return cls, {o: d if given.get(o) is None else given[o] for o, d in cls.run_options.items()}
 
 
 def protocol_of(setting: dict) -> Protocol:
