@@ -28,7 +28,7 @@ from torch import nn
 from .._version import __version__
 from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
 from ..artifacts import atomic_directory, read_json, sha256_file
-from ..checks import DEFAULT_STRENGTH, check_editor_matches, named, strength_given
+from ..checks import DEFAULT_STRENGTH, check_editor_matches, layer_list_problem, named, strength_given
 from ..errors import HpreditError
 from ..hooks import EditHandle, EditObserver, LayerEdit
 from ..registry import Registry
@@ -81,25 +81,13 @@ HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 
 
 def is_int(x: Any) -> bool:
-    """An integer, not a bool (JSON ``true`` is not a layer) and not a float such as 15.7 or 15.0."""
+    """A Python integer, not a bool (JSON ``true`` is not a layer) and not a float such as 15.7 or 15.0:
+    :func:`hpredit.checks.is_int` without NumPy's integers, so that a config always writes as JSON."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def layer_list_problem(layers: Any) -> str | None:
-    """Why ``layers`` is not ``None`` or a non-empty list of distinct non-negative integers, or None."""
-    if layers is None:
-        return None
-    if not isinstance(layers, list) or not layers:
-        return f"layers must be null or a non-empty list of layer indices, got {layers!r}"
-    if not all(is_int(i) and i >= 0 for i in layers):
-        return f"layers must be whole non-negative numbers such as [15, 16], got {layers!r}"
-    if len(set(layers)) != len(layers):
-        return f"layers {layers} name a layer twice: list each layer once"
-    return None
 
 
 class EditorConfig:
@@ -117,7 +105,7 @@ class EditorConfig:
 
     def layer_choice_checks(self) -> list[tuple[bool, str]]:
         """The rules of the fields every residual editor shares: ``top_k``, ``layers``, ``val_fraction``, ``seed``."""
-        layers_problem = layer_list_problem(getattr(self, "layers", None))
+        layers_problem = layer_list_problem(getattr(self, "layers", None), name="layers")
         top_k: Any = getattr(self, "top_k", None)
         val_fraction: Any = getattr(self, "val_fraction", None)
         return [
