@@ -634,6 +634,33 @@ def load_editor(
         directory, HUB_FILES, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
     where = str(directory)
+    cfg = _artifact_config(directory, where)
+    try:
+        klass = EDITORS.get(cfg.get("method"))  # type: ignore[arg-type]
+    except HpreditError as e:
+        raise HpreditError(f"{where}: {e}") from None
+    tensors = _artifact_tensors(directory / WEIGHTS_NAME, cfg, where)
+    try:
+        model = ModelFingerprint.from_dict(cfg["model"])
+    except (KeyError, HpreditError) as e:
+        raise HpreditError(f"{where}: config.json has a bad or missing 'model' entry ({e})") from None
+    layers = _artifact_layers(cfg.get("layers"), model.num_layers, where)
+    config = _config_from_dict(klass.config_class, cfg.get("config"), where)
+    metrics = klass.check_metrics(cfg.get("metrics") or {}, where)
+    legacy = cfg["format_version"] == 1  # before config_sha256: nothing vouches for a curve
+    curve = KLCurve.from_json(cfg["kl_curve"], where) if cfg.get("kl_curve") is not None and not legacy else None
+    editor = klass._from_tensors(config, layers, model, metrics, tensors, cfg)
+    if legacy:
+        if cfg.get("kl_curve") is not None:
+            editor.unverified_curve = where
+    else:
+        _check_config_checksum(cfg, where)
+    editor.kl_curve = curve
+    return editor
+
+
+def _artifact_config(directory: Path, where: str) -> dict:
+    """An artifact's ``config.json``, refused unless it is an hpredit editor config of a readable format."""
     if not directory.is_dir():
         raise HpreditError(f"editor artifact {directory} does not exist (expected a directory from save_pretrained)")
     if not (directory / CONFIG_NAME).is_file():  # named in full: "." or a relative path says little
@@ -649,11 +676,11 @@ def load_editor(
             f"{where}: format version {cfg.get('format_version')!r} is not supported "
             f"(this hpredit reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))})"
         )
-    try:
-        klass = EDITORS.get(cfg.get("method"))  # type: ignore[arg-type]
-    except HpreditError as e:
-        raise HpreditError(f"{where}: {e}") from None
-    weights = directory / WEIGHTS_NAME
+    return cfg
+
+
+def _artifact_tensors(weights: Path, cfg: dict, where: str) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, after its checksum in ``config.json`` is checked."""
     if not weights.is_file():
         raise HpreditError(f"{where}: {WEIGHTS_NAME} is missing")
     if not isinstance(cfg.get("weights_sha256"), str) or not cfg["weights_sha256"]:
@@ -666,34 +693,21 @@ def load_editor(
             f"{where}: {WEIGHTS_NAME} does not match the checksum in config.json (truncated or edited after saving)"
         )
     try:
-        tensors = load_file(weights)
+        return load_file(weights)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise HpreditError(f"{where}: cannot read {WEIGHTS_NAME} ({e})") from None
-    try:
-        model = ModelFingerprint.from_dict(cfg["model"])
-    except (KeyError, HpreditError) as e:
-        raise HpreditError(f"{where}: config.json has a bad or missing 'model' entry ({e})") from None
-    layers = cfg.get("layers")
+
+
+def _artifact_layers(layers: Any, num_layers: int, where: str) -> list[int]:
     if not (isinstance(layers, list) and layers and all(is_int(i) for i in layers)):
         raise HpreditError(f"{where}: 'layers' must be a non-empty list of integers, got {layers!r}")
-    bad = [i for i in layers if not 0 <= i < model.num_layers]
+    bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or len(set(layers)) != len(layers):
         raise HpreditError(
-            f"{where}: layers {layers} are invalid for a model with {model.num_layers} layers "
-            "(each layer once, 0.." + f"{model.num_layers - 1})"
+            f"{where}: layers {layers} are invalid for a model with {num_layers} layers "
+            "(each layer once, 0.." + f"{num_layers - 1})"
         )
-    config = _config_from_dict(klass.config_class, cfg.get("config"), where)
-    metrics = klass.check_metrics(cfg.get("metrics") or {}, where)
-    legacy = cfg["format_version"] == 1  # before config_sha256: nothing vouches for a curve
-    curve = KLCurve.from_json(cfg["kl_curve"], where) if cfg.get("kl_curve") is not None and not legacy else None
-    editor = klass._from_tensors(config, layers, model, metrics, tensors, cfg)
-    if legacy:
-        if cfg.get("kl_curve") is not None:
-            editor.unverified_curve = where
-    else:
-        _check_config_checksum(cfg, where)
-    editor.kl_curve = curve
-    return editor
+    return layers
 
 
 def config_checksum(cfg: dict) -> str:
