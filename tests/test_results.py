@@ -282,3 +282,23 @@ def test_a_missing_required_field_is_named(tmp_path):
     path = write_json(tmp_path / "summary.json", d)
     with pytest.raises(HpreditError, match=re.escape(f"{path}: 'pairs' is missing")):
         load_result(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "where,seeds", [("rotation-family/truthfulqa-limit60", [0, 1, 2]), ("rotation-family/bbq-seed0", [0])]
+)
+def test_the_published_rotation_family_results_carry_an_edit_profile(where, seeds):
+    """docs/benchmarks.md's rotation-family tables: every method at every target measured on test, each
+    row missing the target marked (hit or closest), and every re-run edited row with its edit profile
+    (the published old BBQ rows predate it)."""
+    result = load_result(RESULTS / where)
+    assert result["protocol"] == "matched" and result["seeds"] == seeds
+    family = {"mirror", "target", "ablation", "ace", "angular", "spherical"}
+    assert family | {"hpr"} <= {r["method"] for r in result.runs}
+    for r in result.runs:
+        if r["method"] == "none":
+            continue
+        assert r["status"] in ("hit", "closest") and r["test"], r
+        if r["method"] in family | {"hpr"}:
+            assert 0 < r["profile"]["all"]["edited"] <= 1 and r["profile"]["layers"], r["method"]
+    assert "rotation family" in json.dumps(result.summary) or result.summary["paired"]["0.1"]["other"] in family
