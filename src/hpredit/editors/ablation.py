@@ -73,8 +73,8 @@ from ..architecture import ModelFingerprint
 from ..hooks import LayerEdit, token_strength
 from .additive import mean_difference_fit
 from .base import (
-    Editor,
     EditorConfig,
+    FittedLayersEditor,
     check_artifact_tensors,
     choose_layers,
     fitted_layers_from,
@@ -106,7 +106,7 @@ class AblationConfig(EditorConfig):
 
 
 @register_editor
-class AblationEditor(Editor):
+class AblationEditor(FittedLayersEditor):
     """Directional ablation along the mean difference (``affine=True``: ACE); see the module docs."""
 
     method = "ablation"
@@ -126,9 +126,6 @@ class AblationEditor(Editor):
         self.fitted_layers = list(fitted_layers)
         self.directions = directions  # (L_fit, d): r = μ⁺ − μ⁻
         self.reference = reference  # (L_fit,): r̂·μ⁻
-
-    def available_layers(self) -> list[int]:
-        return self.fitted_layers
 
     def goal(self, layer: int) -> tuple[torch.Tensor, float]:
         """``(r̂, c)`` of ``layer`` in float32: the unit direction and the projection the edit moves
@@ -159,9 +156,6 @@ class AblationEditor(Editor):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"directions": self.directions, "reference": self.reference}
-
-    def extra_config(self) -> dict:
-        return {"fitted_layers": self.fitted_layers}
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):

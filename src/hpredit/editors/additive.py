@@ -16,7 +16,14 @@ from ..activations import ActivationStore
 from ..architecture import ModelFingerprint
 from ..errors import HpreditError
 from ..hooks import LayerEdit, token_strength
-from .base import Editor, EditorConfig, TokenPairs, choose_layers, fitted_layers_from, register_editor
+from .base import (
+    EditorConfig,
+    FittedLayersEditor,
+    TokenPairs,
+    choose_layers,
+    fitted_layers_from,
+    register_editor,
+)
 
 __all__ = ["AdditiveConfig", "CAAEditor", "NormRestoreEditor", "mean_difference_fit"]
 
@@ -53,7 +60,7 @@ def mean_difference_fit(
     return vectors, accuracy, split
 
 
-class _AdditiveEditor(Editor):
+class _AdditiveEditor(FittedLayersEditor):
     """Shared fitting, storage and selection; subclasses choose the transform."""
 
     config_class = AdditiveConfig
@@ -71,9 +78,6 @@ class _AdditiveEditor(Editor):
         super().__init__(config, layers, model, metrics)
         self.fitted_layers = list(fitted_layers)
         self.vectors = vectors  # (L_fit, d)
-
-    def available_layers(self) -> list[int]:
-        return self.fitted_layers
 
     def vector(self, layer: int) -> torch.Tensor:
         """The steering vector ``(d,)`` of ``layer``."""
@@ -104,9 +108,6 @@ class _AdditiveEditor(Editor):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"vectors": self.vectors}
-
-    def extra_config(self) -> dict:
-        return {"fitted_layers": self.fitted_layers}
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):

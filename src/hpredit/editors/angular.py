@@ -77,8 +77,8 @@ from ..geometry import fallback_axis
 from ..hooks import LayerEdit, token_strength
 from .additive import mean_difference_fit
 from .base import (
-    Editor,
     EditorConfig,
+    FittedLayersEditor,
     check_artifact_tensors,
     choose_layers,
     fitted_layers_from,
@@ -152,7 +152,7 @@ def first_principal_component(directions: torch.Tensor) -> torch.Tensor:
 
 
 @register_editor
-class AngularEditor(Editor):
+class AngularEditor(FittedLayersEditor):
     """Angular Steering: each token's component in the plane (b1, b2) turned toward the target angle."""
 
     method = "angular"
@@ -172,9 +172,6 @@ class AngularEditor(Editor):
         self.fitted_layers = list(fitted_layers)
         self.b1 = b1  # (L_fit, d) unit feature directions
         self.b2 = b2  # (L_fit, d) unit, ⟂ b1
-
-    def available_layers(self) -> list[int]:
-        return self.fitted_layers
 
     def plane(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The orthonormal basis ``(b1, b2)`` (float64, ``(d,)`` each) of ``layer``'s plane."""
@@ -211,9 +208,6 @@ class AngularEditor(Editor):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"b1": self.b1, "b2": self.b2}
-
-    def extra_config(self) -> dict:
-        return {"fitted_layers": self.fitted_layers}
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):

@@ -40,6 +40,7 @@ __all__ = [
     "EDITORS",
     "Editor",
     "EditorConfig",
+    "FittedLayersEditor",
     "TokenPairs",
     "choose_layers",
     "configure",
@@ -467,6 +468,19 @@ class Editor(ABC):
             token=token,
             commit_message=commit_message,
         )
+
+
+class FittedLayersEditor(Editor):
+    """An editor fitted on more layers than it edits (``fitted_layers``; the active ``layers`` a
+    subset): any fitted layer can be attached (``attach(layers=…)``) and the artifact records them."""
+
+    fitted_layers: list[int]
+
+    def available_layers(self) -> list[int]:
+        return self.fitted_layers
+
+    def extra_config(self) -> dict:
+        return {"fitted_layers": self.fitted_layers}
 
 
 #: The one registry of editor methods: ``method`` → :class:`Editor` subclass (``load_editor`` dispatches on it).

@@ -23,8 +23,8 @@ from ..hooks import LayerEdit, broadcast_strength
 from ..kernels import hpr_edit
 from ..models import check_device
 from .base import (
-    Editor,
     EditorConfig,
+    FittedLayersEditor,
     TokenPairs,
     choose_layers,
     fitted_layers_from,
@@ -92,7 +92,7 @@ def _mlp(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor
 
 
 @register_editor
-class HPREditor(Editor):
+class HPREditor(FittedLayersEditor):
     """HPR editor: per-layer probe + angle predictor; see :meth:`fit` and :meth:`attach`."""
 
     method = "hpr"
@@ -126,9 +126,6 @@ class HPREditor(Editor):
         self.probe_bias = probe_bias  # (L_fit,) only for the probe-bias ablation
 
     # ------------------------------------------------------------------ inference
-
-    def available_layers(self) -> list[int]:
-        return self.fitted_layers
 
     @property
     def probe_accuracy(self) -> dict[int, float]:
@@ -235,9 +232,6 @@ class HPREditor(Editor):
             out[f"angle.{j}.weight"] = w
             out[f"angle.{j}.bias"] = b
         return out
-
-    def extra_config(self) -> dict:
-        return {"fitted_layers": self.fitted_layers}
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):

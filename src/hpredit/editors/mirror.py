@@ -83,8 +83,8 @@ from ..errors import HpreditError
 from ..hooks import LayerEdit, token_strength
 from ..models import check_device
 from .base import (
-    Editor,
     EditorConfig,
+    FittedLayersEditor,
     TokenPairs,
     check_artifact_tensors,
     choose_layers,
@@ -149,7 +149,7 @@ class MirrorConfig(EditorConfig):
         )
 
 
-class _ProjectionEditor(Editor):
+class _ProjectionEditor(FittedLayersEditor):
     """Shared probe, fitting and storage of ``mirror`` and ``target``; subclasses choose the goal."""
 
     config_class = MirrorConfig
@@ -172,9 +172,6 @@ class _ProjectionEditor(Editor):
         self.probe = probe  # (L_fit, d): w
         self.probe_bias = probe_bias  # (L_fit,): b
         self.target = target  # (L_fit,): t, in projection units along ŵ
-
-    def available_layers(self) -> list[int]:
-        return self.fitted_layers
 
     @property
     def probe_accuracy(self) -> dict[int, float]:
@@ -212,9 +209,6 @@ class _ProjectionEditor(Editor):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"probe": self.probe, "probe_bias": self.probe_bias, "target": self.target}
-
-    def extra_config(self) -> dict:
-        return {"fitted_layers": self.fitted_layers}
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):

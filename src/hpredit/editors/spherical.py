@@ -63,7 +63,14 @@ from ..geometry import angle_between, rotate_toward
 from ..hooks import LayerEdit, token_strength
 from .additive import mean_difference_fit
 from .angular import check_unit_tensors
-from .base import Editor, EditorConfig, choose_layers, fitted_layers_from, is_number, register_editor
+from .base import (
+    EditorConfig,
+    FittedLayersEditor,
+    choose_layers,
+    fitted_layers_from,
+    is_number,
+    register_editor,
+)
 
 __all__ = ["SphericalConfig", "SphericalEditor", "confidence_gate"]
 
@@ -95,7 +102,7 @@ def confidence_gate(cos_to_prototype: torch.Tensor, kappa: float, beta: float) -
 
 
 @register_editor
-class SphericalEditor(Editor):
+class SphericalEditor(FittedLayersEditor):
     """Spherical Steering: gated tokens rotated along the geodesic toward the positive prototype μ_T."""
 
     method = "spherical"
@@ -113,9 +120,6 @@ class SphericalEditor(Editor):
         super().__init__(config, layers, model, metrics)
         self.fitted_layers = list(fitted_layers)
         self.prototypes = prototypes  # (L_fit, d) unit μ_T per layer (μ_H = −μ_T)
-
-    def available_layers(self) -> list[int]:
-        return self.fitted_layers
 
     def prototype(self, layer: int) -> torch.Tensor:
         """The unit positive prototype μ_T ``(d,)`` of ``layer``."""
@@ -145,9 +149,6 @@ class SphericalEditor(Editor):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"prototypes": self.prototypes}
-
-    def extra_config(self) -> dict:
-        return {"fitted_layers": self.fitted_layers}
 
     @classmethod
     def _from_tensors(cls, config, layers, model, metrics, tensors, artifact):
