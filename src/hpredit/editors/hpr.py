@@ -37,10 +37,10 @@ __all__ = ["HPRConfig", "HPREditor"]
 
 
 @dataclass
-class HPRConfig(EditorConfig):
-    """Hyper-parameters of HPR; the defaults are the reference implementation's."""
+class ProbeTrainingConfig(EditorConfig):
+    """What every editor that trains a probe per layer shares: the optimiser and schedule (the HPR
+    reference implementation's defaults) and the choice of layers."""
 
-    angle_depth: int = 4  #: linear layers of the angle MLP: d → d/2 → d/4 → d/8 → 1 for 4
     lr: float = 5e-4
     weight_decay: float = 0.0
     epochs: int = 5
@@ -50,6 +50,26 @@ class HPRConfig(EditorConfig):
     top_k: int = 5  #: layers kept by validation probe accuracy (ignored when ``layers`` is given)
     layers: list[int] | None = None  #: explicit layers to edit
     val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return self.probe_training_checks()
+
+    def probe_training_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (is_number(self.lr) and self.lr > 0, "lr must be > 0"),
+            (is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be ≥ 0"),
+            (is_int(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
+            (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be an integer ≥ 1"),
+            *self.layer_choice_checks(),
+        ]
+
+
+@dataclass
+class HPRConfig(ProbeTrainingConfig):
+    """Hyper-parameters of HPR; the defaults are the reference implementation's."""
+
+    angle_depth: int = 4  #: linear layers of the angle MLP: d → d/2 → d/4 → d/8 → 1 for 4
     angle_layers: str = "selected"  #: fit angle predictors for the ``selected`` layers or ``all``
     # Ablations (all off for HPR as published):
     gate: bool = True  #: False: rotate every token, not only those on the negative side
@@ -59,12 +79,7 @@ class HPRConfig(EditorConfig):
     def checks(self) -> list[tuple[bool, str]]:
         return [
             (is_int(self.angle_depth) and self.angle_depth >= 1, "angle_depth must be an integer ≥ 1"),
-            (is_number(self.lr) and self.lr > 0, "lr must be > 0"),
-            (is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be ≥ 0"),
-            (is_int(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
-            (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be an integer ≥ 1"),
-            *self.layer_choice_checks(),
+            *self.probe_training_checks(),
             (self.angle_layers in ("selected", "all"), "angle_layers must be 'selected' or 'all'"),
             (isinstance(self.gate, bool), "gate must be true or false"),
             (

@@ -72,6 +72,7 @@ Measured strength → KL on SmolLM2, and the grids ``compare`` starts from: docs
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -83,17 +84,14 @@ from ..errors import HpreditError
 from ..hooks import LayerEdit, token_strength
 from ..models import check_device
 from .base import (
-    EditorConfig,
     FittedLayersEditor,
     TokenPairs,
     check_artifact_tensors,
     choose_layers,
     fitted_layers_from,
-    is_int,
-    is_number,
     register_editor,
 )
-from .hpr import HPRConfig, _fit_metrics, _fit_probes, _initial_parameters
+from .hpr import HPRConfig, ProbeTrainingConfig, _fit_metrics, _fit_probes, _initial_parameters
 
 __all__ = ["MirrorConfig", "MirrorEditor", "TargetEditor", "finite_in"]
 
@@ -108,45 +106,13 @@ def finite_in(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass
-class MirrorConfig(EditorConfig):
+class MirrorConfig(ProbeTrainingConfig):
     """Hyper-parameters of ``mirror`` / ``target``: the probe's training (HPR's defaults) and the layers."""
-
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    epochs: int = 5
-    warmup_ratio: float = 0.05
-    batch_size: int = 16  #: token pairs per step
-    seed: int = 42
-    top_k: int = 5  #: layers kept by validation probe accuracy (ignored when ``layers`` is given)
-    layers: list[int] | None = None  #: explicit layers to edit
-    val_fraction: float = 0.2  #: groups held out for validation when no pair is marked ``val``
-
-    def checks(self) -> list[tuple[bool, str]]:
-        return [
-            (is_number(self.lr) and self.lr > 0, "lr must be > 0"),
-            (is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be ≥ 0"),
-            (is_int(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
-            (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be an integer ≥ 1"),
-            *self.layer_choice_checks(),
-        ]
 
     def probe_config(self) -> HPRConfig:
         """The HPR config that trains this probe: the same optimiser and schedule, with a bias, no angle MLP."""
-        return HPRConfig(
-            angle_depth=1,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            epochs=self.epochs,
-            warmup_ratio=self.warmup_ratio,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            top_k=self.top_k,
-            layers=self.layers,
-            val_fraction=self.val_fraction,
-            fixed_angle=0.0,
-            probe_bias=True,
-        )
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ProbeTrainingConfig)}
+        return HPRConfig(angle_depth=1, fixed_angle=0.0, probe_bias=True, **shared)
 
 
 class _ProjectionEditor(FittedLayersEditor):
