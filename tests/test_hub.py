@@ -11,7 +11,10 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -456,3 +459,20 @@ def test_push_to_hub_failures_are_one_error(hf_api, model, monkeypatch):
     with pytest.raises(HpreditError) as e:
         _editor(model).push_to_hub("me/truthful")
     assert str(e.value) == "push_to_hub me/truthful: 401 Unauthorized"
+
+
+@pytest.mark.parametrize("spec", ["x=org/name@", "x=@v1", "org/na me", "a/b/c", "-"])
+def test_serve_refuses_a_bad_editor_spec_in_a_real_process(spec, tmp_path):
+    """Neither a directory nor a Hub repo id: one error line, exit status 2, before vLLM is imported."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run(
+        [sys.executable, "-m", "hpredit", "serve", "--editor", spec],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: editor artifact") and "is not a Hugging Face Hub repo id" in lines[0]
