@@ -33,7 +33,7 @@ def main() -> None:
     import torch
 
     import hpredit
-    from hpredit.artifacts import atomic_directory
+    from hpredit.files import atomic_directory
 
     if args.threads:
         torch.set_num_threads(args.threads)

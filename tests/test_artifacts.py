@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from hpredit.artifacts import (
+from hpredit.errors import HpreditError
+from hpredit.files import (
     atomic_directory,
     check_output_dir,
     read_json,
@@ -14,7 +15,6 @@ from hpredit.artifacts import (
     write_json_atomic,
     write_text_atomic,
 )
-from hpredit.errors import HpreditError
 
 
 def _mode(path) -> int:

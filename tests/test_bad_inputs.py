@@ -111,7 +111,7 @@ def no_model_loads(monkeypatch):
         raise AssertionError("the model was loaded (or activations collected) before the bad input was refused")
 
     # patched where each job looks the name up (each imports it from its defining module)
-    for where in ("pipeline", "evaluation.api", "evaluation.judges", "compare.harness"):
+    for where in ("pipeline", "evaluation.job", "evaluation.judges", "compare.harness"):
         monkeypatch.setattr(f"hpredit.{where}.load_model", refuse)
     for where in ("pipeline", "compare.harness"):
         monkeypatch.setattr(f"hpredit.{where}.collect_activations", refuse)

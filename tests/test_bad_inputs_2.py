@@ -24,11 +24,11 @@ import pytest
 import torch
 
 import hpredit
-from hpredit.artifacts import atomic_directory, check_output_dir, remove_stale_temporaries
 from hpredit.checks import check_seed, check_unique, env_number
 from hpredit.cli import main
 from hpredit.data import ContrastivePair, load_truthfulqa, truthfulqa_pairs
 from hpredit.errors import HpreditError
+from hpredit.files import atomic_directory, check_output_dir, remove_stale_temporaries
 
 from .conftest import tiny_model
 from .test_bad_inputs import (  # noqa: F401  (fixtures)
@@ -442,7 +442,7 @@ def test_a_sigkilled_fit_leaves_a_temporary_that_the_next_fit_removes(world, tmp
         f"""
         import os, signal, sys
         from pathlib import Path
-        from hpredit.artifacts import atomic_directory
+        from hpredit.files import atomic_directory
         with atomic_directory(Path({str(out)!r})) as tmp:
             (tmp / "half").write_text("x")
             os.kill(os.getpid(), signal.SIGKILL)

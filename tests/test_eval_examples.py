@@ -5,7 +5,7 @@ import doctest
 import pytest
 
 from hpredit.compare import harness
-from hpredit.evaluation import api
+from hpredit.evaluation import job
 
 from .conftest import tiny_model
 
@@ -18,12 +18,12 @@ def globs(tokenizer, truthfulqa_csv):
         "model": model,
         "tok": tokenizer,
         "csv": truthfulqa_csv,
-        "evaluate": api.evaluate,
+        "evaluate": job.evaluate,
         "compare": harness.compare,
     }
 
 
-@pytest.mark.parametrize("name, obj", [("evaluate", api.evaluate), ("compare", harness.compare)])
+@pytest.mark.parametrize("name, obj", [("evaluate", job.evaluate), ("compare", harness.compare)])
 def test_example_runs(name, obj, globs):
     tests = doctest.DocTestFinder().find(obj, name, globs=dict(globs))
     assert tests and tests[0].examples, f"{name} has no example"

@@ -7,7 +7,7 @@ import pytest
 
 from hpredit.data import two_fold_split
 from hpredit.errors import HpreditError
-from hpredit.evaluation.api import resolve_split
+from hpredit.evaluation.job import resolve_split
 from hpredit.evaluation.metrics import (
     NO_COMMENT,
     bleu,

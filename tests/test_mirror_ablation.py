@@ -357,8 +357,8 @@ def test_artifact_roundtrip_gives_the_identical_edit(kind, tmp_path):
 def test_damaged_artifacts_are_refused(kind, tmp_path):
     from safetensors.torch import save_file
 
-    from hpredit.artifacts import sha256_file
     from hpredit.editors.base import config_checksum
+    from hpredit.files import sha256_file
 
     ed = _store_editor(kind)
     path = ed.save_pretrained(tmp_path / "ed")

@@ -3,42 +3,77 @@ result that is what summary.json holds, and the CLI as a call to it."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import typing
+from pathlib import Path
 
 import pytest
 
 import hpredit
 from hpredit import pipeline
 from hpredit.cli import commands
-from hpredit.cli.options import parse_list
+from hpredit.cli.configs import _config_from
+from hpredit.compare import CompareConfig
+from hpredit.evaluation.job import EvalConfig
 from hpredit.results import RunResult, load_result
 
 from .conftest import saved_tiny_model
 
 
-def _cli_defaults(command) -> dict:
-    return {name: p.default for name, p in inspect.signature(command).parameters.items()}
+@pytest.mark.parametrize(
+    "command, config",
+    [
+        (commands.run, pipeline.RunConfig),
+        (commands.fit, pipeline.FitConfig),
+        (commands.generate, pipeline.GenerateConfig),
+        (commands.eval_, EvalConfig),
+        (commands.compare, CompareConfig),
+    ],
+)
+def test_each_commands_options_are_its_configs_fields_with_their_defaults_and_help(command, config):
+    """One default and one help per setting: on the config's field; the command is built from it."""
+    cli = inspect.signature(command).parameters
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    assert set(cli) == {n for n, f in fields.items() if f.metadata.get("cli", True)}
+    for name, param in cli.items():
+        f = fields[name]
+        default = f.metadata.get("cli_default", f.default)
+        if default is dataclasses.MISSING:
+            assert param.default is inspect.Parameter.empty, name
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        assert param.default == shown, name
+        info = typing.get_args(param.annotation)[1]
+        help_ = f.metadata["help"]
+        assert info.help == (help_() if callable(help_) else help_) and info.help, name
 
 
-@pytest.mark.parametrize("command, job", [(commands.run, pipeline.run), (commands.fit, pipeline.fit)])
-def test_python_has_the_command_lines_defaults(command, job):
-    cli, api = _cli_defaults(command), _cli_defaults(job)
-    shared = set(cli) & set(api)
-    assert len(shared) >= 15
-    for name in shared - {"out", "layers"}:
-        value = cli[name]
-        if name == "strengths":
-            value = tuple(parse_list(value, "--strengths", float, "numbers"))
-        assert api[name] == value, name
-    assert str(api.get("out", "")) == str(cli["out"]) or command is commands.fit
+def test_a_tuple_option_read_from_the_command_line_is_the_configs_value():
+    cfg = _config_from(pipeline.RunConfig, {"strengths": "0.25,0.5,1.0", "limit": None})
+    assert cfg.strengths == pipeline.RunConfig().strengths == (0.25, 0.5, 1.0)
+    assert _config_from(pipeline.FitConfig, {"out": Path("o"), "layers": ""}).layers is None
+    assert _config_from(pipeline.FitConfig, {"out": Path("o"), "layers": "3,4"}).layers == (3, 4)
+
+
+def test_the_library_takes_a_config_whole_or_its_fields():
+    """``run(cfg)``, ``run(**fields)`` and ``run(cfg, **fields)`` make the same config; a misspelt field is a
+    TypeError naming it, as a Python call's would be."""
+    cfg = pipeline.RunConfig(limit=3)
+    assert pipeline.RunConfig.of(cfg, {"top_k": 2}) == pipeline.RunConfig(limit=3, top_k=2)
+    assert pipeline.RunConfig.of(None, {"limit": 3}) == cfg
+    with pytest.raises(TypeError, match="top_kk"):
+        hpredit.run(cfg, top_kk=2)
+    with pytest.raises(TypeError, match="must be a RunConfig"):
+        hpredit.run(pipeline.FitConfig(out=Path("o")))
 
 
 def test_strength_rules_of_run_and_compare_are_one_function_with_two_settings():
-    from hpredit.compare import PROTOCOLS, compare
+    from hpredit.compare import PROTOCOLS
 
     assert PROTOCOLS.get("grid").run_max_doublings == 0
-    assert inspect.signature(compare).parameters["max_doublings"].default is None  # grid's default, 3, inside
+    assert CompareConfig().max_doublings is None  # grid's default, 3, inside
     assert PROTOCOLS.get("grid").options["max_doublings"] == 3
 
 

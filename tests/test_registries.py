@@ -164,15 +164,14 @@ def test_a_task_missing_a_hook_fails_when_it_is_made():
 
 
 def test_a_task_registered_later_is_everywhere(restore_tasks):
-    from hpredit.compare import check_compare_args
+    from hpredit.compare import CompareConfig
     from hpredit.evaluation import TASKS
-    from hpredit.evaluation.api import check_eval_args
+    from hpredit.evaluation.job import EvalConfig
 
     assert "late" not in TASKS
     T.register_task(_Complete("late", "acc", ("acc",)))
     assert "late" in TASKS and list(TASKS) == T.task_names()  # TASKS is a live view, not a frozen tuple
-    assert check_eval_args("late", None, "all", 1.0, None, 16, 50, 1).name == "late"
-    assert check_compare_args(["none"], [0], None, None, None, "late").name == "late"
+    assert EvalConfig(task="late").task == CompareConfig(methods=["none"], seeds=[0], task="late").task == "late"
     with pytest.raises(HpreditError, match=r"unknown task 'magic' \(known: truthfulqa-mc, .*late"):
         T.get_task("magic")
     T.unregister_task("late")

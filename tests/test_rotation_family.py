@@ -476,8 +476,8 @@ def test_artifact_roundtrip_gives_the_identical_edit(kind, tmp_path):
 def test_artifact_with_bad_tensors_is_refused(kind, name, change, match, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from hpredit.artifacts import sha256_file
     from hpredit.editors.base import config_checksum
+    from hpredit.files import sha256_file
 
     path = random_editor(kind, tiny_model("llama")).save_pretrained(tmp_path / "ed")
     tensors = load_file(path / "editor.safetensors")

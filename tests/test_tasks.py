@@ -398,17 +398,16 @@ def test_cli_compare_rejects_unknown_task(capsys):
 
 
 def test_one_registry_for_eval_and_compare():
-    from hpredit.compare import check_compare_args
+    from hpredit.compare import CompareConfig
     from hpredit.evaluation import TASKS
-    from hpredit.evaluation.api import check_eval_args
+    from hpredit.evaluation.job import EvalConfig
 
     assert list(TASKS) == T.task_names() and {"truthfulqa-mc", "truthfulqa-gen", "bbq", "ab:sycophancy"} <= set(TASKS)
     for name in TASKS:  # every task is accepted by both
-        assert check_eval_args(name, None, "all", 1.0, None, 16, 50, 1).name == name
-        assert check_compare_args(["none"], [0], None, None, None, name).name == name
+        assert EvalConfig(task=name).task == CompareConfig(methods=["none"], seeds=[0], task=name).task == name
     for check in (
-        lambda: check_eval_args("magic", None, "all", 1.0, None, 16, 50, 1),
-        lambda: check_compare_args(["none"], [0], None, None, None, "magic"),
+        lambda: EvalConfig(task="magic"),
+        lambda: CompareConfig(methods=["none"], seeds=[0], task="magic"),
     ):
         with pytest.raises(HpreditError, match="unknown task 'magic'"):
             check()

@@ -7,9 +7,10 @@ from .data import ContrastivePair, ContrastivePairs
 from .editors import Editor, HPRConfig, HPREditor, load_editor
 from .errors import HpreditError
 from .evaluation import evaluate
+from .evaluation.job import EvalConfig
 from .hooks import SCOPES, EditHandle
 from .models import DEFAULT_MODEL, decoder_layers, fingerprint, load_model
-from .pipeline import run
+from .pipeline import FitConfig, GenerateConfig, RunConfig, run
 from .results import load_result
 
 __all__ = [
@@ -19,10 +20,14 @@ __all__ = [
     "ContrastivePair",
     "ContrastivePairs",
     "EditHandle",
+    "EvalConfig",
     "Editor",
+    "FitConfig",
+    "GenerateConfig",
     "HPRConfig",
     "HPREditor",
     "HpreditError",
+    "RunConfig",
     "__version__",
     "collect_activations",
     "data",

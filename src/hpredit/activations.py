@@ -17,10 +17,10 @@ from torch import nn
 
 from . import distributed
 from .architecture import ModelFingerprint, backbone, decoder_layers, fingerprint, max_positions
-from .artifacts import atomic_directory, file_digest, read_json
 from .checks import check_layers, is_int, layer_list_problem
 from .data import SPLIT_NAMES, ContrastivePair, ContrastivePairs, as_pairs
 from .errors import HpreditError
+from .files import atomic_directory, file_digest, read_json
 from .hooks import StopForward, record
 from .models import pad_token_id
 from .prefix import PrefixCache, common_prefix_length, pad_right
@@ -489,6 +489,16 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return list(range(n_layers)) if chosen is None else sorted(chosen)
 
 
+def _checked_pairs(pairs: ContrastivePairs | Sequence[ContrastivePair], batch_size: int) -> list[ContrastivePair]:
+    """The pairs as :class:`ContrastivePair` objects; refuses no pairs, then a bad batch size, before any work."""
+    pairs = as_pairs(pairs)
+    if not pairs:
+        raise HpreditError("no contrastive pairs to collect activations for")
+    if not is_int(batch_size) or batch_size < 1:
+        raise HpreditError(f"batch size must be a positive integer, got {batch_size!r}")
+    return pairs
+
+
 @torch.no_grad()
 def collect_activations(
     model: nn.Module,
@@ -504,11 +514,6 @@ def collect_activations(
 ) -> ActivationStore | dict[str, ActivationStore]:
     """Run the frozen model once per unique text and keep the completion tokens' activations.
 
-    All requested layers come from one forward pass per batch. With ``prefix_cache`` the prompt
-    shared by a text group is computed once (and the prefix shared by all prompts, such as a
-    few-shot primer, once overall) and the completions run on top of its KV cache, right-padded;
-    without it, whole texts run sorted by length, right-padded.
-
     Args:
         model: a causal LM (frozen; hooks are removed afterwards whatever happens).
         tok: its tokenizer.
@@ -517,13 +522,15 @@ def collect_activations(
             (:func:`hpredit.data.check_pairs` refuses degenerate ones). A text longer than the
             model's positions is refused before any forward pass.
         layers: block indices to keep (default: every decoder block).
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass (one pass records every requested layer and site).
         dtype: storage type: ``"auto"`` (default: float16, or bfloat16 for a bfloat16 model, switching
             to bfloat16 when float16 would overflow; the choice is kept in ``dtype_choice`` and
             ``meta.json``), ``"float16"``, ``"bfloat16"``, ``"float32"`` or a ``torch.dtype``.
         progress: show a progress bar.
         layers_path: dotted path of the decoder blocks when they cannot be found automatically.
-        prefix_cache: run completions on the prompts' KV caches (default) or whole texts.
+        prefix_cache: run the prompt of a text group once (the prefix all prompts share, such as a
+            few-shot primer, once overall) and its completions, right-padded, on its KV cache
+            (default); else whole texts, sorted by length and right-padded.
         site: ``"residual"`` (block outputs, what HPR and CAA edit), ``"heads"`` (the input of each
             attention output projection, ``(…, heads·head_dim)``, what ITI edits), or a list of both.
 
@@ -539,11 +546,7 @@ def collect_activations(
         ([0, 1], torch.float16, True)
     """
     sites = _check_sites(site)
-    pairs = as_pairs(pairs)
-    if not pairs:
-        raise HpreditError("no contrastive pairs to collect activations for")
-    if not is_int(batch_size) or batch_size < 1:
-        raise HpreditError(f"batch size must be a positive integer, got {batch_size!r}")
+    pairs = _checked_pairs(pairs, batch_size)
     path, blocks = decoder_layers(model, layers_path)
     layers = _check_layers(layers, len(blocks))
     start_dtype, auto = _store_dtype(dtype, model)

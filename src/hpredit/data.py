@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .artifacts import read_json, write_json_atomic, write_text_atomic
 from .checks import check_limit, check_seed, is_int
 from .errors import HpreditError, first_line
+from .files import read_json, write_json_atomic, write_text_atomic
 
 __all__ = [
     "ContrastivePair",

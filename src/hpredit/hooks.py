@@ -76,6 +76,29 @@ class StopForward(Exception):
     """Raised by :func:`record` with ``stop=True`` once the last recorded block has run."""
 
 
+def _output_hook(out: dict[int, Any], i: int, keep: Callable[[torch.Tensor], Any]):
+    """A forward hook that stores its module's output, through ``keep``, as ``out[i]`` (block ``i``'s output)."""
+
+    def hook(_module, _args, output):
+        out[i] = keep(untuple(output))
+
+    return hook
+
+
+def _input_hook(out: dict[int, Any], i: int, keep: Callable[[torch.Tensor], Any]):
+    """A forward pre-hook that stores its module's input, through ``keep``, as ``out[i]`` (block ``i``'s heads)."""
+
+    def hook(_module, args):
+        out[i] = keep(args[0])
+
+    return hook
+
+
+def _stop_hook(_module, _args, _output):
+    """A forward hook that ends the forward (:class:`StopForward`): the blocks above it never run."""
+    raise StopForward
+
+
 @contextlib.contextmanager
 def record(
     model: nn.Module,
@@ -109,31 +132,15 @@ def record(
     keep = transform or (lambda t: t)
     out: dict[int, Any] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def output_hook(i: int):
-        def hook(_module, _args, output):
-            out[i] = keep(untuple(output))
-
-        return hook
-
-    def input_hook(i: int):
-        def hook(_module, args):
-            out[i] = keep(args[0])
-
-        return hook
-
-    def stop_hook(_module, _args, _output):
-        raise StopForward
-
     try:
         for i in chosen:
             if site == "residual":
-                handles.append(blocks[i].register_forward_hook(output_hook(i), prepend=prepend))
+                handles.append(blocks[i].register_forward_hook(_output_hook(out, i, keep), prepend=prepend))
             else:
                 proj = attention_output(blocks[i])
-                handles.append(proj.register_forward_pre_hook(input_hook(i), prepend=prepend))
+                handles.append(proj.register_forward_pre_hook(_input_hook(out, i, keep), prepend=prepend))
         if stop and chosen:
-            handles.append(blocks[max(chosen)].register_forward_hook(stop_hook))
+            handles.append(blocks[max(chosen)].register_forward_hook(_stop_hook))
         yield out
     finally:
         for h in handles:

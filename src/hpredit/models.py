@@ -30,8 +30,8 @@ from .architecture import (
     text_config,
     weight_signature,
 )
-from .artifacts import current_umask
 from .errors import HpreditError, first_line
+from .files import current_umask
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -555,17 +555,8 @@ def load_model(
         kwargs.pop("offload_folder", None)
     config = check_model_source(name_or_path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
     check_device_map_modules(device_map, config)
-    offload: str | None = None
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-        if isinstance(device_map, dict) and "disk" in device_map.values() and "offload_folder" not in kwargs:
-            offload = kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
-    source: str | Path
-    if name_or_path is None:
-        source, name = embedded_default_path(), DEFAULT_MODEL
-    else:
-        name = str(name_or_path)
-        source = Path(name).expanduser() if _looks_local(name) else name
+    offload = _pass_device_map(device_map, kwargs)
+    source, name = _model_source(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or "auto", **kwargs)
@@ -577,6 +568,35 @@ def load_model(
         if offload is not None:
             shutil.rmtree(offload, ignore_errors=True)
         raise
+    _make_ready(model, tok, name, target, offload)
+    return model, tok
+
+
+def _pass_device_map(device_map: str | dict | None, kwargs: dict[str, Any]) -> str | None:
+    """Put ``device_map`` into ``kwargs``, plus a temporary offload folder for "disk" entries: that folder, or None."""
+    offload: str | None = None
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if isinstance(device_map, dict) and "disk" in device_map.values() and "offload_folder" not in kwargs:
+            offload = kwargs["offload_folder"] = tempfile.mkdtemp(prefix="hpredit-offload-")
+    return offload
+
+
+def _model_source(name_or_path: str | os.PathLike | None) -> tuple[str | Path, str]:
+    """What ``from_pretrained`` reads (a hub id, a local directory, the embedded default) and the model's name."""
+    source: str | Path
+    if name_or_path is None:
+        source, name = embedded_default_path(), DEFAULT_MODEL
+    else:
+        name = str(name_or_path)
+        source = Path(name).expanduser() if _looks_local(name) else name
+    return source, name
+
+
+def _make_ready(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, name: str, target: torch.device | None, offload: str | None
+) -> None:
+    """Ready a loaded model for use: offload folder tied to its life, pad token, name, eval mode, device."""
     if offload is not None:  # our temporary offload folder lives as long as the model (or the process)
         weakref.finalize(model, shutil.rmtree, offload, True)
     if tok.pad_token is None:
@@ -585,7 +605,6 @@ def load_model(
     model.eval()
     if target is not None:
         model.to(target)  # type: ignore[arg-type]
-    return model, tok
 
 
 def fingerprint_from_config(config: PretrainedConfig, name: str | os.PathLike | None = None) -> ModelFingerprint:

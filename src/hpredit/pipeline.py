@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .activations import ActivationStore, collect_activations
-from .artifacts import atomic_directory
 from .checks import (
     DEFAULT_STRENGTH,
     check_count,
@@ -44,7 +43,21 @@ from .checks import (
     check_strengths,
     named,
 )
-from .compare.protocols import DEFAULT_PROTOCOL, SearchContext, run_rule
+from .compare.protocols import DEFAULT_PROTOCOL, KL_TOL_HELP, PROTOCOL_HELP, SearchContext, run_rule
+from .compare.strength import KL_CAP
+from .config import (
+    EDITOR_HELP,
+    FORCE_HELP,
+    KL_HELP,
+    LIMIT_HELP,
+    STORE_DTYPE_HELP,
+    STRENGTH_HELP,
+    STRICT_HELP,
+    LoadOptions,
+    comma_list,
+    editor_dir,
+    option,
+)
 from .data import (
     ContrastivePairs,
     Question,
@@ -60,12 +73,15 @@ from .errors import HpreditError
 from .evaluation import evaluate as evaluate_task
 from .evaluation.side_effects import neutral_text
 from .evaluation.tasks import get_task
+from .files import atomic_directory
 from .models import check_generation_length, load_model, pad_token_id
 from .preflight import check_editor_for, check_model, check_out, check_top_k_and_layers
 from .results import Provenance, RunEvaluation, RunResult, StrengthChoice
 
 __all__ = [
+    "FitConfig",
     "FitResult",
+    "GenerateConfig",
     "RunConfig",
     "Fitted",
     "SideBySide",
@@ -193,7 +209,6 @@ def _evaluate_run(
     tok: Any,
     editor: Editor,
     pairs: ContrastivePairs,
-    data: str | os.PathLike | None,
     cfg: RunConfig,
     out: Path,
     progress: bool,
@@ -203,7 +218,7 @@ def _evaluate_run(
     """Choose the strength on val, then evaluate unedited vs edited on test (written to ``out``);
     the evaluation and its seconds."""
     t0 = time.perf_counter()
-    questions = load_truthfulqa(data)
+    questions = load_truthfulqa(cfg.data)
     val = [questions[i] for i in cast(QuestionSplit, pairs.split).val[: cfg.limit or None]]
     choice = choose_strength_on_val(
         model, tok, editor, val, cfg.strengths, cfg.kl_cap, cfg.max_halvings, progress, cfg.protocol, cfg.kl_tol
@@ -220,7 +235,7 @@ def _evaluate_run(
         limit=cfg.limit,
         strength=choice.strength,
         scope="all",
-        data=data,
+        data=cfg.data,
         out=out,
         show=False,  # its "results written to" would name the temporary directory; run names its --out
         progress=progress,
@@ -234,103 +249,102 @@ def _evaluate_run(
 # --------------------------------------------------------------------------- the jobs
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """The main job's settings (:func:`run`'s defaults), checked on construction (:mod:`hpredit.checks`)."""
+@dataclass(frozen=True, kw_only=True)
+class _FitOptions(LoadOptions):
+    """What fitting HPR on TruthfulQA takes, in :func:`fit` and :func:`run` alike."""
 
-    seed: int = 0
-    limit: int | None = None
-    top_k: int = 5
-    epochs: int = 5
-    batch_size: int = 16
-    save_activations: bool = True
-    evaluate: bool = True
-    strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
-    kl_cap: float = 0.5
-    #: grid only (None: the default, 3; given under ``matched`` it is refused)
-    max_halvings: int | None = None
-    store_dtype: str = "auto"
-    #: how the strength is chosen: ``matched`` (KL = the cap) or ``grid`` (best val MC2 under it)
-    protocol: str = DEFAULT_PROTOCOL
-    #: matched only: the relative tolerance on the cap (None: the default, 0.05; given under ``grid`` it is refused)
-    kl_tol: float | None = None
+    data: str | Path | None = option(
+        None, "TruthfulQA CSV (default: $HPREDIT_TRUTHFULQA, else the Hugging Face hub).", flags=("--data",)
+    )
+    seed: int = option(0, "Seed of the 40/10/50 question split.")
+    limit: int | None = option(None, LIMIT_HELP)
+    top_k: int = option(5, "Edit the k layers with the best validation probe accuracy.")
+    epochs: int = option(5, "Training epochs.")
+    batch_size: int = option(16, "Texts per forward pass when collecting.")
+    store_dtype: str = option(
+        "auto",
+        STORE_DTYPE_HELP,
+    )
+    force: bool = option(False, FORCE_HELP)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        check_seed(self.seed)
+        check_count(self.epochs, "epochs")
+        check_count(self.batch_size, "batch_size")
+        check_limit(self.limit)
+        check_store_dtype(self.store_dtype)
+        check_count(self.top_k, "top_k")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(_FitOptions):
+    """The main job's settings (``hpredit run``'s options), checked when made (:mod:`hpredit.checks`)."""
+
+    out: Path = option(Path("out/run"), "Output directory.", flags=("--out", "-o"))
+    save_activations: bool = option(True, "Also save the activation store.")
+    evaluate: bool = option(True, "Choose the strength on val and report MC1/2/3 on test.")
+    strengths: tuple[float, ...] = option(
+        (0.25, 0.5, 1.0), "Strengths tried on the validation questions.", parse=comma_list(float, "numbers")
+    )
+    kl_cap: float = option(
+        KL_CAP,
+        "The fluency cost (KL nats/token on neutral text): --protocol matched, the cost aimed at; "
+        "grid, the largest a chosen strength may have.",
+    )
+    #: grid only (None: the protocol's default, filled in when made; given under ``matched`` it is refused)
+    max_halvings: int | None = option(
+        None,
+        "Grid only: while every strength is over the KL cap, halve the smallest, at most this often "
+        "(default 3); refused with --protocol matched.",
+    )
+    protocol: str = option(DEFAULT_PROTOCOL, PROTOCOL_HELP)
+    #: matched only: the relative tolerance on the cap (None: the default, filled in; refused under ``grid``)
+    kl_tol: float | None = option(None, KL_TOL_HELP)
+
+    def check(self) -> None:
         run_rule(self.protocol, {})  # a known protocol
         if self.kl_tol is not None:
             check_kl_tol(self.kl_tol)
         if self.max_halvings is not None:
             check_count(self.max_halvings, "max_halvings", 0)
         _, options = run_rule(self.protocol, {"kl_tol": self.kl_tol, "max_halvings": self.max_halvings})
-        for option, value in options.items():  # the protocol's defaults filled in
-            object.__setattr__(self, option, value)
-        check_seed(self.seed)
-        check_count(self.epochs, "epochs")
-        check_count(self.batch_size, "batch_size")
-        check_limit(self.limit)
-        object.__setattr__(self, "strengths", tuple(check_strengths(self.strengths)))
+        for name, value in options.items():  # the protocol's defaults filled in
+            self._set(name, value)
+        super().check()
+        self._set("out", Path(self.out))
+        self._set("strengths", tuple(check_strengths(self.strengths)))
         check_kl_cap(self.kl_cap)
-        check_store_dtype(self.store_dtype)
-        check_count(self.top_k, "top_k")
 
 
-def check_run_args(
-    out: Path, model: Any, data: Any, cfg: RunConfig, device: str | None, device_map: Any, force: bool
-) -> None:
+def check_run_args(cfg: RunConfig) -> None:
     """What :func:`run` checks besides its settings before anything loads: the output directory, the
     model's config (no weights) and top-k against its layers, the TruthfulQA source."""
-    check_out(out, force, (data, model))
-    config = check_model(model, device, device_map)
+    check_out(cfg.out, cfg.force, (cfg.data, cfg.model))
+    config = check_model(cfg.model, cfg.device, cfg.device_map)
     check_top_k_and_layers(config, cfg.top_k)
-    check_truthfulqa_source(data)
+    check_truthfulqa_source(cfg.data)
 
 
 def run(
-    out: str | os.PathLike = "out/run",
-    model: str | os.PathLike | None = None,
-    data: str | os.PathLike | None = None,
+    config: RunConfig | None = None,
+    /,
     *,
-    seed: int = 0,
-    limit: int | None = None,
-    top_k: int = 5,
-    epochs: int = 5,
-    batch_size: int = 16,
-    save_activations: bool = True,
-    evaluate: bool = True,
-    strengths: Sequence[float] = (0.25, 0.5, 1.0),
-    kl_cap: float = 0.5,
-    max_halvings: int | None = None,
-    dtype: str = "float32",
-    store_dtype: str = "auto",
-    device: str | None = None,
-    device_map: str | dict | None = None,
-    force: bool = False,
     progress: bool = True,
     show: bool = True,
     command: str | None = None,
-    protocol: str = DEFAULT_PROTOCOL,
-    kl_tol: float | None = None,
+    **fields: Any,
 ) -> RunResult:
     """The main job: fit HPR on TruthfulQA, choose the strength on val, report unedited vs edited on test.
 
-    Fits HPR on the train split (``seed``-ed 40/10/50 split of the questions; the ``top_k``
-    layers by validation probe accuracy), saves the editor, the activation store (with
-    ``save_activations``) and the split to ``out``; then (with ``evaluate``) picks the strength
-    whose KL on neutral text is ``kl_cap`` (within ``kl_tol``, relative, default 0.05; searched from
-    ``strengths``), or with ``protocol="grid"`` the best validation MC2 among ``strengths`` whose KL
-    is ≤ ``kl_cap`` (halving the smallest at most ``max_halvings`` times while all are over, default
-    3), and
-    evaluates MC1/MC2/MC3 unedited vs edited on the test split (``out/eval``). The strengths
-    measured are saved with the editor as its strength → KL curve (``attach(model, kl=...)``).
-    ``limit`` keeps the first N questions of each split (quick runs). The defaults are ``hpredit run``'s.
-    ``kl_tol`` (matched only) and ``max_halvings`` (grid only) are refused under the other protocol.
+    Fits HPR on the train split (``seed``-ed 40/10/50 split; the ``top_k`` layers by validation
+    probe accuracy) and saves it with the split (and activations) to ``out``; then (``evaluate``)
+    picks the strength whose KL on neutral text is ``kl_cap`` (``protocol="grid"``: the best
+    validation MC2 under it, :func:`choose_strength_on_val`) and evaluates MC1/2/3 unedited vs
+    edited on test (``out/eval``). The strengths measured become the editor's strength → KL curve.
 
     Args:
-        out: the output directory, written whole at the end (``force`` replaces a non-empty one).
-        model: a hub id, a local directory or None (the embedded SmolLM2-135M-Instruct).
-        data: the TruthfulQA CSV (default ``$HPREDIT_TRUTHFULQA``, else the hub).
-        dtype, device, device_map: how the model loads (:func:`hpredit.load_model`).
-        store_dtype: the activation store's type (``auto``: float16 unless it would overflow).
+        config: the settings (:class:`RunConfig`: ``hpredit run``'s defaults), or its fields as
+            keywords (``run(out="out/run", data="TruthfulQA.csv")``; they also replace a ``config``'s).
         progress, show: progress bars on stderr; print the test table.
         command: the command line to record (default: this process's).
 
@@ -338,46 +352,31 @@ def run(
         A :class:`~hpredit.results.RunResult` (also ``out/summary.json``); ``result.editor`` is the
         fitted editor.
     """
-    out = Path(out)
-    cfg = RunConfig(
-        seed,
-        limit,
-        top_k,
-        epochs,
-        batch_size,
-        save_activations,
-        evaluate,
-        tuple(strengths),
-        kl_cap,
-        max_halvings,
-        store_dtype,
-        protocol,
-        kl_tol,
-    )
-    check_run_args(out, model, data, cfg, device, device_map, force)
+    cfg = RunConfig.of(config, fields)
+    check_run_args(cfg)
     provenance = Provenance.now(command)
     start = time.perf_counter()
-    pairs = truthfulqa_pairs(split="train+val", seed=seed, path=data, limit=limit)
-    lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    pairs = truthfulqa_pairs(split="train+val", seed=cfg.seed, path=cfg.data, limit=cfg.limit)
+    lm, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     t_load = time.perf_counter() - start
-    with _whole_output(out) as tmp:
+    with _whole_output(cfg.out) as tmp:
         fitted = fit_editor(
             lm,
             tok,
             pairs,
             tmp,
-            top_k=top_k,
-            epochs=epochs,
-            batch_size=batch_size,
-            store_dtype=store_dtype,
-            save_activations=save_activations,
-            device=device,
+            top_k=cfg.top_k,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            store_dtype=cfg.store_dtype,
+            save_activations=cfg.save_activations,
+            device=cfg.device,
         )
         cast(QuestionSplit, pairs.split).save(tmp / "split.json")  # TruthfulQA pairs always carry their split
         evaluation, timing = None, dict(fitted.timing)
-        if evaluate:
+        if cfg.evaluate:
             evaluation, timing["eval_s"] = _evaluate_run(
-                lm, tok, fitted.editor, pairs, data, cfg, tmp / "eval", progress, show, provenance.command
+                lm, tok, fitted.editor, pairs, cfg, tmp / "eval", progress, show, provenance.command
             )
             if distributed.is_main():  # again, now with the strength → KL curve the search measured
                 fitted.editor.save_pretrained(tmp / "editor")
@@ -420,67 +419,70 @@ class FitResult:
     timing: dict[str, float]
 
 
-def fit(
-    out: str | os.PathLike,
-    pairs: str | os.PathLike | ContrastivePairs | None = None,
-    model: str | os.PathLike | None = None,
-    data: str | os.PathLike | None = None,
-    *,
-    split: str = "train+val",
-    seed: int = 0,
-    limit: int | None = None,
-    layers: list[int] | None = None,
-    top_k: int = 5,
-    epochs: int = 5,
-    train_seed: int = 42,
-    batch_size: int = 16,
-    save_activations: bool = False,
-    dtype: str = "float32",
-    store_dtype: str = "auto",
-    device: str | None = None,
-    device_map: str | dict | None = None,
-    force: bool = False,
-) -> FitResult:
+@dataclass(frozen=True, kw_only=True)
+class FitConfig(_FitOptions):
+    """``hpredit fit``'s settings: HPR on contrastive pairs (JSONL or :class:`ContrastivePairs`) or TruthfulQA."""
+
+    out: Path = option(help="Output directory (editor/ inside).", flags=("--out", "-o"))
+    pairs: str | Path | ContrastivePairs | None = option(
+        None,
+        "JSONL of {prompt, positive, negative}; default TruthfulQA.",
+        flags=("--pairs",),
+        parse=lambda t, f: Path(t),
+    )
+    split: str = option("train+val", "TruthfulQA split(s) to fit on, e.g. train+val.")
+    layers: tuple[int, ...] | None = option(
+        None, "Edit these layers (e.g. 10,12,14) instead of top-k.", parse=comma_list(int, "integers", empty=None)
+    )
+    train_seed: int = option(42, "Seed of training.")
+    save_activations: bool = option(False, "Also save the activation store.")
+
+    def check(self) -> None:
+        super().check()
+        self._set("out", Path(self.out))
+        check_seed(self.train_seed, "train_seed")
+
+
+def fit(config: FitConfig | None = None, /, **fields: Any) -> FitResult:
     """Fit an HPR editor on contrastive pairs (a JSONL file or :class:`ContrastivePairs`) or on
     TruthfulQA's ``split`` (``seed``-ed, the first ``limit`` questions) and save it to ``out/editor``
-    (with ``split.json`` for TruthfulQA, ``activations/`` with ``save_activations``). The defaults
-    are ``hpredit fit``'s."""
-    out = Path(out)
-    check_out(out, force, (pairs, data, model))
-    check_seed(seed)
-    check_seed(train_seed, "train_seed")
-    check_count(epochs, "epochs")
-    check_count(batch_size, "batch_size")
-    check_limit(limit)
-    check_store_dtype(store_dtype)
-    config = check_model(model, device, device_map)
-    check_top_k_and_layers(config, top_k, layers)
-    if isinstance(pairs, ContrastivePairs):
-        contrastive = pairs
-    elif pairs is not None:
-        contrastive = ContrastivePairs.from_jsonl(pairs)
-    else:
-        check_truthfulqa_source(data)
-        contrastive = truthfulqa_pairs(split=split, seed=seed, path=data, limit=limit)
-    lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
-    with _whole_output(out) as tmp:
+    (with ``split.json`` for TruthfulQA, ``activations/`` with ``save_activations``). ``config``: a
+    :class:`FitConfig` (its defaults are ``hpredit fit``'s), or its fields as keywords."""
+    cfg = FitConfig.of(config, fields)
+    check_out(cfg.out, cfg.force, (cfg.pairs, cfg.data, cfg.model))
+    model_config = check_model(cfg.model, cfg.device, cfg.device_map)
+    layers = None if cfg.layers is None else list(cfg.layers)
+    check_top_k_and_layers(model_config, cfg.top_k, layers)
+    contrastive = _fit_pairs(cfg)
+    lm, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+    with _whole_output(cfg.out) as tmp:
         fitted = fit_editor(
             lm,
             tok,
             contrastive,
             tmp,
             layers=layers,
-            top_k=top_k,
-            epochs=epochs,
-            train_seed=train_seed,
-            batch_size=batch_size,
-            store_dtype=store_dtype,
-            save_activations=save_activations,
-            device=device,
+            top_k=cfg.top_k,
+            epochs=cfg.epochs,
+            train_seed=cfg.train_seed,
+            batch_size=cfg.batch_size,
+            store_dtype=cfg.store_dtype,
+            save_activations=cfg.save_activations,
+            device=cfg.device,
         )
         if contrastive.split is not None:
             contrastive.split.save(tmp / "split.json")
-    return FitResult(fitted.editor, out, fitted.timing)
+    return FitResult(fitted.editor, cfg.out, fitted.timing)
+
+
+def _fit_pairs(cfg: FitConfig) -> ContrastivePairs:
+    """The pairs to fit on: as given, read from a JSONL file, or TruthfulQA's split (its source checked)."""
+    if isinstance(cfg.pairs, ContrastivePairs):
+        return cfg.pairs
+    if cfg.pairs is not None:
+        return ContrastivePairs.from_jsonl(cfg.pairs)
+    check_truthfulqa_source(cfg.data)
+    return truthfulqa_pairs(split=cfg.split, seed=cfg.seed, path=cfg.data, limit=cfg.limit)
 
 
 @dataclass
@@ -496,50 +498,65 @@ class SideBySide:
     note: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(LoadOptions):
+    """``hpredit generate``'s settings: prompts continued greedily without and with an editor."""
+
+    prompts: tuple[str, ...] = option(help="One or more prompts.", argument=True)
+    editor: str | Path | Editor = option(help=EDITOR_HELP, flags=("--editor", "-e"), parse=editor_dir, metavar="<path>")
+    strength: float = option(DEFAULT_STRENGTH, STRENGTH_HELP, cli_default=None)  # None: not given (see --kl)
+    kl: float | None = option(None, KL_HELP, flags=("--kl",))
+    scope: str = option("last-prompt-and-generated", "all, last-prompt-and-generated or generated.")
+    max_new_tokens: int = option(40, "Tokens to generate.")
+    qa: bool = option(False, "Wrap each prompt in the TruthfulQA QA format (primer, Q:, A:).")
+    strict: bool = option(True, STRICT_HELP)
+
+    def check(self) -> None:
+        self._set("prompts", tuple(self.prompts))
+        empty = [i + 1 for i, p in enumerate(self.prompts) if not p.strip()]
+        if empty:
+            raise HpreditError(f"prompt {empty[0]} is empty: give some text to continue")
+        check_count(self.max_new_tokens, "max_new_tokens")
+        check_strength(self.strength)
+        check_scope(self.scope)
+
+
 def generate(
-    prompts: Sequence[str],
-    editor: str | os.PathLike | Editor,
+    prompts: Sequence[str] | None = None,
+    editor: str | os.PathLike | Editor | None = None,
     model: str | os.PathLike | None = None,
     *,
-    strength: float = DEFAULT_STRENGTH,
-    kl: float | None = None,
-    scope: str = "last-prompt-and-generated",
-    max_new_tokens: int = 40,
-    qa: bool = False,
-    strict: bool = True,
-    dtype: str = "float32",
-    device: str | None = None,
-    device_map: str | dict | None = None,
+    config: GenerateConfig | None = None,
+    **fields: Any,
 ) -> SideBySide:
     """Greedy continuations of ``prompts`` without and with ``editor`` (``qa``: each prompt wrapped
     in the TruthfulQA QA format and cut at the first blank line), at ``strength`` (default 1) or at
     the strength whose fluency cost is ``kl`` by the editor's measured curve (measured with scope
-    ``all``: with another ``scope`` the result's ``note`` says so; ``kl`` is recorded in the result)."""
-    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
-    if empty:
-        raise HpreditError(f"prompt {empty[0]} is empty: give some text to continue")
-    check_count(max_new_tokens, "max_new_tokens")
-    check_strength(strength)
-    check_scope(scope)
-    config = check_model(model, device, device_map)
-    check_generation_length(max_new_tokens, config, named("max_new_tokens"))
-    ed = check_editor_for(editor, config, model, strict)
-    strength = ed.resolve_strength(strength, kl)
-    note = None if kl is None else scope_note(kl, strength, scope)
-    lm, tok = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    ``all``: with another ``scope`` the result's ``note`` says so; ``kl`` is recorded in the result).
+    ``config``: a :class:`GenerateConfig` (its defaults are ``hpredit generate``'s), or its fields as
+    keywords (``generate(["Hi"], "out/editor", strength=0.5)``)."""
+    given = {"prompts": prompts, "editor": editor, "model": model}
+    cfg = GenerateConfig.of(config, {**{k: v for k, v in given.items() if v is not None}, **fields})
+    model_config = check_model(cfg.model, cfg.device, cfg.device_map)
+    check_generation_length(cfg.max_new_tokens, model_config, named("max_new_tokens"))
+    ed = check_editor_for(cfg.editor, model_config, cfg.model, cfg.strict)
+    strength = ed.resolve_strength(cfg.strength, cfg.kl)
+    note = None if cfg.kl is None else scope_note(cfg.kl, strength, cfg.scope)
+    lm, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     tok.padding_side = "left"
-    enc = tok([qa_prompt(p) if qa else p for p in prompts], return_tensors="pt", padding=True).to(lm.device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
-    if qa:  # a QA answer ends at the first blank line, before the next "Q:"
+    prompts = [qa_prompt(p) if cfg.qa else p for p in cfg.prompts]
+    enc = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
+    kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
+    if cfg.qa:  # a QA answer ends at the first blank line, before the next "Q:"
         kwargs.update(stop_strings=["\n\n"], tokenizer=tok)
     generate_ = cast(Any, lm).generate
     plain = generate_(**enc, **kwargs)
-    with ed.attach(lm, strength=strength, scope=scope, strict=strict):
+    with ed.attach(lm, strength=strength, scope=cfg.scope, strict=cfg.strict):
         edited = generate_(**enc, **kwargs)
     n = enc["input_ids"].shape[1]
 
     def text(ids: Any) -> str:
         return str(tok.decode(ids[n:], skip_special_tokens=True)).strip()
 
-    rows = [(p, text(a), text(b)) for p, a, b in zip(prompts, plain, edited)]
-    return SideBySide(ed, strength, scope, rows, kl, note)
+    rows = [(p, text(a), text(b)) for p, a, b in zip(cfg.prompts, plain, edited)]
+    return SideBySide(ed, strength, cfg.scope, rows, cfg.kl, note)

@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from .artifacts import check_output_dir, remove_stale_temporaries
 from .checks import check_editor_matches, check_layers, check_top_k
 from .editors import Editor, load_editor
 from .errors import HpreditError
+from .files import check_output_dir, remove_stale_temporaries
 from .models import check_model_and_placement, fingerprint_from_config, num_layers
 
 __all__ = ["check_editor_for", "check_model", "check_out", "check_top_k_and_layers", "loaded_model_given"]
@@ -55,6 +55,14 @@ def loaded_model_given(model: Any, tokenizer: Any) -> bool:
     if tokenizer is None:
         raise HpreditError("pass the tokenizer together with a loaded model")
     return True
+
+
+def model_and_fields(model: Any, tokenizer: Any, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A job's ``model`` argument: a loaded model is returned as is (its tokenizer required); a name, a
+    path or None goes to the config's fields as ``model`` (the model returned is then None)."""
+    if loaded_model_given(model, tokenizer):
+        return model, fields
+    return None, fields if model is None else {**fields, "model": model}
 
 
 def check_out(out: str | os.PathLike, force: bool, inputs: Iterable[Any] = ()) -> Path:

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from .artifacts import atomic_directory, read_json, write_text_atomic
 from .checks import is_int
 from .errors import HpreditError
+from .files import atomic_directory, read_json, write_text_atomic
 from .provenance import command_line
 from .provenance import machine as machine_record
 from .provenance import versions as library_versions

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from ..checks import DEFAULT_STRENGTH, check_strength
+from ..config import MODEL_HELP
 from ..errors import HpreditError
 from ..preflight import check_editor_for, check_model
 from ..serving import parse_editors
 from ..serving import serve as run_server
-from . import options as o
 from .app import app
 
 
@@ -73,7 +73,7 @@ def serve(
             "repeat for several editors (the first is the default).",
         ),
     ],
-    model: o.Model = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     strength: Annotated[
         float | None, typer.Option("--strength", help="Default strength (1 unless --kl); a request may set its own.")
     ] = None,

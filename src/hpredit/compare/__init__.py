@@ -7,23 +7,24 @@ typed strategy choosing strengths and reporting them; markdown table, figure, re
 summaries, tables and figures).
 """
 
-from .harness import check_compare_args, compare, merge
+from .harness import CompareConfig, compare, merge
 from .methods import METHODS, Method, SeedFits
 from .protocols import PROTOCOLS, Choice, Protocol, figure, markdown_table, resolve_search, write_results
 from .report import summarise_matched
-from .strength import KL_TOL, TARGETS, TargetHit, choose_strength, match_cost, match_targets
+from .strength import KL_CAP, KL_TOL, TARGETS, TargetHit, choose_strength, match_cost, match_targets
 
 __all__ = [
+    "KL_CAP",
     "KL_TOL",
     "METHODS",
     "PROTOCOLS",
     "TARGETS",
     "Choice",
+    "CompareConfig",
     "Protocol",
     "TargetHit",
     "Method",
     "SeedFits",
-    "check_compare_args",
     "choose_strength",
     "compare",
     "figure",

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -32,60 +31,121 @@ from ..checks import (
     check_unique,
     named,
 )
+from ..config import FORCE_HELP, LIMIT_HELP, STORE_DTYPE_HELP, TASK_DATA_HELP, LoadOptions, comma_list, option
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
 from ..evaluation.side_effects import EditProfile, neutral_text, norm_drift
-from ..evaluation.tasks import Task, get_task
+from ..evaluation.tasks import Task, get_task, task_help
 from ..models import fingerprint, load_model
-from ..preflight import check_model, check_out, loaded_model_given
+from ..preflight import check_model, check_out, model_and_fields
 from ..results import CompareResult, CompareRow, Provenance
 from .methods import METHODS, SeedFits
-from .protocols import DEFAULT_PROTOCOL, Choice, Protocol, SearchContext, protocol_of, resolve_search, write_results
+from .protocols import (
+    DEFAULT_PROTOCOL,
+    KL_TOL_HELP,
+    PROTOCOL_HELP,
+    Choice,
+    Protocol,
+    SearchContext,
+    protocol_of,
+    resolve_search,
+    write_results,
+)
 from .strength import fluency_with
 
-__all__ = ["check_compare_args", "compare", "merge"]
+__all__ = ["CompareConfig", "compare", "merge"]
 
 
-def check_compare_args(
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    kl_cap: float | None = None,
-    limit: int | None = None,
-    refine: int | None = None,
-    task: str = "truthfulqa-mc",
-    protocol: str = DEFAULT_PROTOCOL,
-    targets: Sequence[float] | None = None,
-    kl_tol: float | None = None,
-    steps: int | None = None,
-    max_doublings: int | None = None,
-) -> Task:
-    """Refuse unknown methods, tasks or protocols, no seeds, a non-positive cap or limit, a negative
-    refine, bad KL targets or tolerance, and a search option of the other protocol
-    (:func:`~hpredit.compare.protocols.resolve_search`); the task."""
-    _search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
-    the_task = get_task(task)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise HpreditError(f"unknown method(s) {unknown or list(methods)}: choose from {', '.join(METHODS)}")
-    check_limit(limit)
-    if not seeds:
-        raise HpreditError(f"give at least one split seed ({named('seeds')})")
-    check_unique(methods, named("methods"))
-    check_unique([check_seed(seed, f"each of {named('seeds')}") for seed in seeds], named("seeds"))
-    return the_task
+def _methods_help() -> str:
+    return f"Comma-separated, of: {', '.join(METHODS)} (docs/methods.md)."
 
 
-def _search(protocol: str, kl_cap, max_doublings, refine, targets, kl_tol, steps) -> Protocol:
-    return resolve_search(
-        protocol,
-        kl_cap=kl_cap,
-        max_doublings=max_doublings,
-        refine=refine,
-        targets=targets,
-        kl_tol=kl_tol,
-        steps=steps,
+def _methods(text: str, flag: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(LoadOptions):
+    """``compare``'s settings (``hpredit compare``'s options), checked when made. The search options of
+    one protocol are refused under the other (None: not given, the protocol's default)."""
+
+    methods: tuple[str, ...] = option(("none", "hpr", "caa", "caa-norm", "iti"), _methods_help, parse=_methods)
+    task: str = option("truthfulqa-mc", task_help, flags=("--task",))
+    seeds: tuple[int, ...] = option(
+        (0, 1, 2), "Comma-separated split seeds; mean ± std over them.", parse=comma_list(int, "integers")
     )
+    protocol: str = option(DEFAULT_PROTOCOL, PROTOCOL_HELP)
+    targets: tuple[float, ...] | None = option(
+        None,
+        "Matched cost only: comma-separated target KLs (nats/token on neutral text; default 0.1,0.25,0.5); "
+        "refused with --protocol grid.",
+        parse=comma_list(float, "numbers"),
+    )
+    kl_tol: float | None = option(None, KL_TOL_HELP)
+    steps: int | None = option(
+        None,
+        "Matched cost only: KL measurements per target at most, after the grid (default 4); "
+        "refused with --protocol grid.",
+    )
+    kl_cap: float | None = option(
+        None,
+        "Grid only: the largest fluency cost (KL nats/token on neutral text) a chosen strength may have "
+        "(default 0.5). Refused with --protocol matched, which reaches given costs: give them as --targets.",
+        flags=("--kl-cap",),
+    )
+    limit: int | None = option(None, LIMIT_HELP)
+    refine: int | None = option(
+        None,
+        "Grid only: bisection steps between the strongest strength under the KL cap and the weakest over "
+        "it (default 0); refused with --protocol matched.",
+    )
+    #: grid: how often a grid may double past its top (or halve below its bottom) while entirely under (over) the cap
+    max_doublings: int | None = option(None, cli=False)
+    #: per-method strength grids: (grid) tried as given, no doubling or refining; (matched) the search's warm start
+    strengths: Mapping[str, Sequence[float]] | None = option(None, cli=False)
+    data: str | Path | None = option(None, TASK_DATA_HELP, flags=("--data",))
+    out: str | Path | None = option(
+        None,
+        "Writes results.json, table.md and a figure (task metric against KL) here.",
+        flags=("--out", "-o"),
+        cli_default=Path("out/compare"),
+    )
+    store_dtype: str = option(
+        "auto",
+        STORE_DTYPE_HELP,
+    )
+    force: bool = option(False, FORCE_HELP)
+
+    def check(self) -> None:
+        """Refuse unknown methods, tasks or protocols, no seeds, a non-positive cap or limit, a negative
+        refine, bad KL targets or tolerance, and a search option of the other protocol
+        (:func:`~hpredit.compare.protocols.resolve_search`)."""
+        self._set("methods", tuple(self.methods))
+        self._set("seeds", tuple(self.seeds))
+        self.search()
+        get_task(self.task)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise HpreditError(f"unknown method(s) {unknown or list(self.methods)}: choose from {', '.join(METHODS)}")
+        check_limit(self.limit)
+        if not self.seeds:
+            raise HpreditError(f"give at least one split seed ({named('seeds')})")
+        check_unique(self.methods, named("methods"))
+        check_unique([check_seed(seed, f"each of {named('seeds')}") for seed in self.seeds], named("seeds"))
+        check_store_dtype(self.store_dtype)
+
+    def search(self) -> Protocol:
+        """The protocol with its search options."""
+        return resolve_search(
+            self.protocol,
+            kl_cap=self.kl_cap,
+            max_doublings=self.max_doublings,
+            refine=self.refine,
+            targets=self.targets,
+            kl_tol=self.kl_tol,
+            steps=self.steps,
+        )
 
 
 @dataclass
@@ -261,78 +321,35 @@ def _measure(run: _Run, items: list, editor: Editor | None, strength: float) -> 
 
 
 def compare(
-    model: nn.Module | str | Path | None,
+    model: nn.Module | str | Path | None = None,
     tok: PreTrainedTokenizerBase | None = None,
-    methods: Sequence[str] = ("none", "hpr", "caa", "caa-norm", "iti"),
-    seeds: Sequence[int] = (0, 1, 2),
-    task: str = "truthfulqa-mc",
-    data: str | Path | None = None,
-    kl_cap: float | None = None,
-    limit: int | None = None,
-    strengths: dict[str, Sequence[float]] | None = None,
-    max_doublings: int | None = None,
-    refine: int | None = None,
-    out: str | Path | None = None,
+    config: CompareConfig | None = None,
+    *,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-    store_dtype: str | torch.dtype | None = None,
-    *,
-    dtype: str = "float32",
-    device: str | None = None,
-    device_map: str | dict | None = None,
-    force: bool = False,
     command: str | None = None,
-    protocol: str = DEFAULT_PROTOCOL,
-    targets: Sequence[float] | None = None,
-    kl_tol: float | None = None,
-    steps: int | None = None,
+    **fields: Any,
 ) -> CompareResult:
     """Fit every method on the same train split, choose its strength, report it on test.
 
-    For each split seed the task's groups are split 40/10/50; activations are collected once
-    (residual stream, and attention heads for ITI); each method is fitted on the train+val pairs.
-    With ``protocol="matched"`` (the default) each method is measured at each of the ``targets``
-    fluency costs: the strength whose KL on neutral text is within ``kl_tol`` (relative) of the
-    target is found by a bracketing search (:func:`~hpredit.compare.match_cost`, at most ``steps``
-    measurements per target after the method's grid), then measured on test; a target a method
-    cannot reach is reported with the largest cost it reached. With ``protocol="grid"`` (the
-    published numbers) its strength is chosen on val by the task's primary metric under the
-    fluency-cost cap (:func:`~hpredit.compare.choose_strength`). Either way, on test: task metrics,
-    KL and perplexity on neutral text, norm drift.
+    Per split seed (40/10/50 of the task's groups) activations are collected once and every method
+    is fitted on the train+val pairs; its strength is chosen by the protocol (``matched``, the
+    default: the strength whose KL on neutral text hits each of ``targets``, by a bracketing search;
+    ``grid``: the best validation score under ``kl_cap``); then on test: task metrics, KL and
+    perplexity on neutral text, norm drift and the edit profile.
 
     Args:
         model, tok: a loaded causal LM and its tokenizer, or a hub id / local directory / None (the
-            embedded default) with ``tok`` None: checked, then loaded with ``dtype``, ``device``,
-            ``device_map`` (see :func:`hpredit.load_model`).
-        methods: names from :data:`~hpredit.compare.METHODS` (``none`` is the unedited model).
-        seeds: split seeds; the summary gives mean ± std over them.
-        task: a task name from :func:`hpredit.evaluation.tasks.task_names`; ``data`` a local file for it.
-        kl_cap: (grid; default 0.5) the largest fluency cost (nats/token on neutral text) a chosen
-            strength may have; when none qualifies the weakest setting is taken and flagged.
-        limit: keep the first N groups of each split (quick runs).
-        strengths: per-method grids: (grid) tried as given, no doubling or refining; (matched) the
-            search's warm start.
-        max_doublings: (grid; default 3) how often a grid may double past its top (or halve below
-            its bottom) while it is entirely under (over) the cap.
-        refine: (grid; default 0) bisection steps toward the cap.
-        protocol, targets, kl_tol, steps: the matched-cost search (see above; defaults
-            :data:`~hpredit.compare.TARGETS`, :data:`~hpredit.compare.KL_TOL`, 4).
-
-        The search options of one protocol are refused under the other (None: not given, the
-        protocol's default): a grid's ``kl_cap``, ``max_doublings`` or ``refine`` with
-        ``protocol="matched"`` (for a cost to reach, give ``targets``), ``targets``, ``kl_tol`` or
-        ``steps`` with ``protocol="grid"``.
-        out: write ``results.json``, ``table.md`` and a figure there atomically (a non-empty
-            directory is refused unless ``force``).
+            embedded default, or ``config.model``) with ``tok`` None: checked, then loaded with the
+            config's ``dtype``, ``device``, ``device_map`` (see :func:`hpredit.load_model`).
+        config: the settings (:class:`CompareConfig`; ``hpredit compare``'s defaults, but ``out``
+            None writes nothing), or its fields as keywords (which also replace a ``config``'s).
         progress, log: progress bars while collecting; where progress lines go.
-        store_dtype: the activation store's type (``"auto"``, ``"float16"``, …; None: the default).
         command: the command line to record (default: this process's).
 
     Returns:
-        A :class:`~hpredit.results.CompareResult`: ``runs`` (one row per seed and method, and
-        target when matched), ``splits`` (each seed's split), ``summary`` (grid: per method, mean
-        and std of each metric over seeds; matched: see :func:`~hpredit.compare.summarise_matched`),
-        and the run's provenance.
+        A :class:`~hpredit.results.CompareResult`: ``runs`` (a row per seed, method and target),
+        ``splits``, ``summary`` (the protocol's: :func:`~hpredit.compare.summarise_matched`) and provenance.
 
     Example:
         >>> result = compare(model, tok, methods=["none", "caa"], seeds=[0], data=csv, limit=2,
@@ -340,57 +357,50 @@ def compare(
         >>> sorted(result.summary)  # matched cost (the default): per target, and HPR vs the best other
         ['baseline', 'paired', 'targets']
     """
-    the_task = check_compare_args(
-        methods, seeds, kl_cap, limit, refine, task, protocol, targets, kl_tol, steps, max_doublings
-    )
-    search = _search(protocol, kl_cap, max_doublings, refine, targets, kl_tol, steps)
-    if store_dtype is not None:
-        check_store_dtype(store_dtype)
-    if out is not None:
-        check_out(out, force, (data, model))
-    model, tok = _model(model, tok, the_task, data, dtype, device, device_map)
+    model, fields = model_and_fields(model, tok, fields)
+    cfg = CompareConfig.of(config, fields)
+    the_task, search = get_task(cfg.task), cfg.search()
+    if cfg.out is not None:
+        check_out(cfg.out, cfg.force, (cfg.data, cfg.model))
+    model, tok = _model(model, tok, the_task, cfg)
     provenance = Provenance.now(command)
-    items = the_task.load(data)
+    items = the_task.load(cfg.data)
     started = time.time()
     if not distributed.is_main():  # under data parallelism rank 0 speaks for all
         log, progress = (lambda s: None), False
     log("generating neutral text for the fluency cost …")
     neutral = neutral_text(model, tok)
     run = _Run(SearchContext(model, tok, the_task, neutral), search, log, progress)
-    runs, splits = [], []
-    for seed in seeds:
-        seed_runs, split_row = _run_seed(run, methods, items, seed, limit, store_dtype, strengths or {})
-        runs += seed_runs
-        splits.append(split_row)
-    setting = {**_setting(model, the_task, data, methods, seeds, limit, neutral), **search.setting()}
+    per_seed = [_run_seed(run, cfg, items, seed) for seed in cfg.seeds]
+    runs, splits = [row for rows, _ in per_seed for row in rows], [split for _, split in per_seed]
+    setting = {**_setting(model, the_task, cfg, neutral), **search.setting()}
     result = CompareResult(
-        provenance, setting, runs, splits, _summary(setting, runs, methods), round(time.time() - started, 1)
+        provenance, setting, runs, splits, _summary(setting, runs, cfg.methods), round(time.time() - started, 1)
     )
-    if out is not None and distributed.is_main():
-        write_results(result, Path(out))
+    if cfg.out is not None and distributed.is_main():
+        write_results(result, Path(cfg.out))
     return result
 
 
-def _model(model, tok, task: Task, data, dtype: str, device, device_map) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A loaded model as given, or one named: its config and the task's data source checked before it loads."""
-    if loaded_model_given(model, tok):
+def _model(model, tok, task: Task, cfg: CompareConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A loaded model as given, or the one the config names: its config and the task's data source
+    checked before it loads."""
+    if model is not None:
         return model, tok
-    check_model(model, device, device_map)
-    task.check_source(data)
-    return load_model(model, dtype=dtype, device=device, device_map=device_map)
+    check_model(cfg.model, cfg.device, cfg.device_map)
+    task.check_source(cfg.data)
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
 
 
-def _run_seed(
-    run: _Run, methods: Sequence[str], items: list, seed: int, limit: int | None, store_dtype, strengths: dict
-) -> tuple[list[dict], dict]:
+def _run_seed(run: _Run, cfg: CompareConfig, items: list, seed: int) -> tuple[list[dict], dict]:
     """One split seed: split the groups → collect once → fit, choose and measure every method;
     the method rows and the split's row."""
-    ctx = run.ctx
+    ctx, strengths = run.ctx, cfg.strengths or {}
     groups = sorted({ctx.task.group(it) for it in items})
-    split = _SeedSplit.make(ctx.task, items, groups, seed, limit, ctx.tok)
-    stores = _collect(ctx.model, ctx.tok, methods, split, store_dtype, run.progress, run.log)
+    split = _SeedSplit.make(ctx.task, items, groups, seed, cfg.limit, ctx.tok)
+    stores = _collect(ctx.model, ctx.tok, cfg.methods, split, cfg.store_dtype, run.progress, run.log)
     shared = SeedFits()
-    rows = [row for name in methods for row in _run_method(run, name, split, stores, shared, strengths.get(name))]
+    rows = [row for m in cfg.methods for row in _run_method(run, m, split, stores, shared, strengths.get(m))]
     return rows, {
         "seed": seed,
         "split": split.record,
@@ -399,20 +409,20 @@ def _run_seed(
     }
 
 
-def _setting(model, task: Task, data, methods, seeds, limit, neutral) -> dict:
+def _setting(model, task: Task, cfg: CompareConfig, neutral) -> dict:
     """What a comparison was run with (the top of ``results.json`` besides provenance and rows)."""
     return {
         "model": fingerprint(model).to_dict(),
         "task": task.name,
         "task_note": task.note,
-        "data": str(data) if data else task.data_note,
+        "data": str(cfg.data) if cfg.data else task.data_note,
         "metrics": list(task.metrics),
         "primary": task.primary,
-        "methods": {m: METHODS[m].note for m in methods},
-        "seeds": list(seeds),
+        "methods": {m: METHODS[m].note for m in cfg.methods},
+        "seeds": list(cfg.seeds),
         "kl_cap": None,  # the protocol's entries (matched: kl_cap and refine None) replace these two
         "refine": None,
-        "limit": limit,
+        "limit": cfg.limit,
         "neutral_text": "the model's own greedy continuations of hpredit.evaluation.side_effects.NEUTRAL_PROMPTS "
         f"({int(neutral.scored.sum())} tokens)",
     }

@@ -20,17 +20,17 @@ from typing import Any, ClassVar, cast
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..artifacts import atomic_directory
 from ..checks import check_count, check_kl_cap, check_kl_targets, check_kl_tol, named, not_for_protocol
 from ..editors import Editor
 from ..editors.kl_curve import KLCurve
 from ..errors import HpreditError
 from ..evaluation.side_effects import NeutralText
 from ..evaluation.tasks import Task
+from ..files import atomic_directory
 from ..registry import Registry
 from ..results import CompareResult, StrengthChoice, write_json
 from .report import grid_figure, grid_table, matched_figure, matched_tables, summarise_grid, summarise_matched
-from .strength import KL_TOL, TARGETS, Choice, choose_strength, match_cost, neutral_note
+from .strength import KL_CAP, KL_TOL, TARGETS, Choice, choose_strength, match_cost, neutral_note
 
 __all__ = [
     "DEFAULT_PROTOCOL",
@@ -135,6 +135,17 @@ class Protocol(ABC):
 #: Every protocol by name (``--protocol``). Results files made before protocols were recorded are grid.
 PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", Protocol, classes=True)
 DEFAULT_PROTOCOL = "matched"
+#: ``--kl-tol``'s help, for every command that takes it.
+KL_TOL_HELP = (
+    f"Matched cost only: relative tolerance on each target KL (default {KL_TOL:g}: within {KL_TOL:.0%}); "
+    "refused with --protocol grid."
+)
+#: What ``--protocol`` means, for every command that takes it.
+PROTOCOL_HELP = (
+    "How the strength is chosen: matched (the strength whose KL hits each target cost) or grid "
+    "(the best validation score among a grid under --kl-cap: the published numbers). An option of the "
+    "other protocol is refused, never ignored."
+)
 _LEGACY_PROTOCOL = "grid"
 
 
@@ -211,7 +222,7 @@ class Grid(Protocol):
     one point per method (:func:`~hpredit.compare.choose_strength`)."""
 
     name = "grid"
-    options: ClassVar[dict[str, Any]] = {"kl_cap": 0.5, "max_doublings": 3, "refine": 0}
+    options: ClassVar[dict[str, Any]] = {"kl_cap": KL_CAP, "max_doublings": 3, "refine": 0}
     checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "kl_cap": check_kl_cap,
         "max_doublings": lambda v: check_count(v, "max_doublings", 0),

@@ -19,6 +19,7 @@ from ..evaluation.metrics import paired_bootstrap
 from ..evaluation.tasks import mean_metrics
 from ..results import CompareResult
 from .methods import METHODS
+from .strength import KL_TOL
 
 __all__ = [
     "grid_figure",
@@ -246,7 +247,7 @@ def matched_tables(result: CompareResult) -> str:
     differences and the edit profiles."""
     metrics, primary = result.metrics, result.setting.get("primary", "mc2")
     seeds = len(result.setting.get("seeds", [])) or 1
-    summary, tol = result.summary, result.setting.get("kl_tol", 0.05)
+    summary, tol = result.summary, result.setting.get("kl_tol", KL_TOL)
     ci_kind = "t over seeds" if seeds > 1 else "bootstrap over test items"
     head = (
         "| method | "

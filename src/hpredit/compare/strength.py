@@ -201,6 +201,8 @@ def choose_strength(
 TARGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
 #: The default relative tolerance: a strength hits a target when |KL − target| ≤ KL_TOL · target.
 KL_TOL = 0.05
+#: The default fluency cost of one chosen strength: the grid rule's cap, and the cost ``hpredit run`` aims at.
+KL_CAP = 0.5
 
 
 @dataclass(frozen=True)

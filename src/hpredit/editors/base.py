@@ -27,9 +27,9 @@ from torch import nn
 
 from .._version import __version__
 from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
-from ..artifacts import atomic_directory, read_json, sha256_file
 from ..checks import DEFAULT_STRENGTH, check_editor_matches, layer_list_problem, named, strength_given
 from ..errors import HpreditError
+from ..files import atomic_directory, read_json, sha256_file
 from ..hooks import EditHandle, EditObserver, LayerEdit
 from ..registry import Registry
 from .hub import model_card, push_editor, resolve_editor_dir

@@ -317,10 +317,9 @@ class HPREditor(FittedLayersEditor):
         all layers train together in batched tensor ops, and each layer keeps the epoch with its
         best validation probe accuracy. The top-k layers (or ``config.layers``) are active.
 
-        The probe and angle terms share no parameters, so training runs in two batched phases that
-        give exactly the joint result: probes for every layer (cheap), then angle predictors only
-        for the chosen layers (or all, with ``config.angle_layers="all"``), replaying the same
-        batches, learning-rate schedule and per-layer best epochs.
+        Probe and angle terms share no parameters, so two batched phases give exactly the joint result: all
+        layers' probes (cheap), then angle predictors for the chosen layers (all with ``angle_layers="all"``),
+        replaying the same batches, learning-rate schedule and per-layer best epochs.
 
         Args:
             acts: residual activations from :func:`~hpredit.collect_activations`.
@@ -342,13 +341,11 @@ class HPREditor(FittedLayersEditor):
         """
         config = cls.fit_config(acts, config, overrides)
         pairs = TokenPairs.of(acts, config.val_fraction, config.seed)
-        start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
-        start.to(check_device(device) if device is not None else torch.device("cpu"))
+        start = _start_on(device, acts, pairs, config)
         probes = _fit_probes(acts.acts, pairs, start, config, progress)
         accuracy = {layer: float(probes.accuracy[r]) for r, layer in enumerate(acts.layers)}
         layers = choose_layers(accuracy, config.layers, config.top_k)
-        fitted = list(acts.layers) if config.angle_layers == "all" else layers
-        rows = torch.tensor([acts.layers.index(i) for i in fitted])
+        fitted, rows = _angle_layers(acts.layers, layers, config)
         weights, biases, angle_losses = _fit_angle_predictors(
             acts.acts, pairs, start, rows, probes.best_epoch, config, progress
         )
@@ -401,6 +398,19 @@ def _initial_parameters(L: int, d: int, n_pairs: int, config: HPRConfig) -> _Sta
     orders = [torch.randperm(n_pairs, generator=gen) for _ in range(config.epochs)]
     steps = math.ceil(n_pairs / config.batch_size) * config.epochs
     return _Start(probe, torch.zeros(L), weights, biases, orders, steps)
+
+
+def _start_on(device: str | torch.device | None, acts: ActivationStore, pairs: TokenPairs, config: HPRConfig) -> _Start:
+    """The initial parameters (drawn on the CPU, the same on every device), moved to ``device`` (default: the CPU)."""
+    start = _initial_parameters(len(acts.layers), acts.hidden_size, len(pairs.tp), config)
+    start.to(check_device(device) if device is not None else torch.device("cpu"))
+    return start
+
+
+def _angle_layers(stored: list[int], chosen: list[int], config: HPRConfig) -> tuple[list[int], torch.Tensor]:
+    """The layers whose angle predictors are fitted (the chosen ones, or all stored) and their rows in the store."""
+    fitted = list(stored) if config.angle_layers == "all" else chosen
+    return fitted, torch.tensor([stored.index(i) for i in fitted])
 
 
 @dataclass

@@ -85,6 +85,77 @@ def split_revision(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def _refuse_local_revision(source: str | os.PathLike, path: Path, revision: str | None) -> None:
+    """Refuse ``revision`` for an existing local directory: a revision only pins a Hub repo."""
+    if revision is not None and path.is_dir():
+        raise HpreditError(
+            f"editor artifact {source}: revision={revision!r} pins a Hugging Face Hub repo, but this is a "
+            "local directory (leave revision out, or give the repo id)"
+        )
+
+
+def _require_repo_id(source: str | os.PathLike) -> str:
+    """``source`` as a Hub repo id, or an error (with a hint when it looks like ``org/name@REVISION``)."""
+    repo_id = hub_repo_id(source)
+    if repo_id is None:
+        repo, pinned = split_revision(os.fspath(source)) if isinstance(source, str) else (None, None)
+        hint = f" (to pin a revision of the Hub repo {repo}, pass revision={pinned!r})" if pinned else ""
+        raise HpreditError(
+            f"editor artifact {source} does not exist (expected a directory from save_pretrained) and is not a "
+            f"Hugging Face Hub repo id (namespace/name) either{hint}"
+        )
+    return repo_id
+
+
+def _download_command(repo_id: str, revision: str | None, cache: Path, cache_dir: str | os.PathLike | None) -> str:
+    """The ``hf download`` command line that fetches the repo by hand, for the error messages."""
+    return (
+        f"hf download {repo_id}"
+        + (f" --revision {revision}" if revision is not None else "")
+        + (f" --cache-dir {cache}" if cache_dir is not None else "")
+    )
+
+
+def _download_error(
+    e: Exception, repo_id: str, where: str, cache: Path, download: str, revision: str | None, local_files_only: bool
+) -> HpreditError:
+    """The one-line error for a failed ``snapshot_download``: what was tried and what to do."""
+    if isinstance(e, _INCOMPLETE):
+        state = (
+            f"downloads are off ({_off_reason(local_files_only)[0]})"
+            if _off(local_files_only)
+            else "the Hub cannot be reached"
+        )
+        return HpreditError(
+            f"{where} is only partly in the cache ({cache}) and {state}: download it again where the Hub is "
+            f"reachable ({download})"
+        )
+    if isinstance(e, LocalEntryNotFoundError):
+        if _off(local_files_only):
+            why, undo = _off_reason(local_files_only)
+            return HpreditError(
+                f"{where} is not in the local cache ({cache}) and downloads are off ({why}): download it first "
+                f"({download}) or {undo}"
+            )
+        return HpreditError(
+            f"{where} could not be downloaded ({first_line(e.__cause__ or e)}) and is not in the local cache "
+            f"({cache}): check the network connection (or HF_ENDPOINT), or download it first ({download})"
+        )
+    if isinstance(e, GatedRepoError):
+        return HpreditError(
+            f"{where} is gated: accept its conditions on the Hub, then log in (hf auth login) or pass token="
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return HpreditError(
+            f"editor artifact {repo_id}: the Hugging Face Hub repo has no revision {revision or 'main'!r} "
+            "(give a branch, a tag or a commit hash of the repo)"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return HpreditError(f"{where} was not found (or it is private: log in with hf auth login, or pass token=)")
+    # HTTP errors, the connection, a bad token: huggingface_hub's own
+    return HpreditError(f"{where} could not be downloaded: {first_line(e)}")
+
+
 def resolve_editor_dir(
     source: str | os.PathLike,
     files: Sequence[str],
@@ -102,27 +173,12 @@ def resolve_editor_dir(
     """
     path = Path(source)
     if path.exists():
-        if revision is not None and path.is_dir():
-            raise HpreditError(
-                f"editor artifact {source}: revision={revision!r} pins a Hugging Face Hub repo, but this is a "
-                "local directory (leave revision out, or give the repo id)"
-            )
+        _refuse_local_revision(source, path, revision)
         return path
-    repo_id = hub_repo_id(source)
-    if repo_id is None:
-        repo, pinned = split_revision(os.fspath(source)) if isinstance(source, str) else (None, None)
-        hint = f" (to pin a revision of the Hub repo {repo}, pass revision={pinned!r})" if pinned else ""
-        raise HpreditError(
-            f"editor artifact {source} does not exist (expected a directory from save_pretrained) and is not a "
-            f"Hugging Face Hub repo id (namespace/name) either{hint}"
-        )
+    repo_id = _require_repo_id(source)
     at = f" (revision {revision})" if revision is not None else ""
     cache = Path(cache_dir if cache_dir is not None else hub_constants.HF_HUB_CACHE).expanduser()
-    download = (
-        f"hf download {repo_id}"
-        + (f" --revision {revision}" if revision is not None else "")
-        + (f" --cache-dir {cache}" if cache_dir is not None else "")
-    )
+    download = _download_command(repo_id, revision, cache, cache_dir)
     where = f"editor artifact {repo_id}: not a local directory, and the Hugging Face Hub repo {repo_id}{at}"
     try:
         snapshot = Path(
@@ -135,42 +191,8 @@ def resolve_editor_dir(
                 allow_patterns=list(files),
             )
         )
-    except _INCOMPLETE:
-        state = (
-            f"downloads are off ({_off_reason(local_files_only)[0]})"
-            if _off(local_files_only)
-            else "the Hub cannot be reached"
-        )
-        raise HpreditError(
-            f"{where} is only partly in the cache ({cache}) and {state}: download it again where the Hub is "
-            f"reachable ({download})"
-        ) from None
-    except LocalEntryNotFoundError as e:
-        if _off(local_files_only):
-            why, undo = _off_reason(local_files_only)
-            raise HpreditError(
-                f"{where} is not in the local cache ({cache}) and downloads are off ({why}): download it first "
-                f"({download}) or {undo}"
-            ) from None
-        raise HpreditError(
-            f"{where} could not be downloaded ({first_line(e.__cause__ or e)}) and is not in the local cache "
-            f"({cache}): check the network connection (or HF_ENDPOINT), or download it first ({download})"
-        ) from None
-    except GatedRepoError:
-        raise HpreditError(
-            f"{where} is gated: accept its conditions on the Hub, then log in (hf auth login) or pass token="
-        ) from None
-    except RevisionNotFoundError:
-        raise HpreditError(
-            f"editor artifact {repo_id}: the Hugging Face Hub repo has no revision {revision or 'main'!r} "
-            "(give a branch, a tag or a commit hash of the repo)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise HpreditError(
-            f"{where} was not found (or it is private: log in with hf auth login, or pass token=)"
-        ) from None
-    except Exception as e:  # noqa: BLE001 (HTTP errors, the connection, a bad token: huggingface_hub's own)
-        raise HpreditError(f"{where} could not be downloaded: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 (each failure gets its own message: see _download_error)
+        raise _download_error(e, repo_id, where, cache, download, revision, local_files_only) from None
     if not (snapshot / files[0]).is_file():
         raise HpreditError(
             f"editor artifact {repo_id}: the Hugging Face Hub repo{at} has no {files[0]} (it holds no hpredit "
@@ -236,24 +258,12 @@ def base_model_id(name: str) -> str | None:
     return hub_repo_id(name) if not Path(name).exists() else None
 
 
-def model_card(editor: Any, repo_id: str | None = None) -> ModelCard:
-    """The model card (``README.md``) of ``editor``: the Hub's metadata (``library_name: hpredit``,
-    ``base_model`` when the fitted model is a Hub repo, the tags) and what the editor is, its
-    strength → KL curve and validation metrics, and how to load it (from ``repo_id`` when given)."""
+def _use_section(editor: Any, repo: str, base: str | None) -> list[str]:
+    """The card's "Use" section: loading the editor in Python and serving it with vLLM."""
     fp = editor.model_fingerprint
-    base = base_model_id(fp.name)
-    data = ModelCardData(library_name="hpredit", base_model=base, tags=[*CARD_TAGS, editor.method])
-    repo = repo_id or "org/name"
     model_arg = f'"{base}"' if base else f'"{fp.name}"'
     serve_model = f" --model {base or fp.name}"
-    site = "attention heads (the output projection's input)" if editor.site == "heads" else "residual stream"
-    lines = [
-        f"# {editor.method} editor for {fp.name}",
-        "",
-        f"An hpredit activation editor (method `{editor.method}`): it edits "
-        f"the {site} of `{fp.name}` at inference, through forward hooks, at a strength chosen per call or per "
-        "request; the model's weights are not changed.",
-        "",
+    return [
         "## Use",
         "",
         "```python",
@@ -271,6 +281,13 @@ def model_card(editor: Any, repo_id: str | None = None) -> ModelCard:
         f"hpredit serve{serve_model} --editor {editor.method}={repo}",
         "```",
         "",
+    ]
+
+
+def _editor_section(editor: Any, site: str) -> list[str]:
+    """The card's "Editor" section: the method, the edited site and layers, the fingerprint, the config."""
+    fp = editor.model_fingerprint
+    return [
         "## Editor",
         "",
         *_table(
@@ -290,19 +307,45 @@ def model_card(editor: Any, repo_id: str | None = None) -> ModelCard:
         *_table(["field", "value"], [[k, v] for k, v in dataclasses.asdict(editor.config).items()]),
         "",
     ]
-    curve = editor.kl_curve
-    if curve is not None:
-        lines += [
-            "## Strength → KL curve",
-            "",
-            "The fluency cost measured at each strength tried, in nats per token on neutral text"
-            + (f" ({curve.text})" if curve.text else " (mean KL(unedited ‖ edited))")
-            + '. `editor.attach(model, kl=0.25)` (or `"kl"` in a served request) converts a cost into a '
-            "strength through it.",
-            "",
-            *_table(["strength", "KL (nats/token)"], list(zip(curve.strengths, curve.kl))),
-            "",
-        ]
+
+
+def _kl_curve_section(curve: Any) -> list[str]:
+    """The card's strength → KL table, when the editor has a curve (none otherwise)."""
+    if curve is None:
+        return []
+    return [
+        "## Strength → KL curve",
+        "",
+        "The fluency cost measured at each strength tried, in nats per token on neutral text"
+        + (f" ({curve.text})" if curve.text else " (mean KL(unedited ‖ edited))")
+        + '. `editor.attach(model, kl=0.25)` (or `"kl"` in a served request) converts a cost into a '
+        "strength through it.",
+        "",
+        *_table(["strength", "KL (nats/token)"], list(zip(curve.strengths, curve.kl))),
+        "",
+    ]
+
+
+def model_card(editor: Any, repo_id: str | None = None) -> ModelCard:
+    """The model card (``README.md``) of ``editor``: the Hub's metadata (``library_name: hpredit``,
+    ``base_model`` when the fitted model is a Hub repo, the tags) and what the editor is, its
+    strength → KL curve and validation metrics, and how to load it (from ``repo_id`` when given)."""
+    fp = editor.model_fingerprint
+    base = base_model_id(fp.name)
+    data = ModelCardData(library_name="hpredit", base_model=base, tags=[*CARD_TAGS, editor.method])
+    repo = repo_id or "org/name"
+    site = "attention heads (the output projection's input)" if editor.site == "heads" else "residual stream"
+    lines = [
+        f"# {editor.method} editor for {fp.name}",
+        "",
+        f"An hpredit activation editor (method `{editor.method}`): it edits "
+        f"the {site} of `{fp.name}` at inference, through forward hooks, at a strength chosen per call or per "
+        "request; the model's weights are not changed.",
+        "",
+        *_use_section(editor, repo, base),
+        *_editor_section(editor, site),
+    ]
+    lines += _kl_curve_section(editor.kl_curve)
     lines += _metrics_section(editor.metrics or {})
     lines += [
         "## Files",

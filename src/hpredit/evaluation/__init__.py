@@ -1,13 +1,13 @@
 """Evaluation: tasks (one registry), TruthfulQA MC/generation, continuation scoring, metrics, judges.
 
-Entry point: :func:`evaluate` (also ``hpredit.evaluate`` and ``hpredit eval``). Rooms: ``api``
+Entry point: :func:`evaluate` (also ``hpredit.evaluate`` and ``hpredit eval``). Rooms: ``job``
 (evaluate), ``splits``, ``tasks`` (the registry), ``scoring`` (any
 task's continuations on a shared KV cache, generation), ``truthfulqa`` (its protocol),
 ``metrics``, ``side_effects``, ``judges``, ``lm_eval_backend``.
 """
 
 from ..results import EvalResult
-from .api import TASKS, evaluate
+from .job import TASKS, evaluate
 from .judges import HFJudge, Judge
 from .metrics import BootstrapCI, mc1, mc2, mc3, mc_metrics, paired_bootstrap, reference_acc
 from .scoring import generate_texts, score_continuations

@@ -536,6 +536,11 @@ def task_names() -> list[str]:
     return TASK_REGISTRY.names()
 
 
+def task_help() -> str:
+    """``--task``'s help, from the registry (so it lists every task registered when the CLI is built)."""
+    return f"The task (see docs/tasks.md): {', '.join(task_names())}."
+
+
 def get_task(name: str) -> Task:
     """The task called ``name`` (``ab:NAME`` for an A/B behaviour set); an unknown name is one
     :class:`HpreditError` listing the known ones."""

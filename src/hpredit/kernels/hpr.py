@@ -72,12 +72,7 @@ def hpr_edit(
     number or a tensor of per-token strengths broadcastable to ``hidden.shape[:-1]``; tokens outside
     the gate, outside ``mask`` or with strength 0 come back bit for bit.
     """
-    if backend not in BACKENDS:
-        raise HpreditError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise HpreditError(f"unknown MLP precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if backend == "triton" and not triton_available():
-        raise HpreditError("backend 'triton' needs Triton: pip install triton (or use backend 'auto')")
+    _check_options(backend, precision)
     if fixed_angle is not None:  # a constant angle: no angle MLP at all
         weights, biases = [], []
     device = w_hat.device
@@ -85,27 +80,9 @@ def hpr_edit(
     w_hat = w_hat.to(device=device, dtype=torch.float32).contiguous()
     axis = axis.to(device=device, dtype=torch.float32).contiguous()
     basis = torch.stack([w_hat, axis])  # (2, d)
-    hidden_layers = [
-        (w.to(device=device, dtype=mlp_dtype).t().contiguous(), b.to(device=device, dtype=mlp_dtype, copy=True))
-        for w, b in zip(weights[:-1], biases[:-1])
-    ]
-    # the last layer (width → 1) in float32: (width,) and (1,). All copies, no views of the editor's
-    # stacked tensors: a compiled graph would guard on their base's shape.
-    w_last = weights[-1].reshape(-1).to(device=device, dtype=torch.float32, copy=True) if weights else None
-    b_last = biases[-1].reshape(1).to(device=device, dtype=torch.float32, copy=True) if weights else None
+    hidden_layers, w_last, b_last = _prepare_mlp(weights, biases, device, mlp_dtype)
     gelu_last = len(weights) > 1  # the last layer's input is a hidden layer's pre-activation
     fixed = None if fixed_angle is None else float(fixed_angle)
-
-    def mlp_input(h: torch.Tensor) -> torch.Tensor | None:
-        """The last MLP layer's input (n, width), before its GELU: every hidden layer but the last activated."""
-        if w_last is None:
-            return None
-        z = h.to(mlp_dtype)
-        for j, (wt, b) in enumerate(hidden_layers):
-            if j:
-                z = F.gelu(z)
-            z = torch.addmm(b, z, wt)
-        return z
 
     def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
         lead, d = hidden.shape[:-1], hidden.shape[-1]
@@ -118,7 +95,7 @@ def hpr_edit(
             else float(strength)
         )
         m = None if mask is None else mask.broadcast_to(lead).reshape(-1)
-        z = mlp_input(h)
+        z = None if w_last is None else _mlp_input(h, hidden_layers, mlp_dtype)
         kernel = backend == "triton" or (backend == "auto" and h.is_cuda and triton_available())
         if torch.compiler.is_compiling() and backend != "torch":  # kept whole: the same kernel as eager
             out = _op(h, z, basis, w_last, b_last, s, m, gelu_last, fixed, gated, kernel)
@@ -127,6 +104,42 @@ def hpr_edit(
         return out.reshape(hidden.shape)
 
     return edit
+
+
+def _check_options(backend: str, precision: str) -> None:
+    """Refuse an unknown backend or precision, and backend 'triton' without Triton, before any work."""
+    if backend not in BACKENDS:
+        raise HpreditError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise HpreditError(f"unknown MLP precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if backend == "triton" and not triton_available():
+        raise HpreditError("backend 'triton' needs Triton: pip install triton (or use backend 'auto')")
+
+
+def _prepare_mlp(
+    weights: list[torch.Tensor], biases: list[torch.Tensor], device: torch.device, mlp_dtype: torch.dtype
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, torch.Tensor | None]:
+    """The angle MLP on ``device``: hidden layers (weight.T, bias) in ``mlp_dtype``, the last (width → 1) in float32."""
+    hidden_layers = [
+        (w.to(device=device, dtype=mlp_dtype).t().contiguous(), b.to(device=device, dtype=mlp_dtype, copy=True))
+        for w, b in zip(weights[:-1], biases[:-1])
+    ]
+    # All copies, no views of the editor's stacked tensors: a compiled graph would guard on their base's shape.
+    w_last = weights[-1].reshape(-1).to(device=device, dtype=torch.float32, copy=True) if weights else None
+    b_last = biases[-1].reshape(1).to(device=device, dtype=torch.float32, copy=True) if weights else None
+    return hidden_layers, w_last, b_last
+
+
+def _mlp_input(
+    h: torch.Tensor, hidden_layers: list[tuple[torch.Tensor, torch.Tensor]], mlp_dtype: torch.dtype
+) -> torch.Tensor:
+    """The last MLP layer's input (n, width), before its GELU: every hidden layer but the last activated."""
+    z = h.to(mlp_dtype)
+    for j, (wt, b) in enumerate(hidden_layers):
+        if j:
+            z = F.gelu(z)
+        z = torch.addmm(b, z, wt)
+    return z
 
 
 def _mlp_dtype(dtype: torch.dtype, precision: str, device: torch.device) -> torch.dtype:

@@ -232,15 +232,7 @@ def check_output_dir(
     if here == resolved or here.is_relative_to(resolved):
         what = "the current directory" if here == resolved else f"a parent of the current directory ({here})"
         raise HpreditError(f"output directory {str(path)!r} is {what}: writing replaces it whole; choose a new one")
-    for given in inputs:
-        if given is None or not str(given).strip():
-            continue
-        source = Path(given).expanduser()
-        if source.exists() and source.resolve().is_relative_to(resolved):
-            raise HpreditError(
-                f"output directory {path} holds the input {source}: writing it would replace its own input; "
-                "choose another --out"
-            )
+    _refuse_own_inputs(path, resolved, inputs)
     busy = [p for p in _temporaries(path) if _in_use(p)]
     if busy:
         raise HpreditError(
@@ -250,6 +242,24 @@ def check_output_dir(
         raise HpreditError(f"output {path} exists and is not a directory: choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise HpreditError(f"output directory {path} is not empty: pass --force to overwrite it, or choose another")
+    _probe_writable(path)
+
+
+def _refuse_own_inputs(path: Path, resolved: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output directory (``resolved``) holding one of the run's ``inputs``: writing replaces it whole."""
+    for given in inputs:
+        if given is None or not str(given).strip():
+            continue
+        source = Path(given).expanduser()
+        if source.exists() and source.resolve().is_relative_to(resolved):
+            raise HpreditError(
+                f"output directory {path} holds the input {source}: writing it would replace its own input; "
+                "choose another --out"
+            )
+
+
+def _probe_writable(path: Path) -> None:
+    """Refuse a ``path`` nothing can be created at: make its missing parents and a temporary file, then remove them."""
     # The nearest existing ancestor must let us create the directory (or a file inside it).
     probe_dir = path if path.is_dir() else path.parent
     created: list[Path] = []
