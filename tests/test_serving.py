@@ -288,7 +288,7 @@ def test_serve_argv(smol_editor, smol_dir):
     assert argv[:2] == ["serve", str(smol_dir)]
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["HPREditLlamaForCausalLM"] and overrides["hpredit_strength"] == 0.5
-    assert "--no-enable-prefix-caching" in argv and argv[-3:] == ["--port", "8123", "--enforce-eager"]
+    assert "--enable-prefix-caching" in argv and argv[-3:] == ["--port", "8123", "--enforce-eager"]
     assert argv[argv.index("--served-model-name") + 1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert not math.isnan(overrides["hpredit_strength"])
 
@@ -402,9 +402,6 @@ def _checked(smol_editor, args, tmp_path=None):
 @pytest.mark.parametrize(
     "args, pattern",
     [
-        (["--enable-prefix-caching"], "--enable-prefix-caching is set by hpredit serve"),
-        (["--enable_prefix_caching"], "--enable-prefix-caching is set by hpredit serve"),
-        (["--enable-prefix-cach"], "--enable-prefix-caching is set by hpredit serve"),  # an abbreviation
         (["--logits_processors", "vllm.v1.sample.logits_processor:MinPLogitsProcessor"], "--logits-processors is set"),
         (["--logits-processors=a:b"], "--logits-processors is set"),
         (["--hf_overrides", "{}"], "--hf-overrides is set by hpredit serve"),
@@ -422,8 +419,8 @@ def test_vllm_options_hpredit_owns_are_refused_in_any_spelling(args, pattern, sm
 
 def test_vllm_options_from_a_config_file_are_checked_too(smol_editor, tmp_path):
     config = tmp_path / "serve.yaml"
-    config.write_text("enable-prefix-caching: true\nport: 8123\n")
-    with pytest.raises(HpreditError, match="--enable-prefix-caching is set by hpredit serve"):
+    config.write_text("model-impl: transformers\nport: 8123\n")
+    with pytest.raises(HpreditError, match="--model-impl transformers cannot serve an editor"):
         _checked(smol_editor, ["--config", str(config)])
     config.write_text("port: 8123\nmax-model-len: 256\n")
     args = _checked(smol_editor, ["--config", str(config)])
@@ -449,8 +446,9 @@ def test_a_config_file_vllm_cannot_read_is_one_error(text, pattern, smol_editor,
 def test_vllm_options_that_leave_hpredits_alone_pass(smol_editor):
     from hpredit.serving.middleware import middleware_name
 
+    assert _checked(smol_editor, []).enable_prefix_caching is True  # on: each request's cache salted by its edit
     args = _checked(smol_editor, ["--no-enable-prefix-caching", "--port", "8123", "--model-impl", "vllm"])
-    assert args.port == 8123 and args.enable_prefix_caching is False
+    assert args.port == 8123 and args.enable_prefix_caching is False  # the user may turn it off
     assert args.hf_overrides["architectures"] == ["HPREditLlamaForCausalLM"]
     args = _checked(smol_editor, ["--middleware", "my.Middleware", "--served_model_name", "mine"])
     assert args.middleware == [middleware_name(("default",), (None,)), "my.Middleware"]
@@ -513,15 +511,17 @@ def test_request_check_leaves_the_rest_to_vllm(body):
     assert problem(body, ("a", "b"), (None, None)) is None
 
 
-def _asgi(app, body_chunks, headers=()):
-    """One POST /v1/completions through an ASGI app: ``(status, body, what the inner app received)``."""
+def _asgi(app, body_chunks, headers=(), path="/v1/completions", with_headers=False):
+    """One POST to ``path`` through an ASGI app: ``(status, body)`` (the inner app answers with the body it
+    received), and with ``with_headers`` the headers it received."""
     import asyncio
 
     sent = []
     incoming = [
         {"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1} for i, c in enumerate(body_chunks)
     ]
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": list(headers), "root_path": ""}
+    length = [(b"content-length", str(sum(map(len, body_chunks))).encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [*headers, *length], "root_path": ""}
 
     async def receive():
         return incoming.pop(0) if incoming else {"type": "http.disconnect"}
@@ -531,27 +531,31 @@ def _asgi(app, body_chunks, headers=()):
 
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    if with_headers:
+        return status, body, dict(next(m["headers"] for m in sent if m["type"] == "http.response.start"))
+    return status, body
 
 
 class _Inner:
-    """An ASGI app that answers 200 with the body it received."""
+    """An ASGI app that answers 200 with the body and the headers it received."""
 
     async def __call__(self, scope, receive, send):
         body, more = b"", True
         while more:
             m = await receive()
             body, more = body + m.get("body", b""), m.get("more_body", False)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.start", "status": 200, "headers": scope["headers"]})
         await send({"type": "http.response.body", "body": body})
 
 
 def test_request_check_answers_400_before_vllm_and_replays_good_bodies():
-    from hpredit.serving.middleware import request_check_class
+    from hpredit.serving.middleware import edit_salt, request_check_class
 
     check = request_check_class(("a", "b"), (0.4, None))(_Inner())
     good = [b'{"prompt": "Hi", "vllm_', b'xargs": {"kl": 0.3}}']
-    assert _asgi(check, good) == (200, b"".join(good))  # the body, split in two, reaches vLLM whole
+    status, body = _asgi(check, good)  # the body, split in two, reaches vLLM whole, with its edit's salt
+    assert status == 200 and json.loads(body) == {**json.loads(b"".join(good)), "cache_salt": edit_salt({"kl": 0.3})}
     status, body = _asgi(check, [b'{"stream": true, "vllm_xargs": {"kl": 0.5}}'])
     error = json.loads(body)["error"]
     assert status == 400 and error["code"] == 400 and error["type"] == "BadRequestError"
@@ -559,6 +563,76 @@ def test_request_check_answers_400_before_vllm_and_replays_good_bodies():
         "hpredit: 'kl' 0.5 is beyond editor 'a''s measured strength → KL curve (0 to 0.4 nats/token): "
         "ask for a smaller cost, or pass 'strength'"
     )
+
+
+def test_edit_salt_is_equal_exactly_for_equal_edits_and_own_salts():
+    """Issue 28, item 1: the cache salt hpredit sets keys vLLM's prefix cache on the edit: equal for
+    the same edit (1 and 1.0 are one strength), different for another editor, strength, cost, scope or
+    client salt; none for strength 0 (the unedited model's KV) without a client salt."""
+    from hpredit.serving.middleware import edit_salt
+
+    base = edit_salt({"strength": 0.5})
+    assert base == edit_salt({"strength": 0.5}) and edit_salt({"strength": 1}) == edit_salt({"strength": 1.0})
+    others = [
+        {"strength": 0.25},
+        {"strength": 0.5, "editor": "second"},
+        {"strength": 0.5, "scope": "generated"},  # its generated tokens' blocks are edited, and cached
+        {"kl": 0.5},
+        {},  # the server's defaults
+    ]
+    salts = [base, *(edit_salt(x) for x in others), edit_salt({"strength": 0.5}, "team-a")]
+    assert len(set(salts)) == len(salts) and all(s.startswith("hpredit-") and len(s) <= 128 for s in salts)
+    assert edit_salt({"strength": 0}) is None and edit_salt({"strength": 0.0, "editor": "second"}) is None
+    assert edit_salt({"strength": 0}, "team-a") == edit_salt({"strength": 0.0, "scope": "all"}, "team-a")
+    assert edit_salt({"strength": 0}, "team-a") != edit_salt({"strength": 0}, "team-b")
+
+
+@pytest.mark.parametrize(
+    "path, body, salt",
+    [
+        ("/v1/completions", {"prompt": "Hi", "vllm_xargs": {"strength": 0.5}}, {"strength": 0.5}),
+        ("/v1/chat/completions", {"messages": [], "vllm_xargs": {"editor": "b"}}, {"editor": "b"}),
+        ("/v1/responses", {"input": "Hi"}, {}),  # no arguments: the server's default edit
+        ("/v1/messages", {"messages": [], "vllm_xargs": {"kl": 0.1}}, {"kl": 0.1}),
+        (
+            "/inference/v1/generate",
+            {"token_ids": [1], "sampling_params": {"extra_args": {"strength": 2}}},
+            {"strength": 2},
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "Hi", "cache_salt": "mine", "vllm_xargs": {"strength": 1}},
+            ("mine", {"strength": 1}),
+        ),
+    ],
+)
+def test_request_check_salts_every_generation_request_by_its_edit(path, body, salt):
+    from hpredit.serving.middleware import edit_salt, request_check_class
+
+    check = request_check_class(("a", "b"), None)(_Inner())
+    raw = json.dumps(body).encode()
+    status, received, headers = _asgi(check, [raw[:7], raw[7:]], path=path, with_headers=True)
+    own, edit = salt if isinstance(salt, tuple) else (None, salt)
+    assert status == 200 and json.loads(received) == {**body, "cache_salt": edit_salt(edit, own)}
+    assert headers[b"content-length"] == str(len(received)).encode()  # the new body's length
+
+
+@pytest.mark.parametrize(
+    "path, raw",
+    [
+        ("/v1/completions", b'{"prompt": "Hi", "vllm_xargs": {"strength": 0}}'),  # unedited: no salt needed
+        ("/v1/completions", b'{"prompt": "Hi", "cache_salt": "a/b"}'),  # vLLM refuses this salt itself
+        ("/v1/completions", b'{"prompt": "Hi", "cache_salt": ""}'),
+        ("/v1/completions", b"not json"),
+        ("/v1/completions", b"[1, 2]"),
+        ("/tokenize", b'{"prompt": "Hi"}'),  # no generation: no salt
+    ],
+)
+def test_request_check_passes_other_bodies_on_as_sent(path, raw):
+    from hpredit.serving.middleware import request_check_class
+
+    check = request_check_class(("a",), None)(_Inner())
+    assert _asgi(check, [raw], path=path) == (200, raw)
 
 
 def test_request_check_leaves_unauthorized_requests_to_vllms_401():

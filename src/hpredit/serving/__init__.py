@@ -225,17 +225,12 @@ def _check_editors(
 
 
 def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
-    """The vLLM engine arguments that load the editors: edited architecture, settings, validator.
-
-    Prefix caching is off: cached KV blocks are keyed by token ids only, but an edited prompt's
-    keys and values depend on the request's editor and strength.
-    """
+    """The vLLM engine arguments that load the editors: edited architecture, settings, validator."""
     from .plugin import request_params_name  # optional: the plugin module imports vLLM (the serving extra)
 
     return {
         "hf_overrides": settings.overrides(architecture),
         "logits_processors": [request_params_name(settings.names, settings.max_kl)],
-        "enable_prefix_caching": False,
     }
 
 
@@ -245,10 +240,6 @@ def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
 OWNED = {
     "hf_overrides": ("--hf-overrides", "it selects the edited model and carries the editors"),
     "logits_processors": ("--logits-processors", "it reads each request's editor and strength"),
-    "enable_prefix_caching": (
-        "--enable-prefix-caching",
-        "cached KV blocks are keyed by token ids only, but an edited prompt's keys and values depend on the edit",
-    ),
 }
 #: ``--model-impl`` values that run vLLM's own model classes (where the edit lives)
 MODEL_IMPLS = ("auto", "vllm")
@@ -276,12 +267,15 @@ def llm(
     """
     weights = vllm_kwargs.get("load_format") != "dummy"  # vLLM's random weights: the config is enough
     settings, path, _, arch = checked_settings(editors, model, strength, scope, kl, strict=strict, weights=weights)
-    kwargs = engine_kwargs(settings, arch)
+    kwargs = {**engine_kwargs(settings, arch), "enable_prefix_caching": False}
     clash = sorted(set(kwargs) & set(vllm_kwargs) - {"enable_prefix_caching"})
     if clash:
         raise HpreditError(f"{clash} are set by hpredit and cannot be passed to llm()")
     if vllm_kwargs.get("enable_prefix_caching"):
-        raise HpreditError("prefix caching cannot be used with an editor (the KV cache depends on the strength)")
+        raise HpreditError(
+            "prefix caching cannot be used with llm(): offline requests carry no cache salt of their edit, and a "
+            "cached edited prompt depends on the edit (hpredit serve keeps it on, salted per edit)"
+        )
     if str(vllm_kwargs.get("model_impl", "auto")) not in MODEL_IMPLS:
         raise HpreditError(_model_impl_error(vllm_kwargs["model_impl"]))
     kwargs.update(vllm_kwargs)
@@ -330,7 +324,7 @@ def _serve_argv(
         json.dumps(kwargs["hf_overrides"]),
         "--logits-processors",
         *kwargs["logits_processors"],
-        "--no-enable-prefix-caching",
+        "--enable-prefix-caching",  # exact: the middleware salts each request's cache by its edit
         "--middleware",
         middleware_name(settings.names, settings.max_kl),
     ]

@@ -12,6 +12,15 @@ is not JSON, has no ``vllm_xargs`` or has valid ones; vLLM then validates it as 
 A server with API keys answers a request without a valid key with vLLM's own 401 first: the check
 runs only where vLLM's authentication (further in) would let the request through.
 
+It also keeps vLLM's prefix cache exact: cached KV blocks are keyed by token ids, but an edited
+token's keys and values depend on the edit. So every generation request gets a ``cache_salt``
+derived from its edit (:func:`edit_salt`; vLLM folds the salt into the hash of the first block,
+and so of every block after it): requests share cached blocks only when they ask for the same edit
+(the same editor, strength or cost, and scope; the server's defaults fill the same gaps for all)
+and the same salt of their own, if they give one. A scope that leaves the prompt unedited still
+gets a salt: vLLM also caches the blocks of generated tokens, which a later request (the next turn
+of a chat) sends back as its prompt.
+
 Like :class:`~hpredit.serving.plugin.RequestParams`, the class vLLM loads is named after the
 server's editors and their curves (``RequestCheck_<hex>``), so that loading it by name carries them.
 Pure Python (json, Starlette's types): no engine import.
@@ -19,12 +28,13 @@ Pure Python (json, Starlette's types): no engine import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-from .params import spec_hex, specialised, specialised_by_name, validate_extra_args
+from .params import REQUEST_KEYS, spec_hex, specialised, specialised_by_name, validate_extra_args
 
-__all__ = ["RequestCheck", "middleware_name", "problem", "request_check_class"]
+__all__ = ["RequestCheck", "edit_salt", "middleware_name", "problem", "request_check_class", "salted"]
 
 _PREFIX = "RequestCheck_"
 #: the body key that carries hpredit's request arguments (OpenAI API: completions, chat, responses)
@@ -48,6 +58,65 @@ def problem(body: bytes, editors: tuple[str, ...] | None, max_kl: tuple[float | 
     except ValueError as e:
         return str(e)
     return None
+
+
+#: the endpoints whose requests generate (and take a ``cache_salt``): OpenAI's completions, chat and
+#: responses, Anthropic's messages (the edit in ``vllm_xargs``), and the token-in/token-out endpoint
+#: of ``--enable-scale-out`` (the edit in ``sampling_params.extra_args``)
+SALTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/inference/v1/generate")
+#: what vLLM accepts as a salt (``vllm.entrypoints.generate.base.protocol.validate_cache_salt``)
+_SALT_MAX, _SALT_FORBIDDEN = 128, ("@", "/", "\\", "\x00")
+
+
+def _number(value: Any) -> Any:
+    """A JSON number as a float (1 and 1.0 are the same strength); anything else as it is."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def edit_salt(xargs: dict[str, Any] | None, own_salt: str | None = None) -> str | None:
+    """The cache salt of a request asking for the edit ``xargs`` (its valid ``vllm_xargs``), with the
+    client's own salt ``own_salt`` folded in: equal for equal edits and equal own salts, different
+    otherwise. None where the edit is the identity (``strength`` 0: the unedited model's KV cache)
+    and the client gave no salt."""
+    edit = {k: _number(xargs[k]) for k in REQUEST_KEYS if xargs and k in xargs}
+    if edit.get("strength") == 0.0:
+        edit = {"strength": 0.0}  # strength 0 leaves every token as the unedited model has it
+        if own_salt is None:
+            return None
+    key = json.dumps({"edit": edit, "salt": own_salt}, sort_keys=True)
+    return "hpredit-" + hashlib.sha256(key.encode()).hexdigest()[:48]
+
+
+def _valid_salt(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= _SALT_MAX and not any(c in value for c in _SALT_FORBIDDEN)
+
+
+def _edit_args(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A request's hpredit arguments: ``vllm_xargs``, or the token-in/token-out ``sampling_params.extra_args``."""
+    xargs = data.get(XARGS)
+    if xargs is None and isinstance(data.get("sampling_params"), dict):
+        xargs = data["sampling_params"].get("extra_args")
+    return xargs if isinstance(xargs, dict) else None
+
+
+def salted(body: bytes) -> bytes | None:
+    """A generation request's body with its ``cache_salt`` set from its edit (:func:`edit_salt`), or
+    None to pass it on as sent: not a JSON object, a salt of the client's own that vLLM will refuse,
+    or the identity edit without a salt."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    own = data.get("cache_salt")
+    if own is not None and not _valid_salt(own):
+        return None  # vLLM's own message says what is wrong with it
+    salt = edit_salt(_edit_args(data), own)
+    if salt is None:
+        return None
+    data["cache_salt"] = salt
+    return json.dumps(data).encode()
 
 
 def _error_body(message: str) -> bytes:
@@ -96,18 +165,32 @@ class RequestCheck:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        found = problem(b"".join(chunks), self.editor_names, self.max_kl)
+        body = b"".join(chunks)
+        found = problem(body, self.editor_names, self.max_kl)
         if found is not None and self._authorized(scope):
-            body = _error_body(found)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            error = _error_body(found)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(error)).encode())]
             await send({"type": "http.response.start", "status": 400, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": error})
             return
+        if found is None and messages[-1]["type"] == "http.request":
+            scope, messages = self._salted(scope, body, messages)
 
         async def replay() -> Any:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    def _salted(scope: dict, body: bytes, messages: list) -> tuple[dict, list]:
+        """A generation request with its edit's cache salt: the body (one message) and its length."""
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        new = salted(body) if path in SALTED_PATHS else None
+        if new is None:
+            return scope, messages
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(new)).encode()))
+        return {**scope, "headers": headers}, [{"type": "http.request", "body": new, "more_body": False}]
 
 
 def middleware_name(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None) -> str:
