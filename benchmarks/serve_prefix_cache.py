@@ -106,6 +106,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=6, help="copies of the QA primer in the system prompt")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if not Path(args.editor, "config.json").is_file():
+        ap.error(f"--editor {args.editor!r}: not an editor directory (no config.json)")
+    if args.requests < 2:
+        ap.error(f"--requests must be at least 2 (one cold, then the warm ones), got {args.requests}")
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     load = os.getloadavg()
     system = "\n\n".join([QA_PRIMER] * args.repeat)
     questions = (QUESTIONS * (1 + args.requests // len(QUESTIONS)))[: args.requests]

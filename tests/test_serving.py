@@ -604,6 +604,8 @@ def test_edit_salt_is_equal_exactly_for_equal_edits_and_own_salts():
             {"prompt": "Hi", "cache_salt": "mine", "vllm_xargs": {"strength": 1}},
             ("mine", {"strength": 1}),
         ),
+        ("/v1/completions", {"prompt": "Hi", "cache_salt": None}, {}),  # null: no salt of its own
+        ("/v1/completions", {"prompt": "Hi", "cache_salt": "m", "vllm_xargs": {"strength": 0}}, ("m", {"strength": 0})),
     ],
 )
 def test_request_check_salts_every_generation_request_by_its_edit(path, body, salt):
@@ -623,6 +625,9 @@ def test_request_check_salts_every_generation_request_by_its_edit(path, body, sa
         ("/v1/completions", b'{"prompt": "Hi", "vllm_xargs": {"strength": 0}}'),  # unedited: no salt needed
         ("/v1/completions", b'{"prompt": "Hi", "cache_salt": "a/b"}'),  # vLLM refuses this salt itself
         ("/v1/completions", b'{"prompt": "Hi", "cache_salt": ""}'),
+        ("/v1/completions", b'{"prompt": "Hi", "cache_salt": 123}'),  # not a string
+        ("/v1/completions", b'{"prompt": "Hi", "cache_salt": "' + b"x" * 129 + b'"}'),  # over vLLM's 128
+        ("/v1/completions", b'{"prompt": "Hi", "cache_salt": "a@b"}'),
         ("/v1/completions", b"not json"),
         ("/v1/completions", b"[1, 2]"),
         ("/tokenize", b'{"prompt": "Hi"}'),  # no generation: no salt
@@ -664,3 +669,27 @@ def test_serve_kl_with_an_earlier_artifacts_curve_says_why_it_is_not_used(smol_e
     (old / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["serve", "--editor", str(old), "--kl", "0.1"], capsys)
     _one_line_error(code, err, "its strength → KL curve was saved without a checksum covering it")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--editor", ""], "not an editor directory"),
+        (["--editor", "/nonexistent"], "not an editor directory"),
+        (["--requests", "1"], "--requests must be at least 2"),
+        (["--requests", "-5"], "--requests must be at least 2"),
+        (["--repeat", "0"], "--repeat must be at least 1"),
+        (["--requests", "x"], "invalid int value"),
+    ],
+)
+def test_prefix_cache_benchmark_refuses_bad_arguments_before_any_server(args, message, smol_editor):
+    """benchmarks/serve_prefix_cache.py: a bad argument is argparse's one line and exit status 2, before a
+    server starts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "serve_prefix_cache.py"
+    full = args if args[0] == "--editor" else ["--editor", str(smol_editor), *args]
+    r = subprocess.run([sys.executable, str(script), *full], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

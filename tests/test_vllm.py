@@ -893,6 +893,22 @@ def test_server_prefix_cache_is_on_and_exact_per_edit(server, prompts):
     assert first[2] == 0 and second[2] > 0 and first[0] == second[0] == alone[0][0]
 
 
+@pytest.mark.parametrize(
+    "salt, message",
+    [('""', "cache_salt"), ('"a/b"', "cache_salt"), ("123", "cache_salt"), ('"' + "x" * 129 + '"', "cache_salt")],
+)
+def test_server_a_clients_bad_cache_salt_is_vllms_400_and_it_keeps_serving(server, salt, message):
+    """A salt of the client's own that vLLM refuses is passed on untouched (not replaced by hpredit's): vLLM's
+    400 names it, and the next request is served."""
+    import httpx
+
+    raw = f'{{"model": "{MODEL}", "prompt": "Hello", "max_tokens": 2, "cache_salt": {salt}, "vllm_xargs": {{}}}}'
+    r = httpx.post(server + "/v1/completions", content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and message in r.text, (r.status_code, r.text)
+    ok = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
 def test_serving_docs_curl_example_runs(server):
     """The curl example of docs/serving.md's prefix-caching section, run as written on the test server."""
     import re

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from .checks import MAX_STRENGTH
 from .errors import HpreditError
 
-__all__ = ["JobConfig", "LoadOptions", "comma_list", "editor_dir", "option"]
+__all__ = ["JobConfig", "LoadOptions", "comma_list", "editor_dir", "given_path", "option"]
 
 C = TypeVar("C", bound="JobConfig")
 
@@ -66,11 +66,20 @@ def comma_list(kind: Callable[[str], Any], what: str, *, empty: Any = dataclasse
     return parse
 
 
-def editor_dir(text: str, flag: str = "--editor") -> Path:
-    """``--editor DIR``: refused when empty (``Path("")`` would be the current directory)."""
-    if not text.strip():
-        raise HpreditError(f"{flag}: no directory given")
-    return Path(text)
+def given_path(what: str) -> Callable[[str, str], Path]:
+    """A parser of a path option, refusing empty text (``Path("")`` would be the current directory, and
+    an empty ``--data`` would fall back to the default source unseen): ``{flag}: no {what} given``."""
+
+    def parse(text: str, flag: str) -> Path:
+        if not text.strip():
+            raise HpreditError(f"{flag}: no {what} given")
+        return Path(text)
+
+    return parse
+
+
+#: ``--editor DIR``
+editor_dir = given_path("directory")
 
 
 # --------------------------------------------------------------------------- help shared by several jobs

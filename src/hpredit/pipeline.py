@@ -56,6 +56,7 @@ from .config import (
     LoadOptions,
     comma_list,
     editor_dir,
+    given_path,
     option,
 )
 from .data import (
@@ -254,17 +255,14 @@ class _FitOptions(LoadOptions):
     """What fitting HPR on TruthfulQA takes, in :func:`fit` and :func:`run` alike."""
 
     data: str | Path | None = option(
-        None, "TruthfulQA CSV (default: $HPREDIT_TRUTHFULQA, else the Hugging Face hub).", flags=("--data",)
+        None, "TruthfulQA CSV (default: $HPREDIT_TRUTHFULQA, else the Hugging Face hub).", parse=given_path("file")
     )
     seed: int = option(0, "Seed of the 40/10/50 question split.")
     limit: int | None = option(None, LIMIT_HELP)
     top_k: int = option(5, "Edit the k layers with the best validation probe accuracy.")
     epochs: int = option(5, "Training epochs.")
     batch_size: int = option(16, "Texts per forward pass when collecting.")
-    store_dtype: str = option(
-        "auto",
-        STORE_DTYPE_HELP,
-    )
+    store_dtype: str = option("auto", STORE_DTYPE_HELP)
     force: bool = option(False, FORCE_HELP)
 
     def check(self) -> None:
@@ -425,10 +423,7 @@ class FitConfig(_FitOptions):
 
     out: Path = option(help="Output directory (editor/ inside).", flags=("--out", "-o"))
     pairs: str | Path | ContrastivePairs | None = option(
-        None,
-        "JSONL of {prompt, positive, negative}; default TruthfulQA.",
-        flags=("--pairs",),
-        parse=lambda t, f: Path(t),
+        None, "JSONL of {prompt, positive, negative}; default TruthfulQA.", parse=given_path("file")
     )
     split: str = option("train+val", "TruthfulQA split(s) to fit on, e.g. train+val.")
     layers: tuple[int, ...] | None = option(
@@ -505,7 +500,7 @@ class GenerateConfig(LoadOptions):
     prompts: tuple[str, ...] = option(help="One or more prompts.", argument=True)
     editor: str | Path | Editor = option(help=EDITOR_HELP, flags=("--editor", "-e"), parse=editor_dir, metavar="<path>")
     strength: float = option(DEFAULT_STRENGTH, STRENGTH_HELP, cli_default=None)  # None: not given (see --kl)
-    kl: float | None = option(None, KL_HELP, flags=("--kl",))
+    kl: float | None = option(None, KL_HELP)
     scope: str = option("last-prompt-and-generated", "all, last-prompt-and-generated or generated.")
     max_new_tokens: int = option(40, "Tokens to generate.")
     qa: bool = option(False, "Wrap each prompt in the TruthfulQA QA format (primer, Q:, A:).")

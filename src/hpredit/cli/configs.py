@@ -91,8 +91,6 @@ def _config_from(config: type[JobConfig], values: dict[str, Any]) -> JobConfig:
         parse = fields[name].metadata.get("parse")
         if parse is not None and isinstance(value, str):
             values[name] = parse(value, flag_of(fields[name]))
-        elif fields[name].metadata.get("argument") and isinstance(value, list):
-            values[name] = tuple(value)
     return config(**values)
 
 

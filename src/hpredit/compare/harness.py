@@ -31,7 +31,16 @@ from ..checks import (
     check_unique,
     named,
 )
-from ..config import FORCE_HELP, LIMIT_HELP, STORE_DTYPE_HELP, TASK_DATA_HELP, LoadOptions, comma_list, option
+from ..config import (
+    FORCE_HELP,
+    LIMIT_HELP,
+    STORE_DTYPE_HELP,
+    TASK_DATA_HELP,
+    LoadOptions,
+    comma_list,
+    given_path,
+    option,
+)
 from ..data import ContrastivePairs, split_questions
 from ..editors import Editor
 from ..errors import HpreditError
@@ -71,7 +80,7 @@ class CompareConfig(LoadOptions):
     one protocol are refused under the other (None: not given, the protocol's default)."""
 
     methods: tuple[str, ...] = option(("none", "hpr", "caa", "caa-norm", "iti"), _methods_help, parse=_methods)
-    task: str = option("truthfulqa-mc", task_help, flags=("--task",))
+    task: str = option("truthfulqa-mc", task_help)
     seeds: tuple[int, ...] = option(
         (0, 1, 2), "Comma-separated split seeds; mean ± std over them.", parse=comma_list(int, "integers")
     )
@@ -92,7 +101,6 @@ class CompareConfig(LoadOptions):
         None,
         "Grid only: the largest fluency cost (KL nats/token on neutral text) a chosen strength may have "
         "(default 0.5). Refused with --protocol matched, which reaches given costs: give them as --targets.",
-        flags=("--kl-cap",),
     )
     limit: int | None = option(None, LIMIT_HELP)
     refine: int | None = option(
@@ -104,17 +112,14 @@ class CompareConfig(LoadOptions):
     max_doublings: int | None = option(None, cli=False)
     #: per-method strength grids: (grid) tried as given, no doubling or refining; (matched) the search's warm start
     strengths: Mapping[str, Sequence[float]] | None = option(None, cli=False)
-    data: str | Path | None = option(None, TASK_DATA_HELP, flags=("--data",))
+    data: str | Path | None = option(None, TASK_DATA_HELP, parse=given_path("file"))
     out: str | Path | None = option(
         None,
         "Writes results.json, table.md and a figure (task metric against KL) here.",
         flags=("--out", "-o"),
         cli_default=Path("out/compare"),
     )
-    store_dtype: str = option(
-        "auto",
-        STORE_DTYPE_HELP,
-    )
+    store_dtype: str = option("auto", STORE_DTYPE_HELP)
     force: bool = option(False, FORCE_HELP)
 
     def check(self) -> None:

@@ -32,6 +32,7 @@ from ..config import (
     TASK_DATA_HELP,
     LoadOptions,
     editor_dir,
+    given_path,
     option,
 )
 from ..data import QA_PRIMER
@@ -125,7 +126,7 @@ class EvalConfig(LoadOptions):
     atomically (refused if non-empty unless ``force``); ``batch_size`` does not change MC numbers.
     """
 
-    task: str = option("truthfulqa-mc", task_help, flags=("--task",))
+    task: str = option("truthfulqa-mc", task_help)
     editor: str | Path | Editor | None = option(
         None,
         "Editor directory (or Hub repo id): also evaluate edited, with the difference and its 95% CI.",
@@ -137,17 +138,19 @@ class EvalConfig(LoadOptions):
     seed: int = option(0, "Seed of the question split and of the bootstrap.")
     limit: int | None = option(None, LIMIT_HELP)
     strength: float = option(DEFAULT_STRENGTH, STRENGTH_HELP, cli_default=None)  # None: not given (see --kl)
-    kl: float | None = option(None, KL_HELP, flags=("--kl",))
+    kl: float | None = option(None, KL_HELP)
     scope: str = option("all", "Edited tokens: all (required for MC), last-prompt-and-generated or generated.")
-    data: str | Path | None = option(None, TASK_DATA_HELP, flags=("--data",))
+    data: str | Path | None = option(None, TASK_DATA_HELP, parse=given_path("file"))
     out: str | Path | None = option(
         None, "Write summary.json, per_question.jsonl and split.json here.", flags=("--out", "-o")
     )
     max_new_tokens: int = option(50, "Generation: tokens per answer at most.")
     batch_size: int = option(16, "Questions per batch (speed only; the numbers do not change).")
-    truth_judge: str | None = option(None, "Generation: local HF model judging truthfulness (prompt ends 'True:').")
-    info_judge: str | None = option(
-        None, "Generation: local HF model judging informativeness (prompt ends 'Helpful:')."
+    truth_judge: str | Path | None = option(
+        None, "Generation: local HF model judging truthfulness (prompt ends 'True:').", parse=given_path("model")
+    )
+    info_judge: str | Path | None = option(
+        None, "Generation: local HF model judging informativeness (prompt ends 'Helpful:').", parse=given_path("model")
     )
     #: generation: a callable ``judge(question, answer)`` or ``{"truth": ..., "info": ...}`` (a judge given
     #: as a model's name or directory is loaded as an HFJudge with the template of its name)

@@ -41,16 +41,18 @@ _PREFIX = "RequestCheck_"
 XARGS = "vllm_xargs"
 
 
-def problem(body: bytes, editors: tuple[str, ...] | None, max_kl: tuple[float | None, ...] | None) -> str | None:
-    """What is wrong with the hpredit arguments in a request body, or None (also for a body that is not
-    JSON or has no ``vllm_xargs`` object: vLLM judges those)."""
-    if XARGS.encode() not in body:
-        return None
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The request body as a JSON object, or None (not JSON, or not an object: vLLM judges those)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError), or nested too deep
         return None
-    xargs = data.get(XARGS) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _problem(data: dict[str, Any] | None, editors, max_kl) -> str | None:
+    """:func:`problem` of a body already read as a JSON object (None: not one)."""
+    xargs = data.get(XARGS) if data is not None else None
     if not isinstance(xargs, dict):
         return None
     try:
@@ -58,6 +60,12 @@ def problem(body: bytes, editors: tuple[str, ...] | None, max_kl: tuple[float | 
     except ValueError as e:
         return str(e)
     return None
+
+
+def problem(body: bytes, editors: tuple[str, ...] | None, max_kl: tuple[float | None, ...] | None) -> str | None:
+    """What is wrong with the hpredit arguments in a request body, or None (also for a body that is not
+    JSON or has no ``vllm_xargs`` object: vLLM judges those)."""
+    return _problem(_json_object(body) if XARGS.encode() in body else None, editors, max_kl)
 
 
 #: the endpoints whose requests generate (and take a ``cache_salt``): OpenAI's completions, chat and
@@ -99,16 +107,10 @@ def _edit_args(data: dict[str, Any]) -> dict[str, Any] | None:
     return xargs if isinstance(xargs, dict) else None
 
 
-def salted(body: bytes) -> bytes | None:
-    """A generation request's body with its ``cache_salt`` set from its edit (:func:`edit_salt`), or
-    None to pass it on as sent: not a JSON object, a salt of the client's own that vLLM will refuse,
-    or the identity edit without a salt."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
+def salted(data: dict[str, Any]) -> bytes | None:
+    """A generation request's body (read as a JSON object; its ``cache_salt`` set here) with the salt of
+    its edit (:func:`edit_salt`), or None to pass it on as sent: a salt of the client's own that vLLM
+    will refuse, or the identity edit without a salt."""
     own = data.get("cache_salt")
     if own is not None and not _valid_salt(own):
         return None  # vLLM's own message says what is wrong with it
@@ -117,6 +119,11 @@ def salted(body: bytes) -> bytes | None:
         return None
     data["cache_salt"] = salt
     return json.dumps(data).encode()
+
+
+def _path(scope: dict) -> str:
+    """The request's path below the server's root path."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
 
 
 def _error_body(message: str) -> bytes:
@@ -145,8 +152,7 @@ class RequestCheck:
                 from starlette.datastructures import Headers
                 from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
 
-                path = scope["path"].removeprefix(scope.get("root_path", ""))
-                return not path.startswith(GUARDED_PREFIX) or bool(verify(Headers(scope=scope)))
+                return not _path(scope).startswith(GUARDED_PREFIX) or bool(verify(Headers(scope=scope)))
             node = getattr(node, "app", None)
             if node is None:
                 break
@@ -165,16 +171,17 @@ class RequestCheck:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        found = problem(body, self.editor_names, self.max_kl)
+        body, generates = b"".join(chunks), _path(scope) in SALTED_PATHS
+        data = _json_object(body) if generates or XARGS.encode() in body else None  # read once
+        found = _problem(data, self.editor_names, self.max_kl)
         if found is not None and self._authorized(scope):
             error = _error_body(found)
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(error)).encode())]
             await send({"type": "http.response.start", "status": 400, "headers": headers})
             await send({"type": "http.response.body", "body": error})
             return
-        if found is None and messages[-1]["type"] == "http.request":
-            scope, messages = self._salted(scope, body, messages)
+        if found is None and generates and data is not None and messages[-1]["type"] == "http.request":
+            scope, messages = self._salted(scope, data, messages)
 
         async def replay() -> Any:
             return messages.pop(0) if messages else await receive()
@@ -182,10 +189,9 @@ class RequestCheck:
         await self.app(scope, replay, send)
 
     @staticmethod
-    def _salted(scope: dict, body: bytes, messages: list) -> tuple[dict, list]:
+    def _salted(scope: dict, data: dict[str, Any], messages: list) -> tuple[dict, list]:
         """A generation request with its edit's cache salt: the body (one message) and its length."""
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
-        new = salted(body) if path in SALTED_PATHS else None
+        new = salted(data)
         if new is None:
             return scope, messages
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
