@@ -12,6 +12,7 @@ from .hooks import SCOPES, EditHandle
 from .models import DEFAULT_MODEL, decoder_layers, fingerprint, load_model
 from .pipeline import FitConfig, GenerateConfig, RunConfig, run
 from .results import load_result
+from .variants import Variant, attach_variants
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -28,7 +29,9 @@ __all__ = [
     "HPREditor",
     "HpreditError",
     "RunConfig",
+    "Variant",
     "__version__",
+    "attach_variants",
     "collect_activations",
     "data",
     "decoder_layers",

@@ -10,7 +10,7 @@ from ..results import EvalResult
 from .job import TASKS, evaluate
 from .judges import HFJudge, Judge
 from .metrics import BootstrapCI, mc1, mc2, mc3, mc_metrics, paired_bootstrap, reference_acc
-from .scoring import generate_texts, score_continuations
+from .scoring import generate_texts, score_continuations, score_variants
 from .splits import SPLITS, resolve_split
 from .tasks import Task, get_task, register_task, task_names, unregister_task
 from .truthfulqa import generate_answers, score_truthfulqa_mc, truncate_answer
@@ -36,6 +36,7 @@ __all__ = [
     "register_task",
     "resolve_split",
     "score_continuations",
+    "score_variants",
     "score_truthfulqa_mc",
     "task_names",
     "unregister_task",

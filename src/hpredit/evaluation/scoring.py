@@ -28,11 +28,13 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .. import distributed
+from ..checks import check_count
 from ..errors import HpreditError
 from ..models import backbone, decoder_layers, max_positions, pad_token_id, text_config
 from ..prefix import PrefixCache, cache_kwarg, common_prefix_length, pad_right
+from ..variants import MAX_VARIANTS, Variant, VariantHandle, attach_variants, select_cache_rows
 
-__all__ = ["ContinuationScores", "encode_continuations", "generate_texts", "score_continuations"]
+__all__ = ["ContinuationScores", "encode_continuations", "generate_texts", "score_continuations", "score_variants"]
 
 
 @dataclass(frozen=True)
@@ -116,19 +118,6 @@ def _gaps_are_exact(model: nn.Module, longest: int) -> bool:
     return not sliding or (isinstance(window, int) and window > longest)
 
 
-def _select_rows(cache, rows: torch.Tensor):
-    """A cache holding batch rows ``rows`` (n,) of ``cache``, which is left as it is; the selected
-    rows are new tensors, the unselected ones are not copied."""
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list):
-        new = copy.copy(cache)
-        new.layers = [copy.copy(layer) for layer in layers]
-    else:
-        new = copy.deepcopy(cache)
-    new.batch_select_indices(rows)
-    return new
-
-
 def _token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
     """Cut row indices, sorted longest first, into chunks whose padded size ≤ ``budget`` tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -170,23 +159,60 @@ def score_continuations(
     ``cached=False``: each full text in its own forward pass (the reference). An attached editor
     applies to every forward pass, cached prefixes included.
     """
+    return score_variants(model, tok, items, [Variant()], cached, group_size, batch_tokens, progress, layers_path)[0]
+
+
+@torch.no_grad()
+def score_variants(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[tuple[str, Sequence[str]]],
+    variants: Sequence[Variant],
+    cached: bool = True,
+    group_size: int = 16,
+    batch_tokens: int = 512,
+    progress: bool = False,
+    layers_path: str | None = None,
+    max_variants: int = MAX_VARIANTS,
+    strict: bool = True,
+) -> list[ContinuationScores]:
+    """:func:`score_continuations` under each of ``variants`` (one result each, in order), in one
+    pass per ``max_variants`` of them: the blocks below the first edited one run once per text, the
+    rest once per variant (:func:`hpredit.variants.attach_variants`). Each variant's scores equal
+    its own attached pass up to float32 rounding. ``cached=False``: one reference pass per variant.
+    """
     if group_size < 1 or batch_tokens < 1:
         raise HpreditError(f"group_size and batch_tokens must be at least 1, got {group_size} and {batch_tokens}")
+    check_count(max_variants, "max_variants")
+    variants = list(variants)
     encoded = encode_continuations(tok, items)
     if not encoded:
-        return ContinuationScores([], 0, 0)
+        return [ContinuationScores([], 0, 0) for _ in variants]
     merged = sum(s < len(e.context) for e in encoded for s in e.starts)
     tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
-    bar = distributed.progress(len(encoded), "scoring", unit="question", disable=not progress)
+    passes = (
+        [variants[i : i + max_variants] for i in range(0, len(variants), max_variants)]
+        if cached
+        else [[v] for v in variants]
+    )
+    bar = distributed.progress(len(encoded) * len(passes), "scoring", unit="question", disable=not progress)
+    scores: list[list[list[float]]] = []
     try:
         with distributed.step("scoring"):
-            if cached:
-                results = _CachedScorer(model, tok, encoded, layers_path).run(group_size, batch_tokens, bar)
-            else:
-                results = _score_uncached(model, encoded, bar)
+            for chunk in passes:
+                if cached:
+                    with attach_variants(model, chunk, strict, layers_path) as handle:
+                        results = _CachedScorer(model, tok, encoded, layers_path, handle).run(
+                            group_size, batch_tokens, bar
+                        )
+                else:
+                    with chunk[0].attach(model, strict):
+                        results = [None if r is None else [r] for r in _score_uncached(model, encoded, bar)]
+                per_item = _from_every_rank(results)
+                scores += [[item[k] for item in per_item] for k in range(len(chunk))]
     finally:
         bar.close()
-    return ContinuationScores(_from_every_rank(results), merged, tokens)
+    return [ContinuationScores(s, merged, tokens) for s in scores]
 
 
 def _from_every_rank(results: list) -> list:
@@ -221,8 +247,10 @@ class _CachedScorer:
     """The cached path of :func:`score_continuations`, in three stages: the prefix shared by all
     contexts (once), each group's own context tokens (once per group), the continuation rows."""
 
-    def __init__(self, model: nn.Module, tok, encoded: list[_Encoded], layers_path: str | None):
+    def __init__(self, model: nn.Module, tok, encoded: list[_Encoded], layers_path: str | None, handle: VariantHandle):
         self.model, self.encoded = model, encoded
+        self.width = handle.width if handle.widens else 1  # output rows per input row
+        self.variants = handle.width
         self.device = next(model.parameters()).device
         path, _ = decoder_layers(model, layers_path)
         # Tokens cached per item: everything before its earliest scored token, less one, so that
@@ -236,7 +264,8 @@ class _CachedScorer:
         self.cache_key = cache_kwarg(model)
         self.pad_id = pad_token_id(tok)
 
-    def run(self, group_size: int, batch_tokens: int, bar) -> list[list[float]]:
+    def run(self, group_size: int, batch_tokens: int, bar) -> list[list[list[float]]]:
+        """Per item, per variant (the handle's, in order), the scores of its continuations."""
         if not _gaps_are_exact(self.model, self.longest):
             group_size = 1
         results: list = [None] * len(self.encoded)  # filled for this rank's groups
@@ -263,14 +292,15 @@ class _CachedScorer:
             cache.batch_repeat_interleave(len(members))
         return cache, qmask, qlen
 
-    def _score_group(self, members: list[int], batch_tokens: int) -> list[list[float]]:
-        """Every continuation of the group's items, in token-budgeted chunks on the group's cache."""
+    def _score_group(self, members: list[int], batch_tokens: int) -> list[list[list[float]]]:
+        """Each continuation of the group's items, per item and variant, in token-budgeted chunks on its cache."""
         group_cache, qmask, qlen = self._group_cache(members)
         gaps = bool((qlen != int(qlen.max())).any())
         rows = [(m, j) for m, k in enumerate(members) for j in range(len(self.encoded[k].full))]
         # a row's inputs: the context's last token and the continuation without its last token
         row_tokens = [self.encoded[members[m]].full[j][len(self.cached_context[members[m]]) :] for m, j in rows]
-        scores: dict[tuple[int, int], float] = {}
+        scores: dict[tuple[int, int, int], float] = {}
+        w = self.width
         for chunk in _token_chunks([len(t) - 1 for t in row_tokens], batch_tokens):
             which = torch.tensor([rows[r][0] for r in chunk])
             ids, amask = pad_right([row_tokens[r][:-1] for r in chunk], self.pad_id)
@@ -278,7 +308,7 @@ class _CachedScorer:
             mask = torch.cat([torch.ones((len(chunk), self.shared), dtype=torch.long), qmask[which], amask], dim=1)
             kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "use_cache": True}
             if group_cache is not None:
-                kwargs[self.cache_key] = _select_rows(group_cache, which.to(self.device))
+                kwargs[self.cache_key] = select_cache_rows(group_cache, which.to(self.device), len(members))
             if gaps:
                 start = self.shared + qlen[which]
                 kwargs["position_ids"] = (start[:, None] + torch.arange(ids.shape[1])[None, :]).to(self.device)
@@ -288,10 +318,16 @@ class _CachedScorer:
                 k = members[m]
                 first.append(self.encoded[k].starts[j] - len(self.cached_context[k]) - 1)
                 lengths.append(len(row_tokens[r]) - 1)
-            logits = self.model(**kwargs).logits
-            for r, value in zip(chunk, _row_scores(logits, targets, first, lengths)):
-                scores[rows[r]] = value
-        return [[scores[(m, j)] for j in range(len(self.encoded[k].full))] for m, k in enumerate(members)]
+            logits = self.model(**kwargs).logits  # (w·chunk, seq, vocab), variant-major
+            values = _row_scores(logits, targets.repeat(w, 1), first * w, lengths * w)
+            for v in range(w):
+                for r, value in zip(chunk, values[v * len(chunk) : (v + 1) * len(chunk)]):
+                    scores[(v, *rows[r])] = value
+        # a handle that edits nothing does not widen: its variants share one set of scores
+        return [
+            [[scores[(min(v, w - 1), m, j)] for j in range(len(self.encoded[k].full))] for v in range(self.variants)]
+            for m, k in enumerate(members)
+        ]
 
 
 def _fit_context(max_new_tokens: int, prompt_tokens: int, context: int | None) -> int:

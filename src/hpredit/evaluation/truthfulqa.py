@@ -17,8 +17,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..data import QA_PRIMER, Question, qa_prompt
+from ..variants import MAX_VARIANTS, Variant
 from .metrics import mc_metrics
-from .scoring import ContinuationScores, encode_continuations, generate_texts, score_continuations
+from .scoring import ContinuationScores, encode_continuations, generate_texts, score_continuations, score_variants
 
 __all__ = [
     "ContinuationScores",
@@ -29,6 +30,8 @@ __all__ = [
     "generate_texts",
     "score_continuations",
     "score_truthfulqa_mc",
+    "score_truthfulqa_variants",
+    "score_variants",
     "truncate_answer",
 ]
 
@@ -89,11 +92,36 @@ def score_truthfulqa_mc(
     progress: bool = False,
 ) -> MCScores:
     """Score every answer of each question (TruthfulQA MC protocol; see the module docstring)."""
+    return score_truthfulqa_variants(
+        model, tok, questions, [Variant()], primer, cached, group_size, batch_tokens, progress
+    )[0]
+
+
+def score_truthfulqa_variants(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    questions: Sequence[Question],
+    variants: Sequence[Variant],
+    primer: str = QA_PRIMER,
+    cached: bool = True,
+    group_size: int = 16,
+    batch_tokens: int = 512,
+    progress: bool = False,
+    max_variants: int = MAX_VARIANTS,
+) -> list[MCScores]:
+    """:func:`score_truthfulqa_mc` under each of ``variants``, sharing what they compute alike
+    (:func:`~hpredit.evaluation.scoring.score_variants`): one :class:`MCScores` per variant."""
     cands = [_candidates(q) for q in questions]
     items = [(qa_prompt(q.question, primer), [" " + a for a in c]) for q, c in zip(questions, cands)]
-    result = score_continuations(model, tok, items, cached, group_size, batch_tokens, progress)
-    out = [QuestionScores(q, dict(zip(c, s))) for q, c, s in zip(questions, cands, result.scores)]
-    return MCScores(out, result.merged, result.tokens)
+    results = score_variants(
+        model, tok, items, variants, cached, group_size, batch_tokens, progress, max_variants=max_variants
+    )
+    return [
+        MCScores(
+            [QuestionScores(q, dict(zip(c, s))) for q, c, s in zip(questions, cands, r.scores)], r.merged, r.tokens
+        )
+        for r in results
+    ]
 
 
 # --------------------------------------------------------------------------- generation

@@ -1,0 +1,161 @@
+"""Several edit configurations in one pass (hpredit.variants): equal to each one attached alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpredit.errors import HpreditError
+from hpredit.evaluation.scoring import score_continuations, score_variants
+from hpredit.variants import Variant, attach_variants
+
+from .conftest import ARCHS, random_editor, tiny_model
+
+# The widened pass runs the same edit functions on the same rows; what can differ is the float32
+# rounding of matrix products over K·n rows instead of n (another blocking of the same sums). On
+# these tiny models (logits of order 10) that is a few 1e-6; the bound leaves a 50× margin on
+# logits and a relative 1e-5 on summed log-probabilities.
+LOGIT_TOL = 2e-4
+SCORE_RTOL = 1e-5
+
+
+def _variants(model):
+    hpr = random_editor("hpr", model, layers=[1, 2])
+    iti = random_editor("iti", model)  # heads at layer 0: the widening starts at the first block's input
+    caa = random_editor("caa", model, layers=[2])
+    return [Variant(), Variant(hpr, 0.5), Variant(iti, 1.0), Variant(caa, 0.3), Variant(hpr, -2.0)]
+
+
+def _alone(model, variant, **inputs):
+    with variant.attach(model):
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_widened_logits_equal_each_variant_alone(arch, side):
+    model = tiny_model(arch)
+    variants = _variants(model)
+    ids = torch.randint(2, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0 if side == "left" else 1
+    if side == "right":
+        mask[0, -3:] = 0
+    with torch.no_grad():
+        with attach_variants(model, variants) as handle:
+            widened = model(input_ids=ids, attention_mask=mask).logits
+            assert widened.shape[0] == len(variants) * 3
+            per_variant = handle.split(widened)
+        for v, got in zip(variants, per_variant):
+            ref = _alone(model, v, input_ids=ids, attention_mask=mask)
+            assert ((got - ref).abs() * mask[..., None]).max() <= LOGIT_TOL
+        plain = model(input_ids=ids, attention_mask=mask).logits  # detached: the model as before
+        assert torch.equal(plain, _alone(model, Variant(), input_ids=ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_widened_kv_cache_continues_each_variant(arch):
+    model = tiny_model(arch)
+    variants = _variants(model)
+    ids = torch.randint(2, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with attach_variants(model, variants) as handle:
+            first = model(input_ids=ids[:, :6], use_cache=True)
+            second = model(input_ids=ids[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+            per_variant = handle.split(second.logits)
+        for v, got in zip(variants, per_variant):
+            assert (got - _alone(model, v, input_ids=ids)[:, 6:]).abs().max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_widened_low_precision_is_finite_and_matches(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    variants = _variants(model)
+    ids = torch.randint(2, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), attach_variants(model, variants) as handle:
+        per_variant = handle.split(model(input_ids=ids).logits)
+    for v, got in zip(variants, per_variant):
+        ref = _alone(model, v, input_ids=ids)
+        assert torch.isfinite(got).all()
+        # half precision: the same rounding bound relative to its own epsilon
+        assert (got.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+
+
+def test_score_variants_equal_each_variant_alone_and_the_reference(model_tok):
+    model, tok = model_tok
+    variants = _variants(model)
+    items = [
+        ("Q: What is the capital of France?\nA:", [" Paris", " Lyon is big", " I have no comment."]),
+        ("Q: Who wrote Hamlet and many other plays?\nA:", [" Shakespeare", " Marlowe did"]),
+        ("Q: Why?\nA:", [" Because.", " No reason at all, really"]),
+    ]
+    # small groups and token budgets: padding between contexts and continuations, several chunks
+    many = score_variants(model, tok, items, variants, group_size=2, batch_tokens=8)
+    two_passes = score_variants(model, tok, items, variants, group_size=2, batch_tokens=8, max_variants=2)
+    for v, got, split in zip(variants, many, two_passes):
+        with v.attach(model):
+            ref = score_continuations(model, tok, items, group_size=2, batch_tokens=8)
+            plain = score_continuations(model, tok, items, cached=False)
+        for g, s, r, p in zip(got.scores, split.scores, ref.scores, plain.scores):
+            for x, y, z, w in zip(g, s, r, p):
+                assert abs(x - z) <= SCORE_RTOL * (1 + abs(z))
+                assert abs(y - z) <= SCORE_RTOL * (1 + abs(z))
+                assert abs(x - w) <= SCORE_RTOL * (1 + abs(w))
+    assert many[1].scores != many[0].scores  # the edit changes something
+
+
+def test_nothing_edited_does_not_widen(model_tok):
+    model, _ = model_tok
+    ed = random_editor("hpr", model)
+    ids = torch.randint(2, 100, (2, 5))
+    with torch.no_grad(), attach_variants(model, [Variant(), Variant(ed, 0.0)]) as handle:
+        assert not handle.widens
+        out = model(input_ids=ids).logits
+    assert out.shape[0] == 2 and len(handle.split(out)) == 2
+
+
+def test_bad_variants_are_refused(model_tok):
+    model, _ = model_tok
+    ed = random_editor("hpr", model)
+    with pytest.raises(HpreditError, match="scope must be 'all'"):
+        attach_variants(model, [Variant(), Variant(ed, 1.0, scope="generated")])
+    with pytest.raises(HpreditError, match="strength must be a number"):
+        Variant(ed, float("nan"))
+    with pytest.raises(HpreditError, match="unknown scope"):
+        Variant(ed, 1.0, scope="nope")
+    with pytest.raises(HpreditError, match="must be an Editor"):
+        Variant("editor-dir", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(HpreditError, match="variants"):
+        attach_variants(model, [])
+    with pytest.raises(HpreditError, match="one per variant"):
+        attach_variants(model, [Variant(), Variant(ed)], observers=[None])
+    with pytest.raises(HpreditError, match="expected Variant"):
+        attach_variants(model, [ed])  # type: ignore[list-item]
+
+
+def test_generate_is_refused_while_widened_and_restored_after(model_tok):
+    model, _ = model_tok
+    ed = random_editor("hpr", model)
+    ids = torch.randint(2, 100, (1, 4))
+    with attach_variants(model, [Variant(), Variant(ed, 1.0)]):
+        with pytest.raises(HpreditError, match="generate"):
+            model.generate(ids, max_new_tokens=2)
+    assert "generate" not in vars(model)
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
+
+
+def test_observers_see_each_variant_rows(model_tok):
+    model, _ = model_tok
+    ed = random_editor("hpr", model, layers=[1])
+    seen: dict[int, list] = {0: [], 1: []}
+
+    def observer(k):
+        return lambda layer, before, after, attention: seen[k].append((layer, before.shape[0]))
+
+    ids = torch.randint(2, 100, (2, 5))
+    with (
+        torch.no_grad(),
+        attach_variants(model, [Variant(ed, 0.5), Variant(ed, 1.0)], observers=[observer(0), observer(1)]),
+    ):
+        model(input_ids=ids)
+    assert seen == {0: [(1, 2)], 1: [(1, 2)]}
