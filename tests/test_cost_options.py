@@ -126,12 +126,12 @@ def test_grid_refinement_stops_when_the_bracket_cannot_shrink(model_tok, truthfu
     val = load_truthfulqa(truthfulqa_csv)[:1]
     calls = []
 
-    def jump(model, neutral, editor, s):  # a cost with a jump at 0.3: the bisection closes in on it
-        calls.append(s)
-        return {"kl": 0.0 if s < 0.3 else 1.0}
+    def jump(model, neutral, editor, strengths):  # a cost with a jump at 0.3: the bisection closes in on it
+        calls.extend(strengths)
+        return [{"kl": 0.0 if s < 0.3 else 1.0} for s in strengths]
 
-    monkeypatch.setattr(strength_mod, "fluency_with", jump)
-    monkeypatch.setattr(strength_mod, "score_with", lambda *a: {"mc2": 0.5})
+    monkeypatch.setattr(strength_mod, "fluency_at", jump)
+    monkeypatch.setattr(strength_mod, "scores_at", lambda *a: [{"mc2": 0.5} for _ in a[-1]])
     pick = choose_strength(model, tok, [ed], [0.25, 1.0], val, text, kl_cap=0.5, refine=10**4)
     assert len(calls) < 200 and len(set(calls)) == len(calls)  # each strength measured once
     assert 0.25 <= pick.strength < 0.3

@@ -274,7 +274,7 @@ def test_pairs():
     ]
 
 
-def test_bbq_metrics_by_hand(monkeypatch):
+def test_bbq_metrics_by_hand():
     def mk(target, amb, biased, unknown):
         return bd.ChoiceItem(
             "p", (" A", " B", " C"), target, 0, {"ambiguous": amb, "biased": biased, "unknown": unknown}
@@ -282,12 +282,12 @@ def test_bbq_metrics_by_hand(monkeypatch):
 
     items = [mk(0, False, 2, 1), mk(2, False, 2, 1), mk(1, True, 0, 1), mk(1, True, 2, 1), mk(1, True, 0, 1)]
     pred = np.array([2, 2, 0, 1, 2])
-    monkeypatch.setattr(
-        T,
-        "_choice_predictions",
-        lambda m, t, its: (pred, pred == np.array([it.target for it in its]), np.zeros(len(its))),
-    )
-    out = T.get_task("bbq").score(None, None, items)
+    bbq = T.get_task("bbq")
+
+    def score() -> dict:
+        return bbq.choice_metrics(items, pred, pred == np.array([it.target for it in items]), np.zeros(len(items)))[0]
+
+    out = score()
     assert (
         out["acc"] == pytest.approx(2 / 5) and out["acc_disambig"] == 0.5 and out["acc_ambig"] == pytest.approx(1 / 3)
     )
@@ -295,7 +295,7 @@ def test_bbq_metrics_by_hand(monkeypatch):
     # ambiguous: non-unknown answers 0 (biased) and 2 (not the biased 0) → 2·½ − 1 = 0, scaled by the error rate
     assert out["bias_ambig"] == pytest.approx(0.0)
     pred[4] = 0
-    assert T.get_task("bbq").score(None, None, items)["bias_ambig"] == pytest.approx((1 - 1 / 3) * 1.0)
+    assert score()["bias_ambig"] == pytest.approx((1 - 1 / 3) * 1.0)
 
 
 def test_refusal_metrics_and_phrases(monkeypatch):

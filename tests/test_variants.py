@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from hpredit.errors import HpreditError
 from hpredit.evaluation.scoring import score_continuations, score_variants
+from hpredit.results import EvalResult
 from hpredit.variants import Variant, attach_variants
 
-from .conftest import ARCHS, random_editor, tiny_model
+from .conftest import ARCHS, random_editor, random_hpr, tiny_model
 
 # The widened pass runs the same edit functions on the same rows; what can differ is the float32
 # rounding of matrix products over K·n rows instead of n (another blocking of the same sums). On
@@ -159,3 +162,90 @@ def test_observers_see_each_variant_rows(model_tok):
     ):
         model(input_ids=ids)
     assert seen == {0: [(1, 2)], 1: [(1, 2)]}
+
+
+# --------------------------------------------------------------------------- the sweep in evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return tiny_model("llama", vocab=len(tokenizer))
+
+
+def test_evaluate_sweep_equals_one_strength_at_a_time(tiny, tokenizer, truthfulqa_csv, tmp_path):
+    from hpredit.evaluation import evaluate
+    from hpredit.evaluation.side_effects import fluency_cost, neutral_text
+
+    editor = random_hpr(tiny)
+    common = dict(model=tiny, tokenizer=tokenizer, task="truthfulqa-mc", split="all", limit=3, data=truthfulqa_csv)
+    strengths = [0.5, 2.0, -1.0]
+    out = tmp_path / "sweep"
+    sweep = evaluate(**common, editor=editor, strengths=strengths, out=out, show=False, bootstrap_resamples=100)
+    rows = {r["strength"]: r for r in sweep["sweep"]}
+    assert list(rows) == strengths and sweep["editor"]["strength"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["per_question.jsonl", "split.json", "summary.json", "sweep.png"]
+    per_q = [json.loads(line) for line in (out / "per_question.jsonl").read_text().splitlines()]
+    neutral = neutral_text(tiny, tokenizer)
+    for s in strengths:
+        alone = evaluate(**common, editor=editor, strength=s, show=False, bootstrap_resamples=100)
+        for name, value in alone.metrics["edited"].items():
+            assert rows[s]["metrics"][name] == pytest.approx(value, abs=1e-6)
+            assert rows[s]["difference"][name]["mean"] == pytest.approx(alone.metrics["difference"][name]["mean"])
+        for mine, theirs in zip(per_q, alone.per_question):
+            for a, b in zip(mine["answers"], theirs["answers"]):
+                assert a["score"][f"strength {s:g}"] == pytest.approx(b["score"]["edited"], rel=SCORE_RTOL)
+                assert a["score"]["unedited"] == pytest.approx(b["score"]["unedited"], rel=SCORE_RTOL)
+        with editor.attach(tiny, strength=s):
+            assert rows[s]["kl"] == pytest.approx(fluency_cost(tiny, neutral)["kl"], rel=1e-4, abs=1e-7)
+    assert sweep.metrics["unedited"] == alone.metrics["unedited"]
+    table = sweep.table()
+    assert [c.header for c in table.columns][:2] == ["strength", "mc1"] and table.row_count == 4
+    assert EvalResult.load(out).summary["sweep"] == sweep["sweep"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        ({"strengths": []}, "needs at least one value"),
+        ({"strengths": 0.5}, "must be a list of numbers"),
+        ({"strengths": [0.5, "x"]}, "each of strengths must be a number"),
+        ({"strengths": [0.5, 0.5]}, "lists a strength twice"),
+        ({"strengths": [0.5, 1e9]}, "each of strengths must be a number between"),
+        ({"strengths": [0.5], "editor": None}, "needs an editor"),
+        ({"strengths": [0.5], "kl": 0.1}, "not both"),
+        ({"strengths": [0.5], "max_variants": 0}, "max_variants"),
+    ],
+)
+def test_evaluate_sweep_bad_input(fields, pattern):
+    from hpredit.evaluation.job import EvalConfig
+
+    with pytest.raises(HpreditError, match=pattern):
+        EvalConfig(**{"editor": "some/dir", **fields})
+
+
+def test_cli_eval_strengths(tiny, tokenizer, truthfulqa_csv, tmp_path, capsys):
+    from hpredit.cli import main
+
+    tiny.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    random_hpr(tiny).save_pretrained(tmp_path / "editor")
+    base = ["eval", "--model", str(tmp_path / "model"), "--editor", str(tmp_path / "editor")]
+    base += ["--data", str(truthfulqa_csv), "--limit", "1", "--no-strict"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--strengths", "0.5,2", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 0
+    shown = capsys.readouterr().out
+    assert "strength" in shown and "KL" in shown and "unedited" in shown
+    assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["strength"] for r in summary["sweep"]] == [0.5, 2.0] and "--strengths 0.5,2" in summary["command"]
+    for bad, message in (
+        (["--strengths", "0.5,abc"], "--strengths must be comma-separated numbers"),
+        (["--strengths", "0.5", "--kl", "0.1"], "give --strengths or --kl, not both"),
+        (["--strengths", "1,1"], "--strengths lists a strength twice"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, *bad])
+        assert exc.value.code != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

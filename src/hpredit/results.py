@@ -39,6 +39,7 @@ __all__ = [
     "RunResult",
     "StrengthChoice",
     "load_result",
+    "sweep_figure",
     "to_jsonable",
     "write_json",
 ]
@@ -401,6 +402,8 @@ class EvalResult:
             lines = (json.dumps(row, ensure_ascii=False, default=to_jsonable) + "\n" for row in self.per_question)
             write_text_atomic(tmp / "per_question.jsonl", "".join(lines))
             write_json(tmp / "split.json", self.split)
+            if self.summary.get("sweep"):
+                sweep_figure(self.summary, tmp / "sweep.png")
         return out
 
     @classmethod
@@ -446,6 +449,11 @@ class EvalResult:
         _field(where, d, "editor", "an object or null", optional=True)
         _field(where, d, "data", "an object or null", optional=True)
         _field(where, d, "timing_s", "an object", optional=True)
+        for i, row in enumerate(_rows(where, d, "sweep", optional=True)):
+            _field(where, row, "strength", "a number", f"sweep[{i}].")
+            _field(where, row, "kl", "a number", f"sweep[{i}].")
+            _field(where, row, "metrics", "an object", f"sweep[{i}].")
+            _field(where, row, "difference", "an object", f"sweep[{i}].")
 
     def table(self):
         """A rich table: each headline metric unedited, edited, difference and its CI."""
@@ -457,12 +465,15 @@ class EvalResult:
         if s.get("editor"):
             e = s["editor"]
             asked = f" (from KL {e['kl']:g})" if e.get("kl") is not None else ""
-            caption += f"; {e['method']} layers {e['layers']}, strength {e['strength']}{asked}, scope {e['scope']}"
+            at = "" if e.get("strength") is None else f", strength {e['strength']}{asked}"
+            caption += f"; {e['method']} layers {e['layers']}{at}, scope {e['scope']}"
+        names = [k for k in s.get("headline", m["unedited"]) if m["unedited"].get(k) is not None]
+        names += [k for k in m["unedited"] if (k.startswith("judge_") or k == "truth_x_info") and k not in names]
+        if s.get("sweep"):
+            return self._sweep_table(title, caption, names)
         table = Table(title=title, caption=caption)
         table.add_column("metric")
         table.add_column("unedited", justify="right")
-        names = [k for k in s.get("headline", m["unedited"]) if m["unedited"].get(k) is not None]
-        names += [k for k in m["unedited"] if (k.startswith("judge_") or k == "truth_x_info") and k not in names]
         if "edited" in m:
             table.add_column("edited", justify="right")
             table.add_column("edited − unedited", justify="right")
@@ -484,6 +495,60 @@ class EvalResult:
                 ]
             table.add_row(*row)
         return table
+
+    def _sweep_table(self, title: str, caption: str, names: list[str]):
+        """A strength sweep: a row per strength (unedited first), each metric with its difference
+        from unedited, and the fluency cost (KL nats/token and perplexity on neutral text, scope all)."""
+        unedited = self.metrics["unedited"]
+        table = Table(title=title, caption=caption + "; KL and perplexity on neutral text, scope all")
+        for column in ("strength", *names, "KL", "ppl"):
+            table.add_column(column, justify="right")
+
+        def cell(value: float | None, diff: float | None = None) -> str:
+            if value is None:
+                return "–"
+            return f"{value:.4f}" + ("" if diff is None else f" ({diff:+.4f})")
+
+        table.add_row("unedited", *(cell(unedited[n]) for n in names), "0", "")
+        for row in self.summary["sweep"]:
+            d = row["difference"]
+            values = (cell(row["metrics"].get(n), d.get(n, {}).get("mean")) for n in names)
+            table.add_row(f"{row['strength']:g}", *values, f"{row['kl']:.4f}", f"{row['ppl']:.2f}")
+        return table
+
+
+def sweep_figure(summary: dict, path: Path) -> bool:
+    """A strength sweep's figure: the primary (first headline) metric against the strength, with the
+    unedited value as a line, and the fluency cost (KL on neutral text) on a second axis. False
+    without matplotlib (the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = summary["sweep"]
+    key = (summary.get("headline") or list(summary["metrics"]["unedited"]))[0]
+    strengths = [r["strength"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(strengths, [r["metrics"].get(key) for r in rows], "o-", color="C0", label=f"{key} (edited)")
+    if summary["metrics"]["unedited"].get(key) is not None:
+        ax.axhline(summary["metrics"]["unedited"][key], color="C0", linestyle=":", label=f"{key} unedited")
+    ax.set_xlabel("strength")
+    ax.set_ylabel(key, color="C0")
+    kl_ax = ax.twinx()
+    kl_ax.plot(strengths, [r["kl"] for r in rows], "s--", color="C1", label="KL (neutral text)")
+    kl_ax.set_ylabel("KL nats/token on neutral text", color="C1")
+    editor = summary.get("editor") or {}
+    ax.set_title(f"{summary.get('task', '')}: {editor.get('method', 'editor')} strength sweep")
+    lines = ax.get_legend_handles_labels()
+    kl_lines = kl_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + kl_lines[0], lines[1] + kl_lines[1], loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------- compare

@@ -33,7 +33,7 @@ from .editors.base import Editor
 from .errors import HpreditError
 from .hooks import EditObserver, LayerEdit, refresh_compiled_graphs, untuple
 
-__all__ = ["MAX_VARIANTS", "Variant", "VariantHandle", "attach_variants", "select_cache_rows"]
+__all__ = ["MAX_VARIANTS", "Variant", "VariantHandle", "attach_variants", "observers_for", "select_cache_rows"]
 
 #: The default bound on variants widened into one pass: memory (logits, KV cache of the blocks above
 #: the split) grows with it. 16 variants of SmolLM2-135M score TruthfulQA MC in about 6 GB.
@@ -266,6 +266,15 @@ class VariantHandle:
         self.remove()
 
 
+def observers_for(observers: Sequence[EditObserver | None] | None, count: int) -> list[EditObserver | None]:
+    """One observer (or None) per variant: ``observers`` as a list, or ``count`` Nones; refused when
+    the counts differ."""
+    watch: list[EditObserver | None] = list(observers) if observers is not None else [None] * count
+    if len(watch) != count:
+        raise HpreditError(f"{len(watch)} observers for {count} variants: give one per variant")
+    return watch
+
+
 def attach_variants(
     model: nn.Module,
     variants: Sequence[Variant],
@@ -290,9 +299,7 @@ def attach_variants(
                 f"several variants in one pass edit every token: scope must be 'all', got {v.scope!r} "
                 "(run other scopes one variant at a time)"
             )
-    if observers is not None and len(observers) != len(variants):
-        raise HpreditError(f"{len(observers)} observers for {len(variants)} variants: give one per variant")
-    return VariantHandle(model, variants, strict, layers_path, observers)
+    return VariantHandle(model, variants, strict, layers_path, observers_for(observers, len(variants)))
 
 
 def _cache_layers(cache) -> list | None:

@@ -10,6 +10,7 @@ the KL cap, one point per method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,13 +43,13 @@ from ..config import (
     option,
 )
 from ..data import ContrastivePairs, split_questions
-from ..editors import Editor
 from ..errors import HpreditError
-from ..evaluation.side_effects import EditProfile, neutral_text, norm_drift
+from ..evaluation.side_effects import EditProfile, fluency_costs, neutral_text, norm_drift
 from ..evaluation.tasks import Task, get_task, task_help
 from ..models import fingerprint, load_model
 from ..preflight import check_model, check_out, model_and_fields
 from ..results import CompareResult, CompareRow, Provenance
+from ..variants import Variant
 from .methods import METHODS, SeedFits
 from .protocols import (
     DEFAULT_PROTOCOL,
@@ -61,7 +62,6 @@ from .protocols import (
     resolve_search,
     write_results,
 )
-from .strength import fluency_with
 
 __all__ = ["CompareConfig", "compare", "merge"]
 
@@ -240,14 +240,13 @@ def _run_method(
                 log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
                 progress=step,
             )
-        measured: list[tuple[Choice, _Measured | None]] = []
-        for c in choices:
-            if c.editor is None and c.status not in ("unedited", None):  # nothing reached this target
-                measured.append((c, None))
-                continue
-            at = "unedited" if c.editor is None else f"strength {c.strength:.4g}"
-            step(f"test {run.ctx.task.primary}" + (f" at KL {c.target}" if c.target is not None else "") + f" ({at})")
-            measured.append((c, _measure(run, split.test, c.editor, c.strength)))
+        # nothing reached a target whose choice has no editor (other than the unedited model's)
+        todo = [c for c in choices if c.editor is not None or c.status in ("unedited", None)]
+        if todo:
+            at = ", ".join("unedited" if c.editor is None else f"strength {c.strength:.4g}" for c in todo)
+            step(f"test {run.ctx.task.primary} ({at})")
+        done = dict(zip(map(id, todo), _measure_all(run, split.test, todo)))
+        measured = [(c, done.get(id(c))) for c in choices]
     rows = [_row(split.seed, name, c, m, round(time.time() - t0, 1)).to_json() for c, m in measured]
     for row in rows:
         if row["test"] is not None:
@@ -311,18 +310,25 @@ class _Measured:
     profile: dict | None
 
 
-def _measure(run: _Run, items: list, editor: Editor | None, strength: float) -> _Measured:
-    """The task on ``items`` with ``editor`` at ``strength`` (None: unedited), and its side effects."""
+def _measure_all(run: _Run, items: list, choices: Sequence[Choice]) -> list[_Measured]:
+    """The task on ``items`` under each choice's editor at its strength (None: unedited), all scored
+    together (:meth:`~hpredit.evaluation.tasks.Task.score_variants`), their fluency costs in one
+    widened pass, and each edit's norm drift and profile."""
     model, tok, task, neutral = run.ctx.model, run.ctx.tok, run.ctx.task, run.ctx.neutral
-    if editor is None:
-        test, per_item = task.score_items(model, tok, items)
-        return _Measured(test, per_item, fluency_with(model, neutral, None, strength), {}, None)
-    profile = EditProfile()
-    with editor.attach(model, strength=strength, scope="all", observe=profile):
-        test, per_item = task.score_items(model, tok, items)
-    cost = fluency_with(model, neutral, editor, strength)
-    drift = norm_drift(model, neutral, lambda: editor.attach(model, strength=strength, scope="all"))
-    return _Measured(test, per_item, cost, drift, profile.summary())
+    if not choices:
+        return []
+    variants = [Variant(c.editor, c.strength) for c in choices]
+    profiles = [None if c.editor is None else EditProfile() for c in choices]
+    scored = task.score_variants(model, tok, items, variants, observers=profiles)
+    costs = fluency_costs(model, neutral, variants)
+    out = []
+    for c, (test, per_item), cost, profile in zip(choices, scored, costs, profiles):
+        if c.editor is None or profile is None:
+            out.append(_Measured(test, per_item, cost, {}, None))
+            continue
+        drift = norm_drift(model, neutral, functools.partial(c.editor.attach, model, strength=c.strength, scope="all"))
+        out.append(_Measured(test, per_item, cost, drift, profile.summary()))
+    return out
 
 
 def compare(

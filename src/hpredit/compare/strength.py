@@ -20,8 +20,9 @@ from transformers import PreTrainedTokenizerBase
 from ..checks import MAX_STRENGTH, check_count, check_kl_targets, check_kl_tol
 from ..editors import Editor
 from ..editors.kl_curve import KLCurve
-from ..evaluation.side_effects import NeutralText, fluency_cost
+from ..evaluation.side_effects import NeutralText, fluency_cost, fluency_costs
 from ..evaluation.tasks import Task, get_task
+from ..variants import Variant
 
 __all__ = [
     "KL_TOL",
@@ -29,11 +30,13 @@ __all__ = [
     "TARGETS",
     "TargetHit",
     "choose_strength",
+    "fluency_at",
     "fluency_with",
     "match_cost",
     "match_targets",
     "neutral_note",
     "score_with",
+    "scores_at",
 ]
 
 
@@ -45,6 +48,16 @@ def score_with(
         return task.score(model, tok, items)
     with editor.attach(model, strength=strength, scope="all"):
         return task.score(model, tok, items)
+
+
+def fluency_at(model: nn.Module, neutral: NeutralText, editor: Editor, strengths: Sequence[float]) -> list[dict]:
+    """:func:`fluency_with` at each of ``strengths``, in one widened pass (:func:`fluency_costs`)."""
+    return fluency_costs(model, neutral, [Variant(editor, s) for s in strengths])
+
+
+def scores_at(model: nn.Module, tok, task: Task, items: list, editor: Editor, strengths: Sequence[float]) -> list[dict]:
+    """:func:`score_with` at each of ``strengths``, scored together (:meth:`Task.score_variants`)."""
+    return [metrics for metrics, _ in task.score_variants(model, tok, items, [Variant(editor, s) for s in strengths])]
 
 
 def fluency_with(model: nn.Module, neutral: NeutralText, editor: Editor | None, strength: float) -> dict[str, float]:
@@ -97,26 +110,34 @@ class _Search:
 
     def attempt(self, ed: Editor, s: float) -> bool:
         """Measure one setting; whether it is under the cap."""
+        return self.attempt_all(ed, [s])[0]
+
+    def attempt_all(self, ed: Editor, strengths: list[float]) -> list[bool]:
+        """Measure several settings of ``ed`` (their KL in one widened pass, then the validation
+        score of those under the cap in another); whether each is under the cap."""
         key = self.task.primary
         if self.progress is not None:
-            self.progress(f"strength {s}: KL")
-        cost = fluency_with(self.model, self.neutral, ed, s)
-        if self.progress is not None and cost["kl"] <= self.kl_cap:
-            self.progress(f"strength {s}: val {key}")
-        val = score_with(self.model, self.tok, self.task, self.val_items, ed, s) if cost["kl"] <= self.kl_cap else None
+            self.progress(f"strength {', '.join(f'{s}' for s in strengths)}: KL")
+        costs = fluency_at(self.model, self.neutral, ed, strengths)
+        under = [s for s, c in zip(strengths, costs) if c["kl"] <= self.kl_cap]
+        if self.progress is not None and under:
+            self.progress(f"strength {', '.join(f'{s}' for s in under)}: val {key}")
+        vals = dict(zip(under, scores_at(self.model, self.tok, self.task, self.val_items, ed, under) if under else []))
         k = len(getattr(ed, "heads", [])) or None
-        self.tried.append({"strength": s, "k": k, "kl": cost["kl"], "val": val})
-        self.editors.append(ed)
-        self.log(
-            f"strength {s}{f' K={k}' if k else ''} KL {cost['kl']:.4f} "
-            + (f"val {key} {val[key]:.4f}" if val else f"over the cap {self.kl_cap}")
-        )
-        return val is not None
+        for s, cost in zip(strengths, costs):
+            val = vals.get(s)
+            self.tried.append({"strength": s, "k": k, "kl": cost["kl"], "val": val})
+            self.editors.append(ed)
+            self.log(
+                f"strength {s}{f' K={k}' if k else ''} KL {cost['kl']:.4f} "
+                + (f"val {key} {val[key]:.4f}" if val else f"over the cap {self.kl_cap}")
+            )
+        return [s in vals for s in strengths]
 
     def grid(self, ed: Editor, grid: list[float], max_doublings: int, max_halvings: int) -> list[dict]:
         """The grid, doubled past its top while still under the cap (``max_doublings`` times at
         most), halved below its bottom while all is over it (``max_halvings`` times); the rows of ``ed``."""
-        under = [self.attempt(ed, s) for s in grid]
+        under = self.attempt_all(ed, grid)
         s, n = grid[-1], 0
         while under[-1] and n < max_doublings:  # still under the cap: go stronger
             s, n = 2 * s, n + 1
@@ -235,6 +256,7 @@ def match_targets(
     steps: int = 4,
     max_doublings: int = 6,
     max_strength: float = MAX_STRENGTH,
+    costs: Callable[[list[float]], list[float]] | None = None,
 ) -> tuple[list[TargetHit], list[tuple[float, float]]]:
     """For each target, a strength ``s > 0`` with ``|cost(s) − target| ≤ tol · target``.
 
@@ -249,7 +271,8 @@ def match_targets(
     always shrinks (bisection where the interpolation would stall; once it is down to float
     resolution the search stops there, whatever the budget). A cost that is not monotone is
     handled by bracketing the first crossing. Targets beyond every measured cost are reported as
-    ``unreachable`` with the largest cost reached.
+    ``unreachable`` with the largest cost reached. ``costs`` (optional): the cost of several
+    strengths at once (``costs(strengths)``), used for the ``start`` strengths.
 
     Returns:
         ``(hits, points)``: one :class:`TargetHit` per target (in the order given) and every
@@ -268,7 +291,12 @@ def match_targets(
             points.append((s, measured[s]))
         return measured[s]
 
-    for s in sorted({float(x) for x in start if x > 0}):
+    first = sorted({float(x) for x in start if x > 0})
+    if costs is not None and first:
+        for s, c in zip(first, costs(first)):
+            measured[s] = max(0.0, float(c))
+            points.append((s, measured[s]))
+    for s in first:
         measure(s)
     if not measured:
         measure(min(1.0, max_strength))
@@ -351,7 +379,15 @@ def match_cost(
             log(f"strength {s:.4g}{f' K={k}' if k else ''} KL {kl:.4f}")
             return kl
 
-        hits, points = match_targets(cost, targets, start, tol, steps)
+        def costs(strengths: list[float], ed: Editor = ed, k: int | None = k) -> list[float]:
+            if progress is not None:
+                progress(f"strength {', '.join(f'{s:.4g}' for s in strengths)}: KL")
+            kls = [c["kl"] for c in fluency_at(model, neutral, ed, strengths)]
+            for s, kl in zip(strengths, kls):
+                log(f"strength {s:.4g}{f' K={k}' if k else ''} KL {kl:.4f}")
+            return kls
+
+        hits, points = match_targets(cost, targets, start, tol, steps, costs=costs)
         ed.kl_curve = KLCurve.from_points(points, neutral_note(neutral))
         tried += [{"strength": s, "k": k, "kl": kl} for s, kl in points]
         per_editor.append(hits)
@@ -366,7 +402,10 @@ def match_cost(
             continue
         ed, hit = reached[0]
         if len(reached) > 1 and val_items:
-            scores = [score_with(model, tok, the_task, val_items, e, h.strength)[the_task.primary] for e, h in reached]
+            together = [Variant(e, h.strength) for e, h in reached]
+            scores = [
+                metrics[the_task.primary] for metrics, _ in the_task.score_variants(model, tok, val_items, together)
+            ]
             best = max(range(len(reached)), key=lambda j: (scores[j], -j))
             (ed, hit), val = reached[best], scores[best]
         choices.append(Choice(ed, hit.strength, hit.kl, tried, hit.target, hit.status, val))

@@ -12,7 +12,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .. import distributed
-from ..checks import DEFAULT_STRENGTH, check_count, check_limit, check_scope, check_seed, check_strength, named
+from ..checks import (
+    DEFAULT_STRENGTH,
+    check_count,
+    check_limit,
+    check_scope,
+    check_seed,
+    check_strength,
+    check_strengths,
+    named,
+)
 from ..config import (
     FORCE_HELP,
     KL_HELP,
@@ -31,6 +40,7 @@ from ..config import (
     STRICT_HELP,
     TASK_DATA_HELP,
     LoadOptions,
+    comma_list,
     editor_dir,
     given_path,
     option,
@@ -43,7 +53,9 @@ from ..files import sha256_file
 from ..models import check_generation_length, fingerprint, load_model
 from ..preflight import check_editor_for, check_model, check_out, model_and_fields
 from ..results import EvalResult, Provenance, to_jsonable
+from ..variants import MAX_VARIANTS, Variant
 from .judges import INFO_TEMPLATE, TRUTH_TEMPLATE, HFJudge, Judge, resolve_judges
+from .side_effects import fluency_costs, neutral_text
 from .splits import SPLITS, resolve_split
 from .tasks import TASK_REGISTRY, EvalSettings, Selection, Task, TaskReport, get_task, task_help
 
@@ -107,6 +119,9 @@ def _api_command(cfg: EvalConfig, strength: float, editor_path: str | None, edit
     args: dict[str, Any] = {"task": cfg.task, "split": cfg.split, "seed": cfg.seed, "limit": cfg.limit}
     if editor_obj is not None:
         args.update(editor=editor_path or f"<{editor_obj.method} editor object>", strength=strength, scope=cfg.scope)
+        if cfg.strengths is not None:
+            del args["strength"]
+            args["strengths"] = list(cfg.strengths)
     args.update(data=str(cfg.data) if cfg.data else None, out=str(cfg.out) if cfg.out else None)
     return "hpredit.evaluate(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
 
@@ -139,6 +154,16 @@ class EvalConfig(LoadOptions):
     limit: int | None = option(None, LIMIT_HELP)
     strength: float = option(DEFAULT_STRENGTH, STRENGTH_HELP, cli_default=None)  # None: not given (see --kl)
     kl: float | None = option(None, KL_HELP)
+    strengths: tuple[float, ...] | None = option(
+        None,
+        "A sweep instead of one --strength: comma-separated strengths (e.g. 0.25,0.5,1,2), scored together "
+        "in one pass; prints each one's metrics and KL on neutral text, draws sweep.png into --out.",
+        parse=comma_list(float, "numbers"),
+    )
+    max_variants: int = option(
+        MAX_VARIANTS,
+        "Configurations (unedited, each strength) scored together in one pass at most: memory grows with it.",
+    )
     scope: str = option("all", "Edited tokens: all (required for MC), last-prompt-and-generated or generated.")
     data: str | Path | None = option(None, TASK_DATA_HELP, parse=given_path("file"))
     out: str | Path | None = option(
@@ -170,6 +195,19 @@ class EvalConfig(LoadOptions):
         check_seed(self.seed)
         check_scope(self.scope)
         check_strength(self.strength)
+        check_count(self.max_variants, "max_variants")
+        if self.strengths is not None:
+            if isinstance(self.strengths, (str, bytes)) or not isinstance(self.strengths, Sequence):
+                raise HpreditError(f"{named('strengths')} must be a list of numbers, got {self.strengths!r}")
+            self._set("strengths", tuple(check_strengths(self.strengths, "strengths")))
+            if len(set(self.strengths)) != len(self.strengths):
+                raise HpreditError(f"{named('strengths')} lists a strength twice: {list(self.strengths)}")
+            if self.editor is None:
+                raise HpreditError(f"{named('strengths')} needs an editor (--editor)")
+            if self.kl is not None:
+                raise HpreditError(f"give {named('strengths')} or {named('kl')}, not both")
+            if self.all_judges() is not None:
+                raise HpreditError(f"judges apply to one strength at a time: drop {named('strengths')} or the judges")
         if not the_task.generates and self.editor is not None and self.scope != "all":
             raise HpreditError(
                 f"{self.task} scores whole answers in one pass, so only --scope all applies (got {self.scope!r})"
@@ -231,13 +269,30 @@ def evaluate(
     selection = the_task.select(the_task.load(cfg.data), cfg.split, cfg.seed, cfg.limit)
     lm, tokenizer, timing = _load_model(model, tokenizer, editor_obj, cfg)
     settings = EvalSettings(
-        cfg.primer, cfg.max_new_tokens, cfg.batch_size, progress, judge_fns, cfg.bootstrap_resamples, cfg.seed
+        cfg.primer,
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        progress,
+        judge_fns,
+        cfg.bootstrap_resamples,
+        cfg.seed,
+        cfg.max_variants,
+        cfg.strict,
     )
-    passes = _passes(the_task, lm, tokenizer, selection, editor_obj, strength, cfg, timing, settings)
-    report = the_task.report(selection.items, passes, cfg.split, settings)
+    strengths = list(cfg.strengths) if cfg.strengths is not None else [strength]
+    passes = _passes(the_task, lm, tokenizer, selection, editor_obj, strengths, cfg, timing, settings)
+    sweep = None
+    if cfg.strengths is None:
+        report = the_task.report(selection.items, passes, cfg.split, settings)
+    else:
+        report, sweep = _sweep(the_task, lm, tokenizer, selection.items, passes, strengths, editor_obj, cfg, settings)
     command = command or _api_command(cfg, strength, editor_path, editor_obj)
     editor_record = None if editor_obj is None else _editor_record(editor_obj, editor_path, strength, cfg.scope, cfg.kl)
+    if editor_record is not None and sweep is not None:
+        editor_record["strength"] = None  # one per row of the sweep
     summary = _summary(the_task, command, lm, editor_record, cfg, selection, report, timing)
+    if sweep is not None:
+        summary["sweep"] = sweep
     result = EvalResult(summary, report.per_item, selection.record)
     _write_and_show(result, out_path, show)
     return result
@@ -303,24 +358,63 @@ def _passes(
     tokenizer,
     selection: Selection,
     editor,
-    strength: float,
+    strengths: list[float],
     cfg: EvalConfig,
     timing: dict[str, float],
     settings: EvalSettings,
 ) -> dict[str, Any]:
-    """The task's pass unedited and (with an editor) edited; each pass's seconds go to ``timing``."""
-
-    def run(variant: str) -> Any:
-        start = time.perf_counter()
-        result = task.evaluate_pass(lm, tokenizer, selection.items, settings)
-        timing[variant] = time.perf_counter() - start
-        return result
-
-    passes = {"unedited": run("unedited")}
+    """The task's passes, unedited and (with an editor) edited at each of ``strengths``
+    (``edited``, or ``strength S`` in a sweep), scored together where the task can
+    (:meth:`~hpredit.evaluation.tasks.Task.evaluate_passes`); their seconds go to ``timing``."""
+    variants = [Variant()]
     if editor is not None:
-        with editor.attach(lm, strength=strength, scope=cfg.scope, strict=cfg.strict):
-            passes["edited"] = run("edited")
-    return passes
+        variants += [Variant(editor, s, cfg.scope) for s in strengths]
+    names = ["unedited"] + (["edited"] if cfg.strengths is None else [_label(s) for s in strengths])
+    start = time.perf_counter()
+    results = task.evaluate_passes(lm, tokenizer, selection.items, settings, variants)
+    timing["+".join(names[:2]) if cfg.strengths is None else "unedited+sweep"] = time.perf_counter() - start
+    return dict(zip(names, results))
+
+
+def _label(strength: float) -> str:
+    return f"strength {strength:g}"
+
+
+def _sweep(
+    task: Task,
+    lm,
+    tokenizer,
+    items: list,
+    passes: dict[str, Any],
+    strengths: list[float],
+    editor: Editor,
+    cfg: EvalConfig,
+    settings: EvalSettings,
+) -> tuple[TaskReport, list[dict]]:
+    """A sweep's report (every pass's metrics and per-item rows) and its rows: per strength, the
+    metrics, their difference from unedited (with the task's CI) and the fluency cost on neutral
+    text (KL, perplexity; scope all, every strength in one widened pass)."""
+    report = task.report(items, passes, cfg.split, settings)
+    costs = fluency_costs(
+        lm,
+        neutral_text(lm, tokenizer),
+        [Variant(editor, s) for s in strengths],
+        settings.max_variants,
+        cfg.strict,
+    )
+    rows = []
+    for s, cost in zip(strengths, costs):
+        pair = task.report(items, {"unedited": passes["unedited"], "edited": passes[_label(s)]}, cfg.split, settings)
+        rows.append(
+            {
+                "strength": s,
+                "kl": cost["kl"],
+                "ppl": cost["ppl"],
+                "metrics": pair.metrics["edited"],
+                "difference": pair.metrics["difference"],
+            }
+        )
+    return report, rows
 
 
 def _summary(

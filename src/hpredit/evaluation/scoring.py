@@ -30,9 +30,10 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from .. import distributed
 from ..checks import check_count
 from ..errors import HpreditError
+from ..hooks import EditObserver
 from ..models import backbone, decoder_layers, max_positions, pad_token_id, text_config
 from ..prefix import PrefixCache, cache_kwarg, common_prefix_length, pad_right
-from ..variants import MAX_VARIANTS, Variant, VariantHandle, attach_variants, select_cache_rows
+from ..variants import MAX_VARIANTS, Variant, VariantHandle, attach_variants, observers_for, select_cache_rows
 
 __all__ = ["ContinuationScores", "encode_continuations", "generate_texts", "score_continuations", "score_variants"]
 
@@ -175,38 +176,39 @@ def score_variants(
     layers_path: str | None = None,
     max_variants: int = MAX_VARIANTS,
     strict: bool = True,
+    observers: Sequence[EditObserver | None] | None = None,
 ) -> list[ContinuationScores]:
     """:func:`score_continuations` under each of ``variants`` (one result each, in order), in one
     pass per ``max_variants`` of them: the blocks below the first edited one run once per text, the
     rest once per variant (:func:`hpredit.variants.attach_variants`). Each variant's scores equal
     its own attached pass up to float32 rounding. ``cached=False``: one reference pass per variant.
+    ``observers``: one per variant (or None), seeing its edits (``Editor.attach``'s ``observe``).
     """
     if group_size < 1 or batch_tokens < 1:
         raise HpreditError(f"group_size and batch_tokens must be at least 1, got {group_size} and {batch_tokens}")
     check_count(max_variants, "max_variants")
     variants = list(variants)
+    watch = observers_for(observers, len(variants))
     encoded = encode_continuations(tok, items)
     if not encoded:
         return [ContinuationScores([], 0, 0) for _ in variants]
     merged = sum(s < len(e.context) for e in encoded for s in e.starts)
     tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
-    passes = (
-        [variants[i : i + max_variants] for i in range(0, len(variants), max_variants)]
-        if cached
-        else [[v] for v in variants]
-    )
+    step = max_variants if cached else 1
+    passes = [range(i, min(i + step, len(variants))) for i in range(0, len(variants), step)]
     bar = distributed.progress(len(encoded) * len(passes), "scoring", unit="question", disable=not progress)
     scores: list[list[list[float]]] = []
     try:
         with distributed.step("scoring"):
             for chunk in passes:
                 if cached:
-                    with attach_variants(model, chunk, strict, layers_path) as handle:
+                    which, seeing = [variants[k] for k in chunk], [watch[k] for k in chunk]
+                    with attach_variants(model, which, strict, layers_path, seeing) as handle:
                         results = _CachedScorer(model, tok, encoded, layers_path, handle).run(
                             group_size, batch_tokens, bar
                         )
                 else:
-                    with chunk[0].attach(model, strict):
+                    with variants[chunk[0]].attach(model, strict, observe=watch[chunk[0]]):
                         results = [None if r is None else [r] for r in _score_uncached(model, encoded, bar)]
                 per_item = _from_every_rank(results)
                 scores += [[item[k] for item in per_item] for k in range(len(chunk))]

@@ -18,10 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..checks import check_count
 from ..hooks import record
 from ..models import decoder_layers, pad_token_id
+from ..variants import MAX_VARIANTS, Variant, attach_variants
 
-__all__ = ["NEUTRAL_PROMPTS", "EditProfile", "NeutralText", "fluency_cost", "neutral_text", "norm_drift"]
+__all__ = [
+    "NEUTRAL_PROMPTS",
+    "EditProfile",
+    "NeutralText",
+    "fluency_cost",
+    "fluency_costs",
+    "neutral_text",
+    "norm_drift",
+]
 
 #: Everyday openings with nothing to do with truthfulness, bias or refusal.
 NEUTRAL_PROMPTS = (
@@ -55,10 +65,13 @@ class NeutralText:
     logprobs: torch.Tensor
 
 
-def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
-    return F.log_softmax(logits, dim=-1)
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(_logits(model, ids, mask).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -88,7 +101,35 @@ def neutral_text(
 @torch.no_grad()
 def fluency_cost(model: nn.Module, text: NeutralText) -> dict[str, float]:
     """KL(unedited ‖ current) per continuation token, and perplexities, with whatever is attached now."""
-    lp = _log_probs(model, text.ids, text.mask)
+    return _cost(_log_probs(model, text.ids, text.mask), text)
+
+
+@torch.no_grad()
+def fluency_costs(
+    model: nn.Module,
+    text: NeutralText,
+    variants: Sequence[Variant],
+    max_variants: int = MAX_VARIANTS,
+    strict: bool = True,
+) -> list[dict[str, float]]:
+    """:func:`fluency_cost` under each of ``variants`` (scope ``all``; one result each, in order), in
+    one widened pass per ``max_variants`` of them (:func:`hpredit.variants.attach_variants`): the
+    blocks below the first edited one run once. Equal to one attached pass each up to float32 rounding."""
+    check_count(max_variants, "max_variants")
+    variants = list(variants)
+    out: list[dict[str, float]] = []
+    for i in range(0, len(variants), max_variants):
+        chunk = variants[i : i + max_variants]
+        with attach_variants(model, chunk, strict) as handle:
+            parts = handle.split(_logits(model, text.ids, text.mask))
+        for part in parts:
+            out.append(_cost(F.log_softmax(part.float(), dim=-1), text))
+        del parts
+    return out
+
+
+def _cost(lp: torch.Tensor, text: NeutralText) -> dict[str, float]:
+    """The fluency cost of log-probabilities ``lp`` ``(batch, seq, vocab)`` of ``text``'s tokens."""
     ref = text.logprobs
     kl = (ref.exp() * (ref - lp)).sum(-1)[text.scored]
     nxt = text.ids[:, 1:]

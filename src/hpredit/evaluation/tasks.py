@@ -34,12 +34,14 @@ from torch import nn
 from .. import behaviour_data as bd
 from ..data import QA_PRIMER, ContrastivePairs, Question, check_truthfulqa_source, load_truthfulqa, question_pairs
 from ..errors import HpreditError
+from ..hooks import EditObserver
 from ..registry import Registry
+from ..variants import MAX_VARIANTS, Variant, observers_for
 from .judges import Judge, judge_value
 from .metrics import paired_bootstrap, reference_acc
-from .scoring import generate_texts, score_continuations
+from .scoring import generate_texts, score_variants
 from .splits import resolve_split
-from .truthfulqa import generate_answers, score_truthfulqa_mc
+from .truthfulqa import generate_answers, score_truthfulqa_variants
 
 __all__ = [
     "REFUSAL_PHRASES",
@@ -106,6 +108,8 @@ class EvalSettings:
     judges: Mapping[str, Judge] = field(default_factory=dict)
     bootstrap_resamples: int = 10_000
     seed: int = 0
+    max_variants: int = MAX_VARIANTS  #: configurations widened into one pass at most (memory grows with it)
+    strict: bool = True  #: refuse an editor fitted on a model of another name
 
 
 @dataclass
@@ -198,9 +202,38 @@ class Task(ABC):
         item's value of it in ``items``' order (for a paired bootstrap over items); else None."""
         return self.score(model, tok, items), None
 
+    def score_variants(
+        self,
+        model: nn.Module,
+        tok,
+        items: list,
+        variants: Sequence[Variant],
+        observers: Sequence[EditObserver | None] | None = None,
+        max_variants: int = MAX_VARIANTS,
+    ) -> list[tuple[dict[str, float | None], list[float] | None]]:
+        """:meth:`score_items` under each of ``variants`` (one result each, in order); ``observers``: one
+        per variant or None. By default one attached pass each; tasks scored by log-probabilities
+        share one widened pass (:func:`~hpredit.evaluation.score_variants`)."""
+        watch = observers_for(observers, len(variants))
+        out = []
+        for v, observe in zip(variants, watch):
+            with v.attach(model, observe=observe):
+                out.append(self.score_items(model, tok, items))
+        return out
+
     def evaluate_pass(self, model: nn.Module, tok, items: list, settings: EvalSettings) -> Any:
         """One pass of :func:`~hpredit.evaluation.evaluate` (unedited or edited): by default the metrics."""
         return self.score(model, tok, items)
+
+    def evaluate_passes(
+        self, model: nn.Module, tok, items: list, settings: EvalSettings, variants: Sequence[Variant]
+    ) -> list:
+        """:meth:`evaluate_pass` under each of ``variants``: by default one attached pass each."""
+        out = []
+        for v in variants:
+            with v.attach(model, strict=settings.strict):
+                out.append(self.evaluate_pass(model, tok, items, settings))
+        return out
 
     def report(self, items: list, passes: dict[str, Any], split_name: str, settings: EvalSettings) -> TaskReport:
         """Metrics per pass and their difference (aggregates: no CI), no per-item rows."""
@@ -266,12 +299,33 @@ class TruthfulQATask(Task):
         return self.score_items(model, tok, items)[0]
 
     def score_items(self, model, tok, items):
-        rows = [q.metrics() for q in score_truthfulqa_mc(model, tok, items).questions]
-        return {k: float(np.mean([r[k] for r in rows])) for k in self.metrics}, [r[self.primary] for r in rows]
+        return self.score_variants(model, tok, items, [Variant()])[0]
+
+    def score_variants(self, model, tok, items, variants, observers=None, max_variants=MAX_VARIANTS):
+        passes = score_truthfulqa_variants(model, tok, items, variants, max_variants=max_variants, observers=observers)
+        out = []
+        for scores in passes:
+            rows = [q.metrics() for q in scores.questions]
+            out.append(
+                ({k: float(np.mean([r[k] for r in rows])) for k in self.metrics}, [r[self.primary] for r in rows])
+            )
+        return out
 
     def evaluate_pass(self, model, tok, items, settings):
-        return score_truthfulqa_mc(
-            model, tok, items, settings.primer, group_size=settings.batch_size, progress=settings.progress
+        return self.evaluate_passes(model, tok, items, settings, [Variant()])[0]
+
+    def evaluate_passes(self, model, tok, items, settings, variants):
+        s = settings
+        return score_truthfulqa_variants(
+            model,
+            tok,
+            items,
+            variants,
+            s.primer,
+            group_size=s.batch_size,
+            progress=s.progress,
+            max_variants=s.max_variants,
+            strict=s.strict,
         )
 
     def report(self, items, passes, split_name, settings):
@@ -306,6 +360,9 @@ class TruthfulQAGenTask(TruthfulQATask):
     max_new_tokens: int = 50
     generates: ClassVar[bool] = True
     judged: ClassVar[bool] = True
+    # answers are generated, one attached pass per configuration
+    score_variants = Task.score_variants
+    evaluate_passes = Task.evaluate_passes
 
     def score_items(self, model, tok, items):
         answers = generate_answers(model, tok, items, max_new_tokens=self.max_new_tokens)
@@ -342,10 +399,11 @@ def _answer_metrics(q: Question, answer: str, judges: Mapping[str, Judge]) -> di
     return m
 
 
-def _choice_predictions(model, tok, items: list[bd.ChoiceItem]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per item: the predicted option, whether it is the target, and the target option's
-    probability (normalised over the options)."""
-    scores = score_continuations(model, tok, [(it.prompt, list(it.options)) for it in items]).scores
+def _choice_predictions(
+    scores: list[list[float]], items: list[bd.ChoiceItem]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item, from its options' log-probabilities ``scores``: the predicted option, whether it is
+    the target, and the target option's probability (normalised over the options)."""
     chosen: list[int] = []
     p_target: list[float] = []
     for it, row in zip(items, scores):
@@ -358,10 +416,29 @@ def _choice_predictions(model, tok, items: list[bd.ChoiceItem]) -> tuple[np.ndar
 
 
 class ChoiceTask(Task):
-    """Items with options; pairs = target option × each other option."""
+    """Items with options; pairs = target option × each other option; scored by the options'
+    log-probabilities (every configuration in one widened pass), reported by :meth:`choice_metrics`."""
 
     def pairs(self, items, split_of, tok):
         return bd.choice_pairs(items, split_of)
+
+    def score(self, model, tok, items):
+        return self.score_items(model, tok, items)[0]
+
+    def score_items(self, model, tok, items):
+        return self.score_variants(model, tok, items, [Variant()])[0]
+
+    def score_variants(self, model, tok, items, variants, observers=None, max_variants=MAX_VARIANTS):
+        texts = [(it.prompt, list(it.options)) for it in items]
+        passes = score_variants(model, tok, texts, variants, max_variants=max_variants, observers=observers)
+        return [self.choice_metrics(items, *_choice_predictions(p.scores, items)) for p in passes]
+
+    @abstractmethod
+    def choice_metrics(
+        self, items: list, pred: np.ndarray, right: np.ndarray, p_target: np.ndarray
+    ) -> tuple[dict[str, float | None], list[float] | None]:
+        """The metrics and each item's primary value from the predicted options ``pred``, whether
+        each is the target (``right``) and the target's probability ``p_target`` (each ``(items,)``)."""
 
 
 @dataclass(frozen=True)
@@ -372,11 +449,7 @@ class ToxiGenTask(ChoiceTask):
     def check_source(self, data=None):
         bd.TOXIGEN_SOURCE.check(data)
 
-    def score(self, model, tok, items):
-        return self.score_items(model, tok, items)[0]
-
-    def score_items(self, model, tok, items):
-        _, right, _ = _choice_predictions(model, tok, items)
+    def choice_metrics(self, items, pred, right, p_target):
         return {"acc": float(right.mean())}, right.astype(float).tolist()
 
 
@@ -388,11 +461,7 @@ class BBQTask(ChoiceTask):
     def check_source(self, data=None):
         bd.BBQ_SOURCE.check(data)
 
-    def score(self, model, tok, items):
-        return self.score_items(model, tok, items)[0]
-
-    def score_items(self, model, tok, items):
-        pred, right, _ = _choice_predictions(model, tok, items)
+    def choice_metrics(self, items, pred, right, p_target):
         amb = np.array([bool(it.meta["ambiguous"]) for it in items])
         out: dict[str, float | None] = {
             "acc": float(right.mean()),
@@ -425,11 +494,7 @@ class ABTask(ChoiceTask):
     def check_source(self, data=None):
         bd.ab_source(self.behaviour).check(data)
 
-    def score(self, model, tok, items):
-        return self.score_items(model, tok, items)[0]
-
-    def score_items(self, model, tok, items):
-        _, right, p_target = _choice_predictions(model, tok, items)
+    def choice_metrics(self, items, pred, right, p_target):
         return {"p_behaviour": float(p_target.mean()), "acc": float(right.mean())}, p_target.tolist()
 
 

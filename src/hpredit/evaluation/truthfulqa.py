@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..data import QA_PRIMER, Question, qa_prompt
+from ..hooks import EditObserver
 from ..variants import MAX_VARIANTS, Variant
 from .metrics import mc_metrics
 from .scoring import ContinuationScores, encode_continuations, generate_texts, score_continuations, score_variants
@@ -108,13 +109,25 @@ def score_truthfulqa_variants(
     batch_tokens: int = 512,
     progress: bool = False,
     max_variants: int = MAX_VARIANTS,
+    observers: Sequence[EditObserver | None] | None = None,
+    strict: bool = True,
 ) -> list[MCScores]:
     """:func:`score_truthfulqa_mc` under each of ``variants``, sharing what they compute alike
     (:func:`~hpredit.evaluation.scoring.score_variants`): one :class:`MCScores` per variant."""
     cands = [_candidates(q) for q in questions]
     items = [(qa_prompt(q.question, primer), [" " + a for a in c]) for q, c in zip(questions, cands)]
     results = score_variants(
-        model, tok, items, variants, cached, group_size, batch_tokens, progress, max_variants=max_variants
+        model,
+        tok,
+        items,
+        variants,
+        cached,
+        group_size,
+        batch_tokens,
+        progress,
+        max_variants=max_variants,
+        strict=strict,
+        observers=observers,
     )
     return [
         MCScores(
