@@ -160,3 +160,42 @@ def test_strength_grid_doubles_until_the_cap(model_tok, truthfulqa_csv):
     )
     row = next(r for r in result["runs"] if r.get("method") == "caa")
     assert [t["strength"] for t in row["validation"]] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+@pytest.mark.parametrize("task_name", ["truthfulqa-mc", "toxigen"])
+def test_every_chosen_point_measured_together_equals_each_alone(model_tok, truthfulqa_csv, task_name):
+    """compare measures every method's chosen points of a seed in one widened pass: each point's
+    test metrics, per-item values, fluency cost, norm drift and edit profile equal its own pass."""
+    from hpredit.compare.harness import _measure_all, _Run
+    from hpredit.compare.protocols import SearchContext, resolve_search
+    from hpredit.compare.strength import Choice
+    from hpredit.evaluation.tasks import get_task
+
+    model, tok = model_tok
+    task = get_task(task_name)
+    items = task.load(truthfulqa_csv if task_name == "truthfulqa-mc" else None)[:3]
+    neutral = neutral_text(model, tok, max_new_tokens=4, prompts=("The river", "Hi"))
+    run = _Run(SearchContext(model, tok, task, neutral), resolve_search(), lambda s: None, False)
+    hpr, caa = random_editor("hpr", model, layers=[1, 2]), random_editor("caa", model, layers=[2])
+    choices = [Choice(None, 0.0, status="unedited"), Choice(hpr, 0.7), Choice(caa, 0.4), Choice(hpr, -1.5)]
+    together = _measure_all(run, items, choices)
+    # the scores agree to float32 rounding (relative 1e-5 of summed log-probabilities of tens of nats
+    # on this random model: tests/test_variants.py), which moves MC2, a ratio of their exponentials,
+    # by up to about 1e-4
+    tol = 1e-4
+    for c, got in zip(choices, together):
+        (alone,) = _measure_all(run, items, [c])
+        for name, value in alone.test.items():
+            assert got.test[name] == pytest.approx(value, abs=tol)
+        assert got.items == pytest.approx(alone.items, abs=tol)
+        assert got.cost["kl"] == pytest.approx(alone.cost["kl"], rel=1e-4, abs=1e-6)
+        assert got.cost["ppl"] == pytest.approx(alone.cost["ppl"], rel=1e-5)
+        assert got.drift == alone.drift
+        if c.editor is None:
+            assert got.profile is None
+        else:
+            for layer, prof in alone.profile["layers"].items():
+                assert got.profile["layers"][layer]["tokens"] == prof["tokens"]
+                assert got.profile["layers"][layer]["edited"] == pytest.approx(prof["edited"], abs=1e-6)
+                mean = prof["angle_deg"]["mean"]
+                assert got.profile["layers"][layer]["angle_deg"]["mean"] == pytest.approx(mean, rel=1e-4, abs=1e-4)

@@ -187,7 +187,8 @@ def test_evaluate_with_editor_writes_everything(tiny, tokenizer, truthfulqa_csv,
         data=truthfulqa_csv,
         show=False,
     )
-    assert again.metrics["unedited"] == m["unedited"]
+    # unedited alone vs beside the edited rows in one widened pass: the same within float32 rounding
+    assert again.metrics["unedited"] == pytest.approx(m["unedited"], abs=1e-6)
 
 
 def test_generation_with_judges(tiny, tokenizer, truthfulqa_csv):

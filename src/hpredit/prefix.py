@@ -9,12 +9,43 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["PrefixCache", "cache_kwarg", "common_prefix_length", "pad_right"]
+__all__ = ["PrefixCache", "cache_kwarg", "common_prefix_length", "grouped_kv_on_cpu", "pad_right"]
+
+#: ``enable_gqa`` of ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch 2.5 and later).
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+@contextmanager
+def grouped_kv_on_cpu() -> Iterator[None]:
+    """Within the block, transformers' SDPA attention gives grouped KV heads (GQA) to PyTorch as
+    they are (``enable_gqa``) on CPU tensors even with a mask, instead of first copying each KV
+    head once per query head (``repeat_kv``), which it does whenever a mask is given. The result
+    is bitwise the same; the copy is most of the attention time when many rows attend to a long
+    cached prefix. On other devices transformers' own rule stands (with a mask, CUDA's GQA kernel
+    falls back to the slow path). A no-op where transformers or PyTorch lack the hook."""
+    module = sys.modules.get("transformers.integrations.sdpa_attention")
+    original = getattr(module, "use_gqa_in_sdpa", None)
+    if module is None or original is None or not _SDPA_GQA:
+        yield
+        return
+
+    def use_gqa(attention_mask, key: torch.Tensor, value: torch.Tensor) -> bool:
+        if key.device.type == "cpu" and key.shape[-1] == value.shape[-1]:
+            return True
+        return original(attention_mask, key, value)
+
+    module.use_gqa_in_sdpa = use_gqa  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        module.use_gqa_in_sdpa = original  # type: ignore[attr-defined]
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:

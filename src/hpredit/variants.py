@@ -33,7 +33,15 @@ from .editors.base import Editor
 from .errors import HpreditError
 from .hooks import EditObserver, LayerEdit, refresh_compiled_graphs, untuple
 
-__all__ = ["MAX_VARIANTS", "Variant", "VariantHandle", "attach_variants", "observers_for", "select_cache_rows"]
+__all__ = [
+    "MAX_VARIANTS",
+    "Variant",
+    "VariantHandle",
+    "attach_variants",
+    "observers_for",
+    "plan_passes",
+    "select_cache_rows",
+]
 
 #: The default bound on variants widened into one pass: memory (logits, KV cache of the blocks above
 #: the split) grows with it. 16 variants of SmolLM2-135M score TruthfulQA MC in about 6 GB.
@@ -58,6 +66,17 @@ class Variant:
     def edits(self) -> bool:
         """Whether this variant changes anything (an editor at a strength other than 0)."""
         return self.editor is not None and self.strength != 0
+
+    @property
+    def shared_blocks(self) -> int | None:
+        """How many decoder blocks (from the first) this variant computes as the unedited model does:
+        those below the block whose output it edits first, or, for an edit of attention heads, below
+        the block whose heads it edits first. None: it edits nothing."""
+        if not self.edits:
+            return None
+        assert self.editor is not None
+        first = min(self.editor.layers)
+        return first if self.editor.site == "heads" else first + 1
 
     @property
     def label(self) -> str:
@@ -264,6 +283,37 @@ class VariantHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def plan_passes(variants: Sequence[Variant], max_variants: int = MAX_VARIANTS) -> list[list[int]]:
+    """Indices of ``variants`` grouped into widened passes of at most ``max_variants``.
+
+    A pass shares the blocks below its lowest-editing variant, so variants are grouped by how many
+    blocks they leave unedited (:attr:`Variant.shared_blocks`): lowest first, a group joins the
+    pass before it whole when widening it from that pass's lower split costs fewer blocks than
+    running its own shared blocks again (``k·(s − s_pass) ≤ s`` for ``k`` variants sharing ``s``
+    blocks) and the pass has room. Variants that edit nothing go with the highest split, where they cost
+    the least. Each index appears once; within a pass, in the order given.
+    """
+    check_count(max_variants, "max_variants")
+    groups: dict[int, list[int]] = {}
+    idle = [i for i, v in enumerate(variants) if v.shared_blocks is None]
+    for i, v in enumerate(variants):
+        if v.shared_blocks is not None:
+            groups.setdefault(v.shared_blocks, []).append(i)
+    if not groups:
+        return [idle[i : i + max_variants] for i in range(0, len(idle), max_variants)]
+    groups[max(groups)] = sorted(groups[max(groups)] + idle)
+    passes: list[tuple[int, list[int]]] = []  # (shared blocks of the pass, indices)
+    for shared in sorted(groups):
+        members = groups[shared]
+        if passes:
+            low, current = passes[-1]
+            if len(current) + len(members) <= max_variants and len(members) * (shared - low) <= shared:
+                current += members
+                continue
+        passes += [(shared, members[i : i + max_variants]) for i in range(0, len(members), max_variants)]
+    return [sorted(p) for _, p in passes]
 
 
 def observers_for(observers: Sequence[EditObserver | None] | None, count: int) -> list[EditObserver | None]:

@@ -218,36 +218,58 @@ def _step_bar(label: str, enabled: bool) -> Iterator[Callable[[str], None]]:
         bar.close()
 
 
-def _run_method(
+def _choose_method(
     run: _Run, name: str, split: _SeedSplit, stores, shared: SeedFits, grid: Sequence[float] | None
-) -> list[dict]:
-    """Fit one method, choose its strengths under the run's protocol, measure each on test: one row
-    per point it is reported at (``none``: the unedited model)."""
-    t0 = time.time()
+) -> list[Choice]:
+    """Fit one method and choose its strengths under the run's protocol: one choice per point it is
+    reported at (``none``: the unedited model)."""
     method = METHODS[name]
     with _step_bar(f"seed {split.seed} {name}", run.progress) as step:
         if method.fit is None:
-            choices = run.protocol.unedited()
-        else:
-            fit = method.fit
-            editors = distributed.on_main(lambda: fit(stores, run.ctx.model, shared), f"fitting {name}")
-            choices = run.protocol.choose(
-                run.ctx,
-                editors,
-                grid or method.strengths,
-                split.val,
-                grid is not None,
-                log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
-                progress=step,
-            )
-        # nothing reached a target whose choice has no editor (other than the unedited model's)
-        todo = [c for c in choices if c.editor is not None or c.status in ("unedited", None)]
-        if todo:
-            at = ", ".join("unedited" if c.editor is None else f"strength {c.strength:.4g}" for c in todo)
-            step(f"test {run.ctx.task.primary} ({at})")
+            return run.protocol.unedited()
+        fit = method.fit
+        editors = distributed.on_main(lambda: fit(stores, run.ctx.model, shared), f"fitting {name}")
+        return run.protocol.choose(
+            run.ctx,
+            editors,
+            grid or method.strengths,
+            split.val,
+            grid is not None,
+            log=lambda text: run.log(f"seed {split.seed} {name}: {text}"),
+            progress=step,
+        )
+
+
+def _measured(c: Choice) -> bool:
+    """Whether a choice is measured on test: not when nothing reached its target (no editor, and
+    not the unedited model's choice)."""
+    return c.editor is not None or c.status in ("unedited", None)
+
+
+def _run_methods(
+    run: _Run, names: Sequence[str], split: _SeedSplit, stores, strengths: Mapping[str, Sequence[float]]
+) -> list[dict]:
+    """Every method fitted and its strengths chosen, then every chosen point of every method measured
+    on test together (one widened pass per ``MAX_VARIANTS`` points: the blocks below the first edited
+    one run once per text): one row per method and point. A row's ``seconds``: its method's fit
+    and search, and its share of the joint measurement."""
+    shared = SeedFits()
+    chosen: list[tuple[str, list[Choice], float]] = []
+    for name in names:
+        t0 = time.time()
+        choices = _choose_method(run, name, split, stores, shared, strengths.get(name))
+        chosen.append((name, choices, time.time() - t0))
+    todo = [c for _, choices, _ in chosen for c in choices if _measured(c)]
+    t0 = time.time()
+    with _step_bar(f"seed {split.seed}", run.progress) as step:
+        step(f"test {run.ctx.task.primary} ({len(todo)} configurations together)")
         done = dict(zip(map(id, todo), _measure_all(run, split.test, todo)))
-        measured = [(c, done.get(id(c))) for c in choices]
-    rows = [_row(split.seed, name, c, m, round(time.time() - t0, 1)).to_json() for c, m in measured]
+    share = (time.time() - t0) / max(1, len(todo))
+    rows = []
+    for name, choices, seconds in chosen:
+        mine = sum(_measured(c) for c in choices)
+        for c in choices:
+            rows.append(_row(split.seed, name, c, done.get(id(c)), round(seconds + share * mine, 1)).to_json())
     for row in rows:
         if row["test"] is not None:
             _log_row(run, row)
@@ -410,8 +432,7 @@ def _run_seed(run: _Run, cfg: CompareConfig, items: list, seed: int) -> tuple[li
     groups = sorted({ctx.task.group(it) for it in items})
     split = _SeedSplit.make(ctx.task, items, groups, seed, cfg.limit, ctx.tok)
     stores = _collect(ctx.model, ctx.tok, cfg.methods, split, cfg.store_dtype, run.progress, run.log)
-    shared = SeedFits()
-    rows = [row for m in cfg.methods for row in _run_method(run, m, split, stores, shared, strengths.get(m))]
+    rows = _run_methods(run, cfg.methods, split, stores, strengths)
     return rows, {
         "seed": seed,
         "split": split.record,

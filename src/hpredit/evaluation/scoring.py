@@ -32,8 +32,16 @@ from ..checks import check_count
 from ..errors import HpreditError
 from ..hooks import EditObserver
 from ..models import backbone, decoder_layers, max_positions, pad_token_id, text_config
-from ..prefix import PrefixCache, cache_kwarg, common_prefix_length, pad_right
-from ..variants import MAX_VARIANTS, Variant, VariantHandle, attach_variants, observers_for, select_cache_rows
+from ..prefix import PrefixCache, cache_kwarg, common_prefix_length, grouped_kv_on_cpu, pad_right
+from ..variants import (
+    MAX_VARIANTS,
+    Variant,
+    VariantHandle,
+    attach_variants,
+    observers_for,
+    plan_passes,
+    select_cache_rows,
+)
 
 __all__ = ["ContinuationScores", "encode_continuations", "generate_texts", "score_continuations", "score_variants"]
 
@@ -181,7 +189,9 @@ def score_variants(
     """:func:`score_continuations` under each of ``variants`` (one result each, in order), in one
     pass per ``max_variants`` of them: the blocks below the first edited one run once per text, the
     rest once per variant (:func:`hpredit.variants.attach_variants`). Each variant's scores equal
-    its own attached pass up to float32 rounding. ``cached=False``: one reference pass per variant.
+    its own attached pass up to float32 rounding. ``batch_tokens`` bounds the tokens of one
+    forward over all variants' rows (so memory and the logits stay the size of one variant's
+    ``batch_tokens``). ``cached=False``: one reference pass per variant.
     ``observers``: one per variant (or None), seeing its edits (``Editor.attach``'s ``observe``).
     """
     if group_size < 1 or batch_tokens < 1:
@@ -194,16 +204,15 @@ def score_variants(
         return [ContinuationScores([], 0, 0) for _ in variants]
     merged = sum(s < len(e.context) for e in encoded for s in e.starts)
     tokens = sum(len(f) - s for e in encoded for f, s in zip(e.full, e.starts))
-    step = max_variants if cached else 1
-    passes = [range(i, min(i + step, len(variants))) for i in range(0, len(variants), step)]
+    passes = plan_passes(variants, max_variants) if cached else [[k] for k in range(len(variants))]
     bar = distributed.progress(len(encoded) * len(passes), "scoring", unit="question", disable=not progress)
-    scores: list[list[list[float]]] = []
+    scores: list = [None] * len(variants)
     try:
         with distributed.step("scoring"):
             for chunk in passes:
                 if cached:
                     which, seeing = [variants[k] for k in chunk], [watch[k] for k in chunk]
-                    with attach_variants(model, which, strict, layers_path, seeing) as handle:
+                    with attach_variants(model, which, strict, layers_path, seeing) as handle, grouped_kv_on_cpu():
                         results = _CachedScorer(model, tok, encoded, layers_path, handle).run(
                             group_size, batch_tokens, bar
                         )
@@ -211,7 +220,8 @@ def score_variants(
                     with variants[chunk[0]].attach(model, strict, observe=watch[chunk[0]]):
                         results = [None if r is None else [r] for r in _score_uncached(model, encoded, bar)]
                 per_item = _from_every_rank(results)
-                scores += [[item[k] for item in per_item] for k in range(len(chunk))]
+                for j, k in enumerate(chunk):
+                    scores[k] = [item[j] for item in per_item]
     finally:
         bar.close()
     return [ContinuationScores(s, merged, tokens) for s in scores]
@@ -303,7 +313,9 @@ class _CachedScorer:
         row_tokens = [self.encoded[members[m]].full[j][len(self.cached_context[members[m]]) :] for m, j in rows]
         scores: dict[tuple[int, int, int], float] = {}
         w = self.width
-        for chunk in _token_chunks([len(t) - 1 for t in row_tokens], batch_tokens):
+        # the budget counts the rows of every variant: the widened forward's size (and its logits) stays put
+        budget = max(1, batch_tokens // w)
+        for chunk in _token_chunks([len(t) - 1 for t in row_tokens], budget):
             which = torch.tensor([rows[r][0] for r in chunk])
             ids, amask = pad_right([row_tokens[r][:-1] for r in chunk], self.pad_id)
             targets, _ = pad_right([row_tokens[r][1:] for r in chunk], self.pad_id)

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..checks import check_count
 from ..hooks import record
 from ..models import decoder_layers, pad_token_id
-from ..variants import MAX_VARIANTS, Variant, attach_variants
+from ..prefix import grouped_kv_on_cpu
+from ..variants import MAX_VARIANTS, Variant, attach_variants, plan_passes
 
 __all__ = [
     "NEUTRAL_PROMPTS",
@@ -67,7 +67,8 @@ class NeutralText:
 
 def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    with grouped_kv_on_cpu():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,15 +116,13 @@ def fluency_costs(
     """:func:`fluency_cost` under each of ``variants`` (scope ``all``; one result each, in order), in
     one widened pass per ``max_variants`` of them (:func:`hpredit.variants.attach_variants`): the
     blocks below the first edited one run once. Equal to one attached pass each up to float32 rounding."""
-    check_count(max_variants, "max_variants")
     variants = list(variants)
-    out: list[dict[str, float]] = []
-    for i in range(0, len(variants), max_variants):
-        chunk = variants[i : i + max_variants]
-        with attach_variants(model, chunk, strict) as handle:
+    out: list = [None] * len(variants)
+    for chunk in plan_passes(variants, max_variants):
+        with attach_variants(model, [variants[k] for k in chunk], strict) as handle:
             parts = handle.split(_logits(model, text.ids, text.mask))
-        for part in parts:
-            out.append(_cost(F.log_softmax(part.float(), dim=-1), text))
+        for k, part in zip(chunk, parts):
+            out[k] = _cost(F.log_softmax(part.float(), dim=-1), text)
         del parts
     return out
 
