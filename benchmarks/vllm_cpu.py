@@ -22,6 +22,16 @@ request to the first editor at strength 1, then a batch spread over all loaded e
 ratios compare engines under the same machine load::
 
     OMP_NUM_THREADS=1 python benchmarks/vllm_cpu.py --editors-cost 3 --eager --new 32 --repeats 5
+
+``--configs 64``: every configuration in one batch (``--batch`` concurrent requests, default 64).
+Two engines alive together, vLLM without hpredit and vLLM with 4 HPR editors inside; one run
+alternates timed ``generate`` calls of the same prompts: ``none`` (the plain engine), ``one`` (every
+request to one editor at strength 1, scope all) and ``distinct`` (every request its own (editor,
+strength, scope): 4 editors × 3 scopes, strengths 0.25 + 0.03·i). Reports tokens/s and the
+median of the paired ratios; the same script runs on a GPU with vLLM (``--device`` is vLLM's)::
+
+    OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/vllm_cpu.py --configs 64 --eager --new 32 \
+        --repeats 3 --out benchmarks/results/vllm_cpu_configs.json
 """
 
 from __future__ import annotations
@@ -177,6 +187,99 @@ def editors_engine(editors: list[str], new: int, batch: int, eager: bool) -> Non
         print(f"TIME {time.perf_counter() - t}", flush=True)
 
 
+SCOPES = ("all", "last-prompt-and-generated", "generated")
+
+
+def configs_engine(kind: str, editors: list[str], new: int, batch: int, eager: bool) -> None:
+    """Child of ``--configs``: the plain engine (``none``) or the engine with the editors, timing one
+    ``generate`` of ``batch`` requests per line on stdin (``none``, ``one`` or ``distinct``)."""
+    from vllm import LLM, SamplingParams
+
+    from hpredit.models import embedded_default_path
+    from hpredit.serving import llm
+
+    kwargs = _engine_kwargs(eager, batch)
+    if kind == "none":
+        engine = LLM(model=str(embedded_default_path()), **kwargs)
+    else:
+        engine = llm({f"e{i}": e for i, e in enumerate(editors)}, strength=1.0, **kwargs)
+    ps = prompts(batch)
+
+    def params(mode: str):
+        def extra(i: int) -> dict | None:
+            if mode == "none":
+                return None
+            if mode == "one":
+                return {"editor": "e0", "strength": 1.0, "scope": "all"}
+            scope = SCOPES[(i // len(editors)) % len(SCOPES)]
+            return {"editor": f"e{i % len(editors)}", "strength": 0.25 + 0.03 * i, "scope": scope}
+
+        return [
+            SamplingParams(max_tokens=new, min_tokens=new, ignore_eos=True, temperature=0, extra_args=extra(i))
+            for i in range(batch)
+        ]
+
+    engine.generate(ps, params("none" if kind == "none" else "distinct"), use_tqdm=False)  # warm-up
+    print("READY", flush=True)
+    for line in sys.stdin:
+        mode = line.strip()
+        if mode == "quit":
+            break
+        t = time.perf_counter()
+        engine.generate(ps, params(mode), use_tqdm=False)
+        print(f"TIME {time.perf_counter() - t}", flush=True)
+
+
+def configs(args) -> dict:
+    """``--configs``: the plain engine and the edited one alive together, timed calls alternating."""
+    modes = ("none", "one", "distinct")
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    procs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        editors = [str(make_editor(Path(tmp) / f"editor{i}", seed=i)) for i in range(4)]
+        try:
+            for kind in ("none", "edited"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--configs-engine", kind]
+                cmd += ["--editor", ",".join(editors), "--new", str(args.new), "--batch", str(args.batch)]
+                cmd += ["--eager"] if args.eager else []
+                log = open(Path(tmp) / f"engine-{kind}.log", "w")  # closed with the process
+                procs[kind] = subprocess.Popen(
+                    cmd, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+                )
+                procs[kind].log = log.name  # type: ignore[attr-defined]
+                _read(procs[kind], "READY", f"the {kind} engine")
+            for r in range(args.repeats):
+                for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate, and balance any drift
+                    proc = procs["none" if mode == "none" else "edited"]
+                    assert proc.stdin is not None
+                    proc.stdin.write(mode + "\n")
+                    proc.stdin.flush()
+                    seconds[mode].append(float(_read(proc, "TIME", f"the engine of {mode}")))
+        finally:
+            for proc in procs.values():
+                _stop(proc)
+    tokens = args.batch * args.new
+    summary: dict = {m: {"tokens_per_s": tokens / statistics.median(seconds[m])} for m in modes}
+    for m in ("one", "distinct"):
+        summary[m]["throughput_vs_none"] = statistics.median(a / b for a, b in zip(seconds["none"], seconds[m]))
+    summary["distinct"]["throughput_vs_one"] = statistics.median(
+        a / b for a, b in zip(seconds["one"], seconds["distinct"])
+    )
+    return {"seconds": seconds, "summary": summary}
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
 def _read(proc, prefix: str, what: str) -> str:
     """The next stdout line of ``proc`` starting with ``prefix`` (stderr goes to ``proc.log``)."""
     for line in proc.stdout:
@@ -212,15 +315,7 @@ def editors_cost(args) -> dict:
                         results[str(k)][kind].append(float(_read(procs[k], "TIME", f"the engine with {k} editor(s)")))
         finally:
             for proc in procs.values():
-                if proc.poll() is None:
-                    try:
-                        assert proc.stdin is not None
-                        proc.stdin.write("quit\n")
-                        proc.stdin.flush()
-                        proc.wait(timeout=60)
-                    except (OSError, subprocess.TimeoutExpired):
-                        proc.kill()
-                        proc.wait()
+                _stop(proc)
     tokens = args.batch * args.new
     summary = {}
     for k in counts:
@@ -242,7 +337,9 @@ def main() -> None:
     p.add_argument("--engines", default="vllm,vllm-hpr,hf-hpr")
     p.add_argument("--out", type=Path)
     p.add_argument("--editors-cost", type=int, default=0, help="engines with 1..N editors, alternating")
-    p.add_argument("--batch", type=int, default=16, help="batch size of --editors-cost")
+    p.add_argument("--batch", type=int, default=None, help="batch size of --editors-cost (16) and --configs (64)")
+    p.add_argument("--configs", action="store_true", help="no editor, one config, a distinct config per request")
+    p.add_argument("--configs-engine", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--editor", help=argparse.SUPPRESS)
     p.add_argument("--editors-engine", help=argparse.SUPPRESS)
@@ -250,11 +347,35 @@ def main() -> None:
     if args.engine:  # child process: one engine
         print("RESULT " + json.dumps(run_engine(args.engine, args.editor, args.new, args.repeats, args.eager)))
         return
+    if args.batch is None:
+        args.batch = 64 if args.configs or args.configs_engine else 16
+    if args.batch < 1 or args.new < 1 or args.repeats < 1:
+        p.error("--batch, --new and --repeats must be at least 1")
+    if args.configs_engine:  # child process of --configs
+        configs_engine(args.configs_engine, args.editor.split(","), args.new, args.batch, args.eager)
+        return
     if args.editors_engine:  # child process of --editors-cost
         editors_engine(args.editors_engine.split(","), args.new, args.batch, args.eager)
         return
     load = os.getloadavg()
     record = run_record(load)
+    if args.configs:
+        import vllm
+
+        record["versions"]["vllm"] = vllm.__version__
+        record["setup"] = {
+            "model": "SmolLM2-135M-Instruct (embedded), float32",
+            "editors": f"4 HPR editors, each on layers {LAYERS}",
+            "concurrent_requests": args.batch,
+            "distinct": "request i: editor e{i % 4}, strength 0.25 + 0.03 i, scope by i // 4 of " + ", ".join(SCOPES),
+            "new_tokens": args.new,
+            "repeats": args.repeats,
+            "vllm_mode": "eager" if args.eager else "compiled (vLLM default)",
+        }
+        record["results"] = configs(args)
+        record["machine"]["load_average_after"] = os.getloadavg()
+        emit(record, args.out)
+        return
     if args.editors_cost:
         import vllm
 
