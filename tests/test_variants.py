@@ -289,3 +289,28 @@ def test_passes_are_planned_by_the_blocks_each_variant_shares():
     assert plan_passes([Variant(), Variant(hpr, 0.0)], 1) == [[0], [1]]
     with pytest.raises(HpreditError, match="max_variants"):
         plan_passes(variants, 0)
+
+
+def test_a_damaged_sweep_in_summary_json_is_one_error(tiny, tokenizer, truthfulqa_csv, tmp_path):
+    from hpredit.evaluation import evaluate
+
+    out = tmp_path / "sweep"
+    evaluate(
+        model=tiny,
+        tokenizer=tokenizer,
+        editor=random_hpr(tiny),
+        strengths=[0.5],
+        split="all",
+        limit=1,
+        data=truthfulqa_csv,
+        out=out,
+        show=False,
+        bootstrap_resamples=50,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    for key, value, kind in (("ppl", "high", "a number"), ("metrics", [], "an object")):
+        broken = json.loads(json.dumps(summary))
+        broken["sweep"][0][key] = value
+        (out / "summary.json").write_text(json.dumps(broken))
+        with pytest.raises(HpreditError, match=rf"'sweep\[0\]\.{key}' must be {kind}"):
+            EvalResult.load(out)

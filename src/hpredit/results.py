@@ -452,6 +452,8 @@ class EvalResult:
         for i, row in enumerate(_rows(where, d, "sweep", optional=True)):
             _field(where, row, "strength", "a number", f"sweep[{i}].")
             _field(where, row, "kl", "a number", f"sweep[{i}].")
+            _field(where, row, "ppl", "a number", f"sweep[{i}].")
+            _field(where, row, "ppl_unedited", "a number", f"sweep[{i}].", optional=True)
             _field(where, row, "metrics", "an object", f"sweep[{i}].")
             _field(where, row, "difference", "an object", f"sweep[{i}].")
 
@@ -509,8 +511,10 @@ class EvalResult:
                 return "–"
             return f"{value:.4f}" + ("" if diff is None else f" ({diff:+.4f})")
 
-        table.add_row("unedited", *(cell(unedited[n]) for n in names), "0", "")
-        for row in self.summary["sweep"]:
+        rows = self.summary["sweep"]
+        before = rows[0].get("ppl_unedited") if rows else None
+        table.add_row("unedited", *(cell(unedited[n]) for n in names), "0", "" if before is None else f"{before:.2f}")
+        for row in rows:
             d = row["difference"]
             values = (cell(row["metrics"].get(n), d.get(n, {}).get("mean")) for n in names)
             table.add_row(f"{row['strength']:g}", *values, f"{row['kl']:.4f}", f"{row['ppl']:.2f}")

@@ -410,6 +410,7 @@ def _sweep(
                 "strength": s,
                 "kl": cost["kl"],
                 "ppl": cost["ppl"],
+                "ppl_unedited": cost["ppl_unedited"],
                 "metrics": pair.metrics["edited"],
                 "difference": pair.metrics["difference"],
             }
