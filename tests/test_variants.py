@@ -215,6 +215,7 @@ def test_evaluate_sweep_equals_one_strength_at_a_time(tiny, tokenizer, truthfulq
         ({"strengths": [0.5, 1e9]}, "each of strengths must be a number between"),
         ({"strengths": [0.5], "editor": None}, "needs an editor"),
         ({"strengths": [0.5], "kl": 0.1}, "not both"),
+        ({"strengths": [0.5], "strength": 0.5}, "give strengths or strength, not both"),
         ({"strengths": [0.5], "max_variants": 0}, "max_variants"),
     ],
 )
@@ -245,6 +246,8 @@ def test_cli_eval_strengths(tiny, tokenizer, truthfulqa_csv, tmp_path, capsys):
         (["--strengths", "0.5,abc"], "--strengths must be comma-separated numbers"),
         (["--strengths", "0.5", "--kl", "0.1"], "give --strengths or --kl, not both"),
         (["--strengths", "1,1"], "--strengths lists a strength twice"),
+        (["--strengths", "1,2", "--strength", "0.5"], "give --strengths or --strength, not both"),
+        (["--strengths", ""], "--strengths needs at least one value"),
     ):
         with pytest.raises(SystemExit) as exc:
             main([*base, *bad])

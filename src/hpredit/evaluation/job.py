@@ -31,6 +31,7 @@ from ..checks import (
     check_strength,
     check_strengths,
     named,
+    strength_given,
 )
 from ..config import (
     FORCE_HELP,
@@ -206,6 +207,8 @@ class EvalConfig(LoadOptions):
                 raise HpreditError(f"{named('strengths')} needs an editor (--editor)")
             if self.kl is not None:
                 raise HpreditError(f"give {named('strengths')} or {named('kl')}, not both")
+            if strength_given(self.strength):
+                raise HpreditError(f"give {named('strengths')} or {named('strength')}, not both")
             if self.all_judges() is not None:
                 raise HpreditError(f"judges apply to one strength at a time: drop {named('strengths')} or the judges")
         if not the_task.generates and self.editor is not None and self.scope != "all":
