@@ -177,13 +177,20 @@ def editors_engine(editors: list[str], new: int, batch: int, eager: bool) -> Non
             for i in range(batch)
         ]
 
-    engine.generate(ps, params(False), use_tqdm=False)  # warm-up
+    _serve_timed(engine, ps, lambda mode: params(mode == "mixed"), "go")
+
+
+def _serve_timed(engine, ps: list[str], params, warm_up: str) -> None:
+    """A child engine's loop: one warm-up call (mode ``warm_up``), ``READY``, then per stdin line (a
+    mode, or ``quit``) one timed ``generate`` of ``ps`` with ``params(mode)``, answered ``TIME s``."""
+    engine.generate(ps, params(warm_up), use_tqdm=False)
     print("READY", flush=True)
     for line in sys.stdin:
-        if line.strip() == "quit":
+        mode = line.strip()
+        if mode == "quit":
             break
         t = time.perf_counter()
-        engine.generate(ps, params(line.strip() == "mixed"), use_tqdm=False)
+        engine.generate(ps, params(mode), use_tqdm=False)
         print(f"TIME {time.perf_counter() - t}", flush=True)
 
 
@@ -219,15 +226,7 @@ def configs_engine(kind: str, editors: list[str], new: int, batch: int, eager: b
             for i in range(batch)
         ]
 
-    engine.generate(ps, params("none" if kind == "none" else "distinct"), use_tqdm=False)  # warm-up
-    print("READY", flush=True)
-    for line in sys.stdin:
-        mode = line.strip()
-        if mode == "quit":
-            break
-        t = time.perf_counter()
-        engine.generate(ps, params(mode), use_tqdm=False)
-        print(f"TIME {time.perf_counter() - t}", flush=True)
+    _serve_timed(engine, ps, params, "none" if kind == "none" else "distinct")
 
 
 def configs(args) -> dict:
@@ -239,22 +238,11 @@ def configs(args) -> dict:
         editors = [str(make_editor(Path(tmp) / f"editor{i}", seed=i)) for i in range(4)]
         try:
             for kind in ("none", "edited"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--configs-engine", kind]
-                cmd += ["--editor", ",".join(editors), "--new", str(args.new), "--batch", str(args.batch)]
-                cmd += ["--eager"] if args.eager else []
-                log = open(Path(tmp) / f"engine-{kind}.log", "w")  # closed with the process
-                procs[kind] = subprocess.Popen(
-                    cmd, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
-                )
-                procs[kind].log = log.name  # type: ignore[attr-defined]
-                _read(procs[kind], "READY", f"the {kind} engine")
+                child = ["--configs-engine", kind, "--editor", ",".join(editors)]
+                procs[kind] = _start(child, args, Path(tmp) / f"engine-{kind}.log", f"the {kind} engine")
             for r in range(args.repeats):
                 for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate, and balance any drift
-                    proc = procs["none" if mode == "none" else "edited"]
-                    assert proc.stdin is not None
-                    proc.stdin.write(mode + "\n")
-                    proc.stdin.flush()
-                    seconds[mode].append(float(_read(proc, "TIME", f"the engine of {mode}")))
+                    seconds[mode].append(_timed(procs["none" if mode == "none" else "edited"], mode, f"the {mode} run"))
         finally:
             for proc in procs.values():
                 _stop(proc)
@@ -266,6 +254,26 @@ def configs(args) -> dict:
         a / b for a, b in zip(seconds["one"], seconds["distinct"])
     )
     return {"seconds": seconds, "summary": summary}
+
+
+def _start(child: list[str], args, log_path: Path, what: str):
+    """This script as a child engine (``child``: its role's arguments, plus ``--new``, ``--batch``
+    and ``--eager`` from ``args``), once it says ``READY``; its stderr goes to ``log_path``."""
+    cmd = [sys.executable, os.path.abspath(__file__), *child, "--new", str(args.new), "--batch", str(args.batch)]
+    cmd += ["--eager"] if args.eager else []
+    log = open(log_path, "w")  # closed with the process (stays unread otherwise)
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    proc.log = log.name  # type: ignore[attr-defined]
+    _read(proc, "READY", what)
+    return proc
+
+
+def _timed(proc, mode: str, what: str) -> float:
+    """One timed call of a child engine in ``mode``: its seconds."""
+    assert proc.stdin is not None
+    proc.stdin.write(mode + "\n")
+    proc.stdin.flush()
+    return float(_read(proc, "TIME", what))
 
 
 def _stop(proc) -> None:
@@ -297,22 +305,14 @@ def editors_cost(args) -> dict:
         editors = [str(make_editor(Path(tmp) / f"editor{i}", seed=i)) for i in range(args.editors_cost)]
         try:
             for k in counts:  # one at a time: start-up is the heaviest part
-                cmd = [sys.executable, os.path.abspath(__file__), "--editors-engine", ",".join(editors[:k])]
-                cmd += ["--new", str(args.new), "--batch", str(args.batch)] + (["--eager"] if args.eager else [])
-                log = open(Path(tmp) / f"engine{k}.log", "w")  # closed with the process (stays unread otherwise)
-                procs[k] = subprocess.Popen(
-                    cmd, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
-                )
-                procs[k].log = log.name  # type: ignore[attr-defined]
-                _read(procs[k], "READY", f"the engine with {k} editor(s)")
+                child = ["--editors-engine", ",".join(editors[:k])]
+                procs[k] = _start(child, args, Path(tmp) / f"engine{k}.log", f"the engine with {k} editor(s)")
             for r in range(args.repeats):
                 order = counts if r % 2 == 0 else counts[::-1]  # alternate, and balance any drift
                 for kind in ("uniform", "mixed"):
                     for k in order:
-                        assert procs[k].stdin is not None
-                        procs[k].stdin.write("go\n" if kind == "uniform" else "mixed\n")
-                        procs[k].stdin.flush()
-                        results[str(k)][kind].append(float(_read(procs[k], "TIME", f"the engine with {k} editor(s)")))
+                        mode = "go" if kind == "uniform" else "mixed"
+                        results[str(k)][kind].append(_timed(procs[k], mode, f"the engine with {k} editor(s)"))
         finally:
             for proc in procs.values():
                 _stop(proc)
@@ -359,36 +359,27 @@ def main() -> None:
         return
     load = os.getloadavg()
     record = run_record(load)
-    if args.configs:
+    if args.configs or args.editors_cost:
         import vllm
 
         record["versions"]["vllm"] = vllm.__version__
+        if args.configs:
+            setup = {
+                "editors": f"4 HPR editors, each on layers {LAYERS}",
+                "concurrent_requests": args.batch,
+                "distinct": "request i: editor e{i % 4}, strength 0.25 + 0.03 i, scope by i // 4 of "
+                + ", ".join(SCOPES),
+            }
+        else:
+            setup = {"editors": f"1..{args.editors_cost} HPR editors, each on layers {LAYERS}", "batch": args.batch}
         record["setup"] = {
             "model": "SmolLM2-135M-Instruct (embedded), float32",
-            "editors": f"4 HPR editors, each on layers {LAYERS}",
-            "concurrent_requests": args.batch,
-            "distinct": "request i: editor e{i % 4}, strength 0.25 + 0.03 i, scope by i // 4 of " + ", ".join(SCOPES),
+            **setup,
             "new_tokens": args.new,
             "repeats": args.repeats,
             "vllm_mode": "eager" if args.eager else "compiled (vLLM default)",
         }
-        record["results"] = configs(args)
-        record["machine"]["load_average_after"] = os.getloadavg()
-        emit(record, args.out)
-        return
-    if args.editors_cost:
-        import vllm
-
-        record["versions"]["vllm"] = vllm.__version__
-        record["setup"] = {
-            "model": "SmolLM2-135M-Instruct (embedded), float32",
-            "editors": f"1..{args.editors_cost} HPR editors, each on layers {LAYERS}",
-            "batch": args.batch,
-            "new_tokens": args.new,
-            "repeats": args.repeats,
-            "vllm_mode": "eager" if args.eager else "compiled (vLLM default)",
-        }
-        record["results"] = editors_cost(args)
+        record["results"] = configs(args) if args.configs else editors_cost(args)
         record["machine"]["load_average_after"] = os.getloadavg()
         emit(record, args.out)
         return

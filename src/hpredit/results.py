@@ -521,16 +521,24 @@ class EvalResult:
         return table
 
 
-def sweep_figure(summary: dict, path: Path) -> bool:
-    """A strength sweep's figure: the primary (first headline) metric against the strength, with the
-    unedited value as a line, and the fluency cost (KL on neutral text) on a second axis. False
-    without matplotlib (the ``plot`` extra)."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` drawing off-screen (Agg), or None without matplotlib (the ``plot`` extra)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def sweep_figure(summary: dict, path: Path) -> bool:
+    """A strength sweep's figure: the primary (first headline) metric against the strength, with the
+    unedited value as a line, and the fluency cost (KL on neutral text) on a second axis. False
+    without matplotlib (the ``plot`` extra)."""
+    plt = pyplot()
+    if plt is None:
         return False
     rows = summary["sweep"]
     key = (summary.get("headline") or list(summary["metrics"]["unedited"]))[0]

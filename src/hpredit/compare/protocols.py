@@ -28,7 +28,7 @@ from ..evaluation.side_effects import NeutralText
 from ..evaluation.tasks import Task
 from ..files import atomic_directory
 from ..registry import Registry
-from ..results import CompareResult, StrengthChoice, write_json
+from ..results import CompareResult, StrengthChoice, pyplot, write_json
 from .report import grid_figure, grid_table, matched_figure, matched_tables, summarise_grid, summarise_matched
 from .strength import KL_CAP, KL_TOL, TARGETS, Choice, choose_strength, match_cost, neutral_note
 
@@ -352,12 +352,8 @@ def figure(result: CompareResult | dict, path: Path) -> bool:
     matched: one curve per method through its targets, with its 95 % CI as a band). Methods with
     equal results do not hide each other (nested hollow markers, each point labelled with every
     method at it). False without matplotlib."""
-    try:  # optional: matplotlib is only installed with the plot extra
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()  # optional: matplotlib is only installed with the plot extra
+    if plt is None:
         return False
     result = _typed(result)
     protocol_of(result.setting).draw(result, result.setting.get("primary", "mc2"), plt, path)

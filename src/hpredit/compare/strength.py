@@ -35,19 +35,8 @@ __all__ = [
     "match_cost",
     "match_targets",
     "neutral_note",
-    "score_with",
     "scores_at",
 ]
-
-
-def score_with(
-    model: nn.Module, tok: PreTrainedTokenizerBase, task: Task, items: list, editor: Editor | None, strength: float
-) -> dict:
-    """The task's metrics on ``items`` with ``editor`` attached at ``strength`` (none: unedited)."""
-    if editor is None:
-        return task.score(model, tok, items)
-    with editor.attach(model, strength=strength, scope="all"):
-        return task.score(model, tok, items)
 
 
 def fluency_at(model: nn.Module, neutral: NeutralText, editor: Editor, strengths: Sequence[float]) -> list[dict]:
@@ -56,7 +45,8 @@ def fluency_at(model: nn.Module, neutral: NeutralText, editor: Editor, strengths
 
 
 def scores_at(model: nn.Module, tok, task: Task, items: list, editor: Editor, strengths: Sequence[float]) -> list[dict]:
-    """:func:`score_with` at each of ``strengths``, scored together (:meth:`Task.score_variants`)."""
+    """The task's metrics on ``items`` with ``editor`` at each of ``strengths``, scored together
+    (:meth:`Task.score_variants`)."""
     return [metrics for metrics, _ in task.score_variants(model, tok, items, [Variant(editor, s) for s in strengths])]
 
 
@@ -296,8 +286,9 @@ def match_targets(
         for s, c in zip(first, costs(first)):
             measured[s] = max(0.0, float(c))
             points.append((s, measured[s]))
-    for s in first:
-        measure(s)
+    else:
+        for s in first:
+            measure(s)
     if not measured:
         measure(min(1.0, max_strength))
     top = max(targets)
@@ -372,20 +363,20 @@ def match_cost(
     for ed in editors:
         k = len(getattr(ed, "heads", [])) or None
 
-        def cost(s: float, ed: Editor = ed, k: int | None = k) -> float:
-            if progress is not None:
-                progress(f"strength {s:.4g}: KL")
-            kl = fluency_with(model, neutral, ed, s)["kl"]
-            log(f"strength {s:.4g}{f' K={k}' if k else ''} KL {kl:.4f}")
-            return kl
-
-        def costs(strengths: list[float], ed: Editor = ed, k: int | None = k) -> list[float]:
-            if progress is not None:
-                progress(f"strength {', '.join(f'{s:.4g}' for s in strengths)}: KL")
-            kls = [c["kl"] for c in fluency_at(model, neutral, ed, strengths)]
+        def measured(strengths: list[float], kls: list[float], k: int | None = k) -> list[float]:
             for s, kl in zip(strengths, kls):
                 log(f"strength {s:.4g}{f' K={k}' if k else ''} KL {kl:.4f}")
             return kls
+
+        def cost(s: float, ed: Editor = ed) -> float:
+            if progress is not None:
+                progress(f"strength {s:.4g}: KL")
+            return measured([s], [fluency_with(model, neutral, ed, s)["kl"]])[0]
+
+        def costs(strengths: list[float], ed: Editor = ed) -> list[float]:
+            if progress is not None:
+                progress(f"strength {', '.join(f'{s:.4g}' for s in strengths)}: KL")
+            return measured(strengths, [c["kl"] for c in fluency_at(model, neutral, ed, strengths)])
 
         hits, points = match_targets(cost, targets, start, tol, steps, costs=costs)
         ed.kl_curve = KLCurve.from_points(points, neutral_note(neutral))
