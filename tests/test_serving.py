@@ -48,12 +48,12 @@ def test_bad_request_arguments(extra, message):
 
 def test_request_arguments_and_defaults():
     settings = ServeSettings((("a", "/a"), ("b", "/b")), 0.5, "all")
-    assert settings.resolve(None, 4) == RequestEdit(0, 0.5, 0)  # the first editor is the default
-    assert settings.resolve({"strength": 2}, 4) == RequestEdit(0, 2.0, 0)
-    assert settings.resolve({"strength": -1.5, "editor": "b"}, 4) == RequestEdit(1, -1.5, 0)
-    assert settings.resolve({"strength": 0, "scope": "generated"}, 4) == RequestEdit(0, 0.0, 4)
-    assert settings.resolve({"scope": "last-prompt-and-generated"}, 4) == RequestEdit(0, 0.5, 3)
-    assert settings.resolve({"kv_transfer_params": {"x": 1}}, 4) == RequestEdit(0, 0.5, 0)  # vLLM's own key
+    assert settings.resolve(None, 4) == RequestEdit.one(0, 0.5, 0)  # the first editor is the default
+    assert settings.resolve({"strength": 2}, 4) == RequestEdit.one(0, 2.0, 0)
+    assert settings.resolve({"strength": -1.5, "editor": "b"}, 4) == RequestEdit.one(1, -1.5, 0)
+    assert settings.resolve({"strength": 0, "scope": "generated"}, 4) == RequestEdit.one(0, 0.0, 4)
+    assert settings.resolve({"scope": "last-prompt-and-generated"}, 4) == RequestEdit.one(0, 0.5, 3)
+    assert settings.resolve({"kv_transfer_params": {"x": 1}}, 4) == RequestEdit.one(0, 0.5, 0)  # vLLM's own key
     with pytest.raises(ValueError, match="unknown editor 'c': this server has a, b"):
         settings.resolve({"editor": "c"}, 4)
     with pytest.raises(ValueError, match="unknown editor 3"):
@@ -69,11 +69,11 @@ def test_request_kl_is_converted_through_its_editors_curve():
     other = KLCurve((1.0, 2.0), (0.3, 0.9))
     settings = ServeSettings((("a", "/a"), ("b", "/b"), ("c", "/c")), 0.5, "all", curves=(CURVE, other, None))
     assert settings.max_kl == (0.45, 0.9, None)
-    assert settings.resolve({"kl": 0.1}, 4) == RequestEdit(0, CURVE.strength_for(0.1), 0)
+    assert settings.resolve({"kl": 0.1}, 4) == RequestEdit.one(0, CURVE.strength_for(0.1), 0)
     assert CURVE.strength_for(0.1) == 0.5  # a measured point: its own strength
-    assert settings.resolve({"kl": 0.3, "editor": "b"}, 4) == RequestEdit(1, 1.0, 0)
-    assert settings.resolve({"kl": 0, "scope": "generated"}, 4) == RequestEdit(0, 0.0, 4)
-    assert settings.resolve({"editor": "c"}, 4) == RequestEdit(2, 0.5, 0)  # no kl: the default strength
+    assert settings.resolve({"kl": 0.3, "editor": "b"}, 4) == RequestEdit.one(1, 1.0, 0)
+    assert settings.resolve({"kl": 0, "scope": "generated"}, 4) == RequestEdit.one(0, 0.0, 4)
+    assert settings.resolve({"editor": "c"}, 4) == RequestEdit.one(2, 0.5, 0)  # no kl: the default strength
     for extra, message in [
         ({"kl": 0.5}, "'kl' 0.5 is beyond editor 'a''s measured strength → KL curve (0 to 0.45 nats/token)"),
         ({"kl": 0.1, "editor": "c"}, "editor 'c' has no measured strength → KL curve, so 'kl' cannot be converted"),
@@ -89,10 +89,10 @@ def test_server_default_kl():
     """``--kl``: each editor's default strength is its own curve's conversion; every editor must reach it."""
     other = KLCurve((1.0, 2.0), (0.3, 0.9))
     settings = ServeSettings((("a", "/a"), ("b", "/b")), 1.0, "all", kl=0.1, curves=(CURVE, other))
-    assert settings.resolve(None, 3) == RequestEdit(0, 0.5, 0)
-    assert settings.resolve({"editor": "b"}, 3) == RequestEdit(1, other.strength_for(0.1), 0)
-    assert settings.resolve({"strength": 2.0}, 3) == RequestEdit(0, 2.0, 0)  # a request's own strength wins
-    assert settings.resolve({"kl": 0.45}, 3) == RequestEdit(0, 1.0, 0)
+    assert settings.resolve(None, 3) == RequestEdit.one(0, 0.5, 0)
+    assert settings.resolve({"editor": "b"}, 3) == RequestEdit.one(1, other.strength_for(0.1), 0)
+    assert settings.resolve({"strength": 2.0}, 3) == RequestEdit.one(0, 2.0, 0)  # a request's own strength wins
+    assert settings.resolve({"kl": 0.45}, 3) == RequestEdit.one(0, 1.0, 0)
     with pytest.raises(HpreditError, match=re.escape("--kl 0.5 is beyond editor 'a''s measured") + ".*pass --strength"):
         ServeSettings((("a", "/a"), ("b", "/b")), 1.0, "all", kl=0.5, curves=(CURVE, other))
     with pytest.raises(HpreditError, match="editor 'b' has no measured strength → KL curve, so --kl cannot"):
@@ -118,7 +118,7 @@ def test_settings_round_trip_through_the_model_config():
 
 def test_token_strengths_per_editor_and_scope():
     """The one function both model runners use: (requests, positions) → (editors, tokens) strengths."""
-    rows = [RequestEdit(1, 0.5, 0), RequestEdit(0, 2.0, 3), RequestEdit(2, -1.0, 2), RequestEdit(0, 0.0, 0)]
+    rows = [RequestEdit.one(1, 0.5, 0), RequestEdit.one(0, 2.0, 3), RequestEdit.one(2, -1.0, 2), RequestEdit.one(0, 0.0, 0)]
     counts = np.array([2, 3, 1, 2])
     positions = np.array([0, 1, 1, 2, 3, 5, 0, 1])  # request 1 is chunked: positions 1-3; request 2 decodes
     out = token_strengths(rows, counts, positions, 3)
@@ -229,7 +229,7 @@ def test_serve_argv_carries_the_curves(smol_editor, smol_editor_with_curve):
     assert settings.curves == (CURVE, None) and settings.kl is None and settings.max_kl == (0.45, None)
     argv = serve_argv(smol_editor_with_curve, None, DEFAULT_STRENGTH, "all", [], kl=0.1)
     settings = ServeSettings.from_config(SimpleNamespace(**json.loads(argv[argv.index("--hf-overrides") + 1])))
-    assert settings.kl == 0.1 and settings.resolve(None, 2).strength == 0.5
+    assert settings.kl == 0.1 and settings.resolve(None, 2).edits == ((0, 0.5),)
 
 
 def test_serve_missing_editor(tmp_path, capsys):

@@ -4,7 +4,7 @@ from . import data, geometry, pipeline, results
 from ._version import __version__
 from .activations import ActivationStore, collect_activations
 from .data import ContrastivePair, ContrastivePairs
-from .editors import Editor, HPRConfig, HPREditor, load_editor
+from .editors import Editor, HPRConfig, HPREditor, attach_editors, load_editor
 from .errors import HpreditError
 from .evaluation import evaluate
 from .evaluation.job import EvalConfig
@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "Variant",
     "__version__",
+    "attach_editors",
     "attach_variants",
     "collect_activations",
     "data",

@@ -49,6 +49,8 @@ __all__ = [
 #: range is about 0–2 and the additive methods' a few units; a bound keeps every per-token strength
 #: finite in float16/bfloat16/float32 buffers (1e39 would be ``inf`` there and the edit would write NaN).
 MAX_STRENGTH = 100.0
+#: the most editors combined at once (:func:`hpredit.attach_editors`, a served request's ``editors``)
+MAX_COMBINED_EDITORS = 8
 #: The largest seed accepted: what NumPy's and Python's generators take alike (2**63 - 1).
 MAX_SEED = 2**63 - 1
 

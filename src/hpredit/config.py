@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from .checks import MAX_STRENGTH
 from .errors import HpreditError
 
-__all__ = ["JobConfig", "LoadOptions", "comma_list", "editor_dir", "given_path", "option"]
+__all__ = ["JobConfig", "LoadOptions", "comma_list", "editor_dir", "editor_strengths", "given_path", "option"]
 
 C = TypeVar("C", bound="JobConfig")
 
@@ -80,6 +80,24 @@ def given_path(what: str) -> Callable[[str, str], Path]:
 
 #: ``--editor DIR``
 editor_dir = given_path("directory")
+
+
+def editor_strengths(text: str, flag: str) -> tuple[tuple[Path, float], ...]:
+    """``DIR=STRENGTH[,DIR=STRENGTH...]`` → ``((Path(DIR), strength), ...)`` (a directory may hold ``=``:
+    the last one splits); the strengths are checked with the config."""
+    pairs = []
+    for part in (x for x in text.split(",") if x.strip()):
+        path, sep, value = part.rpartition("=")
+        try:
+            strength = float(value)
+        except ValueError:
+            strength = None
+        if not sep or not path.strip() or strength is None:
+            raise HpreditError(f"{flag} takes DIR=STRENGTH pairs, comma-separated, got {part!r}")
+        pairs.append((Path(path), strength))
+    if not pairs:
+        raise HpreditError(f"{flag} needs at least one DIR=STRENGTH")
+    return tuple(pairs)
 
 
 # --------------------------------------------------------------------------- help shared by several jobs

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +32,7 @@ from . import distributed
 from .activations import ActivationStore, collect_activations
 from .checks import (
     DEFAULT_STRENGTH,
+    MAX_COMBINED_EDITORS,
     check_count,
     check_kl_cap,
     check_kl_tol,
@@ -56,6 +57,7 @@ from .config import (
     LoadOptions,
     comma_list,
     editor_dir,
+    editor_strengths,
     given_path,
     option,
 )
@@ -68,7 +70,7 @@ from .data import (
     qa_prompt,
     truthfulqa_pairs,
 )
-from .editors import Editor, HPREditor
+from .editors import Editor, HPREditor, attach_editors
 from .editors.kl_curve import scope_note
 from .errors import HpreditError
 from .evaluation import evaluate as evaluate_task
@@ -491,6 +493,8 @@ class SideBySide:
     kl: float | None = None  #: the fluency cost asked for instead of a strength (``strength``: what it converted to)
     #: one line when ``kl`` was converted through a curve measured with another scope (``all``)
     note: str | None = None
+    #: further editors and their strengths, applied after ``editor`` (``GenerateConfig.also``)
+    also: list[tuple[Editor, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -505,9 +509,23 @@ class GenerateConfig(LoadOptions):
     max_new_tokens: int = option(40, "Tokens to generate.")
     qa: bool = option(False, "Wrap each prompt in the TruthfulQA QA format (primer, Q:, A:).")
     strict: bool = option(True, STRICT_HELP)
+    also: tuple[tuple[str | Path | Editor, float], ...] = option(
+        (),
+        "Further editors, each at its own strength, applied after --editor where they share a layer, in the "
+        "order given: DIR=STRENGTH, comma-separated.",
+        parse=editor_strengths,
+        metavar="<dir=strength,...>",
+    )
 
     def check(self) -> None:
         self._set("prompts", tuple(self.prompts))
+        self._set("also", tuple(tuple(pair) for pair in self.also))
+        for pair in self.also:
+            if len(pair) != 2:
+                raise HpreditError(f"{named('also')} takes (editor, strength) pairs, got {pair!r}")
+            check_strength(pair[1], f"the strength of {pair[0]} in {named('also')}")
+        if len(self.also) >= MAX_COMBINED_EDITORS:
+            raise HpreditError(f"{named('also')}: at most {MAX_COMBINED_EDITORS} editors at once, --editor included")
         empty = [i + 1 for i, p in enumerate(self.prompts) if not p.strip()]
         if empty:
             raise HpreditError(f"prompt {empty[0]} is empty: give some text to continue")
@@ -529,12 +547,14 @@ def generate(
     the strength whose fluency cost is ``kl`` by the editor's measured curve (measured with scope
     ``all``: with another ``scope`` the result's ``note`` says so; ``kl`` is recorded in the result).
     ``config``: a :class:`GenerateConfig` (its defaults are ``hpredit generate``'s), or its fields as
-    keywords (``generate(["Hi"], "out/editor", strength=0.5)``)."""
+    keywords (``generate(["Hi"], "out/editor", strength=0.5)``); ``also=[(dir_or_editor, strength), ...]``:
+    further editors applied after ``editor`` (:func:`~hpredit.editors.base.attach_editors`)."""
     given = {"prompts": prompts, "editor": editor, "model": model}
     cfg = GenerateConfig.of(config, {**{k: v for k, v in given.items() if v is not None}, **fields})
     model_config = check_model(cfg.model, cfg.device, cfg.device_map)
     check_generation_length(cfg.max_new_tokens, model_config, named("max_new_tokens"))
     ed = check_editor_for(cfg.editor, model_config, cfg.model, cfg.strict)
+    also = [(check_editor_for(e, model_config, cfg.model, cfg.strict), float(s)) for e, s in cfg.also]
     strength = ed.resolve_strength(cfg.strength, cfg.kl)
     note = None if cfg.kl is None else scope_note(cfg.kl, strength, cfg.scope)
     lm, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
@@ -546,7 +566,11 @@ def generate(
         kwargs.update(stop_strings=["\n\n"], tokenizer=tok)
     generate_ = cast(Any, lm).generate
     plain = generate_(**enc, **kwargs)
-    with ed.attach(lm, strength=strength, scope=cfg.scope, strict=cfg.strict):
+    if also:
+        handle = attach_editors(lm, [(ed, strength), *also], scope=cfg.scope, strict=cfg.strict)
+    else:
+        handle = ed.attach(lm, strength=strength, scope=cfg.scope, strict=cfg.strict)
+    with handle:
         edited = generate_(**enc, **kwargs)
     n = enc["input_ids"].shape[1]
 
@@ -554,4 +578,4 @@ def generate(
         return str(tok.decode(ids[n:], skip_special_tokens=True)).strip()
 
     rows = [(p, text(a), text(b)) for p, a, b in zip(cfg.prompts, plain, edited)]
-    return SideBySide(ed, strength, cfg.scope, rows, cfg.kl, note)
+    return SideBySide(ed, strength, cfg.scope, rows, cfg.kl, note, also)

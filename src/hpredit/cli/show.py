@@ -26,7 +26,10 @@ def side_by_side_table(result: Any) -> Table:
     ed = result.editor
     kl = getattr(result, "kl", None)
     strength = result.strength if kl is None else f"{result.strength:.4g} (from KL {kl:g})"
-    title = f"{ed.method.upper()} layers {ed.layers}, strength {strength}, scope {result.scope}"
+    title = f"{ed.method.upper()} layers {ed.layers}, strength {strength}"
+    for other, s in getattr(result, "also", ()):  # applied after it, in this order
+        title += f", then {other.method.upper()} layers {other.layers}, strength {s:g}"
+    title += f", scope {result.scope}"
     table = Table(title=title, show_lines=True)
     for column in ("prompt", "unedited", "edited"):
         table.add_column(column)

@@ -3,7 +3,7 @@
 from .ablation import AblationConfig, AblationEditor
 from .additive import AdditiveConfig, CAAEditor, NormRestoreEditor
 from .angular import AngularConfig, AngularEditor
-from .base import Editor, load_editor, register_editor
+from .base import Editor, attach_editors, load_editor, register_editor
 from .hpr import HPRConfig, HPREditor
 from .iti import ITIConfig, ITIEditor
 from .mirror import MirrorConfig, MirrorEditor, TargetEditor
@@ -27,6 +27,7 @@ __all__ = [
     "SphericalConfig",
     "SphericalEditor",
     "TargetEditor",
+    "attach_editors",
     "load_editor",
     "register_editor",
 ]

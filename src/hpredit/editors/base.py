@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, overload
@@ -27,7 +27,16 @@ from torch import nn
 
 from .._version import __version__
 from ..architecture import ModelFingerprint, decoder_layers, execution_device, fingerprint
-from ..checks import DEFAULT_STRENGTH, check_editor_matches, layer_list_problem, named, strength_given
+from ..checks import (
+    DEFAULT_STRENGTH,
+    MAX_COMBINED_EDITORS,
+    check_editor_matches,
+    check_scope,
+    check_strength,
+    layer_list_problem,
+    named,
+    strength_given,
+)
 from ..errors import HpreditError
 from ..files import atomic_directory, read_json, sha256_file
 from ..hooks import EditHandle, EditObserver, LayerEdit
@@ -40,6 +49,7 @@ __all__ = [
     "EDITORS",
     "Editor",
     "EditorConfig",
+    "attach_editors",
     "FittedLayersEditor",
     "TokenPairs",
     "choose_layers",
@@ -510,6 +520,66 @@ def register_editor(cls=None, *, replace=False):
         return EDITORS.register(getattr(klass, "method", None), klass, replace=replace)
 
     return register if cls is None else register(cls)
+
+
+def attach_editors(
+    model: nn.Module,
+    editors: Sequence[tuple[Editor, float]] | Mapping[Editor, float],
+    scope: str = "all",
+    strict: bool = True,
+    layers_path: str | None = None,
+    *,
+    observe: EditObserver | None = None,
+) -> EditHandle:
+    """Attach several editors at once, each at its own strength: ``[(editor, strength), ...]`` (or a
+    mapping editor → strength), at most :data:`~hpredit.checks.MAX_COMBINED_EDITORS`, all of one
+    site. Where several edit the same layer they apply in the order given, each to the output of the
+    one before (``hpredit serve`` applies a request's ``editors`` in its ``--editor`` order: attach
+    them in that order to reproduce it). An editor at strength 0 edits nothing. Each editor is
+    checked as :meth:`Editor.attach` checks it. One handle: ``with`` or ``.remove()`` detaches all.
+
+    Example:
+        >>> with attach_editors(model, [(truthful, 1.0), (polite, 0.5)]):
+        ...     out = model.generate(**enc)
+    """
+    pairs = list(editors.items()) if isinstance(editors, Mapping) else list(editors)
+    if not pairs:
+        raise HpreditError("attach_editors: give at least one (editor, strength) pair")
+    if len(pairs) > MAX_COMBINED_EDITORS:
+        raise HpreditError(f"attach_editors: {len(pairs)} editors given, at most {MAX_COMBINED_EDITORS} at once")
+    checked: list[tuple[Editor, float]] = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Editor)):
+            raise HpreditError(f"attach_editors: entry {i} must be an (editor, strength) pair, got {pair!r}")
+        editor, strength = pair
+        checked.append((editor, check_strength(strength, f"the strength of editor {i}")))
+    sites = {editor.site for editor, _ in checked}
+    if len(sites) > 1:
+        raise HpreditError(f"attach_editors: the editors edit different sites ({', '.join(sorted(sites))}): attach each")
+    check_scope(scope)
+    for editor, _ in checked:
+        editor.check_model(model, strict=strict, layers_path=layers_path)
+    _, blocks = decoder_layers(model, layers_path)
+    parts: dict[int, list[tuple[LayerEdit, float]]] = {}
+    for editor, strength in checked:
+        if strength == 0:
+            continue
+        for i in editor.layers:
+            fn = editor.layer_edit(i, execution_device(blocks[i]), next(blocks[i].parameters()).dtype)
+            parts.setdefault(i, []).append((fn, strength))
+    edits = {i: _composed(fns) for i, fns in sorted(parts.items())}
+    return EditHandle(model, edits, 1.0, scope, layers_path=layers_path, site=sites.pop(), observe=observe)
+
+
+def _composed(parts: list[tuple[LayerEdit, float]]) -> LayerEdit:
+    """One layer's edits in order, each at its strength (times the handle's), each on the one before's output."""
+
+    def edit(hidden: torch.Tensor, mask: torch.Tensor | None, strength: float | torch.Tensor) -> torch.Tensor:
+        for fn, s in parts:
+            hidden = fn(hidden, mask, strength * s)
+        return hidden
+
+    return edit
 
 
 def residual_methods() -> list[str]:

@@ -32,7 +32,14 @@ import hashlib
 import json
 from typing import Any
 
-from .params import REQUEST_KEYS, spec_hex, specialised, specialised_by_name, validate_extra_args
+from .params import (
+    REQUEST_KEYS,
+    editor_strengths,
+    spec_hex,
+    specialised,
+    specialised_by_name,
+    validate_extra_args,
+)
 
 __all__ = ["RequestCheck", "edit_salt", "middleware_name", "problem", "request_check_class", "salted"]
 
@@ -84,9 +91,14 @@ def _number(value: Any) -> Any:
 def edit_salt(xargs: dict[str, Any] | None, own_salt: str | None = None) -> str | None:
     """The cache salt of a request asking for the edit ``xargs`` (its valid ``vllm_xargs``), with the
     client's own salt ``own_salt`` folded in: equal for equal edits and equal own salts, different
-    otherwise. None where the edit is the identity (``strength`` 0: the unedited model's KV cache)
-    and the client gave no salt."""
+    otherwise. None where the edit is the identity (``strength`` 0, or ``editors`` all at 0: the
+    unedited model's KV cache) and the client gave no salt."""
     edit = {k: _number(xargs[k]) for k in REQUEST_KEYS if xargs and k in xargs}
+    if "editors" in edit:  # {name: strength} or its flat list, in any order; an editor at 0 edits nothing
+        chosen = editor_strengths(edit["editors"])
+        edit["editors"] = {n: float(v) for n, v in sorted(chosen.items()) if float(v) != 0.0}
+        if not edit["editors"]:
+            edit = {"strength": 0.0}
     if edit.get("strength") == 0.0:
         edit = {"strength": 0.0}  # strength 0 leaves every token as the unedited model has it
         if own_salt is None:
@@ -107,17 +119,29 @@ def _edit_args(data: dict[str, Any]) -> dict[str, Any] | None:
     return xargs if isinstance(xargs, dict) else None
 
 
+def _flat_editors(data: dict[str, Any]) -> bool:
+    """``vllm_xargs["editors"]`` given as an object → the flat list ``[name, strength, ...]`` (vLLM's
+    request schema takes no nested object there; the engine reads both). Whether it changed."""
+    xargs = data.get(XARGS)
+    if isinstance(xargs, dict) and isinstance(xargs.get("editors"), dict):
+        xargs["editors"] = [x for pair in xargs["editors"].items() for x in pair]
+        return True
+    return False
+
+
 def salted(data: dict[str, Any]) -> bytes | None:
-    """A generation request's body (read as a JSON object; its ``cache_salt`` set here) with the salt of
-    its edit (:func:`edit_salt`), or None to pass it on as sent: a salt of the client's own that vLLM
-    will refuse, or the identity edit without a salt."""
+    """A valid generation request's body (read as a JSON object; changed here) with the cache salt of its
+    edit (:func:`edit_salt`) and its ``editors`` as vLLM takes them (:func:`_flat_editors`), or None to
+    pass it on as sent: nothing to change, or a salt of the client's own that vLLM will refuse."""
     own = data.get("cache_salt")
     if own is not None and not _valid_salt(own):
         return None  # vLLM's own message says what is wrong with it
     salt = edit_salt(_edit_args(data), own)
-    if salt is None:
+    flattened = _flat_editors(data)
+    if salt is None and not flattened:
         return None
-    data["cache_salt"] = salt
+    if salt is not None:
+        data["cache_salt"] = salt
     return json.dumps(data).encode()
 
 

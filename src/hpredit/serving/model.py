@@ -41,7 +41,7 @@ from .plugin import ROWS
 
 __all__ = ["HPRModelState", "edit_block_output", "edited_class"]
 
-_UNEDITED = RequestEdit(0, 0.0, 0)
+_UNEDITED = RequestEdit((), 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,12 +53,14 @@ def edit_block_output(out: Any, edits: tuple[tuple[int, LayerEdit], ...], streng
     """A decoder layer's output with the edits applied to its true block output.
 
     ``out``: the layer's return, ``(tokens, d)`` or ``(hidden, residual)`` pair whose sum is the
-    block output; ``edits``: ``(editor index, edit)`` for the editors that edit this layer;
-    ``strengths`` ``(editors, ≥ tokens)``: each token's strength per editor (0: not this editor).
+    block output; ``edits``: ``(editor index, edit)`` for the editors that edit this layer, in the
+    server's editor order; ``strengths`` ``(editors, ≥ tokens)``: each token's strength per editor
+    (0: not this editor). A token several editors edit gets them in that order, each applied to the
+    output of the one before (as Hugging Face with :func:`hpredit.attach_editors` in that order).
 
     A token whose edited vector's squared norm is not finite in float32 (NaN, ±inf, or so large that
-    the next layer's norm would overflow) keeps the unedited output: one damaged edit cannot write
-    NaN into the KV cache that later requests reuse.
+    the next layer's norm would overflow) keeps what it had before that edit: one damaged edit cannot
+    write NaN into the KV cache that later requests reuse.
     """
     pair = isinstance(out, tuple)
     hidden, residual = out if pair else (out, None)
@@ -68,7 +70,7 @@ def edit_block_output(out: Any, edits: tuple[tuple[int, LayerEdit], ...], streng
     for k, edit in edits:
         s = strengths[k, :n]
         on = s != 0
-        new = edit(stream, on, s)
+        new = edit(edited, on, s)
         ok = on & torch.isfinite(new.float().square().sum(-1))  # a non-finite edit: token unedited
         edited = torch.where(ok.unsqueeze(-1), new, edited)
         keep = ok if keep is None else keep | ok

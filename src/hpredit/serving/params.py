@@ -4,7 +4,9 @@ A request carries ``{"editor": name, "strength": s, "scope": ...}`` (OpenAI API:
 offline: ``SamplingParams(extra_args=...)``), or ``"kl": c`` instead of a strength: the fluency cost
 wanted, converted through the editor's measured strength → KL curve
 (:class:`~hpredit.editors.kl_curve.KLCurve`, carried in the server's settings). All are optional;
-the server's defaults fill the gaps.
+the server's defaults fill the gaps. ``{"editors": {name: strength, ...}}`` instead asks for several
+editors at once (at most :data:`MAX_REQUEST_EDITORS`): where they edit the same layer, they apply in
+the server's editor order, each to the output of the one before.
 Pure Python and NumPy, no vLLM import: the front end validates with it, both model runners resolve
 requests and compute per-token strengths with it (:func:`token_strengths`).
 """
@@ -19,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import check_kl_target, check_strength
+from ..checks import MAX_COMBINED_EDITORS, check_kl_target, check_strength
 from ..editors.kl_curve import KLCurve
 from ..errors import HpreditError
 from ..hooks import SCOPES
 
 __all__ = [
     "DEFAULT_EDITOR",
+    "MAX_REQUEST_EDITORS",
     "REQUEST_KEYS",
     "SUPPORTED",
     "RequestEdit",
@@ -36,7 +39,9 @@ __all__ = [
 ]
 
 #: keys hpredit reads from ``extra_args``
-REQUEST_KEYS = ("editor", "strength", "kl", "scope")
+REQUEST_KEYS = ("editor", "editors", "strength", "kl", "scope")
+#: the most editors one request may combine (``"editors"``)
+MAX_REQUEST_EDITORS = MAX_COMBINED_EDITORS
 #: keys vLLM itself puts into ``extra_args`` (passed through untouched)
 VLLM_KEYS = ("kv_transfer_params", "ec_transfer_params")
 #: the Hugging Face architectures served: those tests/test_vllm.py runs against Hugging Face + attach
@@ -149,10 +154,14 @@ def validate_extra_args(
     if "scope" in extra_args:
         _scope(extra_args["scope"])
     if "editor" in extra_args:
-        name = extra_args["editor"]
-        if not isinstance(name, str) or (editors is not None and name not in editors):
-            served = "any name" if editors is None else ", ".join(editors)
-            raise ValueError(f"hpredit: unknown editor {name!r}: this server has {served}")
+        _editor_name(extra_args["editor"], editors)
+    if "editors" in extra_args:
+        both = sorted(k for k in ("editor", "strength", "kl") if k in extra_args)
+        if both:
+            raise ValueError(
+                f"hpredit: give 'editors' (names → strengths) or {' and '.join(repr(k) for k in both)}, not both"
+            )
+        editor_strengths(extra_args["editors"], editors)
     if "kl" in extra_args:
         if "strength" in extra_args:
             raise ValueError("hpredit: give 'strength' or 'kl', not both")
@@ -162,6 +171,40 @@ def validate_extra_args(
             problem = _unreachable(name, max_kl[editors.index(name)], kl)
             if problem:
                 raise ValueError(f"hpredit: {problem}")
+
+
+def _editor_name(name: Any, editors: tuple[str, ...] | None) -> str:
+    if not isinstance(name, str) or (editors is not None and name not in editors):
+        served = "any name" if editors is None else ", ".join(editors)
+        raise ValueError(f"hpredit: unknown editor {name!r}: this server has {served}")
+    return name
+
+
+def editor_strengths(value: Any, editors: tuple[str, ...] | None = None) -> dict[str, float]:
+    """A request's ``"editors"``: a JSON object ``{name: strength}`` (or the flat list ``[name, strength,
+    ...]`` the server's front door hands vLLM, whose request schema has no nested objects) → names →
+    strengths, each name known (``editors``; None: any) and given once, each strength checked, at
+    least one and at most :data:`MAX_REQUEST_EDITORS`. ``ValueError`` (one line) otherwise."""
+    if isinstance(value, list) and len(value) % 2 == 0:
+        pairs = list(zip(value[::2], value[1::2]))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise ValueError(f"hpredit: 'editors' must be an object of editor names → strengths, got {value!r}")
+    if not pairs:
+        raise ValueError("hpredit: 'editors' is empty: name at least one editor and its strength")
+    if len(pairs) > MAX_REQUEST_EDITORS:
+        raise ValueError(f"hpredit: 'editors' names {len(pairs)} editors: at most {MAX_REQUEST_EDITORS} per request")
+    out: dict[str, float] = {}
+    for name, strength in pairs:
+        _editor_name(name, editors)
+        if name in out:
+            raise ValueError(f"hpredit: 'editors' names editor {name!r} twice")
+        try:
+            out[name] = check_strength(strength, f"the strength of editor {name!r} in 'editors'")
+        except HpreditError as e:
+            raise _request_error(e) from None
+    return out
 
 
 def _unreachable(editor: str, max_kl: float | None, kl: float, key: str = "'kl'", strength: str = "'strength'") -> str:
@@ -181,11 +224,16 @@ def _unreachable(editor: str, max_kl: float | None, kl: float, key: str = "'kl'"
 
 @dataclass(frozen=True)
 class RequestEdit:
-    """One request's edit: the editor's index, the strength, and the first token position edited."""
+    """One request's edit: ``(editor index, strength)`` per editor it asks for, in the server's editor
+    order (the order they apply in), and the first token position edited."""
 
-    editor: int
-    strength: float
+    edits: tuple[tuple[int, float], ...]
     start: int
+
+    @classmethod
+    def one(cls, editor: int, strength: float, start: int) -> RequestEdit:
+        """The edit of one editor."""
+        return cls(((editor, strength),), start)
 
 
 @dataclass(frozen=True)
@@ -263,6 +311,10 @@ class ServeSettings:
         validate_extra_args(extra_args, self.names, self.max_kl)
         extra_args = extra_args or {}
         scope = extra_args.get("scope", self.scope)
+        start = first_edited_position(scope, prompt_len)
+        if "editors" in extra_args:
+            chosen = editor_strengths(extra_args["editors"], self.names)
+            return RequestEdit(tuple(sorted((self.names.index(n), s) for n, s in chosen.items())), start)
         editor = self.names.index(extra_args.get("editor", self.names[0]))
         if "strength" in extra_args:
             strength = _strength(extra_args["strength"])
@@ -273,7 +325,7 @@ class ServeSettings:
             strength = curve.strength_for(kl)
         else:
             strength = self.strength
-        return RequestEdit(editor, strength, first_edited_position(scope, prompt_len))
+        return RequestEdit.one(editor, strength, start)
 
 
 def first_edited_position(scope: str, prompt_len: int) -> int:
@@ -285,15 +337,21 @@ def token_strengths(rows: list[RequestEdit], counts: np.ndarray, positions: np.n
     """Each scheduled token's strength for each editor, ``(n_editors, tokens)`` float32.
 
     ``rows``: the batch's requests in order; ``counts`` ``(requests,)``: tokens each has in this
-    step; ``positions`` ``(tokens,)``: each token's position in its sequence. A token gets its
-    request's strength in its request's editor's row if its position is in the request's scope,
-    0 everywhere else (0 = unedited, bit for bit).
+    step; ``positions`` ``(tokens,)``: each token's position in its sequence. A token gets, in the row
+    of each editor its request asks for, that editor's strength if its position is in the request's
+    scope; 0 everywhere else (0 = unedited, bit for bit).
     """
     counts = np.asarray(counts, dtype=np.int64)
     n = int(counts.sum())
-    editor = np.repeat(np.array([r.editor for r in rows], dtype=np.int64), counts)
-    strength = np.repeat(np.array([r.strength for r in rows], dtype=np.float32), counts)
-    start = np.repeat(np.array([r.start for r in rows], dtype=np.int64), counts)
     out = np.zeros((n_editors, n), dtype=np.float32)
-    out[editor, np.arange(n)] = np.where(np.asarray(positions[:n]) >= start, strength, 0.0)
+    if not rows:
+        return out
+    start = np.repeat(np.array([r.start for r in rows], dtype=np.int64), counts)
+    active = np.asarray(positions[:n]) >= start
+    tokens = np.arange(n)
+    for j in range(max(len(r.edits) for r in rows)):  # each request's j-th editor
+        editor = np.repeat(np.array([r.edits[j][0] if j < len(r.edits) else -1 for r in rows]), counts)
+        strength = np.repeat(np.array([r.edits[j][1] if j < len(r.edits) else 0.0 for r in rows]), counts)
+        on = editor >= 0
+        out[editor[on], tokens[on]] = np.where(active[on], strength[on], 0.0)
     return out
