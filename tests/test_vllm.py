@@ -216,8 +216,14 @@ def tiny(tmp_path_factory):
 TINY_MIXED = [("a", 1.0), ("b", 1.0), ("a", 0.0), ("b", 0.5), ("a", 0.5), (None, None)]
 
 
+#: a request combining editors a and b (they share layers 1 and 2: a's edit, then b's)
+TINY_AB = {"editors": {"b": 0.5, "a": 1.0}}  # spelled out of order: the server's order applies
+
+
 def tiny_jobs(prompts: list) -> list[dict]:
-    """0: a@1; 1: b@1; 2: a@0; 3: bad@2 (= 2 exactly); 4: a@1 again (= 0 exactly); 5: mixed; 6…: alone."""
+    """0: a@1; 1: b@1; 2: a@0; 3: bad@2 (= 2 exactly); 4: a@1 again (= 0 exactly); 5: mixed; 6…11: alone;
+    12: a@1 then b@0.5 (:data:`TINY_AB`); 13: a@1 then bad@2 (= 0 exactly); 14: TINY_AB and single
+    editors mixed in one batch."""
     mixed = [{} if e is None else {"editor": e, "strength": s} for e, s in TINY_MIXED]
     return [
         _uniform(prompts, editor="a", strength=1.0),
@@ -227,6 +233,9 @@ def tiny_jobs(prompts: list) -> list[dict]:
         _uniform(prompts, editor="a", strength=1.0),
         _job(prompts, mixed),
         *[_job([p], [m]) for p, m in zip(prompts, mixed)],
+        _uniform(prompts, **TINY_AB),
+        _uniform(prompts, editors={"a": 1.0, "bad": 2.0}),
+        _job(prompts, [TINY_AB if i % 2 == 0 else mixed[i] for i in range(len(prompts))]),
     ]
 
 
@@ -290,7 +299,7 @@ def tiny_runs(tiny, tmp_path_factory):
         "max_model_len": TINY_MAX_LEN,
         "editors": g2["dirs"],
         "compile": True,
-        "jobs": tiny_jobs(g2["prompts"])[:5],
+        "jobs": tiny_jobs(g2["prompts"])[:5] + tiny_jobs(g2["prompts"])[12:14],
     }
     return finish_engines(start_engines(tmp_path_factory.mktemp("tiny-engines"), "tiny", [*tiny_plan(tiny), compiled]))
 
@@ -438,17 +447,28 @@ def test_compiled_equals_eager_and_edits(runs, hf_reference):
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny):
-    """Hugging Face per tiny architecture: unedited, ``a`` at 1 and ``b`` at 1 (scope all), as in
-    :func:`hf_reference`; and whether ``bad`` at 2 makes Hugging Face's logits non-finite."""
+    """Hugging Face per tiny architecture: unedited, ``a`` at 1, ``b`` at 1, and ``attach_editors`` with
+    a at 1 then b at 0.5 (``ab``) and the other order (``ba``) (scope all), as in :func:`hf_reference`;
+    and whether ``bad`` at 2 makes Hugging Face's logits non-finite."""
+    from hpredit import attach_editors
+
     out = {}
     for arch, t in tiny.items():
         model = t["model"]
+        a, b = t["editors"]["a"], t["editors"]["b"]
         ref = {}
-        for key, editor in ((None, None), ("a", t["editors"]["a"]), ("b", t["editors"]["b"])):
+        attachments = {
+            None: None,
+            "a": lambda: a.attach(model, strength=1.0, strict=False),
+            "b": lambda: b.attach(model, strength=1.0, strict=False),
+            "ab": lambda: attach_editors(model, [(a, 1.0), (b, 0.5)], strict=False),
+            "ba": lambda: attach_editors(model, [(b, 0.5), (a, 1.0)], strict=False),
+        }
+        for key, attach in attachments.items():
             ref[key] = [{} for _ in t["prompts"]]
             for dtype in (torch.float32, torch.float64):
                 model.to(dtype)
-                handle = editor.attach(model, strength=1.0, strict=False) if editor is not None else None
+                handle = attach() if attach is not None else None
                 try:
                     for row, p in zip(ref[key], t["prompts"]):
                         ids = torch.tensor([p])
@@ -483,7 +503,7 @@ def test_architecture_matches_hugging_face(tiny_runs, tiny_reference, arch, caps
     plain = _agreement(tiny_runs[f"{arch}-plain"]["results"][0], ref[None])
     gap = max(r["vllm_hf64"] for r in plain)
     assert sum(r["same"] for r in plain) >= len(plain) - 1
-    for key, job in (("a", 0), ("b", 1)):
+    for key, job in (("a", 0), ("b", 1), ("ab", 12)):
         rows = _agreement(tiny_runs[arch]["results"][job], ref[key])
         scale, _ = _rounding_bound(rows)
         bound = ROUNDING_FACTOR * (scale + gap) + LOGPROB_TOL
@@ -498,6 +518,8 @@ def test_architecture_matches_hugging_face(tiny_runs, tiny_reference, arch, caps
         assert same >= len(rows) - 1, key
         effect = _edit_effect(ref[key], ref[None])
         assert effect > 10 * bound, (key, effect, bound)
+        if key == "ab":  # the order is the server's (a before b), which the bound tells from the other
+            assert _edit_effect(ref["ab"], ref["ba"]) > 10 * bound, (_edit_effect(ref["ab"], ref["ba"]), bound)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -512,7 +534,7 @@ def test_architecture_mixed_editors_and_strengths_equal_each_alone(tiny_runs, ar
     """One batch mixing editors a and b, strengths 0, 0.5, 1 and the default (a at 1): each request
     gets what it gets alone, and what the uniform batch of its editor and strength gets."""
     res = tiny_runs[arch]["results"]
-    mixed, alone = res[5], res[6:]
+    mixed, alone = res[5], res[6:12]
     for i, single in enumerate(alone):
         assert mixed["tokens"][i] == single["tokens"][0], i
         for k, v in single["first_logprobs"][0].items():
@@ -522,8 +544,15 @@ def test_architecture_mixed_editors_and_strengths_equal_each_alone(tiny_runs, ar
         if key in uniform:
             assert mixed["tokens"][i] == res[uniform[key]]["tokens"][i], (i, key)
     # the editors act, and differently (tokens may not move: Gemma's tiny model repeats one token)
-    lp = [res[j]["first_logprobs"] for j in (0, 1, 2)]
-    assert lp[0] != lp[1] and lp[1] != lp[2] and lp[0] != lp[2]
+    lp = [res[j]["first_logprobs"] for j in (0, 1, 2, 12)]
+    assert len({json.dumps(x, sort_keys=True) for x in lp}) == 4
+    # combined editors in a batch with single ones: each row as its uniform batch
+    for i in range(TINY_PROMPTS):
+        want = res[12] if i % 2 == 0 else alone[i]
+        j = i if i % 2 == 0 else 0
+        assert res[14]["tokens"][i] == want["tokens"][j], i
+        for k, v in want["first_logprobs"][j].items():
+            assert abs(res[14]["first_logprobs"][i][k] - v) < 1e-4, (i, k)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -534,6 +563,8 @@ def test_architecture_non_finite_edit_harms_no_request(tiny_runs, tiny_reference
     res = tiny_runs[arch]["results"]
     assert res[3]["tokens"] == res[2]["tokens"] and res[3]["first_logprobs"] == res[2]["first_logprobs"]
     assert res[4]["tokens"] == res[0]["tokens"] and res[4]["first_logprobs"] == res[0]["first_logprobs"]
+    # combined after a's edit, the damaged one leaves a's output: the request is a's alone
+    assert res[13]["tokens"] == res[0]["tokens"] and res[13]["first_logprobs"] == res[0]["first_logprobs"]
 
 
 def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):
@@ -552,6 +583,9 @@ def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):
         and compiled[3]["first_logprobs"] == compiled[2]["first_logprobs"]
     )
     assert compiled[4]["first_logprobs"] == compiled[0]["first_logprobs"]
+    assert compiled[5]["tokens"] == eager[12]["tokens"]  # a then b, compiled
+    assert compiled[5]["first_logprobs"] != compiled[0]["first_logprobs"]
+    assert compiled[6]["first_logprobs"] == compiled[0]["first_logprobs"]  # a then the damaged one: a's
 
 
 # --------------------------------------------------------------------------- the server
@@ -721,6 +755,27 @@ def _completion(url: str, prompt: str, xargs: dict) -> tuple[str, list[float]]:
     return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
+def test_server_combines_editors_per_request(server, prompts):
+    """Issue 28, item 4: ``{"editors": {name: strength}}`` over HTTP (a JSON object, which vLLM's own
+    request schema does not take there): another edit than each editor alone; spelled otherwise (another
+    order, 1 for 1.0, the flat list the front door hands vLLM) it is the same edit, served from the same
+    cached prefix; a damaged editor in the mix leaves the others' edit (kernels' rounding < 1e-3, as in
+    the prefix-cache test; an edit moves these by far more)."""
+    from hpredit.data import QA_PRIMER
+
+    prompt = QA_PRIMER + "\n\n" + prompts[2]
+    both = {"editors": {"default": 1.0, "second": 0.5}}
+    text, logprobs, _ = _salted_completion(server, prompt, both)
+    for alone in ({"strength": 1.0}, {"editor": "second", "strength": 0.5}):
+        other = _salted_completion(server, prompt, alone)[1]
+        assert max(abs(a - b) for a, b in zip(logprobs, other)) > 0.05, alone
+    spellings = [{"editors": {"second": 0.5, "default": 1}}, {"editors": ["default", 1.0, "second", 0.5]}]
+    for xargs in [*spellings, {"editors": {**both["editors"], "bad": 2.0}}]:
+        text2, logprobs2, hits = _salted_completion(server, prompt, xargs)
+        assert text2 == text and max(abs(a - b) for a, b in zip(logprobs2, logprobs)) < 1e-3, xargs
+        assert hits > 0 or "bad" in xargs["editors"], xargs  # the same edit: the same cache salt
+
+
 def test_server_kl_request_is_its_curves_strength(server, editor_dir, prompts):
     """A request asking for a cost (``kl``) is served exactly as the strength the editor's measured
     curve converts it to (what ``attach(kl=...)`` uses), not as the server's default strength."""
@@ -755,6 +810,11 @@ def test_server_kl_request_is_its_curves_strength(server, editor_dir, prompts):
         ('{"editor": 1}', "unknown editor 1"),
         ('{"strength": true}', "'strength' must be a number between -100 and 100, got True"),
         ('{"strength": null}', "'strength' must be a number between -100 and 100, got None"),
+        ('{"editors": {"default": 1, "nope": 1}}', "unknown editor 'nope'"),
+        ('{"editors": {"default": true}}', "the strength of editor 'default' in 'editors' must be a number"),
+        ('{"editors": {}}', "'editors' is empty"),
+        ('{"editors": [1, 2, 3]}', "'editors' must be an object"),
+        ('{"editors": {"default": 1}, "editor": "second"}', "not both"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
