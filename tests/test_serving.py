@@ -16,7 +16,7 @@ from hpredit.cli import main
 from hpredit.editors.kl_curve import KLCurve
 from hpredit.errors import HpreditError
 from hpredit.serving import serve_argv
-from hpredit.serving.params import RequestEdit, ServeSettings, token_strengths, validate_extra_args
+from hpredit.serving.params import FrontSpec, RequestEdit, ServeSettings, token_strengths, validate_extra_args
 
 from .conftest import random_editor, tiny_model
 
@@ -118,7 +118,12 @@ def test_settings_round_trip_through_the_model_config():
 
 def test_token_strengths_per_editor_and_scope():
     """The one function both model runners use: (requests, positions) → (editors, tokens) strengths."""
-    rows = [RequestEdit.one(1, 0.5, 0), RequestEdit.one(0, 2.0, 3), RequestEdit.one(2, -1.0, 2), RequestEdit.one(0, 0.0, 0)]
+    rows = [
+        RequestEdit.one(1, 0.5, 0),
+        RequestEdit.one(0, 2.0, 3),
+        RequestEdit.one(2, -1.0, 2),
+        RequestEdit.one(0, 0.0, 0),
+    ]
     counts = np.array([2, 3, 1, 2])
     positions = np.array([0, 1, 1, 2, 3, 5, 0, 1])  # request 1 is chunked: positions 1-3; request 2 decodes
     out = token_strengths(rows, counts, positions, 3)
@@ -372,14 +377,16 @@ def test_serve_argv_with_several_editors(smol_editor, tmp_path):
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["hpredit_editors"] == [["a", str(smol_editor.resolve())], ["b", str((tmp_path / "b").resolve())]]
     validator = argv[argv.index("--logits-processors") + 1]
-    assert validator == request_params_name(("a", "b"), (None, None))
     module, name = validator.split(":")
     cls = getattr(importlib.import_module(module), name)  # as vLLM loads it in each process
-    assert cls is request_params_class(("a", "b"), (None, None)) and cls.editor_names == ("a", "b")
+    assert cls.spec.names == ("a", "b") and cls.spec.max_kl == (None, None) and len(cls.spec.ids) == 2
+    assert cls.spec.ids[0] == cls.spec.ids[1]  # a copy: the same content
+    assert cls is request_params_class(cls.spec) and validator == request_params_name(cls.spec)
     with pytest.raises(ValueError, match="editor 'b' has no measured strength → KL curve"):
         cls.validate_params(SimpleNamespace(extra_args={"editor": "b", "kl": 0.1}))
-    curved = getattr(importlib.import_module(module), request_params_name(("a", "b"), (0.45, None)).split(":")[1])
-    assert curved.max_kl == (0.45, None)
+    curved_name = request_params_name(FrontSpec(("a", "b"), (0.45, None))).split(":")[1]
+    curved = getattr(importlib.import_module(module), curved_name)
+    assert curved.spec.max_kl == (0.45, None)
     curved.validate_params(SimpleNamespace(extra_args={"kl": 0.45}))
     with pytest.raises(ValueError, match="'kl' 0.5 is beyond editor 'a''s"):
         curved.validate_params(SimpleNamespace(extra_args={"kl": 0.5}))
@@ -444,14 +451,14 @@ def test_a_config_file_vllm_cannot_read_is_one_error(text, pattern, smol_editor,
 
 
 def test_vllm_options_that_leave_hpredits_alone_pass(smol_editor):
-    from hpredit.serving.middleware import middleware_name
 
     assert _checked(smol_editor, []).enable_prefix_caching is True  # on: each request's cache salted by its edit
     args = _checked(smol_editor, ["--no-enable-prefix-caching", "--port", "8123", "--model-impl", "vllm"])
     assert args.port == 8123 and args.enable_prefix_caching is False  # the user may turn it off
     assert args.hf_overrides["architectures"] == ["HPREditLlamaForCausalLM"]
     args = _checked(smol_editor, ["--middleware", "my.Middleware", "--served_model_name", "mine"])
-    assert args.middleware == [middleware_name(("default",), (None,)), "my.Middleware"]
+    assert len(args.middleware) == 2 and args.middleware[1] == "my.Middleware"
+    assert args.middleware[0].startswith("hpredit.serving.middleware.RequestCheck_")
     assert args.served_model_name == ["mine"]  # the user's name wins
 
 
@@ -552,7 +559,7 @@ class _Inner:
 def test_request_check_answers_400_before_vllm_and_replays_good_bodies():
     from hpredit.serving.middleware import edit_salt, request_check_class
 
-    check = request_check_class(("a", "b"), (0.4, None))(_Inner())
+    check = request_check_class(FrontSpec(("a", "b"), (0.4, None)))(_Inner())
     good = [b'{"prompt": "Hi", "vllm_', b'xargs": {"kl": 0.3}}']
     status, body = _asgi(check, good)  # the body, split in two, reaches vLLM whole, with its edit's salt
     assert status == 200 and json.loads(body) == {**json.loads(b"".join(good)), "cache_salt": edit_salt({"kl": 0.3})}
@@ -611,7 +618,7 @@ def test_edit_salt_is_equal_exactly_for_equal_edits_and_own_salts():
 def test_request_check_salts_every_generation_request_by_its_edit(path, body, salt):
     from hpredit.serving.middleware import edit_salt, request_check_class
 
-    check = request_check_class(("a", "b"), None)(_Inner())
+    check = request_check_class(FrontSpec(("a", "b"), None))(_Inner())
     raw = json.dumps(body).encode()
     status, received, headers = _asgi(check, [raw[:7], raw[7:]], path=path, with_headers=True)
     own, edit = salt if isinstance(salt, tuple) else (None, salt)
@@ -636,7 +643,7 @@ def test_request_check_salts_every_generation_request_by_its_edit(path, body, sa
 def test_request_check_passes_other_bodies_on_as_sent(path, raw):
     from hpredit.serving.middleware import request_check_class
 
-    check = request_check_class(("a",), None)(_Inner())
+    check = request_check_class(FrontSpec(("a",), None))(_Inner())
     assert _asgi(check, [raw], path=path) == (200, raw)
 
 
@@ -648,7 +655,7 @@ def test_request_check_leaves_unauthorized_requests_to_vllms_401():
 
     from hpredit.serving.middleware import request_check_class
 
-    check = request_check_class(("a",), None)(AuthenticationMiddleware(_Inner(), tokens=["secret"]))
+    check = request_check_class(FrontSpec(("a",), None))(AuthenticationMiddleware(_Inner(), tokens=["secret"]))
     bad = [b'{"vllm_xargs": {"editor": "zzz"}}']
     assert _asgi(check, bad)[0] == 401
     assert _asgi(check, bad, [(b"authorization", b"Bearer wrong")])[0] == 401

@@ -459,16 +459,16 @@ def tiny_reference(tiny):
         ref = {}
         attachments = {
             None: None,
-            "a": lambda: a.attach(model, strength=1.0, strict=False),
-            "b": lambda: b.attach(model, strength=1.0, strict=False),
-            "ab": lambda: attach_editors(model, [(a, 1.0), (b, 0.5)], strict=False),
-            "ba": lambda: attach_editors(model, [(b, 0.5), (a, 1.0)], strict=False),
+            "a": [(a, 1.0)],
+            "b": [(b, 1.0)],
+            "ab": [(a, 1.0), (b, 0.5)],
+            "ba": [(b, 0.5), (a, 1.0)],
         }
-        for key, attach in attachments.items():
+        for key, pairs in attachments.items():
             ref[key] = [{} for _ in t["prompts"]]
             for dtype in (torch.float32, torch.float64):
                 model.to(dtype)
-                handle = attach() if attach is not None else None
+                handle = attach_editors(model, pairs, strict=False) if pairs is not None else None
                 try:
                     for row, p in zip(ref[key], t["prompts"]):
                         ids = torch.tensor([p])
@@ -565,6 +565,55 @@ def test_architecture_non_finite_edit_harms_no_request(tiny_runs, tiny_reference
     assert res[4]["tokens"] == res[0]["tokens"] and res[4]["first_logprobs"] == res[0]["first_logprobs"]
     # combined after a's edit, the damaged one leaves a's output: the request is a's alone
     assert res[13]["tokens"] == res[0]["tokens"] and res[13]["first_logprobs"] == res[0]["first_logprobs"]
+
+
+def _counted(results: list, job: int, before: int | None = None) -> dict:
+    """The per-editor counters a job added (``before``: the job whose counters to subtract; default the
+    job before)."""
+    before = job - 1 if before is None else before
+    now, then = results[job]["stats"], results[before]["stats"] if before >= 0 else {}
+    return {e: {k: v - then.get(e, {}).get(k, 0) for k, v in c.items()} for e, c in now.items()}
+
+
+def _fed(prompts: list, result: dict) -> int:
+    """Tokens the engine ran for a job: each prompt, and each generated token but the last."""
+    return sum(len(p) + len(t) - 1 for p, t in zip(prompts, result["tokens"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_architecture_counts_edited_tokens_and_guard_fallbacks(tiny, tiny_runs, arch):
+    """Issue 28, item 6: the per-editor counters the server puts on /metrics, exactly: each request and
+    each token it runs with a nonzero strength counted for its editor; a damaged editor's non-finite edits
+    counted as guard fallbacks (every token of every request), alone and after another editor's edit;
+    strength 0 counts the request and no token. Eager, and compiled (the fallbacks are written inside the
+    compiled graph)."""
+    prompts = tiny[arch]["prompts"]
+    for name in (arch, f"compiled-{arch}") if arch == "gemma2" else (arch,):
+        res = tiny_runs[name]["results"]
+        zero = {"requests": 0, "edited_tokens": 0, "guard_fallback_tokens": 0, "guard_fallback_requests": 0}
+        n = len(prompts)
+        assert _counted(res, 0) == {
+            "a": {**zero, "requests": n, "edited_tokens": _fed(prompts, res[0])},
+            "b": zero,
+            "bad": zero,
+        }
+        assert _counted(res, 2)["a"] == {**zero, "requests": n}  # strength 0: no token edited
+        bad = _fed(prompts, res[3])
+        assert _counted(res, 3)["bad"] == {
+            "requests": n,
+            "edited_tokens": bad,
+            "guard_fallback_tokens": bad,
+            "guard_fallback_requests": n,
+        }
+        job = 13 if name == arch else 6  # a then the damaged editor (the compiled run's 7th job)
+        added, bad = _counted(res, job), _fed(prompts, res[job])
+        assert added["bad"] == {
+            "requests": n,
+            "edited_tokens": bad,
+            "guard_fallback_tokens": bad,
+            "guard_fallback_requests": n,
+        }
+        assert added["a"]["guard_fallback_tokens"] == 0 and added["a"]["edited_tokens"] == bad
 
 
 def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):

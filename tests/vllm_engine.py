@@ -67,7 +67,8 @@ def run(spec: dict) -> dict:
     if spec.get("editors"):
         from hpredit.serving import llm
 
-        engine = llm(spec["editors"], model=spec.get("model"), **kwargs)
+        more = {"max_editors": spec["max_editors"]} if spec.get("max_editors") else {}
+        engine = llm(spec["editors"], model=spec.get("model"), **more, **kwargs)
     else:
         engine = LLM(model=model, **kwargs)
     start = time.time() - t0
@@ -77,6 +78,9 @@ def run(spec: dict) -> dict:
         engine.apply_model(vllm_engine._record)
     results = []
     for job in spec["jobs"]:
+        if "load" in job or "unload" in job or "list" in job:  # runtime editors (llm(max_editors=...))
+            results.append(_admin(engine, job))
+            continue
         args = job.get("args") or [None] * len(job["prompts"])
         params = [
             SamplingParams(
@@ -100,12 +104,32 @@ def run(spec: dict) -> dict:
                 "first_logprobs": [{str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outs],
             }
         )
+        if spec.get("editors"):  # the per-editor counters after this job (cumulative)
+            from hpredit.serving import editor_stats
+
+            results[-1]["stats"] = editor_stats(engine)
     out = {"start_seconds": start, "results": results}
     if spec.get("record_norms"):
         out["norms"] = engine.apply_model(vllm_engine._collect)[0]
     del engine
     gc.collect()
     return out
+
+
+def _admin(engine, job: dict) -> dict:
+    """Load, unload or list editors of a running engine: ``{"ok": ...}`` or ``{"error": message}``."""
+    from hpredit.errors import HpreditError
+    from hpredit.serving import list_editors, load_editor_into, unload_editor_from
+
+    try:
+        if "load" in job:
+            return {"ok": load_editor_into(engine, job["load"]["name"], job["load"]["path"])}
+        if "unload" in job:
+            unload_editor_from(engine, job["unload"])
+            return {"ok": job["unload"]}
+        return {"ok": list_editors(engine)}
+    except HpreditError as e:
+        return {"error": str(e)}
 
 
 def main() -> None:

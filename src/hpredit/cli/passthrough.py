@@ -91,6 +91,14 @@ def serve(
     no_strict: Annotated[
         bool, typer.Option("--no-strict", help="Do not require the model name to match the editor's.")
     ] = False,
+    max_editors: Annotated[
+        int | None,
+        typer.Option(
+            "--max-editors",
+            help="Editors may be loaded and unloaded while serving (POST /v1/load_editor, /v1/unload_editor), "
+            "this many at most, those given included (needs --enforce-eager).",
+        ),
+    ] = None,
     kill_after: Annotated[
         float,
         typer.Option(
@@ -107,6 +115,16 @@ def serve(
     """
     default = DEFAULT_STRENGTH if strength is None else strength
     editors = parse_editors(editor)
-    code = run_server(editors, model, default, scope, list(ctx.args), strict=not no_strict, kl=kl, grace=kill_after)
+    code = run_server(
+        editors,
+        model,
+        default,
+        scope,
+        list(ctx.args),
+        strict=not no_strict,
+        kl=kl,
+        grace=kill_after,
+        max_editors=max_editors,
+    )
     if code:
         raise typer.Exit(code)

@@ -555,7 +555,9 @@ def attach_editors(
         checked.append((editor, check_strength(strength, f"the strength of editor {i}")))
     sites = {editor.site for editor, _ in checked}
     if len(sites) > 1:
-        raise HpreditError(f"attach_editors: the editors edit different sites ({', '.join(sorted(sites))}): attach each")
+        raise HpreditError(
+            f"attach_editors: the editors edit different sites ({', '.join(sorted(sites))}): attach each"
+        )
     check_scope(scope)
     for editor, _ in checked:
         editor.check_model(model, strict=strict, layers_path=layers_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,22 @@ from ..editors.hub import resolve_editor_dir, split_revision
 from ..errors import HpreditError
 from ..hooks import check_scope
 from ..models import DEFAULT_MODEL, check_model_source, embedded_default_path, fingerprint_from_config
+from .admin import Admin, Problem, editor_info
 from .middleware import middleware_name
-from .params import DEFAULT_EDITOR, REQUEST_KEYS, SUPPORTED, ServeSettings, check_editor_name, validate_extra_args
+from .params import (
+    DEFAULT_EDITOR,
+    LIVE,
+    REQUEST_KEYS,
+    RUNTIME_NEEDS_EAGER,
+    SUPPORTED,
+    FrontSpec,
+    ServeSettings,
+    check_editor_name,
+    content_id,
+    validate_extra_args,
+)
 from .process import run_group
+from .worker import WORKER_EXTENSION
 
 __all__ = [
     "REQUEST_KEYS",
@@ -41,14 +55,19 @@ __all__ = [
     "ServeSettings",
     "check_editor",
     "check_editors",
+    "check_runtime_editor",
     "check_vllm_args",
     "checked_settings",
+    "editor_stats",
     "engine_kwargs",
+    "list_editors",
     "llm",
+    "load_editor_into",
     "parse_editors",
     "resolve_editors",
     "serve",
     "serve_argv",
+    "unload_editor_from",
     "validate_extra_args",
 ]
 
@@ -163,6 +182,17 @@ def check_editors(
     return dict(settings.editors), path, name, arch
 
 
+def check_max_editors(max_editors: Any, given: int) -> int:
+    """``--max-editors``: how many editors the server may hold, those given at start included (0: off)."""
+    if max_editors is None:
+        return 0
+    if isinstance(max_editors, bool) or not isinstance(max_editors, int) or not given <= max_editors <= MAX_EDITORS:
+        raise HpreditError(
+            f"--max-editors must be a whole number from the {given} editors given to {MAX_EDITORS}, got {max_editors!r}"
+        )
+    return max_editors
+
+
 def checked_settings(
     editors: Editors,
     model: str | os.PathLike | None = None,
@@ -171,11 +201,14 @@ def checked_settings(
     kl: float | None = None,
     strict: bool = True,
     weights: bool = True,
+    max_editors: int | None = None,
 ) -> tuple[ServeSettings, str, str, str]:
     """The server's settings, every editor checked against the model (:func:`check_editors`) and every
     value checked: ``(settings, model path, model name, architecture)``. ``kl``: the default cost
-    instead of a strength; each editor's curve must reach it."""
+    instead of a strength; each editor's curve must reach it. ``max_editors``: editors may be loaded
+    and unloaded at runtime, this many at most (None: the editors given, and no others)."""
     named = resolve_editors(editors)
+    capacity = check_max_editors(max_editors, len(named))
     loaded, path, name, arch = _check_editors(list(named.values()), model, strict, weights)
     if kl is not None:
         if strength_given(strength):
@@ -187,14 +220,37 @@ def checked_settings(
     strength = check_strength(float(strength), "--strength")
     check_scope(scope)
     curves = tuple(e.kl_curve for e in loaded)
+    directories = tuple((n, str(Path(p).resolve())) for n, p in named.items())
     settings = ServeSettings(
-        tuple((n, str(Path(p).resolve())) for n, p in named.items()),
+        directories,
         strength,
         scope,
         kl,
         curves if any(c is not None for c in curves) else (),
+        tuple(content_id(p) for _, p in directories),
+        capacity,
+        uuid.uuid4().hex[:12] if capacity else None,
     )
     return settings, path, name, arch
+
+
+def check_runtime_editor(editor: str, spec: FrontSpec, name: str) -> tuple[str, float | None, str]:
+    """An editor loaded at runtime, checked as those given at start (integrity, the model's fingerprint,
+    a residual-stream method, the server's default cost reachable): ``(local directory, its largest
+    measured KL or None, its content id)``. ``editor``: a directory or a Hub repo id (``@REVISION``)."""
+    if spec.model is None:
+        raise HpreditError("this server loads no editors at runtime: start it with --max-editors N")
+    model, _, strict = spec.model
+    directory = resolve_editors({name: editor})[name]
+    loaded, *_ = _check_editors([directory], model, strict, weights=False)
+    top = None if loaded[0].kl_curve is None else loaded[0].kl_curve.max_kl
+    if spec.kl is not None:
+        from .params import _unreachable
+
+        problem = _unreachable(name, top, spec.kl, "the server's --kl", "a strength")
+        if problem:
+            raise HpreditError(problem)
+    return str(Path(directory).resolve()), top, content_id(directory)
 
 
 def _check_editors(
@@ -225,12 +281,14 @@ def _check_editors(
 
 
 def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
-    """The vLLM engine arguments that load the editors: edited architecture, settings, validator."""
+    """The vLLM engine arguments that load the editors: edited architecture, settings, validator, the
+    workers' extension (runtime loading, counters)."""
     from .plugin import request_params_name  # optional: the plugin module imports vLLM (the serving extra)
 
     return {
         "hf_overrides": settings.overrides(architecture),
-        "logits_processors": [request_params_name(settings.names, settings.max_kl)],
+        "logits_processors": [request_params_name(settings.front())],
+        "worker_extension_cls": WORKER_EXTENSION,
     }
 
 
@@ -240,7 +298,10 @@ def engine_kwargs(settings: ServeSettings, architecture: str) -> dict[str, Any]:
 OWNED = {
     "hf_overrides": ("--hf-overrides", "it selects the edited model and carries the editors"),
     "logits_processors": ("--logits-processors", "it reads each request's editor and strength"),
+    "worker_extension_cls": ("--worker-extension-cls", "it loads editors at runtime and counts their tokens"),
 }
+#: the most editors a server may hold (``--max-editors``)
+MAX_EDITORS = 64
 #: ``--model-impl`` values that run vLLM's own model classes (where the edit lives)
 MODEL_IMPLS = ("auto", "vllm")
 
@@ -253,6 +314,7 @@ def llm(
     strict: bool = True,
     *,
     kl: float | None = None,
+    max_editors: int | None = None,
     **vllm_kwargs,
 ):
     """A ``vllm.LLM`` serving ``model`` (default: the embedded SmolLM2) with the editors inside.
@@ -263,10 +325,17 @@ def llm(
     curve) and ``scope`` are the defaults; each request may choose with
     ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})`` or ``"kl"``. Other
     keyword arguments go to ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts
-    processes).
+    processes). ``max_editors``: editors may be loaded and unloaded later (:func:`load_editor_into`,
+    :func:`unload_editor_from`), this many at most, those given included (needs ``enforce_eager=True``).
     """
     weights = vllm_kwargs.get("load_format") != "dummy"  # vLLM's random weights: the config is enough
-    settings, path, _, arch = checked_settings(editors, model, strength, scope, kl, strict=strict, weights=weights)
+    settings, path, name, arch = checked_settings(
+        editors, model, strength, scope, kl, strict=strict, weights=weights, max_editors=max_editors
+    )
+    if settings.capacity and not vllm_kwargs.get("enforce_eager"):
+        raise HpreditError(
+            RUNTIME_NEEDS_EAGER.removeprefix("hpredit: ").replace("--enforce-eager", "enforce_eager=True")
+        )
     kwargs = {**engine_kwargs(settings, arch), "enable_prefix_caching": False}
     clash = sorted(set(kwargs) & set(vllm_kwargs) - {"enable_prefix_caching"})
     if clash:
@@ -281,7 +350,57 @@ def llm(
     kwargs.update(vllm_kwargs)
     from vllm import LLM  # optional: vllm is only installed with the serving extra
 
-    return LLM(model=path, **kwargs)
+    engine = LLM(model=path, **kwargs)
+    engine.hpredit_admin = Admin(settings.front((path, name, strict)))  # type: ignore[attr-defined]
+    return engine
+
+
+def _admin(engine: Any) -> Admin:
+    admin = getattr(engine, "hpredit_admin", None)
+    if not isinstance(admin, Admin):
+        raise HpreditError("not an engine made by hpredit.serving.llm()")
+    return admin
+
+
+def load_editor_into(engine: Any, name: str, editor: str | os.PathLike) -> dict[str, Any]:
+    """Load an editor (a directory, or a Hub repo id ``org/name[@REVISION]``) into an engine made by
+    :func:`llm` with ``max_editors``, under ``name``, last in its editor order; checked as those given
+    at start. Returns what :func:`list_editors` says of it. Offline twin of ``POST /v1/load_editor``."""
+    admin = _admin(engine)
+    try:
+        spec, name, directory, top, content = admin.plan_load({"editor_name": name, "editor_path": str(editor)})
+    except Problem as e:
+        raise HpreditError(str(e)) from None
+    engine.collective_rpc("hpredit_load", args=(name, directory, content))
+    assert spec.server is not None  # checked by plan_load
+    LIVE[spec.server] = spec.with_editor(name, directory, top, content)
+    return editor_info(name, directory, False)
+
+
+def unload_editor_from(engine: Any, name: str) -> None:
+    """Unload the editor ``name`` from an engine made by :func:`llm` with ``max_editors`` (not the
+    default editor). Offline twin of ``POST /v1/unload_editor`` (no request is in flight between
+    ``generate`` calls)."""
+    admin = _admin(engine)
+    try:
+        spec, name = admin.plan_unload({"editor_name": name})
+    except Problem as e:
+        raise HpreditError(str(e)) from None
+    assert spec.server is not None  # checked by plan_unload
+    LIVE[spec.server] = spec.without(name)
+    engine.collective_rpc("hpredit_unload", args=(name,))
+
+
+def list_editors(engine: Any) -> list[dict[str, Any]]:
+    """The editors an engine made by :func:`llm` holds now, in order (``GET /v1/editors``)."""
+    return _admin(engine).list()["editors"]
+
+
+def editor_stats(engine: Any) -> dict[str, dict[str, int]]:
+    """Per-editor counters of an engine made by :func:`llm` (what ``hpredit serve`` adds to ``/metrics``):
+    editor name → requests, edited tokens, guard fallback tokens, guard fallback requests."""
+    _admin(engine)
+    return engine.collective_rpc("hpredit_stats")[0]
 
 
 def _model_impl_error(value: Any) -> str:
@@ -299,10 +418,11 @@ def serve_argv(
     vllm_args: list[str],
     strict: bool = True,
     kl: float | None = None,
+    max_editors: int | None = None,
 ) -> list[str]:
     """The ``vllm serve`` command line (without the program name) that serves the editors: hpredit's
     own options first, then ``vllm_args`` (checked once parsed: :func:`check_vllm_args`)."""
-    return _serve_argv(editors, model, strength, scope, vllm_args, strict, kl)[0]
+    return _serve_argv(editors, model, strength, scope, vllm_args, strict, kl, max_editors)[0]
 
 
 def _serve_argv(
@@ -313,9 +433,12 @@ def _serve_argv(
     vllm_args: list[str],
     strict: bool,
     kl: float | None,
+    max_editors: int | None = None,
 ) -> tuple[list[str], int]:
     """:func:`serve_argv` and how many of its entries are hpredit's (the user's follow)."""
-    settings, path, name, arch = checked_settings(editors, model, strength, scope, kl, strict=strict)
+    settings, path, name, arch = checked_settings(
+        editors, model, strength, scope, kl, strict=strict, max_editors=max_editors
+    )
     kwargs = engine_kwargs(settings, arch)
     argv = [
         "serve",
@@ -324,9 +447,11 @@ def _serve_argv(
         json.dumps(kwargs["hf_overrides"]),
         "--logits-processors",
         *kwargs["logits_processors"],
+        "--worker-extension-cls",
+        kwargs["worker_extension_cls"],
         "--enable-prefix-caching",  # exact: the middleware salts each request's cache by its edit
         "--middleware",
-        middleware_name(settings.names, settings.max_kl),
+        middleware_name(settings.front((path, name, strict))),
     ]
     if not any(a.split("=", 1)[0] == "--served-model-name" for a in vllm_args):
         argv += ["--served-model-name", name]
@@ -379,6 +504,13 @@ def check_vllm_args(argv: list[str], owned: int, parser: Any = None) -> Any:
         raise HpreditError("--middleware: hpredit's request check cannot be removed")
     if str(args.model_impl) not in MODEL_IMPLS:
         raise HpreditError(_model_impl_error(args.model_impl))
+    if (mine.hf_overrides or {}).get("hpredit_capacity"):
+        if not args.enforce_eager:
+            raise HpreditError(RUNTIME_NEEDS_EAGER.removeprefix("hpredit: "))
+        if (getattr(args, "api_server_count", None) or 1) > 1:
+            raise HpreditError(
+                "--max-editors needs one API server (--api-server-count 1): each would keep its own list of editors"
+            )
     return args
 
 
@@ -408,6 +540,7 @@ def serve(
     strict: bool = True,
     kl: float | None = None,
     grace: float = 30.0,
+    max_editors: int | None = None,
 ) -> int:
     """Run vLLM's own OpenAI-compatible server with the editors loaded; blocks until it stops and
     returns its exit status.
@@ -420,5 +553,5 @@ def serve(
     """
     if not (isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= 3600):
         raise HpreditError(f"--kill-after must be a number of seconds between 0 and 3600, got {grace!r}")
-    argv, owned = _serve_argv(editors, model, strength, scope, vllm_args, strict, kl)
+    argv, owned = _serve_argv(editors, model, strength, scope, vllm_args, strict, kl, max_editors)
     return run_group([sys.executable, "-m", "hpredit.serving.server", str(owned), *argv], grace)

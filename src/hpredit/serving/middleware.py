@@ -32,10 +32,11 @@ import hashlib
 import json
 from typing import Any
 
+from .admin import LIST_PATH, LOAD_PATH, UNLOAD_PATH, Admin, Problem, json_body, metrics_text
 from .params import (
     REQUEST_KEYS,
+    FrontSpec,
     editor_strengths,
-    spec_hex,
     specialised,
     specialised_by_name,
     validate_extra_args,
@@ -88,11 +89,15 @@ def _number(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def edit_salt(xargs: dict[str, Any] | None, own_salt: str | None = None) -> str | None:
+def edit_salt(
+    xargs: dict[str, Any] | None, own_salt: str | None = None, content: dict[str, str | None] | None = None
+) -> str | None:
     """The cache salt of a request asking for the edit ``xargs`` (its valid ``vllm_xargs``), with the
-    client's own salt ``own_salt`` folded in: equal for equal edits and equal own salts, different
-    otherwise. None where the edit is the identity (``strength`` 0, or ``editors`` all at 0: the
-    unedited model's KV cache) and the client gave no salt."""
+    client's own salt ``own_salt`` and the content ids of the editors it uses (``content``: name → id,
+    :func:`~hpredit.serving.params.content_id`) folded in: equal for equal edits by the same editors
+    and equal own salts, different otherwise (an editor loaded again under a name with other content
+    gets other blocks). None where the edit is the identity (``strength`` 0, or ``editors`` all at 0:
+    the unedited model's KV cache) and the client gave no salt."""
     edit = {k: _number(xargs[k]) for k in REQUEST_KEYS if xargs and k in xargs}
     if "editors" in edit:  # {name: strength} or its flat list, in any order; an editor at 0 edits nothing
         chosen = editor_strengths(edit["editors"])
@@ -103,7 +108,7 @@ def edit_salt(xargs: dict[str, Any] | None, own_salt: str | None = None) -> str 
         edit = {"strength": 0.0}  # strength 0 leaves every token as the unedited model has it
         if own_salt is None:
             return None
-    key = json.dumps({"edit": edit, "salt": own_salt}, sort_keys=True)
+    key = json.dumps({"edit": edit, "salt": own_salt, "content": content or {}}, sort_keys=True)
     return "hpredit-" + hashlib.sha256(key.encode()).hexdigest()[:48]
 
 
@@ -129,14 +134,30 @@ def _flat_editors(data: dict[str, Any]) -> bool:
     return False
 
 
-def salted(data: dict[str, Any]) -> bytes | None:
+def used_editors(xargs: dict[str, Any] | None, spec: FrontSpec | None) -> list[str]:
+    """The editors a valid request uses: those of its ``editors``, its ``editor``, or the default."""
+    xargs = xargs or {}
+    if "editors" in xargs:
+        return list(editor_strengths(xargs["editors"]))
+    if "editor" in xargs:
+        return [xargs["editor"]]
+    return [spec.names[0]] if spec is not None and spec.names else []
+
+
+def salted(data: dict[str, Any], spec: FrontSpec | None = None) -> bytes | None:
     """A valid generation request's body (read as a JSON object; changed here) with the cache salt of its
-    edit (:func:`edit_salt`) and its ``editors`` as vLLM takes them (:func:`_flat_editors`), or None to
-    pass it on as sent: nothing to change, or a salt of the client's own that vLLM will refuse."""
+    edit (:func:`edit_salt`; ``spec``: the server's editors now, whose content ids it folds in) and its
+    ``editors`` as vLLM takes them (:func:`_flat_editors`), or None to pass it on as sent: nothing to
+    change, or a salt of the client's own that vLLM will refuse."""
     own = data.get("cache_salt")
     if own is not None and not _valid_salt(own):
         return None  # vLLM's own message says what is wrong with it
-    salt = edit_salt(_edit_args(data), own)
+    xargs = _edit_args(data)
+    content = None
+    if spec is not None and spec.ids:
+        names = used_editors(xargs, spec)
+        content = dict(zip(names, spec.content_ids(names)))
+    salt = edit_salt(xargs, own, content)
     flattened = _flat_editors(data)
     if salt is None and not flattened:
         return None
@@ -150,20 +171,31 @@ def _path(scope: dict) -> str:
     return scope["path"].removeprefix(scope.get("root_path", ""))
 
 
-def _error_body(message: str) -> bytes:
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError", 500: "InternalServerError"}
+
+
+def _error_body(message: str, status: int = 400, param: str | None = XARGS) -> bytes:
     """vLLM's (and OpenAI's) error shape, so that clients raise their BadRequestError with the message."""
-    error = {"message": message, "type": "BadRequestError", "param": XARGS, "code": 400}
+    error = {"message": message, "type": _ERROR_TYPES.get(status, "BadRequestError"), "param": param, "code": status}
     return json.dumps({"error": error}).encode()
 
 
-class RequestCheck:
-    """ASGI middleware: a POST whose JSON ``vllm_xargs`` hpredit cannot apply gets HTTP 400."""
+async def _answer(send: Any, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
-    editor_names: tuple[str, ...] | None = None
-    max_kl: tuple[float | None, ...] | None = None
+
+class RequestCheck:
+    """ASGI middleware: a POST whose JSON ``vllm_xargs`` hpredit cannot apply gets HTTP 400; the editor
+    endpoints (:mod:`~hpredit.serving.admin`) and hpredit's counters on ``/metrics`` are answered here."""
+
+    #: the server's editors as started (set on the class :func:`request_check_class` makes; None: any name)
+    spec: FrontSpec | None = None
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.admin = Admin(self.spec) if self.spec is not None else None
 
     def _authorized(self, scope: dict) -> bool:
         """Whether vLLM's authentication middleware (if any, further in) lets this request through."""
@@ -183,7 +215,14 @@ class RequestCheck:
         return True
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        path, method = _path(scope) if scope["type"] == "http" else "", scope.get("method")
+        if self.admin is not None and method == "GET" and path == "/metrics":
+            await self._metrics(scope, receive, send)
+            return
+        if self.admin is not None and method == "GET" and path == LIST_PATH and self._authorized(scope):
+            await _answer(send, 200, json_body(self.admin.list()))
+            return
+        if scope["type"] != "http" or method != "POST":
             await self.app(scope, receive, send)
             return
         messages, chunks = [], []
@@ -195,27 +234,77 @@ class RequestCheck:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        body, generates = b"".join(chunks), _path(scope) in SALTED_PATHS
-        data = _json_object(body) if generates or XARGS.encode() in body else None  # read once
-        found = _problem(data, self.editor_names, self.max_kl)
-        if found is not None and self._authorized(scope):
-            error = _error_body(found)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(error)).encode())]
-            await send({"type": "http.response.start", "status": 400, "headers": headers})
-            await send({"type": "http.response.body", "body": error})
+        body, generates = b"".join(chunks), path in SALTED_PATHS
+        if self.admin is not None and path in (LOAD_PATH, UNLOAD_PATH) and self._authorized(scope):
+            await self._admin(scope, path, body, send)
             return
+        spec = self.spec.current() if self.spec is not None else None
+        data = _json_object(body) if generates or XARGS.encode() in body else None  # read once
+        found = _problem(data, *((spec.names, spec.max_kl) if spec is not None else (None, None)))
+        if found is not None and self._authorized(scope):
+            await _answer(send, 400, _error_body(found))
+            return
+        used: list[str] = []
         if found is None and generates and data is not None and messages[-1]["type"] == "http.request":
-            scope, messages = self._salted(scope, data, messages)
+            used = used_editors(_edit_args(data), spec) if spec is not None else []
+            scope, messages = self._salted(scope, data, messages, spec)
 
         async def replay() -> Any:
             return messages.pop(0) if messages else await receive()
 
-        await self.app(scope, replay, send)
+        if self.admin is None or not used:
+            await self.app(scope, replay, send)
+            return
+        self.admin.in_flight.update(used)  # no await since the check: an unload sees this request
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.admin.in_flight.subtract(used)
+
+    async def _admin(self, scope: dict, path: str, body: bytes, send: Any) -> None:
+        """``POST /v1/load_editor`` or ``/v1/unload_editor``."""
+        assert self.admin is not None
+        data = _json_object(body)
+        try:
+            if data is None:
+                raise Problem(400, 'the body must be a JSON object, e.g. {"editor_name": "x", "editor_path": "DIR"}')
+            engine = scope["app"].state.engine_client
+            action = self.admin.load if path == LOAD_PATH else self.admin.unload
+            result = await action(data, engine)
+        except Problem as p:
+            await _answer(send, p.status, _error_body(f"hpredit: {p}", p.status, None))
+            return
+        await _answer(send, 200, json_body(result))
+
+    async def _metrics(self, scope: dict, receive: Any, send: Any) -> None:
+        """vLLM's ``/metrics`` (asked for in the plain text format) with hpredit's counters after it."""
+        assert self.admin is not None
+        plain = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"accept", b"accept-encoding")]
+        sent: list[dict] = []
+
+        async def keep(message: dict) -> None:
+            sent.append(message)
+
+        await self.app({**scope, "headers": plain}, receive, keep)
+        start = next((m for m in sent if m["type"] == "http.response.start"), None)
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        if start is None or start["status"] != 200:
+            for m in sent:
+                await send(m)
+            return
+        try:
+            body += metrics_text(await self.admin.stats(scope["app"].state.engine_client)).encode()
+        except Exception as e:  # noqa: BLE001  vLLM's metrics still answer; say why ours are missing
+            body += f"# hpredit counters unavailable: {type(e).__name__}: {e}\n".encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
-    def _salted(scope: dict, data: dict[str, Any], messages: list) -> tuple[dict, list]:
+    def _salted(scope: dict, data: dict[str, Any], messages: list, spec: FrontSpec | None) -> tuple[dict, list]:
         """A generation request with its edit's cache salt: the body (one message) and its length."""
-        new = salted(data)
+        new = salted(data, spec)
         if new is None:
             return scope, messages
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
@@ -223,16 +312,14 @@ class RequestCheck:
         return {**scope, "headers": headers}, [{"type": "http.request", "body": new, "more_body": False}]
 
 
-def middleware_name(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None) -> str:
+def middleware_name(spec: FrontSpec) -> str:
     """The ``--middleware`` value (``module.Class``) of the check for a server with these editors."""
-    return f"{__name__}.{_PREFIX}{spec_hex(editor_names, max_kl)}"
+    return f"{__name__}.{_PREFIX}{spec.hex()}"
 
 
-def request_check_class(
-    editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
-) -> type[RequestCheck]:
-    """:class:`RequestCheck` for a server with these editors (and each one's largest measured KL)."""
-    return specialised(RequestCheck, _PREFIX, editor_names, max_kl)
+def request_check_class(spec: FrontSpec) -> type[RequestCheck]:
+    """:class:`RequestCheck` for a server with these editors."""
+    return specialised(RequestCheck, _PREFIX, spec)
 
 
 def __getattr__(name: str):

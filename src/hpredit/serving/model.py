@@ -36,8 +36,8 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from ..architecture import decoder_layers
 from ..editors.base import Editor, LayerEdit, load_editor
-from .params import SUPPORTED, RequestEdit, ServeSettings, edited_name, token_strengths
-from .plugin import ROWS
+from .params import RUNTIME_NEEDS_EAGER, SUPPORTED, RequestEdit, ServeSettings, edited_name, token_strengths
+from .plugin import ROWS, SETTINGS, STATS, start_worker
 
 __all__ = ["HPRModelState", "edit_block_output", "edited_class"]
 
@@ -49,18 +49,24 @@ def _editor(path: str) -> Editor:
     return load_editor(path)
 
 
-def edit_block_output(out: Any, edits: tuple[tuple[int, LayerEdit], ...], strengths: torch.Tensor) -> Any:
+def edit_block_output(
+    out: Any,
+    edits: tuple[tuple[int, LayerEdit], ...],
+    strengths: torch.Tensor,
+    fallback: torch.Tensor | None = None,
+) -> Any:
     """A decoder layer's output with the edits applied to its true block output.
 
     ``out``: the layer's return, ``(tokens, d)`` or ``(hidden, residual)`` pair whose sum is the
-    block output; ``edits``: ``(editor index, edit)`` for the editors that edit this layer, in the
-    server's editor order; ``strengths`` ``(editors, ≥ tokens)``: each token's strength per editor
+    block output; ``edits``: ``(editor's strength row, edit)`` for the editors that edit this layer, in
+    the server's editor order; ``strengths`` ``(rows, ≥ tokens)``: each token's strength per editor
     (0: not this editor). A token several editors edit gets them in that order, each applied to the
     output of the one before (as Hugging Face with :func:`hpredit.attach_editors` in that order).
 
     A token whose edited vector's squared norm is not finite in float32 (NaN, ±inf, or so large that
     the next layer's norm would overflow) keeps what it had before that edit: one damaged edit cannot
-    write NaN into the KV cache that later requests reuse.
+    write NaN into the KV cache that later requests reuse. ``fallback`` ``(rows, ≥ tokens)``, if given,
+    gets a 1 where that happened (in place; read after the forward pass, :class:`EditorStats`).
     """
     pair = isinstance(out, tuple)
     hidden, residual = out if pair else (out, None)
@@ -71,7 +77,10 @@ def edit_block_output(out: Any, edits: tuple[tuple[int, LayerEdit], ...], streng
         s = strengths[k, :n]
         on = s != 0
         new = edit(edited, on, s)
-        ok = on & torch.isfinite(new.float().square().sum(-1))  # a non-finite edit: token unedited
+        finite = torch.isfinite(new.float().square().sum(-1))
+        ok = on & finite  # a non-finite edit: the token keeps what it had
+        if fallback is not None:
+            fallback[k, :n] = torch.maximum(fallback[k, :n], (on & ~finite).to(fallback.dtype))
         edited = torch.where(ok.unsqueeze(-1), new, edited)
         keep = ok if keep is None else keep | ok
     if keep is None:
@@ -89,9 +98,11 @@ class _EditedLayer:
 
     hpr_edits: tuple[tuple[int, LayerEdit], ...] = ()
     hpr_strength: torch.Tensor
+    hpr_fallback: torch.Tensor
 
     def forward(self, *args, **kwargs):
-        return edit_block_output(super().forward(*args, **kwargs), self.hpr_edits, self.hpr_strength)
+        out = super().forward(*args, **kwargs)
+        return edit_block_output(out, self.hpr_edits, self.hpr_strength, self.hpr_fallback)
 
 
 @functools.cache
@@ -100,10 +111,12 @@ def _edited_layer_class(cls: Any) -> type:
 
 
 class _EditedModel:
-    """Mixin over vLLM's ``*ForCausalLM``: installs the editors' edits after vLLM builds the model."""
+    """Mixin over vLLM's ``*ForCausalLM``: installs the editors' edits after vLLM builds the model, and
+    loads and unloads editors at runtime (:meth:`hpr_load`, :meth:`hpr_unload`; ``--max-editors``)."""
 
     hpr_settings: ServeSettings
     hpr_strength: torch.Tensor
+    hpr_fallback: torch.Tensor
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
         self.hpr_settings = ServeSettings.from_config(vllm_config.model_config.hf_config)
@@ -114,21 +127,52 @@ class _EditedModel:
                 "hpredit: with vLLM's V1 model runner, use --compilation-config "
                 '\'{"cudagraph_mode": "PIECEWISE"}\' or Model Runner V2'
             )
+        if self.hpr_settings.capacity and not vllm_config.model_config.enforce_eager:
+            raise ValueError(RUNTIME_NEEDS_EAGER)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)  # type: ignore[call-arg]
-        editors = [_editor(path) for _, path in self.hpr_settings.editors]
-        device = torch.device(cast(torch.device, vllm_config.device_config.device))  # resolved by vLLM by now
-        dtype = cast(torch.dtype, vllm_config.model_config.dtype)
-        self.hpr_strength = torch.zeros(
-            len(editors), vllm_config.scheduler_config.max_num_batched_tokens, dtype=torch.float32, device=device
-        )
-        _, layers = decoder_layers(cast(nn.Module, self))
-        layer: Any
-        for i, layer in enumerate(layers):  # global indices (PPMissingLayer off this rank)
-            edits = tuple((k, ed.layer_edit(i, device, dtype)) for k, ed in enumerate(editors) if i in ed.layers)
-            if edits and not isinstance(layer, PPMissingLayer):
+        self.hpr_device = torch.device(cast(torch.device, vllm_config.device_config.device))  # resolved by now
+        self.hpr_dtype = cast(torch.dtype, vllm_config.model_config.dtype)
+        shape = (self.hpr_settings.rows, vllm_config.scheduler_config.max_num_batched_tokens)
+        self.hpr_strength = torch.zeros(shape, dtype=torch.float32, device=self.hpr_device)
+        self.hpr_fallback = torch.zeros(shape, dtype=torch.float32, device=self.hpr_device)
+        self.hpr_step: tuple | None = None  # (rows, counts, strengths) of the forward pass being counted
+        start_worker(self.hpr_settings)
+        every = bool(self.hpr_settings.capacity)  # editors loaded later may edit any layer
+        for i, layer in enumerate(self._hpr_layers()):
+            if isinstance(layer, PPMissingLayer):  # global indices: a layer of another pipeline rank
+                continue
+            if every or any(i in _editor(path).layers for _, path in self.hpr_settings.editors):
                 layer.__class__ = _edited_layer_class(layer.__class__)
-                layer.hpr_edits = edits
-                layer.hpr_strength = self.hpr_strength
+                layer.hpr_strength, layer.hpr_fallback = self.hpr_strength, self.hpr_fallback
+        for position, (_, path) in enumerate(self.hpr_settings.editors):
+            self._install(self.hpr_settings.slot(position), _editor(path))
+
+    def _hpr_layers(self) -> list[Any]:
+        return list(decoder_layers(cast(nn.Module, self))[1])
+
+    def _install(self, slot: int, editor: Editor) -> None:
+        """Append the editor's edit (strength row ``slot``) to each layer it edits: last in order."""
+        for i, layer in enumerate(self._hpr_layers()):
+            if i in editor.layers and not isinstance(layer, PPMissingLayer):
+                layer.hpr_edits = (*layer.hpr_edits, (slot, editor.layer_edit(i, self.hpr_device, self.hpr_dtype)))
+
+    def hpr_load(self, name: str, path: str, content: str) -> None:
+        """Load the editor at ``path`` under ``name`` (checked again here, as at start), last in order."""
+        editor = load_editor(path)
+        settings = SETTINGS[-1].loaded(name, path, editor.kl_curve, content)
+        self._install(settings.slot(len(settings.editors) - 1), editor)
+        STATS.clear(settings.slot(len(settings.editors) - 1))
+        self.hpr_settings = SETTINGS[-1] = settings
+
+    def hpr_unload(self, name: str) -> None:
+        """Remove the editor ``name``'s edits from every layer (no request in flight uses it: the front
+        door has waited for them)."""
+        old = SETTINGS[-1]
+        slot = old.slot(old.names.index(name))
+        self.hpr_settings = SETTINGS[-1] = old.unloaded(name)
+        for layer in self._hpr_layers():
+            if getattr(layer, "hpr_edits", ()):
+                layer.hpr_edits = tuple((k, fn) for k, fn in layer.hpr_edits if k != slot)
 
     def get_model_state_cls(self):
         return HPRModelState
@@ -137,7 +181,21 @@ class _EditedModel:
         if self.hpr_v1:
             positions = kwargs["positions"] if "positions" in kwargs else args[1]
             self._fill_strengths_v1(positions)
-        return super().forward(*args, **kwargs)
+        out = super().forward(*args, **kwargs)
+        if self.hpr_v1:
+            self.hpr_count()
+        return out
+
+    def hpr_count(self) -> None:
+        """Count the forward pass just run (:attr:`hpr_step`): its edited tokens and guard fallbacks."""
+        step, self.hpr_step = self.hpr_step, None
+        if step is None:
+            return
+        rows, counts, tokens = step
+        n = tokens.shape[1]
+        fell = self.hpr_fallback[:, :n]
+        STATS.step(rows, counts, tokens, fell.cpu().numpy() > 0)
+        fell.zero_()
 
     def _fill_strengths_v1(self, positions: torch.Tensor) -> None:
         """Per-token strengths from the batch rows (V1 runner; eager Python)."""
@@ -148,6 +206,7 @@ class _EditedModel:
         md = next(iter(metadata.values()), None) if isinstance(metadata, dict) else None
         if md is None or getattr(md, "query_start_loc", None) is None:  # dummy / profile run
             buf[:, : positions.shape[-1]].fill_(1.0)  # warm-up and capture run the edit path
+            self.hpr_step = None
             return
         counts = np.diff(md.query_start_loc.cpu().numpy())
         rows = [ROWS.get(r, _UNEDITED) for r in range(len(counts))]
@@ -155,6 +214,8 @@ class _EditedModel:
         tokens = token_strengths(rows, counts, positions[:n].cpu().numpy(), buf.shape[0])
         buf[:, :n].copy_(torch.from_numpy(tokens))
         buf[:, n:].zero_()
+        self.hpr_fallback.zero_()  # a warm-up run may have written it
+        self.hpr_step = (rows, counts, tokens)
 
 
 @functools.cache
@@ -192,12 +253,13 @@ class HPRModelState(DefaultModelState):
         super().add_request(req_index, new_req_data)
         params = new_req_data.sampling_params
         prompt_len = len(new_req_data.prompt_token_ids or new_req_data.prefill_token_ids or [])
-        self.slot_edit[req_index] = self.hpr_model.hpr_settings.resolve(
-            params.extra_args if params is not None else None, prompt_len
-        )
+        edit = SETTINGS[-1].resolve(params.extra_args if params is not None else None, prompt_len)
+        self.slot_edit[req_index] = edit
+        STATS.admitted(edit)
 
     def prepare_inputs(self, input_batch, req_states):
         out = super().prepare_inputs(input_batch, req_states)
+        self.hpr_model.hpr_count()  # the step before this one (its forward pass has been queued before)
         nr, n, n_pad = input_batch.num_reqs, input_batch.num_tokens, input_batch.num_tokens_after_padding
         counts = np.asarray(input_batch.num_scheduled_tokens[:nr])
         slots = np.asarray(input_batch.idx_mapping_np[:nr])
@@ -210,11 +272,14 @@ class HPRModelState(DefaultModelState):
         )
         buf = self.hpr_model.hpr_strength
         tokens = np.zeros((buf.shape[0], n_pad), dtype=np.float32)
-        tokens[:, :n] = token_strengths([self.slot_edit[int(s)] for s in slots], counts, pos, buf.shape[0])
+        rows = [self.slot_edit[int(s)] for s in slots]
+        tokens[:, :n] = token_strengths(rows, counts, pos, buf.shape[0])
         buf[:, :n_pad].copy_(torch.from_numpy(tokens), non_blocking=True)
+        self.hpr_model.hpr_step = (rows, counts, tokens[:, :n])
         return out
 
     def prepare_dummy_inputs(self, num_reqs, num_tokens):
         out = super().prepare_dummy_inputs(num_reqs, num_tokens)
         self.hpr_model.hpr_strength[:, :num_tokens].fill_(1.0)  # warm-up and capture run the edit path
+        self.hpr_model.hpr_step = None
         return out

@@ -13,10 +13,13 @@ requests and compute per-token strengths with it (:func:`token_strengths`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,11 +31,15 @@ from ..hooks import SCOPES
 
 __all__ = [
     "DEFAULT_EDITOR",
+    "LIVE",
+    "FrontSpec",
     "MAX_REQUEST_EDITORS",
     "REQUEST_KEYS",
     "SUPPORTED",
     "RequestEdit",
+    "EditorStats",
     "ServeSettings",
+    "content_id",
     "edited_name",
     "token_strengths",
     "validate_extra_args",
@@ -40,6 +47,11 @@ __all__ = [
 
 #: keys hpredit reads from ``extra_args``
 REQUEST_KEYS = ("editor", "editors", "strength", "kl", "scope")
+#: why ``--max-editors`` needs ``--enforce-eager``
+RUNTIME_NEEDS_EAGER = (
+    "hpredit: --max-editors (editors loaded at runtime) needs --enforce-eager: a compiled graph keeps the "
+    "edits it was traced with, so an editor loaded later would not act in it"
+)
 #: the most editors one request may combine (``"editors"``)
 MAX_REQUEST_EDITORS = MAX_COMBINED_EDITORS
 #: keys vLLM itself puts into ``extra_args`` (passed through untouched)
@@ -60,41 +72,107 @@ DEFAULT_EDITOR = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-def spec_hex(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None) -> str:
-    """The server's editor names and each one's largest measured KL (None: no curves), as hex: the
-    suffix of the class names vLLM loads in each process (the validator, the request check)."""
-    spec = {"editors": list(editor_names), "max_kl": None if max_kl is None else list(max_kl)}
-    return json.dumps(spec).encode().hex()
+@dataclass(frozen=True)
+class FrontSpec:
+    """What the server's front door (request check, validator) knows of its editors: their names (the
+    default first), each one's largest measured KL (None: no curve; the whole tuple None: not
+    checked), each one's content id (:func:`content_id`, folded into the cache salt), and for a server
+    that loads editors at runtime its id (the key of :data:`LIVE`) and how many editors it may hold.
+
+    Written into the names of the classes vLLM loads (:meth:`hex`), so that every process has it."""
+
+    names: tuple[str, ...]
+    max_kl: tuple[float | None, ...] | None = None
+    ids: tuple[str, ...] = ()
+    server: str | None = None
+    capacity: int = 0
+    #: for loading at runtime: each editor's directory, the model (path, the name its editors' fingerprints
+    #: are checked against, whether strictly) and the server's default cost (each editor must reach it)
+    paths: tuple[str, ...] = ()
+    model: tuple[str, str, bool] | None = None
+    kl: float | None = None
+
+    def hex(self) -> str:
+        spec = dataclasses.asdict(self)
+        return json.dumps(spec).encode().hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> FrontSpec:
+        """:meth:`hex` read back; ``ValueError`` for anything else."""
+        try:
+            spec = json.loads(bytes.fromhex(text).decode())
+            max_kl, model, kl = spec["max_kl"], spec.get("model"), spec.get("kl")
+            return cls(
+                tuple(spec["names"]),
+                None if max_kl is None else tuple(max_kl),
+                tuple(spec.get("ids", ())),
+                spec.get("server"),
+                int(spec.get("capacity", 0)),
+                tuple(spec.get("paths", ())),
+                None if model is None else (str(model[0]), str(model[1]), bool(model[2])),
+                None if kl is None else float(kl),
+            )
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, IndexError):
+            raise ValueError(f"not an hpredit server spec: {text[:40]!r}") from None
+
+    def with_editor(self, name: str, path: str, max_kl: float | None, content: str) -> FrontSpec:
+        """These editors and one more, last (loaded at runtime)."""
+        tops = self.max_kl or (None,) * len(self.names)
+        return dataclasses.replace(
+            self,
+            names=(*self.names, name),
+            max_kl=(*tops, max_kl),
+            ids=(*self.ids, content),
+            paths=(*self.paths, path),
+        )
+
+    def without(self, name: str) -> FrontSpec:
+        """These editors less ``name``."""
+        i = self.names.index(name)
+
+        def drop(values: Any) -> Any:
+            return values[:i] + values[i + 1 :] if values else values
+
+        return dataclasses.replace(
+            self, names=drop(self.names), max_kl=drop(self.max_kl), ids=drop(self.ids), paths=drop(self.paths)
+        )
+
+    def current(self) -> FrontSpec:
+        """The editors now: as loaded at runtime in this process (:data:`LIVE`), else as started."""
+        return LIVE.get(self.server, self) if self.server is not None else self
+
+    def content_ids(self, names: list[str]) -> list[str | None]:
+        """The content id of each named editor (None: unknown here)."""
+        found = dict(zip(self.names, self.ids))
+        return [found.get(n) for n in names]
 
 
-def spec_from_hex(text: str) -> tuple[tuple[str, ...], tuple[float | None, ...] | None]:
-    """:func:`spec_hex` read back; ``ValueError`` for anything else."""
-    try:
-        spec = json.loads(bytes.fromhex(text).decode())
-        names, max_kl = tuple(spec["editors"]), spec["max_kl"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise ValueError(f"not an hpredit server spec: {text[:40]!r}") from None
-    return names, None if max_kl is None else tuple(max_kl)
+#: this process's front door, for servers that load editors at runtime: server id → its editors now
+LIVE: dict[str, FrontSpec] = {}
 
 
 @functools.cache
-def specialised(
-    base: type, prefix: str, editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
-) -> type:
-    """``base`` for a server with these editors (class attributes ``editor_names``, ``max_kl``), named
-    ``prefix + spec_hex(...)`` in ``base``'s module, so that vLLM can load it by name in any process."""
-    attrs = {"editor_names": editor_names, "max_kl": max_kl, "__module__": base.__module__}
-    return type(prefix + spec_hex(editor_names, max_kl), (base,), attrs)
+def specialised(base: type, prefix: str, spec: FrontSpec) -> type:
+    """``base`` for a server with these editors (class attribute ``spec``), named ``prefix +
+    spec.hex()`` in ``base``'s module, so that vLLM can load it by name in any process."""
+    return type(prefix + spec.hex(), (base,), {"spec": spec, "__module__": base.__module__})
 
 
 def specialised_by_name(base: type, prefix: str, name: str) -> type:
     """The class :func:`specialised` names ``name`` (a module ``__getattr__``); ``AttributeError`` else."""
     if name.startswith(prefix):
         try:
-            return specialised(base, prefix, *spec_from_hex(name[len(prefix) :]))
+            return specialised(base, prefix, FrontSpec.from_hex(name[len(prefix) :]))
         except ValueError:
             pass
     raise AttributeError(f"module {base.__module__!r} has no attribute {name!r}")
+
+
+def content_id(directory: str | Path) -> str:
+    """An editor artifact's content id: the SHA-256 of its ``config.json`` (which holds the weights'
+    checksum, verified whenever the artifact loads), shortened. Folded into the cache salt, so that a
+    cached edited prompt is reused only by the same editor, whatever its name."""
+    return hashlib.sha256((Path(directory) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 def edited_name(architecture: str) -> str:
@@ -224,8 +302,8 @@ def _unreachable(editor: str, max_kl: float | None, kl: float, key: str = "'kl'"
 
 @dataclass(frozen=True)
 class RequestEdit:
-    """One request's edit: ``(editor index, strength)`` per editor it asks for, in the server's editor
-    order (the order they apply in), and the first token position edited."""
+    """One request's edit: ``(editor's strength row, strength)`` per editor it asks for, in the server's
+    editor order (the order they apply in), and the first token position edited."""
 
     edits: tuple[tuple[int, float], ...]
     start: int
@@ -244,6 +322,10 @@ class ServeSettings:
 
     ``curves``: one per editor (None: the editor has none), or empty where no editor has one.
     ``kl``: the default cost instead of ``strength``, converted per editor (each must reach it).
+    ``ids``: each editor's content id (:func:`content_id`; empty: not known). ``capacity``: how many
+    editors the engine may hold, loaded at runtime too (0: the editors given, none loaded later);
+    ``server``: the id of a server that loads editors at runtime. ``slots``: each editor's row in the
+    engine's per-token strengths (empty: its position), which stays when others are unloaded.
     """
 
     editors: tuple[tuple[str, str], ...]
@@ -251,10 +333,19 @@ class ServeSettings:
     scope: str = "all"
     kl: float | None = None
     curves: tuple[KLCurve | None, ...] = ()
+    ids: tuple[str, ...] = ()
+    capacity: int = 0
+    server: str | None = None
+    slots: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.curves and len(self.curves) != len(self.editors):
             raise HpreditError(f"{len(self.curves)} strength → KL curves for {len(self.editors)} editors")
+        for what, values in (("content ids", self.ids), ("slots", self.slots)):
+            if values and len(values) != len(self.editors):
+                raise HpreditError(f"{len(values)} {what} for {len(self.editors)} editors")
+        if self.capacity and len(self.editors) > self.capacity:
+            raise HpreditError(f"{len(self.editors)} editors given, but the server holds at most {self.capacity}")
         if self.kl is not None:
             for name, top in zip(self.names, self.max_kl):
                 problem = _unreachable(name, top, self.kl, "--kl", "--strength")
@@ -271,6 +362,65 @@ class ServeSettings:
         curves = self.curves or (None,) * len(self.editors)
         return tuple(None if c is None else c.max_kl for c in curves)
 
+    @property
+    def rows(self) -> int:
+        """The rows of the engine's per-token strengths: one per editor it may hold."""
+        return self.capacity or len(self.editors)
+
+    def slot(self, position: int) -> int:
+        """The strength row of the editor at ``position``."""
+        return self.slots[position] if self.slots else position
+
+    def front(self, model: tuple[str, str, bool] | None = None) -> FrontSpec:
+        """What the front door checks requests against (``model``: path, name and strictness, with which
+        editors loaded at runtime are checked)."""
+        paths = tuple(p for _, p in self.editors)
+        return FrontSpec(self.names, self.max_kl, self.ids, self.server, self.capacity, paths, model, self.kl)
+
+    def loaded(self, name: str, path: str, curve: KLCurve | None, content: str) -> ServeSettings:
+        """These settings with one more editor (last in order, in the first free row)."""
+        if not self.capacity:
+            raise HpreditError("this server loads no editors at runtime: start it with --max-editors N")
+        if name in self.names:
+            raise HpreditError(f"an editor named {name!r} is loaded already: unload it first, or choose another name")
+        if len(self.editors) >= self.capacity:
+            raise HpreditError(
+                f"the server holds {len(self.editors)} editors, its most "
+                f"(--max-editors {self.capacity}): unload one first"
+            )
+        used = {self.slot(i) for i in range(len(self.editors))}
+        free = min(set(range(self.capacity)) - used)
+        curves = (*(self.curves or (None,) * len(self.editors)), curve)
+        return dataclasses.replace(
+            self,
+            editors=(*self.editors, (name, path)),
+            curves=curves if any(c is not None for c in curves) else (),
+            ids=(*(self.ids or ("",) * len(self.editors)), content),
+            slots=(*(self.slot(i) for i in range(len(self.editors))), free),
+        )
+
+    def unloaded(self, name: str) -> ServeSettings:
+        """These settings without the editor ``name`` (not the default: requests that name none use it)."""
+        if name not in self.names:
+            raise HpreditError(f"no editor named {name!r} is loaded (loaded: {', '.join(self.names)})")
+        i = self.names.index(name)
+        if i == 0:
+            raise HpreditError(
+                f"editor {name!r} is the server's default (requests that name no editor get it): it stays"
+            )
+
+        def drop(values: tuple) -> tuple:
+            return values[:i] + values[i + 1 :] if values else values
+
+        curves = drop(self.curves)
+        return dataclasses.replace(
+            self,
+            editors=drop(self.editors),
+            curves=curves if any(c is not None for c in curves) else (),
+            ids=drop(self.ids),
+            slots=drop(tuple(self.slot(j) for j in range(len(self.editors)))),
+        )
+
     def overrides(self, architecture: str) -> dict[str, Any]:
         """The ``hf_overrides`` that select the edited architecture and carry these settings."""
         return {
@@ -280,6 +430,9 @@ class ServeSettings:
             "hpredit_scope": self.scope,
             "hpredit_kl": self.kl,
             "hpredit_kl_curves": [None if c is None else c.to_json() for c in self.curves],
+            "hpredit_ids": list(self.ids),
+            "hpredit_capacity": self.capacity,
+            "hpredit_server": self.server,
         }
 
     @classmethod
@@ -288,7 +441,8 @@ class ServeSettings:
 
         def value(key: str, default: Any) -> Any:  # a JSON string, as some config round trips leave it
             v = getattr(hf_config, key, default)
-            return json.loads(v) if isinstance(v, str) and key in ("hpredit_editors", "hpredit_kl_curves") else v
+            lists = ("hpredit_editors", "hpredit_kl_curves", "hpredit_ids")
+            return json.loads(v) if isinstance(v, str) and key in lists else v
 
         editors = value("hpredit_editors", None)
         if not editors:
@@ -303,6 +457,9 @@ class ServeSettings:
             str(value("hpredit_scope", "all")),
             None if kl is None else float(kl),
             tuple(None if c is None else KLCurve.from_json(c, "hpredit_kl_curves") for c in curves),
+            tuple(str(i) for i in value("hpredit_ids", None) or ()),
+            int(value("hpredit_capacity", 0) or 0),
+            value("hpredit_server", None),
         )
 
     def resolve(self, extra_args: dict[str, Any] | None, prompt_len: int) -> RequestEdit:
@@ -314,7 +471,8 @@ class ServeSettings:
         start = first_edited_position(scope, prompt_len)
         if "editors" in extra_args:
             chosen = editor_strengths(extra_args["editors"], self.names)
-            return RequestEdit(tuple(sorted((self.names.index(n), s) for n, s in chosen.items())), start)
+            order = sorted((self.names.index(n), s) for n, s in chosen.items())  # the server's order
+            return RequestEdit(tuple((self.slot(i), s) for i, s in order), start)
         editor = self.names.index(extra_args.get("editor", self.names[0]))
         if "strength" in extra_args:
             strength = _strength(extra_args["strength"])
@@ -325,7 +483,7 @@ class ServeSettings:
             strength = curve.strength_for(kl)
         else:
             strength = self.strength
-        return RequestEdit.one(editor, strength, start)
+        return RequestEdit.one(self.slot(editor), strength, start)
 
 
 def first_edited_position(scope: str, prompt_len: int) -> int:
@@ -355,3 +513,50 @@ def token_strengths(rows: list[RequestEdit], counts: np.ndarray, positions: np.n
         on = editor >= 0
         out[editor[on], tokens[on]] = np.where(active[on], strength[on], 0.0)
     return out
+
+
+#: the counters :class:`EditorStats` keeps per editor, in order (the Prometheus names add ``hpredit_``
+#: and ``_total``)
+COUNTERS = ("requests", "edited_tokens", "guard_fallback_tokens", "guard_fallback_requests")
+
+
+class EditorStats:
+    """Per-editor counters of one worker process, by strength row (:data:`COUNTERS`): requests served
+    with the editor (at any strength, counted when the request enters the running batch, so a request
+    vLLM preempts and recomputes counts again), tokens given a nonzero strength for it (the editor's
+    own gate may leave some as they are), tokens whose edit the non-finite guard left undone, and
+    requests with at least one such token."""
+
+    def __init__(self, rows: int) -> None:
+        self.counts = np.zeros((rows, len(COUNTERS)), dtype=np.int64)
+        self._fell: dict[int, RequestEdit] = {}  # requests with a fallback already counted (by identity)
+
+    def admitted(self, edit: RequestEdit) -> None:
+        for row, _ in edit.edits:
+            self.counts[row, 0] += 1
+
+    def step(self, rows: list[RequestEdit], counts: np.ndarray, tokens: np.ndarray, fell: np.ndarray) -> None:
+        """One forward pass: the batch's requests, their token counts, each token's strengths
+        ``(rows, tokens)`` and where the guard fell back ``(rows, tokens)`` bool."""
+        self.counts[:, 1] += (tokens != 0).sum(axis=1)
+        self.counts[:, 2] += fell.sum(axis=1)
+        live = {id(r): r for r in rows}
+        self._fell = {k: v for k, v in self._fell.items() if k in live}  # bounded by the batch
+        if not fell.any():
+            return
+        ends = np.cumsum(counts)
+        for edit, end, count in zip(rows, ends, counts):
+            hit = fell[:, end - count : end].any(axis=1)
+            if hit.any() and id(edit) not in self._fell:
+                self._fell[id(edit)] = edit
+                self.counts[hit, 3] += 1
+
+    def clear(self, row: int) -> None:
+        """Zero a row (an editor loaded into it starts its counters anew)."""
+        self.counts[row] = 0
+
+    def report(self, settings: ServeSettings) -> dict[str, dict[str, int]]:
+        """Editor name → counter → value, for the editors loaded now."""
+        return {
+            name: dict(zip(COUNTERS, map(int, self.counts[settings.slot(i)]))) for i, name in enumerate(settings.names)
+        }

@@ -22,21 +22,44 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from .params import (
     SUPPORTED,
+    EditorStats,
+    FrontSpec,
     RequestEdit,
     ServeSettings,
     edited_name,
-    spec_hex,
     specialised,
     specialised_by_name,
     validate_extra_args,
 )
 
-__all__ = ["ROWS", "RequestParams", "register", "request_params_class", "request_params_name"]
+__all__ = [
+    "ROWS",
+    "SETTINGS",
+    "STATS",
+    "RequestParams",
+    "start_worker",
+    "register",
+    "request_params_class",
+    "request_params_name",
+]
 
 #: V1 model runner, this worker process: batch row → that request's edit. Module-level because the
 #: V1 runner gives a model no view of its requests: only logits processors see them (this class's
 #: ``update_state``), and the model's forward is the one place that can read them in the same process.
 ROWS: dict[int, RequestEdit] = {}
+#: this worker process's editors now (one entry): as the engine started, then as loaded and unloaded
+#: at runtime (:mod:`hpredit.serving.worker`); requests are resolved against it when admitted
+SETTINGS: list[ServeSettings] = []
+#: this worker process's per-editor counters (``/metrics``)
+STATS = EditorStats(0)
+
+
+def start_worker(settings: ServeSettings) -> None:
+    """An engine starts in this worker process: its editors, counters zeroed, no rows."""
+    SETTINGS[:] = [settings]
+    STATS.__init__(settings.rows)  # type: ignore[misc]  # the same object: importers hold it
+    ROWS.clear()
+
 
 _PREFIX = "RequestParams_"
 
@@ -65,18 +88,18 @@ def register() -> None:
 class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
     """Checks each request's hpredit arguments at admission; touches no logits."""
 
-    #: the server's editor names and each one's largest measured KL, None without a curve (set on
-    #: the class :func:`request_params_class` makes)
-    editor_names: tuple[str, ...] | None = None
-    max_kl: tuple[float | None, ...] | None = None
+    #: the server's editors as the front door knows them (set on the class :func:`request_params_class`
+    #: makes; None: any editor name passes)
+    spec: FrontSpec | None = None
 
     def __init__(self, vllm_config, *args) -> None:  # V1: (config, device, pin); V2: (config, req_states)
-        self.settings = ServeSettings.from_config(vllm_config.model_config.hf_config)
-        ROWS.clear()
+        if not SETTINGS:  # the model (built first) has started the worker
+            start_worker(ServeSettings.from_config(vllm_config.model_config.hf_config))
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        validate_extra_args(sampling_params.extra_args, cls.editor_names, cls.max_kl)
+        spec = cls.spec.current() if cls.spec is not None else None
+        validate_extra_args(sampling_params.extra_args, *((spec.names, spec.max_kl) if spec else (None, None)))
 
     # ---- V1 model runner: keep the rows' edits for the model's forward pass
     def is_argmax_invariant(self) -> bool:
@@ -84,7 +107,9 @@ class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
 
     def update_state(self, batch_update) -> None:
         def state(params, prompt_ids, _out):
-            return self.settings.resolve(params.extra_args, len(prompt_ids or ()))
+            edit = SETTINGS[-1].resolve(params.extra_args, len(prompt_ids or ()))
+            STATS.admitted(edit)
+            return edit
 
         process_dict_updates(ROWS, batch_update, state)
 
@@ -96,18 +121,15 @@ class RequestParams(V1LogitsProcessor, V2LogitsProcessor):
         return logits
 
 
-def request_params_name(editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None) -> str:
-    """The ``--logits-processors`` value of the validator for a server with these editors (and curves'
-    largest KL, one per editor; None: no editor has a curve)."""
-    return f"{__name__}:{_PREFIX}{spec_hex(editor_names, max_kl)}"
+def request_params_name(spec: FrontSpec) -> str:
+    """The ``--logits-processors`` value of the validator for a server with these editors."""
+    return f"{__name__}:{_PREFIX}{spec.hex()}"
 
 
-def request_params_class(
-    editor_names: tuple[str, ...], max_kl: tuple[float | None, ...] | None = None
-) -> type[RequestParams]:
+def request_params_class(spec: FrontSpec) -> type[RequestParams]:
     """:class:`RequestParams` for a server with these editors (an unknown name, or a ``kl`` beyond the
     editor's curve, is a 400)."""
-    return specialised(RequestParams, _PREFIX, editor_names, max_kl)
+    return specialised(RequestParams, _PREFIX, spec)
 
 
 def __getattr__(name: str):
