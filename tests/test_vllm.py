@@ -248,6 +248,37 @@ def tiny_plan(tiny: dict) -> list[dict]:
     return plan
 
 
+def runtime_plan(tiny: dict) -> dict:
+    """The tiny Llama served with editor ``a`` alone and room for 3 (``max_editors``): editors loaded and
+    unloaded between batches (offline, :func:`hpredit.serving.load_editor_into` and co.)."""
+    t, other = tiny["llama"], tiny["qwen2"]
+    prompts, dirs = t["prompts"], t["dirs"]
+    jobs = [
+        {"list": True},  # 0
+        _uniform(prompts, editor="a", strength=1.0),  # 1
+        {"load": {"name": "b", "path": dirs["b"]}},  # 2
+        _uniform(prompts, editor="b", strength=1.0),  # 3
+        _uniform(prompts, **TINY_AB),  # 4
+        {"load": {"name": "b", "path": dirs["a"]}},  # 5: a name loaded already
+        {"load": {"name": "bad", "path": dirs["bad"]}},  # 6
+        {"load": {"name": "c", "path": dirs["a"]}},  # 7: full (3)
+        {"unload": "b"},  # 8
+        {**_uniform(prompts[:1], editor="b", strength=1.0), "expect_error": True},  # 9: unloaded
+        {"load": {"name": "c", "path": dirs["b"]}},  # 10: b's row again, under another name
+        _uniform(prompts, editor="c", strength=1.0),  # 11
+        {"unload": "a"},  # 12: the default stays
+        {"unload": "bad"},  # 13
+        {"load": {"name": "x", "path": other["dirs"]["a"]}},  # 14: another model's editor
+        {"load": {"name": "y", "path": dirs["a"] + "-missing"}},  # 15
+        {"load": {"name": "bad name", "path": dirs["a"]}},  # 16
+        {"unload": "nope"},  # 17
+        _uniform(prompts, editors={"a": 1.0, "c": 0.5}),  # 18: = TINY_AB (c holds b)
+        {"list": True},  # 19
+    ]
+    common = {"model": t["path"], "token_ids": True, "max_model_len": TINY_MAX_LEN}
+    return {**common, "name": "runtime-llama", "editors": {"a": dirs["a"]}, "max_editors": 3, "jobs": jobs}
+
+
 @pytest.fixture(scope="module")
 def runs(prompts, editor_dir, tmp_path_factory):
     """The SmolLM2 engine runs, in two processes side by side: compiled (minutes of torch.compile),
@@ -301,7 +332,8 @@ def tiny_runs(tiny, tmp_path_factory):
         "compile": True,
         "jobs": tiny_jobs(g2["prompts"])[:5] + tiny_jobs(g2["prompts"])[12:14],
     }
-    return finish_engines(start_engines(tmp_path_factory.mktemp("tiny-engines"), "tiny", [*tiny_plan(tiny), compiled]))
+    plan = [*tiny_plan(tiny), compiled, runtime_plan(tiny)]
+    return finish_engines(start_engines(tmp_path_factory.mktemp("tiny-engines"), "tiny", plan))
 
 
 @pytest.fixture(scope="module")
@@ -616,6 +648,33 @@ def test_architecture_counts_edited_tokens_and_guard_fallbacks(tiny, tiny_runs, 
         assert added["a"]["guard_fallback_tokens"] == 0 and added["a"]["edited_tokens"] == bad
 
 
+def test_editors_loaded_and_unloaded_at_runtime_offline(tiny, tiny_runs):
+    """Issue 28, item 2, offline: an engine started with editor ``a`` and room for 3 loads ``b`` and
+    serves it exactly as an engine started with both (bit for bit, alone and combined with a); refuses
+    a name loaded already, a fourth editor, another model's editor, a missing directory, a bad name,
+    unloading an unknown or the default editor; after unloading ``b``, a request naming it is refused,
+    and ``b``'s artifact loaded again under another name in the freed row serves as ``b`` did."""
+    res, static = tiny_runs["runtime-llama"]["results"], tiny_runs["llama"]["results"]
+    assert [e["name"] for e in res[0]["ok"]] == ["a"] and res[0]["ok"][0]["default"]
+    same = [(1, 0), (3, 1), (4, 12), (11, 1), (18, 12)]  # (runtime job, static job)
+    for job, ref in same:
+        assert res[job]["tokens"] == static[ref]["tokens"], job
+        assert res[job]["first_logprobs"] == static[ref]["first_logprobs"], job
+    assert res[2]["ok"]["name"] == "b" and res[2]["ok"]["method"] == "caa" and res[2]["ok"]["layers"] == [1, 2]
+    assert "an editor named 'b' is loaded already" in res[5]["error"]
+    assert "ok" in res[6] and "the server holds 3 editors, its most (--max-editors 3)" in res[7]["error"]
+    assert res[8] == {"ok": "b"} and "unknown editor 'b': this server has a, bad" in res[9]["error"]
+    assert "ok" in res[10]
+    assert "'a' is the server's default" in res[12]["error"] and res[13] == {"ok": "bad"}
+    assert "editor 'x': " in res[14]["error"] and "Qwen2ForCausalLM" in res[14]["error"], res[14]
+    assert "does not exist" in res[15]["error"] and "editor name must be" in res[16]["error"]
+    assert "no editor named 'nope' is loaded (loaded: a, c)" in res[17]["error"]
+    assert [e["name"] for e in res[19]["ok"]] == ["a", "c"]
+    stats = res[18]["stats"]
+    assert set(stats) == {"a", "c"}
+    assert stats["c"]["requests"] == 2 * len(tiny["llama"]["prompts"])  # its counters start anew in b's row
+
+
 def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):
     """Gemma 2 (extra norms around the residual) with torch.compile: the compiled edit gives the
     eager result (tokens; log-probabilities within the float32 bound), and the guard against a
@@ -649,7 +708,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(editor_dir, second_dir, bad_dir, tmp_path_factory):
     """`hpredit serve` with three editors: the HPR editor as the default (a plain ``--editor DIR``),
-    a CAA editor named ``second`` and the damaged ``bad`` one (:func:`broken`)."""
+    a CAA editor named ``second`` and the damaged ``bad`` one (:func:`broken`); room for two more
+    loaded at runtime (``--max-editors 5``)."""
     import httpx
 
     port = _free_port()
@@ -682,6 +742,8 @@ def server(editor_dir, second_dir, bad_dir, tmp_path_factory):
             "32",
             "--seed",
             "0",
+            "--max-editors",
+            "5",
         ],
         env=ENV,
         stdout=f,
@@ -1063,3 +1125,188 @@ def test_serve_sigterm_during_start_up_ends_the_whole_tree(editor_dir, tmp_path)
     assert proc.wait(timeout=60) == 143
     assert _alive(tree, 10) == [], [(p.pid, p.name()) for p in tree]
     assert time.time() - t < 40
+
+
+# --------------------------------------------------------------------------- editors at runtime, counters
+
+
+def _post(url: str, path: str, body: dict | str) -> tuple[int, dict]:
+    import httpx
+
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url + path, content=content, headers={"Content-Type": "application/json"}, timeout=600)
+    return r.status_code, r.json()
+
+
+def _hpredit_metrics(url: str) -> dict:
+    """hpredit's per-editor counters from ``/metrics`` (fetched as Prometheus does: gzip accepted)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", headers={"Accept-Encoding": "gzip"}, timeout=30).text
+    assert "vllm:prefix_cache_hits_total" in text  # vLLM's own metrics are all still there
+    out: dict = {}
+    for line in text.splitlines():
+        if line.startswith("hpredit_") and "{" in line:
+            metric, rest = line.split("{", 1)
+            editor = rest.split('"')[1]
+            out.setdefault(editor, {})[metric.removeprefix("hpredit_").removesuffix("_total")] = int(
+                float(rest.rsplit(" ", 1)[1])
+            )
+    return out
+
+
+def test_server_loads_and_unloads_editors_at_runtime(server, second_dir, editor_dir, tmp_path, prompts):
+    """Issue 28, item 2, on the real server: list; load a CAA editor under a new name (it serves as the
+    same artifact under its start-up name does); a duplicate name, a full server, a bad path, a damaged
+    artifact, a bad body, an unknown or the default editor to unload: each a 4xx with one line, and the
+    server keeps serving; unloaded, its name is refused; a name loaded again with other content does
+    not reuse the old content's cached prefix."""
+    import shutil
+
+    import httpx
+
+    from hpredit.data import QA_PRIMER
+
+    listed = httpx.get(server + "/v1/editors", timeout=30).json()
+    assert [e["name"] for e in listed["editors"]] == ["default", "second", "bad"] and listed["max_editors"] == 5
+    assert listed["editors"][0]["default"] and listed["editors"][0]["strength_kl"]["kl"]  # its measured curve
+    status, body = _post(server, "/v1/load_editor", {"editor_name": "extra", "editor_path": str(second_dir)})
+    assert status == 200 and body["loaded"]["method"] == "caa" and body["loaded"]["layers"] == [12, 20], body
+    prompt = prompts[4]
+    same = _completion(server, prompt, {"editor": "extra", "strength": 1.0})
+    alone = _completion(server, prompt, {"editor": "second", "strength": 1.0})
+    assert same[0] == alone[0] and max(abs(a - b) for a, b in zip(same[1], alone[1])) < 1e-3
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(editor_dir, damaged)
+    (damaged / "editor.safetensors").write_bytes(b"not weights")
+    refusals = [
+        ({"editor_name": "extra", "editor_path": str(second_dir)}, 409, "an editor named 'extra' is loaded already"),
+        ({"editor_name": "x", "editor_path": str(tmp_path / "none")}, 400, "does not exist"),
+        ({"editor_name": "x", "editor_path": str(damaged)}, 400, "does not match the checksum"),
+        ({"editor_name": "x y", "editor_path": str(second_dir)}, 400, "an editor name must be"),
+        ({"editor_name": "x", "editor_path": ""}, 400, "'editor_path' must be"),
+        ({"editor_name": "x"}, 400, "'editor_path' must be"),
+        ('{"editor_name": ', 400, "the body must be a JSON object"),
+    ]
+    for body, code, message in refusals:
+        status, answer = _post(server, "/v1/load_editor", body)
+        assert status == code and message in answer["error"]["message"], (body, status, answer)
+    for body, code, message in [
+        ({"editor_name": "nope"}, 404, "no editor named 'nope' is loaded"),
+        ({"editor_name": "default"}, 400, "is the server's default"),
+    ]:
+        status, answer = _post(server, "/v1/unload_editor", body)
+        assert status == code and message in answer["error"]["message"], (body, status, answer)
+    assert _post(server, "/v1/load_editor", {"editor_name": "swap", "editor_path": str(second_dir)})[0] == 200
+    status, answer = _post(server, "/v1/load_editor", {"editor_name": "sixth", "editor_path": str(second_dir)})
+    assert status == 409 and "its most (--max-editors 5)" in answer["error"]["message"]
+
+    assert _post(server, "/v1/unload_editor", {"editor_name": "extra"}) == (200, {"unloaded": "extra"})
+    status, answer = _post(
+        server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "vllm_xargs": {"editor": "extra"}}
+    )
+    assert status == 400 and "unknown editor 'extra'" in answer["error"]["message"]
+    assert [e["name"] for e in httpx.get(server + "/v1/editors", timeout=30).json()["editors"]] == [
+        "default",
+        "second",
+        "bad",
+        "swap",
+    ]
+
+    # "swap" with the CAA editor's content, its prefix cached; then "swap" again with the HPR editor's
+    long = QA_PRIMER + "\n\n" + prompts[5]
+    caa = _salted_completion(server, long, {"editor": "swap", "strength": 1.0})
+    assert _salted_completion(server, long, {"editor": "swap", "strength": 1.0})[2] > 0  # cached
+    assert _post(server, "/v1/unload_editor", {"editor_name": "swap"})[0] == 200
+    assert _post(server, "/v1/load_editor", {"editor_name": "swap", "editor_path": str(editor_dir)})[0] == 200
+    text, logprobs, hits = _salted_completion(server, long, {"editor": "swap", "strength": 1.0})
+    hpr = _salted_completion(server, long, {"strength": 1.0})
+    assert hits == 0  # another content: another salt, nothing of the old edit reused
+    assert text == hpr[0] and max(abs(a - b) for a, b in zip(logprobs, hpr[1])) < 1e-3
+    assert max(abs(a - b) for a, b in zip(logprobs, caa[1])) > 0.05
+    assert _post(server, "/v1/unload_editor", {"editor_name": "swap"})[0] == 200
+
+
+def test_server_unload_waits_for_requests_in_flight(server, second_dir, prompts):
+    """Issue 28, item 2: an editor unloaded while a long streaming request uses it: the request finishes
+    with every token, as the same request alone does; the unload answers after it; then the name is
+    refused."""
+    import threading
+
+    import httpx
+
+    assert _post(server, "/v1/load_editor", {"editor_name": "busy", "editor_path": str(second_dir)})[0] == 200
+    body = {
+        "model": MODEL,
+        "prompt": prompts[6],
+        "max_tokens": 48,
+        "temperature": 0,
+        "ignore_eos": True,
+        "vllm_xargs": {"editor": "busy", "strength": 1.0},
+    }
+    alone = httpx.post(server + "/v1/completions", json=body, timeout=300).json()["choices"][0]["text"]
+    events: list = []
+
+    def stream():
+        pieces = []
+        with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    if not pieces:
+                        events.append(("first", time.monotonic()))
+                    pieces.append(json.loads(line[6:])["choices"][0]["text"])
+        events.append(("streamed", time.monotonic(), "".join(pieces)))
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events, "the stream did not start"
+    status, answer = _post(server, "/v1/unload_editor", {"editor_name": "busy"})
+    unloaded = time.monotonic()
+    thread.join(300)
+    assert status == 200, answer
+    (_, streamed_at, text) = events[-1]
+    assert text == alone  # every token, with the editor's edit
+    assert unloaded >= streamed_at  # the unload waited for it
+    status, answer = _post(server, "/v1/completions", {**body, "max_tokens": 2})
+    assert status == 400 and "unknown editor 'busy'" in answer["error"]["message"]
+
+
+def test_server_metrics_count_per_editor(server, prompts):
+    """Issue 28, item 6: /metrics carries each editor's counters, exactly: a request counted for its
+    editor with every token it ran at a nonzero strength (own salts: no cached prefix skipped); the
+    damaged editor's tokens counted as guard fallbacks, and the request; strength 0 counts the request
+    only."""
+    import httpx
+
+    before = _hpredit_metrics(server)
+    assert {"default", "second", "bad"} <= set(before)
+    ran = []  # tokens each request ran: its prompt, and each generated token but the last
+    for xargs in ({"editor": "second", "strength": 1.0}, {"editor": "bad", "strength": 2.0}, {"strength": 0.0}):
+        body = {"model": MODEL, "prompt": prompts[7], "max_tokens": 5, "temperature": 0, "vllm_xargs": xargs}
+        body["cache_salt"] = f"metrics-{time.time_ns()}"
+        usage = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["usage"]
+        ran.append(usage["prompt_tokens"] + usage["completion_tokens"] - 1)
+    after = _hpredit_metrics(server)
+    delta = {e: {k: after[e][k] - before[e].get(k, 0) for k in after[e]} for e in ("default", "second", "bad")}
+    assert delta["second"] == {
+        "requests": 1,
+        "edited_tokens": ran[0],
+        "guard_fallback_tokens": 0,
+        "guard_fallback_requests": 0,
+    }
+    assert delta["bad"] == {
+        "requests": 1,
+        "edited_tokens": ran[1],
+        "guard_fallback_tokens": ran[1],
+        "guard_fallback_requests": 1,
+    }
+    assert delta["default"] == {
+        "requests": 1,
+        "edited_tokens": 0,
+        "guard_fallback_tokens": 0,
+        "guard_fallback_requests": 0,
+    }

@@ -96,6 +96,14 @@ def run(spec: dict) -> dict:
             [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]] if spec.get("token_ids") else job["prompts"]
         )
         t = time.time()
+        if job.get("expect_error"):  # a request the engine must refuse (one error line)
+            try:
+                engine.generate(prompts, params, use_tqdm=False)
+            except Exception as e:  # noqa: BLE001  vLLM's VLLMValidationError (not a ValueError)
+                results.append({"error": str(e)})
+                continue
+            results.append({"error": None})
+            continue
         outs = engine.generate(prompts, params, use_tqdm=False)
         results.append(
             {
