@@ -1082,16 +1082,12 @@ def test_server_a_clients_bad_cache_salt_is_vllms_400_and_it_keeps_serving(serve
 
 def test_serving_docs_curl_example_runs(server):
     """The curl example of docs/serving.md's prefix-caching section, run as written on the test server."""
-    import re
     import shutil
 
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     hits = _prefix_cache_hits(server)
-    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
-    marker = "test_serving_docs_curl_example_runs runs the block below"
-    block = re.search(r"```bash\n(.*?)```", doc[doc.index(marker) :], re.S).group(1)
-    script = "\n".join(line.removeprefix("  ") for line in block.splitlines())
+    script = _docs_block("test_serving_docs_curl_example_runs runs the block below")
     out = subprocess.run(
         ["bash", "-c", script.replace("localhost:8000", server.removeprefix("http://"))],
         capture_output=True,
@@ -1103,6 +1099,32 @@ def test_serving_docs_curl_example_runs(server):
     assert out.returncode == 0 and all(a["choices"][0]["text"] for a in answers), out.stdout + out.stderr
     assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
     assert lines[3].startswith("vllm:prefix_cache_hits_total") and float(lines[3].rsplit(" ", 1)[1]) > hits
+
+
+def _docs_block(marker: str) -> str:
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", doc[doc.index(marker) :], re.S).group(1)
+    return "\n".join(line.removeprefix("  ") for line in block.splitlines())
+
+
+def test_serving_docs_runtime_example_runs(server, second_dir):
+    """The curl example of docs/serving.md's runtime-editors section, run as written on the test server
+    (the editor directory it names replaced by a real one)."""
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    script = _docs_block("test_serving_docs_runtime_example_runs runs the block below")
+    script = script.replace("localhost:8000", server.removeprefix("http://")).replace(
+        "out/polite/editor", str(second_dir)
+    )
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and lines[:3] == ["polite", "True", "['default', 'second', 'bad', 'polite']"], out
+    assert json.loads(lines[3]) == {"unloaded": "polite"}
+    assert lines[4].startswith('hpredit_requests_total{editor="default"}') and float(lines[4].rsplit(" ", 1)[1]) > 0
 
 
 def test_serve_sigterm_during_start_up_ends_the_whole_tree(editor_dir, tmp_path):
