@@ -275,3 +275,58 @@ def test_the_cache_salt_carries_the_editors_content():
     assert (
         json.loads(salted(dict(default), one))["cache_salt"] != json.loads(salted(dict(default), other))["cache_salt"]
     )
+
+
+# ----------------------------------------------------------------- hpredit serve --max-editors
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "--max-editors must be a whole number between 1 (the editors given) and 64, got 0"),
+        ("65", "between 1 (the editors given) and 64, got 65"),
+        ("-1", "got -1"),
+    ],
+)
+def test_serve_bad_max_editors(smol_editor, capsys, value, message):  # noqa: F811
+    from .test_serving import _one_line_error, run_cli
+
+    code, _, err = run_cli(["serve", "--editor", str(smol_editor), "--max-editors", value], capsys)
+    _one_line_error(code, err, message)
+
+
+def test_serve_max_editors_below_the_editors_given(smol_editor, capsys):  # noqa: F811
+    from .test_serving import _one_line_error, run_cli
+
+    argv = ["serve", "--editor", str(smol_editor), "--editor", f"b={smol_editor}", "--max-editors", "1"]
+    code, _, err = run_cli(argv, capsys)
+    _one_line_error(code, err, "between 2 (the editors given) and 64, got 1")
+
+
+def test_serve_max_editors_and_the_vllm_options_it_needs(smol_editor):  # noqa: F811
+    """One API server (the list of editors lives in its process); the worker extension is hpredit's."""
+    pytest.importorskip("vllm")
+    from hpredit.serving import _serve_argv, check_vllm_args
+
+    argv, owned = _serve_argv(smol_editor, None, 1.0, "all", ["--api-server-count", "2"], True, None, 3)
+    with pytest.raises(HpreditError, match=r"--max-editors needs one API server \(--api-server-count 1\)"):
+        check_vllm_args(argv, owned)
+    argv, owned = _serve_argv(smol_editor, None, 1.0, "all", ["--worker-extension-cls", "my.Ext"], True, None, 3)
+    with pytest.raises(HpreditError, match="--worker-extension-cls is set by hpredit serve"):
+        check_vllm_args(argv, owned)
+    argv, owned = _serve_argv(smol_editor, None, 1.0, "all", [], True, None, 3)
+    args = check_vllm_args(argv, owned)  # on CPU: no CUDA graphs, torch.compile stays
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides["hpredit_capacity"] == 3 and overrides["hpredit_server"] and args.worker_extension_cls
+
+
+def test_cuda_graphs_are_refused_with_runtime_editors(monkeypatch):
+    """On a GPU, --max-editors with CUDA graphs on is refused (they replay the edits they captured)."""
+    pytest.importorskip("vllm")
+    import hpredit.serving
+    from hpredit.serving import _cuda_graphs
+
+    assert not _cuda_graphs(False, None)  # CPU: never
+    monkeypatch.setattr(hpredit.serving, "_on_cpu", lambda: False)
+    assert _cuda_graphs(False, None) and _cuda_graphs(False, {"cudagraph_mode": "FULL_AND_PIECEWISE"})
+    assert not _cuda_graphs(True, None) and not _cuda_graphs(False, {"cudagraph_mode": "NONE"})

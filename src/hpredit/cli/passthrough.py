@@ -96,7 +96,7 @@ def serve(
         typer.Option(
             "--max-editors",
             help="Editors may be loaded and unloaded while serving (POST /v1/load_editor, /v1/unload_editor), "
-            "this many at most, those given included (needs --enforce-eager).",
+            "this many at most, those given included (on GPU: with --enforce-eager or -O.cudagraph_mode=NONE).",
         ),
     ] = None,
     kill_after: Annotated[

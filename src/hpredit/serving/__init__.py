@@ -188,7 +188,8 @@ def check_max_editors(max_editors: Any, given: int) -> int:
         return 0
     if isinstance(max_editors, bool) or not isinstance(max_editors, int) or not given <= max_editors <= MAX_EDITORS:
         raise HpreditError(
-            f"--max-editors must be a whole number from the {given} editors given to {MAX_EDITORS}, got {max_editors!r}"
+            f"--max-editors must be a whole number between {given} (the editors given) and {MAX_EDITORS}, "
+            f"got {max_editors!r}"
         )
     return max_editors
 
@@ -326,16 +327,15 @@ def llm(
     ``SamplingParams(extra_args={"editor": name, "strength": s, "scope": ...})`` or ``"kl"``. Other
     keyword arguments go to ``vllm.LLM``. Create it under ``if __name__ == "__main__":`` (vLLM starts
     processes). ``max_editors``: editors may be loaded and unloaded later (:func:`load_editor_into`,
-    :func:`unload_editor_from`), this many at most, those given included (needs ``enforce_eager=True``).
+    :func:`unload_editor_from`), this many at most, those given included (on GPU without CUDA graphs).
     """
     weights = vllm_kwargs.get("load_format") != "dummy"  # vLLM's random weights: the config is enough
     settings, path, name, arch = checked_settings(
         editors, model, strength, scope, kl, strict=strict, weights=weights, max_editors=max_editors
     )
-    if settings.capacity and not vllm_kwargs.get("enforce_eager"):
-        raise HpreditError(
-            RUNTIME_NEEDS_EAGER.removeprefix("hpredit: ").replace("--enforce-eager", "enforce_eager=True")
-        )
+    if settings.capacity and _cuda_graphs(vllm_kwargs.get("enforce_eager"), vllm_kwargs.get("compilation_config")):
+        message = RUNTIME_NEEDS_EAGER.removeprefix("hpredit: ").replace("--enforce-eager", "enforce_eager=True")
+        raise HpreditError(message.replace("-O.cudagraph_mode=NONE", 'compilation_config={"cudagraph_mode": "NONE"}'))
     kwargs = {**engine_kwargs(settings, arch), "enable_prefix_caching": False}
     clash = sorted(set(kwargs) & set(vllm_kwargs) - {"enable_prefix_caching"})
     if clash:
@@ -401,6 +401,25 @@ def editor_stats(engine: Any) -> dict[str, dict[str, int]]:
     editor name → requests, edited tokens, guard fallback tokens, guard fallback requests."""
     _admin(engine)
     return engine.collective_rpc("hpredit_stats")[0]
+
+
+def _cuda_graphs(enforce_eager: Any, compilation_config: Any) -> bool:
+    """Whether vLLM may run the model in CUDA graphs (which replay the edits they captured): not when
+    eager, not on CPU, not with ``cudagraph_mode`` NONE."""
+    if enforce_eager or _on_cpu():
+        return False
+    if isinstance(compilation_config, dict):
+        mode = compilation_config.get("cudagraph_mode")
+    else:
+        mode = getattr(compilation_config, "cudagraph_mode", None)
+    return mode is None or str(getattr(mode, "name", mode)).upper() != "NONE"  # unset: the GPU default has them
+
+
+def _on_cpu() -> bool:
+    """Whether vLLM runs on CPU here (no CUDA graphs)."""
+    from vllm.platforms import current_platform  # optional: vllm is only installed with the serving extra
+
+    return bool(current_platform.is_cpu())
 
 
 def _model_impl_error(value: Any) -> str:
@@ -505,7 +524,7 @@ def check_vllm_args(argv: list[str], owned: int, parser: Any = None) -> Any:
     if str(args.model_impl) not in MODEL_IMPLS:
         raise HpreditError(_model_impl_error(args.model_impl))
     if (mine.hf_overrides or {}).get("hpredit_capacity"):
-        if not args.enforce_eager:
+        if _cuda_graphs(args.enforce_eager, args.compilation_config):
             raise HpreditError(RUNTIME_NEEDS_EAGER.removeprefix("hpredit: "))
         if (getattr(args, "api_server_count", None) or 1) > 1:
             raise HpreditError(

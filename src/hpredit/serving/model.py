@@ -29,7 +29,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import nn
-from vllm.config import VllmConfig
+from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -71,6 +71,16 @@ def edit_block_output(
     pair = isinstance(out, tuple)
     hidden, residual = out if pair else (out, None)
     stream = hidden + residual if residual is not None else hidden  # (tokens, d)
+    edited, keep = _edit_stream(stream, edits, strengths, fallback)
+    if keep is None:
+        return out
+    return _block_output(hidden, residual, pair, edited, keep.unsqueeze(-1))
+
+
+def _edit_stream(
+    stream: torch.Tensor, edits: tuple[tuple[int, LayerEdit], ...], strengths: torch.Tensor, fallback: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The block output ``(tokens, d)`` edited, and which tokens were (None: no edit here)."""
     n = stream.shape[0]
     edited, keep = stream, None
     for k, edit in edits:
@@ -83,9 +93,12 @@ def edit_block_output(
             fallback[k, :n] = torch.maximum(fallback[k, :n], (on & ~finite).to(fallback.dtype))
         edited = torch.where(ok.unsqueeze(-1), new, edited)
         keep = ok if keep is None else keep | ok
-    if keep is None:
-        return out
-    keep = keep.unsqueeze(-1)
+    return edited, keep
+
+
+def _block_output(hidden: torch.Tensor, residual: Any, pair: bool, edited: torch.Tensor, keep: torch.Tensor) -> Any:
+    """The layer's return with the edited tokens (``keep`` ``(tokens, 1)``) replaced: ``(edited, 0)`` for
+    a ``(hidden, residual)`` pair, the rest as the layer returned it, bit for bit."""
     if not pair:
         return torch.where(keep, edited, hidden)
     if residual is None:
@@ -93,16 +106,43 @@ def edit_block_output(
     return torch.where(keep, edited, hidden), torch.where(keep, torch.zeros_like(residual), residual)
 
 
+#: layers whose edits may change while serving (``--max-editors``), by the key the custom op is given
+_RUNTIME_LAYERS: dict[int, Any] = {}
+
+
+@torch.library.custom_op("hpredit::runtime_edit", mutates_args=("fallback",))
+def runtime_edit(stream: torch.Tensor, strengths: torch.Tensor, fallback: torch.Tensor, layer: int) -> torch.Tensor:
+    """The edits a layer holds *now* (:data:`_RUNTIME_LAYERS`) on its block output ``(tokens, d)``: an
+    operator torch.compile does not trace into, so that editors loaded after compiling act. Returns the
+    edited output and, last in its last dimension, 1 where a token was edited."""
+    edited, keep = _edit_stream(stream, _RUNTIME_LAYERS[layer].hpr_edits, strengths, fallback)
+    flag = torch.zeros_like(stream[:, :1]) if keep is None else keep.unsqueeze(-1).to(stream.dtype)
+    return torch.cat([edited, flag], dim=-1)
+
+
+@runtime_edit.register_fake
+def _(stream: torch.Tensor, strengths: torch.Tensor, fallback: torch.Tensor, layer: int) -> torch.Tensor:
+    return stream.new_empty(stream.shape[0], stream.shape[1] + 1)
+
+
 class _EditedLayer:
-    """Mixin: the layer's own forward, then :func:`edit_block_output`."""
+    """Mixin: the layer's own forward, then :func:`edit_block_output` (through :func:`runtime_edit`
+    where editors come and go while serving)."""
 
     hpr_edits: tuple[tuple[int, LayerEdit], ...] = ()
     hpr_strength: torch.Tensor
     hpr_fallback: torch.Tensor
+    hpr_runtime: int | None = None  # the layer's key in _RUNTIME_LAYERS
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        return edit_block_output(out, self.hpr_edits, self.hpr_strength, self.hpr_fallback)
+        if self.hpr_runtime is None:
+            return edit_block_output(out, self.hpr_edits, self.hpr_strength, self.hpr_fallback)
+        pair = isinstance(out, tuple)
+        hidden, residual = out if pair else (out, None)
+        stream = hidden + residual if residual is not None else hidden
+        both = runtime_edit(stream, self.hpr_strength, self.hpr_fallback, self.hpr_runtime)
+        return _block_output(hidden, residual, pair, both[:, :-1], both[:, -1:] != 0)
 
 
 @functools.cache
@@ -127,7 +167,8 @@ class _EditedModel:
                 "hpredit: with vLLM's V1 model runner, use --compilation-config "
                 '\'{"cudagraph_mode": "PIECEWISE"}\' or Model Runner V2'
             )
-        if self.hpr_settings.capacity and not vllm_config.model_config.enforce_eager:
+        graphs = vllm_config.compilation_config.cudagraph_mode
+        if self.hpr_settings.capacity and not vllm_config.model_config.enforce_eager and graphs != CUDAGraphMode.NONE:
             raise ValueError(RUNTIME_NEEDS_EAGER)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)  # type: ignore[call-arg]
         self.hpr_device = torch.device(cast(torch.device, vllm_config.device_config.device))  # resolved by now
@@ -144,6 +185,9 @@ class _EditedModel:
             if every or any(i in _editor(path).layers for _, path in self.hpr_settings.editors):
                 layer.__class__ = _edited_layer_class(layer.__class__)
                 layer.hpr_strength, layer.hpr_fallback = self.hpr_strength, self.hpr_fallback
+            if every:  # read by runtime_edit at each call, whatever the compiled graph captured
+                layer.hpr_runtime = id(layer)
+                _RUNTIME_LAYERS[id(layer)] = layer
         for position, (_, path) in enumerate(self.hpr_settings.editors):
             self._install(self.hpr_settings.slot(position), _editor(path))
 

@@ -47,10 +47,10 @@ __all__ = [
 
 #: keys hpredit reads from ``extra_args``
 REQUEST_KEYS = ("editor", "editors", "strength", "kl", "scope")
-#: why ``--max-editors`` needs ``--enforce-eager``
+#: why ``--max-editors`` needs the edit outside CUDA graphs
 RUNTIME_NEEDS_EAGER = (
-    "hpredit: --max-editors (editors loaded at runtime) needs --enforce-eager: a compiled graph keeps the "
-    "edits it was traced with, so an editor loaded later would not act in it"
+    "hpredit: --max-editors (editors loaded at runtime) cannot run inside CUDA graphs, which replay the edits "
+    "they captured: add --enforce-eager, or -O.cudagraph_mode=NONE to keep torch.compile"
 )
 #: the most editors one request may combine (``"editors"``)
 MAX_REQUEST_EDITORS = MAX_COMBINED_EDITORS
