@@ -23,6 +23,13 @@ ratios compare engines under the same machine load::
 
     OMP_NUM_THREADS=1 python benchmarks/vllm_cpu.py --editors-cost 3 --eager --new 32 --repeats 5
 
+``--configs --runtime`` adds a third engine, the same editors in an engine that may load more while
+serving (``max_editors``: the edit as an operator the compiled graph calls), timed in the same
+alternation (``one@runtime``, ``distinct@runtime``)::
+
+    OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/vllm_cpu.py --configs --runtime --batch 16 \
+        --new 32 --repeats 5 --out benchmarks/results/vllm_cpu_runtime.json
+
 ``--configs 64``: every configuration in one batch (``--batch`` concurrent requests, default 64).
 Two engines alive together, vLLM without hpredit and vLLM with 4 HPR editors inside; one run
 alternates timed ``generate`` calls of the same prompts: ``none`` (the plain engine), ``one`` (every
@@ -208,8 +215,9 @@ def configs_engine(kind: str, editors: list[str], new: int, batch: int, eager: b
     kwargs = _engine_kwargs(eager, batch)
     if kind == "none":
         engine = LLM(model=str(embedded_default_path()), **kwargs)
-    else:
-        engine = llm({f"e{i}": e for i, e in enumerate(editors)}, strength=1.0, **kwargs)
+    else:  # "runtime": room for editors loaded while serving (the edit as an operator the graph calls)
+        more = {"max_editors": 2 * len(editors)} if kind == "runtime" else {}
+        engine = llm({f"e{i}": e for i, e in enumerate(editors)}, strength=1.0, **more, **kwargs)
     ps = prompts(batch)
 
     def params(mode: str):
@@ -230,29 +238,37 @@ def configs_engine(kind: str, editors: list[str], new: int, batch: int, eager: b
 
 
 def configs(args) -> dict:
-    """``--configs``: the plain engine and the edited one alive together, timed calls alternating."""
-    modes = ("none", "one", "distinct")
+    """``--configs``: the plain engine and the edited one alive together, timed calls alternating;
+    with ``--runtime`` also an edited engine that may load editors while serving (``max_editors``)."""
+    kinds = ("none", "edited", "runtime") if args.runtime else ("none", "edited")
+    modes = ("none", "one", "distinct") + (("one@runtime", "distinct@runtime") if args.runtime else ())
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     procs = {}
     with tempfile.TemporaryDirectory() as tmp:
         editors = [str(make_editor(Path(tmp) / f"editor{i}", seed=i)) for i in range(4)]
         try:
-            for kind in ("none", "edited"):
+            for kind in kinds:
                 child = ["--configs-engine", kind, "--editor", ",".join(editors)]
                 procs[kind] = _start(child, args, Path(tmp) / f"engine-{kind}.log", f"the {kind} engine")
             for r in range(args.repeats):
                 for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate, and balance any drift
-                    seconds[mode].append(_timed(procs["none" if mode == "none" else "edited"], mode, f"the {mode} run"))
+                    base, _, engine = mode.partition("@")
+                    proc = procs[engine or ("none" if mode == "none" else "edited")]
+                    seconds[mode].append(_timed(proc, base, f"the {mode} run"))
         finally:
             for proc in procs.values():
                 _stop(proc)
     tokens = args.batch * args.new
     summary: dict = {m: {"tokens_per_s": tokens / statistics.median(seconds[m])} for m in modes}
-    for m in ("one", "distinct"):
-        summary[m]["throughput_vs_none"] = statistics.median(a / b for a, b in zip(seconds["none"], seconds[m]))
-    summary["distinct"]["throughput_vs_one"] = statistics.median(
-        a / b for a, b in zip(seconds["one"], seconds["distinct"])
-    )
+
+    def ratio(a: str, b: str) -> float:  # throughput of b over a: a's seconds over b's, paired
+        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
+
+    for m in modes[1:]:
+        summary[m]["throughput_vs_none"] = ratio("none", m)
+    summary["distinct"]["throughput_vs_one"] = ratio("one", "distinct")
+    for m in ("one", "distinct") if args.runtime else ():
+        summary[f"{m}@runtime"]["throughput_vs_started_with_them"] = ratio(m, f"{m}@runtime")
     return {"seconds": seconds, "summary": summary}
 
 
@@ -339,6 +355,7 @@ def main() -> None:
     p.add_argument("--editors-cost", type=int, default=0, help="engines with 1..N editors, alternating")
     p.add_argument("--batch", type=int, default=None, help="batch size of --editors-cost (16) and --configs (64)")
     p.add_argument("--configs", action="store_true", help="no editor, one config, a distinct config per request")
+    p.add_argument("--runtime", action="store_true", help="--configs: also an engine with --max-editors")
     p.add_argument("--configs-engine", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--editor", help=argparse.SUPPRESS)
@@ -351,6 +368,8 @@ def main() -> None:
         args.batch = 64 if args.configs or args.configs_engine else 16
     if args.batch < 1 or args.new < 1 or args.repeats < 1:
         p.error("--batch, --new and --repeats must be at least 1")
+    if args.runtime and not args.configs:
+        p.error("--runtime goes with --configs")
     if args.configs_engine:  # child process of --configs
         configs_engine(args.configs_engine, args.editor.split(","), args.new, args.batch, args.eager)
         return
@@ -370,6 +389,8 @@ def main() -> None:
                 "distinct": "request i: editor e{i % 4}, strength 0.25 + 0.03 i, scope by i // 4 of "
                 + ", ".join(SCOPES),
             }
+            if args.runtime:
+                setup["runtime"] = "@runtime: the same 4 editors in an engine with max_editors=8"
         else:
             setup = {"editors": f"1..{args.editors_cost} HPR editors, each on layers {LAYERS}", "batch": args.batch}
         record["setup"] = {

@@ -981,14 +981,14 @@ def test_model_runner_v2_state_fills_per_token_strengths():
     from hpredit.serving.model import HPRModelState
     from hpredit.serving.params import ServeSettings
 
+    from hpredit.serving.plugin import STATS, start_worker
+
     state = object.__new__(HPRModelState)  # no engine: only the parts prepare_inputs uses
     state.rope_state = state.prompt_embeds_state = None
-    state.hpr_model = SimpleNamespace(
-        hpr_strength=torch.full((2, 10), 7.0),
-        hpr_settings=ServeSettings(
-            (("a", "/a"), ("b", "/b")), 0.5, "all", curves=(KLCurve((0.5, 1.0), (0.1, 0.4)), None)
-        ),
-    )
+    settings = ServeSettings((("a", "/a"), ("b", "/b")), 0.5, "all", curves=(KLCurve((0.5, 1.0), (0.1, 0.4)), None))
+    start_worker(settings)  # as the model does in its worker process
+    counted = []
+    state.hpr_model = SimpleNamespace(hpr_strength=torch.full((2, 10), 7.0), hpr_count=lambda: counted.append(1))
     state.slot_edit = {}
 
     def request(extra, prompt_len):
@@ -1019,6 +1019,10 @@ def test_model_runner_v2_state_fills_per_token_strengths():
         [1, 1, 1, 0, 0.5, 0.5, 0.5, 0, 0, 0],
         [0, 0, 0, 0.25, 0, 0, 0, 0, -2, 0],
     ]
+    # the step before is counted first; this step's rows and strengths kept for the next one
+    rows, counts, tokens = state.hpr_model.hpr_step
+    assert counted == [1] and len(rows) == 4 and counts.tolist() == [3, 1, 3, 2] and tokens.shape == (2, 9)
+    assert STATS.counts[:, 0].tolist() == [2, 2]  # requests admitted, per editor
 
 
 def _serve(args: list[str], log: Path) -> subprocess.Popen:

@@ -178,8 +178,10 @@ class _EditedModel:
         self.hpr_fallback = torch.zeros(shape, dtype=torch.float32, device=self.hpr_device)
         self.hpr_step: tuple | None = None  # (rows, counts, strengths) of the forward pass being counted
         start_worker(self.hpr_settings)
+        # found once: with some classes swapped below, the blocks are no longer all alike
+        self.hpr_blocks = list(decoder_layers(cast(nn.Module, self))[1])
         every = bool(self.hpr_settings.capacity)  # editors loaded later may edit any layer
-        for i, layer in enumerate(self._hpr_layers()):
+        for i, layer in enumerate(self.hpr_blocks):
             if isinstance(layer, PPMissingLayer):  # global indices: a layer of another pipeline rank
                 continue
             if every or any(i in _editor(path).layers for _, path in self.hpr_settings.editors):
@@ -191,17 +193,15 @@ class _EditedModel:
         for position, (_, path) in enumerate(self.hpr_settings.editors):
             self._install(self.hpr_settings.slot(position), _editor(path))
 
-    def _hpr_layers(self) -> list[Any]:
-        return list(decoder_layers(cast(nn.Module, self))[1])
-
     def _install(self, slot: int, editor: Editor) -> None:
         """Append the editor's edit (strength row ``slot``) to each layer it edits: last in order."""
-        for i, layer in enumerate(self._hpr_layers()):
+        for i, layer in enumerate(self.hpr_blocks):
             if i in editor.layers and not isinstance(layer, PPMissingLayer):
                 layer.hpr_edits = (*layer.hpr_edits, (slot, editor.layer_edit(i, self.hpr_device, self.hpr_dtype)))
 
     def hpr_load(self, name: str, path: str, content: str) -> None:
-        """Load the editor at ``path`` under ``name`` (checked again here, as at start), last in order."""
+        """Load the editor at ``path`` under ``name``, last in order (the front door has checked it against
+        the model; its checksums are verified again as it loads here)."""
         editor = load_editor(path)
         settings = SETTINGS[-1].loaded(name, path, editor.kl_curve, content)
         self._install(settings.slot(len(settings.editors) - 1), editor)
@@ -214,7 +214,7 @@ class _EditedModel:
         old = SETTINGS[-1]
         slot = old.slot(old.names.index(name))
         self.hpr_settings = SETTINGS[-1] = old.unloaded(name)
-        for layer in self._hpr_layers():
+        for layer in self.hpr_blocks:
             if getattr(layer, "hpr_edits", ()):
                 layer.hpr_edits = tuple((k, fn) for k, fn in layer.hpr_edits if k != slot)
 
@@ -233,7 +233,8 @@ class _EditedModel:
     def hpr_count(self) -> None:
         """Count the forward pass just run (:attr:`hpr_step`): its edited tokens and guard fallbacks."""
         step, self.hpr_step = self.hpr_step, None
-        if step is None:
+        if step is None:  # a warm-up or profile run (every token edited): nothing to count
+            self.hpr_fallback.zero_()
             return
         rows, counts, tokens = step
         n = tokens.shape[1]
@@ -258,7 +259,6 @@ class _EditedModel:
         tokens = token_strengths(rows, counts, positions[:n].cpu().numpy(), buf.shape[0])
         buf[:, :n].copy_(torch.from_numpy(tokens))
         buf[:, n:].zero_()
-        self.hpr_fallback.zero_()  # a warm-up run may have written it
         self.hpr_step = (rows, counts, tokens)
 
 

@@ -528,6 +528,10 @@ class EditorStats:
     requests with at least one such token."""
 
     def __init__(self, rows: int) -> None:
+        self.reset(rows)
+
+    def reset(self, rows: int) -> None:
+        """Every counter zero, for an engine with ``rows`` strength rows."""
         self.counts = np.zeros((rows, len(COUNTERS)), dtype=np.int64)
         self._fell: dict[int, RequestEdit] = {}  # requests with a fallback already counted (by identity)
 

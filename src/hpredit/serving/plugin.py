@@ -57,7 +57,7 @@ STATS = EditorStats(0)
 def start_worker(settings: ServeSettings) -> None:
     """An engine starts in this worker process: its editors, counters zeroed, no rows."""
     SETTINGS[:] = [settings]
-    STATS.__init__(settings.rows)  # type: ignore[misc]  # the same object: importers hold it
+    STATS.reset(settings.rows)  # the same object: importers hold it
     ROWS.clear()
 
 
