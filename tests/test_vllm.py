@@ -980,7 +980,6 @@ def test_model_runner_v2_state_fills_per_token_strengths():
     from hpredit.editors.kl_curve import KLCurve
     from hpredit.serving.model import HPRModelState
     from hpredit.serving.params import ServeSettings
-
     from hpredit.serving.plugin import STATS, start_worker
 
     state = object.__new__(HPRModelState)  # no engine: only the parts prepare_inputs uses
