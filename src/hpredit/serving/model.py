@@ -179,7 +179,7 @@ class _EditedModel:
         self.hpr_step: tuple | None = None  # (rows, counts, strengths) of the forward pass being counted
         start_worker(self.hpr_settings)
         # found once: with some classes swapped below, the blocks are no longer all alike
-        self.hpr_blocks = list(decoder_layers(cast(nn.Module, self))[1])
+        self.hpr_blocks: list[Any] = list(decoder_layers(cast(nn.Module, self))[1])
         every = bool(self.hpr_settings.capacity)  # editors loaded later may edit any layer
         for i, layer in enumerate(self.hpr_blocks):
             if isinstance(layer, PPMissingLayer):  # global indices: a layer of another pipeline rank
