@@ -235,6 +235,7 @@ def test_generate_also_equals_attach_editors(tiny_dir, tokenizer):
         ("DIR=x", "/b=x'"),
         ("=1", "got '=1'"),
         (",", "--also needs at least one DIR=STRENGTH"),
+        (" ,, ", "--also needs at least one DIR=STRENGTH"),
         ("DIR=101", "must be a number between -100 and 100"),
         ("DIR=nan", "must be a number between -100 and 100"),
         (",".join(["DIR=1"] * MAX_COMBINED_EDITORS), f"at most {MAX_COMBINED_EDITORS} editors at once"),

@@ -84,7 +84,9 @@ editor_dir = given_path("directory")
 
 def editor_strengths(text: str, flag: str) -> tuple[tuple[Path, float], ...]:
     """``DIR=STRENGTH[,DIR=STRENGTH...]`` → ``((Path(DIR), strength), ...)`` (a directory may hold ``=``:
-    the last one splits); the strengths are checked with the config."""
+    the last one splits; empty text: none, the option's default); the strengths are checked with the config."""
+    if not text.strip():
+        return ()
     pairs = []
     for part in (x for x in text.split(",") if x.strip()):
         path, sep, value = part.rpartition("=")
