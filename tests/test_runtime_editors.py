@@ -330,3 +330,20 @@ def test_cuda_graphs_are_refused_with_runtime_editors(monkeypatch):
     monkeypatch.setattr(hpredit.serving, "_on_cpu", lambda: False)
     assert _cuda_graphs(False, None) and _cuda_graphs(False, {"cudagraph_mode": "FULL_AND_PIECEWISE"})
     assert not _cuda_graphs(True, None) and not _cuda_graphs(False, {"cudagraph_mode": "NONE"})
+
+
+def test_editor_endpoints_need_the_api_key(smol_editor, smol_dir):  # noqa: F811
+    """With --api-key, loading, unloading and listing without the key is vLLM's 401 (they are /v1 paths)."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    check, app, engine = _front(smol_editor, smol_dir)
+    check.app = AuthenticationMiddleware(app, tokens=["secret"])
+    load = json.dumps({"editor_name": "e", "editor_path": str(smol_editor)}).encode()
+    assert _call(check, "POST", "/v1/load_editor", load)[0] == 401
+    assert _call(check, "POST", "/v1/unload_editor", b'{"editor_name": "default"}')[0] == 401
+    assert _call(check, "GET", "/v1/editors")[0] == 401
+    assert engine.calls == []
+    key = [(b"authorization", b"Bearer secret")]
+    assert _call(check, "POST", "/v1/load_editor", load, key)[0] == 200
+    assert _call(check, "GET", "/v1/editors", headers=key)[0] == 200
