@@ -262,6 +262,7 @@ def test_metrics_get_hpredits_counters_after_vllms(smol_editor, smol_dir):  # no
     )
     assert "# TYPE hpredit_guard_fallback_requests_total counter" in text
     assert app.headers == []  # asked of vLLM in the plain text format, uncompressed (ours is appended)
+    assert "hpredit_requests_total" in _call(check, "GET", "/metrics/")[1].decode()
 
 
 def test_the_cache_salt_carries_the_editors_content():

@@ -216,7 +216,7 @@ class RequestCheck:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path, method = _path(scope) if scope["type"] == "http" else "", scope.get("method")
-        if self.admin is not None and method == "GET" and path == "/metrics":
+        if self.admin is not None and method == "GET" and path in ("/metrics", "/metrics/"):
             await self._metrics(scope, receive, send)
             return
         if self.admin is not None and method == "GET" and path == LIST_PATH and self._authorized(scope):
