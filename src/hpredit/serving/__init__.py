@@ -32,11 +32,10 @@ from ..editors.hub import resolve_editor_dir, split_revision
 from ..errors import HpreditError
 from ..hooks import check_scope
 from ..models import DEFAULT_MODEL, check_model_source, embedded_default_path, fingerprint_from_config
-from .admin import Admin, Problem, editor_info
+from .admin import Admin, Problem
 from .middleware import middleware_name
 from .params import (
     DEFAULT_EDITOR,
-    LIVE,
     REQUEST_KEYS,
     RUNTIME_NEEDS_EAGER,
     SUPPORTED,
@@ -372,9 +371,7 @@ def load_editor_into(engine: Any, name: str, editor: str | os.PathLike) -> dict[
     except Problem as e:
         raise HpreditError(str(e)) from None
     engine.collective_rpc("hpredit_load", args=(name, directory, content))
-    assert spec.server is not None  # checked by plan_load
-    LIVE[spec.server] = spec.with_editor(name, directory, top, content)
-    return editor_info(name, directory, False)
+    return admin.loaded(spec, name, directory, top, content)
 
 
 def unload_editor_from(engine: Any, name: str) -> None:
@@ -386,8 +383,7 @@ def unload_editor_from(engine: Any, name: str) -> None:
         spec, name = admin.plan_unload({"editor_name": name})
     except Problem as e:
         raise HpreditError(str(e)) from None
-    assert spec.server is not None  # checked by plan_unload
-    LIVE[spec.server] = spec.without(name)
+    admin.unloading(spec, name)
     engine.collective_rpc("hpredit_unload", args=(name,))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HpreditError
-from .params import COUNTERS, LIVE, FrontSpec, check_editor_name
+from .params import COUNTERS, LIVE, FrontSpec, check_editor_name, load_refusal, unload_refusal
 
 __all__ = ["LOAD_PATH", "LIST_PATH", "UNLOAD_PATH", "Admin", "editor_info", "metrics_text"]
 
@@ -91,14 +91,9 @@ class Admin:
         return {"editors": editors, "max_editors": spec.capacity or len(spec.names)}
 
     def _loadable(self, spec: FrontSpec, name: str) -> None:
-        if not spec.capacity or spec.server is None or spec.model is None:
-            raise Problem(400, "this server loads no editors at runtime: start it with --max-editors N")
-        if name in spec.names:
-            raise Problem(409, f"an editor named {name!r} is loaded already: unload it first, or choose another name")
-        if len(spec.names) >= spec.capacity:
-            raise Problem(
-                409, f"the server holds {len(spec.names)} editors, its most (--max-editors {spec.capacity}): unload one"
-            )
+        refusal = load_refusal(spec.names, spec.capacity, name)
+        if refusal:
+            raise Problem(*refusal)
 
     def plan_load(self, body: dict[str, Any]) -> tuple[FrontSpec, str, str, float | None, str]:
         """Check a load request and the editor (reading it: blocking): ``(spec now, name, local directory,
@@ -120,37 +115,44 @@ class Admin:
         """Check an unload request: ``(spec now, name)``."""
         name = _name(body)
         spec = self.current()
-        if spec.server is None or not spec.capacity:
-            raise Problem(400, "this server unloads no editors at runtime: start it with --max-editors N")
-        if name not in spec.names:
-            raise Problem(404, f"no editor named {name!r} is loaded (loaded: {', '.join(spec.names)})")
-        if name == spec.names[0]:
-            raise Problem(400, f"editor {name!r} is the server's default (requests that name none get it): it stays")
+        refusal = unload_refusal(spec.names, spec.capacity, name)
+        if refusal:
+            raise Problem(*refusal)
         return spec, name
+
+    def loaded(self, spec: FrontSpec, name: str, directory: str, top: float | None, content: str) -> dict[str, Any]:
+        """Once every worker has loaded it: the editor known to the front door (last in order), and
+        what ``GET /v1/editors`` says of it."""
+        assert spec.server is not None  # capacity: a server that loads at runtime has an id
+        LIVE[spec.server] = spec.with_editor(name, directory, top, content)
+        return editor_info(name, directory, False)
+
+    def unloading(self, spec: FrontSpec, name: str) -> None:
+        """Before any worker drops it: from now on a request naming ``name`` is refused."""
+        assert spec.server is not None
+        LIVE[spec.server] = spec.without(name)
 
     async def load(self, body: dict[str, Any], engine: Any) -> dict[str, Any]:
         """``POST /v1/load_editor``: checked, then loaded by every worker (``engine.collective_rpc``)."""
         self._loadable(self.current(), _name(body))  # a clear answer before waiting for the lock
         async with self._lock:
             spec, name, directory, top, content = await asyncio.to_thread(self.plan_load, body)
-            assert spec.server is not None  # checked by plan_load
             try:
                 await engine.collective_rpc("hpredit_load", args=(name, directory, content))
             except Exception as e:  # noqa: BLE001  a worker could not load it: said, not fatal to the server
                 raise Problem(500, f"editor {name!r}: the engine could not load it: {e}") from None
-            LIVE[spec.server] = spec.with_editor(name, directory, top, content)
-        return {"loaded": editor_info(name, directory, False)}
+            return {"loaded": self.loaded(spec, name, directory, top, content)}
 
     async def unload(self, body: dict[str, Any], engine: Any) -> dict[str, Any]:
         """``POST /v1/unload_editor``: refused to new requests at once, dropped once none in flight uses it."""
         async with self._lock:
             spec, name = self.plan_unload(body)
-            assert spec.server is not None  # checked by plan_unload
-            LIVE[spec.server] = spec.without(name)  # from now on, a request naming it is refused
+            self.unloading(spec, name)
             deadline = time.monotonic() + UNLOAD_WAIT
             while self.in_flight[name] > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if self.in_flight[name] > 0:
+                assert spec.server is not None  # checked by unloading
                 LIVE[spec.server] = spec  # still in use: it stays loaded
                 raise Problem(
                     409,

@@ -68,13 +68,18 @@ def edit_block_output(
     write NaN into the KV cache that later requests reuse. ``fallback`` ``(rows, ≥ tokens)``, if given,
     gets a 1 where that happened (in place; read after the forward pass, :class:`EditorStats`).
     """
-    pair = isinstance(out, tuple)
-    hidden, residual = out if pair else (out, None)
-    stream = hidden + residual if residual is not None else hidden  # (tokens, d)
+    pair, hidden, residual, stream = _block_stream(out)
     edited, keep = _edit_stream(stream, edits, strengths, fallback)
     if keep is None:
         return out
     return _block_output(hidden, residual, pair, edited, keep.unsqueeze(-1))
+
+
+def _block_stream(out: Any) -> tuple[bool, torch.Tensor, Any, torch.Tensor]:
+    """A layer's return read: ``(a pair?, hidden, residual or None, the block output (tokens, d))``."""
+    pair = isinstance(out, tuple)
+    hidden, residual = out if pair else (out, None)
+    return pair, hidden, residual, hidden + residual if residual is not None else hidden
 
 
 def _edit_stream(
@@ -138,9 +143,7 @@ class _EditedLayer:
         out = super().forward(*args, **kwargs)
         if self.hpr_runtime is None:
             return edit_block_output(out, self.hpr_edits, self.hpr_strength, self.hpr_fallback)
-        pair = isinstance(out, tuple)
-        hidden, residual = out if pair else (out, None)
-        stream = hidden + residual if residual is not None else hidden
+        pair, hidden, residual, stream = _block_stream(out)
         both = runtime_edit(stream, self.hpr_strength, self.hpr_fallback, self.hpr_runtime)
         return _block_output(hidden, residual, pair, both[:, :-1], both[:, -1:] != 0)
 

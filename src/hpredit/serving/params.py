@@ -129,12 +129,12 @@ class FrontSpec:
     def without(self, name: str) -> FrontSpec:
         """These editors less ``name``."""
         i = self.names.index(name)
-
-        def drop(values: Any) -> Any:
-            return values[:i] + values[i + 1 :] if values else values
-
         return dataclasses.replace(
-            self, names=drop(self.names), max_kl=drop(self.max_kl), ids=drop(self.ids), paths=drop(self.paths)
+            self,
+            names=_without(self.names, i),
+            max_kl=None if self.max_kl is None else _without(self.max_kl, i),
+            ids=_without(self.ids, i),
+            paths=_without(self.paths, i),
         )
 
     def current(self) -> FrontSpec:
@@ -149,6 +149,36 @@ class FrontSpec:
 
 #: this process's front door, for servers that load editors at runtime: server id → its editors now
 LIVE: dict[str, FrontSpec] = {}
+
+
+def load_refusal(names: tuple[str, ...], capacity: int, name: str) -> tuple[int, str] | None:
+    """Why an editor named ``name`` cannot be loaded beside ``names`` on a server holding ``capacity``
+    (0: none loaded at runtime): ``(HTTP status, one line)``, or None. The front door and the workers
+    apply the same rule."""
+    if not capacity:
+        return 400, "this server loads no editors at runtime: start it with --max-editors N"
+    if name in names:
+        return 409, f"an editor named {name!r} is loaded already: unload it first, or choose another name"
+    if len(names) >= capacity:
+        return 409, f"the server holds {len(names)} editors, its most (--max-editors {capacity}): unload one first"
+    return None
+
+
+def unload_refusal(names: tuple[str, ...], capacity: int, name: str) -> tuple[int, str] | None:
+    """Why the editor ``name`` cannot be unloaded (the first is the default: requests that name none get
+    it): ``(HTTP status, one line)``, or None."""
+    if not capacity:
+        return 400, "this server unloads no editors at runtime: start it with --max-editors N"
+    if name not in names:
+        return 404, f"no editor named {name!r} is loaded (loaded: {', '.join(names)})"
+    if name == names[0]:
+        return 400, f"editor {name!r} is the server's default (requests that name no editor get it): it stays"
+    return None
+
+
+def _without(values: tuple, i: int) -> tuple:
+    """``values`` less its ``i``-th entry (an empty tuple stays empty)."""
+    return values[:i] + values[i + 1 :] if values else values
 
 
 @functools.cache
@@ -379,15 +409,9 @@ class ServeSettings:
 
     def loaded(self, name: str, path: str, curve: KLCurve | None, content: str) -> ServeSettings:
         """These settings with one more editor (last in order, in the first free row)."""
-        if not self.capacity:
-            raise HpreditError("this server loads no editors at runtime: start it with --max-editors N")
-        if name in self.names:
-            raise HpreditError(f"an editor named {name!r} is loaded already: unload it first, or choose another name")
-        if len(self.editors) >= self.capacity:
-            raise HpreditError(
-                f"the server holds {len(self.editors)} editors, its most "
-                f"(--max-editors {self.capacity}): unload one first"
-            )
+        refusal = load_refusal(self.names, self.capacity, name)
+        if refusal:
+            raise HpreditError(refusal[1])
         used = {self.slot(i) for i in range(len(self.editors))}
         free = min(set(range(self.capacity)) - used)
         curves = (*(self.curves or (None,) * len(self.editors)), curve)
@@ -401,24 +425,17 @@ class ServeSettings:
 
     def unloaded(self, name: str) -> ServeSettings:
         """These settings without the editor ``name`` (not the default: requests that name none use it)."""
-        if name not in self.names:
-            raise HpreditError(f"no editor named {name!r} is loaded (loaded: {', '.join(self.names)})")
+        refusal = unload_refusal(self.names, self.capacity, name)
+        if refusal:
+            raise HpreditError(refusal[1])
         i = self.names.index(name)
-        if i == 0:
-            raise HpreditError(
-                f"editor {name!r} is the server's default (requests that name no editor get it): it stays"
-            )
-
-        def drop(values: tuple) -> tuple:
-            return values[:i] + values[i + 1 :] if values else values
-
-        curves = drop(self.curves)
+        curves = _without(self.curves, i)
         return dataclasses.replace(
             self,
-            editors=drop(self.editors),
+            editors=_without(self.editors, i),
             curves=curves if any(c is not None for c in curves) else (),
-            ids=drop(self.ids),
-            slots=drop(tuple(self.slot(j) for j in range(len(self.editors)))),
+            ids=_without(self.ids, i),
+            slots=_without(tuple(self.slot(j) for j in range(len(self.editors))), i),
         )
 
     def overrides(self, architecture: str) -> dict[str, Any]:
