@@ -24,7 +24,7 @@ import torch
 import hpredit
 from hpredit.cli import main
 
-from .conftest import TRUTHFULQA_CSV, random_hpr, tiny_model
+from .conftest import TRUTHFULQA_CSV, random_hpr, saved_tiny_model, tiny_model
 
 # --------------------------------------------------------------------------- the world the cases run in
 
@@ -44,9 +44,7 @@ def world(tmp_path_factory, tokenizer) -> dict[str, str]:
     import transformers as t
 
     root = tmp_path_factory.mktemp("world")
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model = saved_tiny_model(root / "model", tokenizer)
     random_hpr(model).save_pretrained(root / "editor")
     random_hpr(tiny_model("qwen2")).save_pretrained(root / "other-editor")
     (root / "empty-model").mkdir()

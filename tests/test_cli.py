@@ -72,11 +72,9 @@ def test_fit_bad_layers_and_limit(tmp_path, capsys, truthfulqa_csv):
 
 
 def test_generate_on_a_tiny_model(tmp_path, capsys, tokenizer):
-    from .conftest import random_hpr, tiny_model
+    from .conftest import random_hpr, saved_tiny_model
 
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "tiny-llama")  # the name the editor's fingerprint carries
-    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    model = saved_tiny_model(tmp_path / "tiny-llama", tokenizer)  # the name the editor's fingerprint carries
     random_hpr(model).save_pretrained(tmp_path / "editor")
     code, out, err = run_cli(
         [

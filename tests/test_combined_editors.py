@@ -196,12 +196,10 @@ def test_request_check_flattens_editors_for_vllm_and_salts_them():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny Llama saved with the test tokenizer, an HPR editor and a CAA editor for it."""
-    from .conftest import random_hpr
+    from .conftest import random_hpr, saved_tiny_model
 
     root = tmp_path_factory.mktemp("also")
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(root / "tiny-llama")
-    tokenizer.save_pretrained(root / "tiny-llama")
+    model = saved_tiny_model(root / "tiny-llama", tokenizer)
     random_hpr(model).save_pretrained(root / "a")
     random_editor("caa", model, layers=[1, 2], seed=3).save_pretrained(root / "b")
     return root, model
@@ -260,3 +258,26 @@ def test_generate_also_on_the_command_line(tiny_dir, capsys):
     code, out, err = run_cli([*argv, "--also", f"{root / 'b'}=0.5", "--max-new-tokens", "2"], capsys)
     assert code in (0, None), err
     assert "then CAA layers [1, 2], strength 0.5" in " ".join(out.split())
+
+
+@pytest.mark.parametrize(
+    "also, message",
+    [
+        ("DIR", "--also takes DIR=STRENGTH pairs"),
+        ("DIR=nan", "must be a number between -100 and 100, got nan"),
+        ("DIR=-1e9", "must be a number between -100 and 100"),
+        (",", "--also needs at least one DIR=STRENGTH"),
+    ],
+)
+def test_generate_also_bad_input_in_a_real_process(tiny_dir, also, message):
+    """`hpredit generate --also` as a user types it, in its own process: one error line, exit 2."""
+    import subprocess
+    import sys
+
+    root, _ = tiny_dir
+    argv = ["generate", "Hi", "--model", str(root / "tiny-llama"), "--editor", str(root / "a")]
+    argv += ["--also", also.replace("DIR", str(root / "b"))]
+    out = subprocess.run([sys.executable, "-m", "hpredit.cli", *argv], capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    assert message in lines[0]

@@ -58,11 +58,9 @@ def test_cli_generate_refuses_an_empty_editor_directory(capsys):
 
 
 def test_cli_eval_names_the_directory_it_looked_in(capsys, tmp_path, monkeypatch, tokenizer):
-    from .conftest import TRUTHFULQA_CSV, tiny_model
+    from .conftest import TRUTHFULQA_CSV, saved_tiny_model
 
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    saved_tiny_model(tmp_path / "model", tokenizer)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     argv = ["eval", "--model", str(tmp_path / "model"), "--data", str(TRUTHFULQA_CSV), "--editor", ""]

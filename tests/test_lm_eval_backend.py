@@ -9,7 +9,7 @@ import torch
 from hpredit.cli import main
 from hpredit.errors import HpreditError
 
-from .conftest import random_hpr, tiny_model
+from .conftest import random_hpr, saved_tiny_model
 
 ROWS = [
     {"question": "Where is the Eiffel Tower?", "choices": [" In Paris.", " In Rome.", " On the Moon."], "label": 0},
@@ -36,9 +36,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("lm_eval")
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model = saved_tiny_model(root / "model", tokenizer)
     editor = random_hpr(model, layers=[0, 1])
     # fitted on "the model at this path", the name lm-eval's loader will give it
     editor.model_fingerprint = type(editor.model_fingerprint)(

@@ -44,9 +44,7 @@ def test_explicit_layers_path_and_its_errors():
 
 
 def test_load_model_from_local_directory(tmp_path, tokenizer):
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    model = saved_tiny_model(tmp_path / "m", tokenizer)
     loaded, tok = load_model(tmp_path / "m", dtype="bfloat16")
     assert loaded.dtype == torch.bfloat16 and not loaded.training
     assert tok.pad_token is not None
