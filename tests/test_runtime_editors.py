@@ -348,3 +348,37 @@ def test_editor_endpoints_need_the_api_key(smol_editor, smol_dir):  # noqa: F811
     key = [(b"authorization", b"Bearer secret")]
     assert _call(check, "POST", "/v1/load_editor", load, key)[0] == 200
     assert _call(check, "GET", "/v1/editors", headers=key)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("x", "Invalid value for '--max-editors'"),
+        ("2.5", "Invalid value for '--max-editors'"),
+        ("", "Invalid value for '--max-editors'"),
+        ("0", "between 1 (the editors given) and 64, got 0"),
+        ("100000", "got 100000"),
+    ],
+)
+def test_serve_bad_max_editors_in_a_real_process(smol_editor, value, message):  # noqa: F811
+    """`hpredit serve --max-editors` as a user types it, in its own process: one error line, exit 2."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "hpredit.cli", "serve", "--editor", str(smol_editor), "--max-editors", value]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    assert message in lines[0] and "Traceback" not in out.stderr
+
+
+def test_editor_names_are_bounded():
+    from hpredit.serving.params import check_editor_name
+
+    assert check_editor_name("a" * 64) == "a" * 64
+    with pytest.raises(HpreditError, match="at most 64, got 'a{65}'$"):
+        check_editor_name("a" * 65)
+    with pytest.raises(HpreditError, match=r"at most 64, got 'a{59}\.\.\. \(5000 characters\)$"):
+        check_editor_name("a" * 5000)  # not echoed whole
+    with pytest.raises(HpreditError, match="got ''"):
+        check_editor_name("")

@@ -944,6 +944,11 @@ def test_server_kl_request_is_its_curves_strength(server, editor_dir, prompts):
         ('{"editors": {}}', "'editors' is empty"),
         ('{"editors": [1, 2, 3]}', "'editors' must be an object"),
         ('{"editors": {"default": 1}, "editor": "second"}', "not both"),
+        ('{"editors": {"default": NaN}}', "must be a number between -100 and 100, got nan"),
+        ('{"editors": {"default": 1e39}}', "must be a number between -100 and 100"),
+        ('{"editors": {"default": 1, "second": "x"}}', "the strength of editor 'second' in 'editors' must be"),
+        ('{"editors": ["default"]}', "'editors' must be an object"),
+        ('{"editors": {"default": 1}, "kl": 0.1}', "not both"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -1229,6 +1234,11 @@ def test_server_loads_and_unloads_editors_at_runtime(server, second_dir, editor_
         ({"editor_name": "x", "editor_path": str(damaged)}, 400, "does not match the checksum"),
         ({"editor_name": "x y", "editor_path": str(second_dir)}, 400, "an editor name must be"),
         ({"editor_name": "x", "editor_path": ""}, 400, "'editor_path' must be"),
+        ({"editor_name": "x", "editor_path": 12}, 400, "'editor_path' must be"),
+        ({"editor_name": "x", "editor_path": str(second_dir / "config.json")}, 400, "does not exist"),
+        ({"editor_name": "", "editor_path": str(second_dir)}, 400, "an editor name must be"),
+        ({"editor_name": None, "editor_path": str(second_dir)}, 400, "an editor name must be"),
+        ({"editor_name": "x" * 5000, "editor_path": str(second_dir)}, 400, "at most 64, got 'xxx"),
         ({"editor_name": "x"}, 400, "'editor_path' must be"),
         ('{"editor_name": ', 400, "the body must be a JSON object"),
     ]

@@ -69,6 +69,8 @@ SUPPORTED = (
 )
 #: the name of an editor given without one (``--editor DIR``)
 DEFAULT_EDITOR = "default"
+#: the longest editor name (it is a metric label and part of every request naming it)
+MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -235,9 +237,12 @@ def _scope(value: Any) -> str:
 
 
 def check_editor_name(name: Any) -> str:
-    """An editor name: letters, digits, ``_`` and ``-`` (it names the editor in requests)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise HpreditError(f"an editor name must be letters, digits, '_' or '-', got {name!r}")
+    """An editor name: letters, digits, ``_`` and ``-``, at most :data:`MAX_NAME` (it names the editor in
+    requests and in the server's counters)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME:
+        shown = repr(name)
+        shown = shown if len(shown) <= 80 else shown[:60] + f"... ({len(name)} characters)"
+        raise HpreditError(f"an editor name must be letters, digits, '_' or '-', at most {MAX_NAME}, got {shown}")
     return name
 
 
